@@ -1,0 +1,119 @@
+"""Train a student from a teacher: MiniLLM (reverse-KL policy gradient), or the KD, SeqKD and RKL baselines."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from minillm_cli.cli import options as o
+from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, run_command
+
+Int = lambda flag, help: Annotated[int, typer.Option(flag, help=help)]  # noqa: E731
+Float = lambda flag, help: Annotated[float, typer.Option(flag, help=help)]  # noqa: E731
+Bool = lambda flag, help: Annotated[bool, typer.Option(flag, help=help)]  # noqa: E731
+
+
+def command(
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher MODEL (Hub id or local folder).")],
+    student: Annotated[str, typer.Option("--student", help="Student MODEL to train (usually an SFT checkpoint).")],
+    data: o.Data,
+    out: o.Out,
+    method: Annotated[str, typer.Option("--method", help="minillm | kd | seqkd | rkl.")] = "minillm",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (MiniLLM: PPO updates; rollouts are refreshed as needed).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training prompts (default 1 when --steps is not given).")] = None,
+    batch_size: Int("--batch-size", "Global mini-batch (rollouts or examples per optimizer step, all processes).") = 8,
+    grad_accum: Int("--grad-accum", "Split each mini-batch into this many micro-batches.") = 1,
+    lr: o.Lr = 5e-6,
+    num_rollouts: Int("--num-rollouts", "Rollouts sampled per MiniLLM iteration (global).") = 256,
+    rollout_batch_size: Int("--rollout-batch-size", "Prompts sampled together (0: --batch-size).") = 0,
+    ppo_epochs: Int("--ppo-epochs", "Passes over each rollout buffer.") = 4,
+    max_new_tokens: Int("--max-new-tokens", "Longest sampled response.") = 256,
+    temperature: Float("--temperature", "Sampling temperature (both models).") = 1.0,
+    top_k: Int("--top-k", "Top-k filtering (0: off), applied to both models before mixing.") = 0,
+    top_p: Float("--top-p", "Top-p filtering (1: off), applied to both models before mixing.") = 1.0,
+    teacher_mix_alpha: Float("--teacher-mix-alpha", "alpha of p~ = alpha*teacher + (1-alpha)*student (paper: 0.2).") = 0.2,
+    clip_ratio: Float("--clip-ratio", "PPO clip epsilon (0: no clipping).") = 0.2,
+    no_single_step: Bool("--no-single-step", "Ablation: no single-step decomposition (plain policy gradient).") = False,
+    no_length_norm: Bool("--no-length-norm", "Ablation: un-normalised long-term returns.") = False,
+    importance_weight: Annotated[str, typer.Option("--importance-weight", help="token (paper's approximation) | sequence (exact prefix weights).")] = "token",
+    gamma: Float("--gamma", "Discount of the long-term return (reference code: 0.95).") = 1.0,
+    include_current_reward: Bool("--include-current-reward", "Reference code: the advantage includes r_t.") = False,
+    whiten: Bool("--whiten", "Reference code: whiten advantages (over valid tokens only).") = False,
+    reward_scale: Float("--reward-scale", "Reference code: 0.5.") = 1.0,
+    reward_clip: Annotated[Optional[float], typer.Option("--reward-clip", help="Reference code: 100.")] = None,
+    loss_normalizer: Annotated[str, typer.Option("--loss-normalizer", help="tokens (mean per response token) | sequences.")] = "tokens",
+    pt_data: Annotated[Optional[str], typer.Option("--pt-data", help="A pretrain-mix folder for the PT loss.")] = None,
+    pt_coef: Float("--pt-coef", "Weight of the PT loss.") = 1.0,
+    pt_batch_size: Int("--pt-batch-size", "PT chunks per step (0: --batch-size).") = 0,
+    pt_kd_ratio: Float("--pt-kd-ratio", "Mix forward KD into the PT loss (reference code's kd_ratio).") = 0.0,
+    kd_ratio: Float("--kd-ratio", "kd: weight of forward KL against CE (paper: 0.5).") = 0.5,
+    teacher_peft: Annotated[Optional[str], typer.Option("--teacher-peft", help="LoRA adapter merged into the teacher.")] = None,
+    teacher_device: Annotated[Optional[str], typer.Option("--teacher-device", help="Put the teacher elsewhere (cpu, cuda:1).")] = None,
+    eval_prompts: Int("--eval-prompts", "Validation prompts for the reverse-KL curve (0: off).") = 32,
+    max_length: o.MaxLength = 512,
+    max_prompt_length: o.MaxPrompt = 256,
+    limit: Limit = None,
+    lora_r: o.LoraR = 0,
+    lora_alpha: o.LoraAlpha = 16.0,
+    lora_dropout: o.LoraDropout = 0.05,
+    lora_targets: o.LoraTargets = None,
+    save_adapter: o.SaveAdapter = False,
+    prompt_field: o.PromptField = None,
+    response_field: o.ResponseField = None,
+    input_field: o.InputField = None,
+    template: o.Template = "dolly",
+    valid_size: o.ValidSize = 0.05,
+    test_size: o.TestSize = 0.0,
+    split_seed: o.SplitSeed = 1234,
+    weight_decay: o.WeightDecay = 0.0,
+    warmup_steps: o.Warmup = 100,
+    schedule: Annotated[str, typer.Option("--schedule", help="constant (paper) | cosine | linear, after warm-up.")] = "constant",
+    max_grad_norm: o.MaxGradNorm = 1.0,
+    eval_every: o.EvalEvery = 0,
+    save_every: o.SaveEvery = 0,
+    overwrite: o.Overwrite = False,
+    resume: o.Resume = False,
+    trust_remote_code: o.TrustRemote = False,
+    dtype: o.Dtype = "auto",
+    device: Device = "auto",
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    def body():
+        import json
+
+        from minillm_cli.config import DataOptions, DistillConfig, ModelOptions, OptimOptions, RunOptions
+        from minillm_cli.engine.distill import run_distill
+
+        cfg = DistillConfig(
+            teacher=teacher, student=student, method=method,
+            data=DataOptions(data=data, prompt_field=prompt_field, response_field=response_field,
+                             input_field=input_field, template=template, max_prompt_length=max_prompt_length,
+                             max_length=max_length, valid_size=valid_size, test_size=test_size,
+                             split_seed=split_seed, limit=limit),
+            run=RunOptions(out=out, overwrite=overwrite, resume=resume, seed=seed, device=device, quiet=quiet,
+                           json=json_out, eval_every=eval_every, save_every=save_every),
+            optim=OptimOptions(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
+                               max_grad_norm=max_grad_norm),
+            model_opts=ModelOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                    lora_targets=o.split_targets(lora_targets), save_adapter=save_adapter,
+                                    trust_remote_code=trust_remote_code, dtype=dtype),
+            steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+            num_rollouts=num_rollouts, rollout_batch_size=rollout_batch_size, ppo_epochs=ppo_epochs,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            teacher_mix_alpha=teacher_mix_alpha, clip_ratio=clip_ratio, single_step=not no_single_step,
+            length_norm=not no_length_norm, importance_weight=importance_weight, gamma=gamma,
+            include_current_reward=include_current_reward, whiten=whiten, reward_scale=reward_scale,
+            reward_clip=reward_clip, loss_normalizer=loss_normalizer, pt_data=pt_data, pt_coef=pt_coef,
+            pt_batch_size=pt_batch_size, pt_kd_ratio=pt_kd_ratio, kd_ratio=kd_ratio, teacher_peft=teacher_peft,
+            teacher_device=teacher_device, eval_prompts=eval_prompts,
+        )
+        summary = run_distill(cfg)
+        if json_out:
+            print(json.dumps(summary))
+        elif not quiet:
+            typer.echo(f"distill ({method}) done: {summary['steps']} steps -> {summary['out']}", err=True)
+
+    run_command(body, debug=debug)

@@ -1,0 +1,39 @@
+"""Typer option groups shared by `sft` and `distill`, and their conversion into config dataclasses.
+Only typer and the standard library here (imported by `minillm --help`)."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Data = Annotated[str, typer.Option("--data", help="DATA: .jsonl/.json/.csv/.parquet file, Hub dataset id, or alias (dolly, self-inst, vicuna, sni, unni).")]
+Out = Annotated[str, typer.Option("--out", help="Output folder (a Hugging Face model folder plus run_config.json and metrics.jsonl).")]
+PromptField = Annotated[Optional[str], typer.Option("--prompt-field", help="Field holding the instruction (overrides layout detection).")]
+ResponseField = Annotated[Optional[str], typer.Option("--response-field", help="Field holding the reference response(s).")]
+InputField = Annotated[Optional[str], typer.Option("--input-field", help="Field holding the optional input/context.")]
+Template = Annotated[str, typer.Option("--template", help="Prompt template: dolly (the paper's), chat (tokenizer's chat template), raw.")]
+MaxPrompt = Annotated[int, typer.Option("--max-prompt-length", help="Drop examples whose prompt is longer (tokens).")]
+MaxLength = Annotated[int, typer.Option("--max-length", help="Maximum prompt + response tokens.")]
+ValidSize = Annotated[float, typer.Option("--valid-size", help="Validation split: a count, or a fraction if < 1.")]
+TestSize = Annotated[float, typer.Option("--test-size", help="Test split held out: a count, or a fraction if < 1.")]
+SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of the train/valid/test split (independent of --seed).")]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
+Warmup = Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps.")]
+Schedule = Annotated[str, typer.Option("--schedule", help="cosine | constant | linear (after warm-up).")]
+MaxGradNorm = Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")]
+EvalEvery = Annotated[int, typer.Option("--eval-every", help="Validate every N steps (0: at the end).")]
+SaveEvery = Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (always at the end).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank (0: full fine-tuning).")]
+LoraAlpha = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.")]
+LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")]
+LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names (detected per architecture by default).")]
+SaveAdapter = Annotated[bool, typer.Option("--save-adapter", help="Save the LoRA adapter instead of merged weights.")]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the Hub (off by default).")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 for loaded weights.")]
+
+
+def split_targets(s: Optional[str]):
+    return [t.strip() for t in s.split(",") if t.strip()] if s else None

@@ -1,0 +1,82 @@
+"""Fine-tune a teacher or student on instruction data (loss on responses only; LoRA optional)."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from minillm_cli.cli import options as o
+from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, run_command
+
+
+def command(
+    model: Annotated[str, typer.Option("--model", help="MODEL: Hub id, local folder or LoRA adapter folder.")],
+    data: o.Data,
+    out: o.Out,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs over the training split (default 1 when --steps is not given).")] = None,
+    lr: o.Lr = 5e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size (examples per optimizer step, all processes together).")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Split each batch into this many micro-batches.")] = 1,
+    max_length: o.MaxLength = 512,
+    max_prompt_length: o.MaxPrompt = 256,
+    limit: Limit = None,
+    lora_r: o.LoraR = 0,
+    lora_alpha: o.LoraAlpha = 16.0,
+    lora_dropout: o.LoraDropout = 0.05,
+    lora_targets: o.LoraTargets = None,
+    save_adapter: o.SaveAdapter = False,
+    prompt_field: o.PromptField = None,
+    response_field: o.ResponseField = None,
+    input_field: o.InputField = None,
+    template: o.Template = "dolly",
+    valid_size: o.ValidSize = 0.05,
+    test_size: o.TestSize = 0.0,
+    split_seed: o.SplitSeed = 1234,
+    weight_decay: o.WeightDecay = 0.0,
+    warmup_steps: o.Warmup = 0,
+    schedule: o.Schedule = "cosine",
+    max_grad_norm: o.MaxGradNorm = 1.0,
+    eval_every: o.EvalEvery = 0,
+    save_every: o.SaveEvery = 0,
+    overwrite: o.Overwrite = False,
+    resume: o.Resume = False,
+    trust_remote_code: o.TrustRemote = False,
+    dtype: o.Dtype = "auto",
+    device: Device = "auto",
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    def body():
+        import json
+
+        from minillm_cli.config import DataOptions, ModelOptions, OptimOptions, RunOptions, SFTConfig
+        from minillm_cli.engine.sft import train_sft
+
+        cfg = SFTConfig(
+            model=model,
+            data=DataOptions(data=data, prompt_field=prompt_field, response_field=response_field,
+                             input_field=input_field, template=template, max_prompt_length=max_prompt_length,
+                             max_length=max_length, valid_size=valid_size, test_size=test_size,
+                             split_seed=split_seed, limit=limit),
+            run=RunOptions(out=out, overwrite=overwrite, resume=resume, seed=seed, device=device, quiet=quiet,
+                           json=json_out, eval_every=eval_every, save_every=save_every),
+            optim=OptimOptions(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
+                               max_grad_norm=max_grad_norm),
+            model_opts=ModelOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                    lora_targets=o.split_targets(lora_targets), save_adapter=save_adapter,
+                                    trust_remote_code=trust_remote_code, dtype=dtype),
+            steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+        )
+        summary = train_sft(cfg)
+        if json_out:
+            print(json.dumps(summary))
+        elif not quiet:
+            best = summary["best_valid_loss"]
+            typer.echo(f"sft done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
+                       + (f", best valid loss {best:.4f} (step {summary['best_step']})" if best is not None else "")
+                       + f" -> {summary['out']}", err=True)
+
+    run_command(body, debug=debug)

@@ -1,0 +1,265 @@
+"""One dataclass per command, validated in `__post_init__` (raising InputError with the flag's
+name), and saved with every run as `run_config.json` together with package versions."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from minillm_cli.errors import InputError, require
+
+
+@dataclass
+class DataOptions:
+    data: str
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    input_field: Optional[str] = None
+    template: str = "dolly"
+    max_prompt_length: int = 256
+    max_length: int = 512
+    valid_size: float = 0.05
+    test_size: float = 0.0
+    split_seed: int = 1234
+    limit: Optional[int] = None
+
+    def __post_init__(self):
+        require(self.template in ("dolly", "chat", "raw"), f"--template {self.template!r}: expected dolly, chat or raw")
+        require(self.max_prompt_length > 0, f"--max-prompt-length must be > 0, got {self.max_prompt_length}")
+        require(self.max_length > 1, f"--max-length must be > 1, got {self.max_length}")
+        require(self.max_prompt_length < self.max_length,
+                f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length ({self.max_length})")
+        require(self.valid_size >= 0 and self.test_size >= 0, "--valid-size/--test-size must be >= 0")
+        require(self.limit is None or self.limit > 0, f"--limit must be > 0, got {self.limit}")
+
+
+@dataclass
+class OptimOptions:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    adam_betas: tuple = (0.9, 0.999)
+
+    def __post_init__(self):
+        require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        require(self.schedule in ("cosine", "constant", "linear"),
+                f"--schedule {self.schedule!r}: expected cosine, constant or linear")
+        require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class RunOptions:
+    out: str
+    overwrite: bool = False
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    quiet: bool = False
+    json: bool = False
+    eval_every: int = 0  # 0: at the end only
+    save_every: int = 0  # 0: at the end only
+    log_every: int = 1
+
+    def __post_init__(self):
+        require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        require(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other")
+
+
+@dataclass
+class ModelOptions:
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: Optional[list] = None
+    save_adapter: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        require(self.lora_r >= 0, f"--lora-r must be >= 0, got {self.lora_r}")
+        require(not self.save_adapter or self.lora_r > 0, "--save-adapter needs --lora-r")
+
+    def lora(self):
+        from minillm_cli.models import LoraSettings
+
+        if self.lora_r <= 0:
+            return None
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+
+@dataclass
+class SFTConfig:
+    model: str
+    data: DataOptions
+    run: RunOptions
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    model_opts: ModelOptions = field(default_factory=ModelOptions)
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        require(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
+        require(self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}")
+        require(self.batch_size % self.grad_accum == 0,
+                f"--batch-size ({self.batch_size}) must be a multiple of --grad-accum ({self.grad_accum})")
+        require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
+        require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("minillm-cli", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None) -> None:
+    body = {"command": command, "config": to_dict(cfg), "versions": package_versions()}
+    if extra:
+        body.update(extra)
+    tmp = out / "run_config.json.tmp"
+    tmp.write_text(json.dumps(body, indent=2, default=str))
+    tmp.replace(out / "run_config.json")
+
+
+def prepare_out_dir(out: str, *, overwrite: bool, resume: bool) -> Path:
+    """Refuse a non-empty --out unless --overwrite (we then clear only what a run writes) or
+    --resume. Nothing else the user gave is touched."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if path.exists() and any(path.iterdir()):
+        if resume:
+            return path
+        if not overwrite:
+            raise InputError(f"--out {out}: folder exists and is not empty; pass --overwrite to replace it "
+                             f"or --resume to continue it")
+        import shutil
+
+        if not (path / "run_config.json").exists():
+            raise InputError(f"--out {out}: not a minillm run folder (no run_config.json); refusing to clear it "
+                             f"even with --overwrite")
+        shutil.rmtree(path)
+    elif resume:
+        raise InputError(f"--resume: {out} has no run to resume")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+METHODS = ("minillm", "kd", "seqkd", "rkl")
+
+
+@dataclass
+class DistillConfig:
+    """`minillm distill`. Defaults are the paper's (METHOD.md); the reference code's departures are
+    flags (gamma 0.95, --include-current-reward, --whiten, --reward-scale 0.5, --reward-clip 100)."""
+
+    teacher: str
+    student: str
+    data: DataOptions
+    run: RunOptions
+    optim: OptimOptions = field(default_factory=lambda: OptimOptions(lr=5e-6, warmup_steps=100, schedule="constant"))
+    model_opts: ModelOptions = field(default_factory=ModelOptions)
+    method: str = "minillm"
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    # rollouts and PPO
+    num_rollouts: int = 256
+    rollout_batch_size: int = 0  # 0: --batch-size
+    ppo_epochs: int = 4
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    teacher_mix_alpha: float = 0.2
+    clip_ratio: float = 0.2
+    single_step: bool = True
+    length_norm: bool = True
+    importance_weight: str = "token"
+    gamma: float = 1.0
+    include_current_reward: bool = False
+    whiten: bool = False
+    reward_scale: float = 1.0
+    reward_clip: Optional[float] = None
+    loss_normalizer: str = "tokens"
+    # pre-training loss
+    pt_data: Optional[str] = None
+    pt_coef: float = 1.0
+    pt_batch_size: int = 0  # 0: --batch-size
+    pt_kd_ratio: float = 0.0
+    # baselines
+    kd_ratio: float = 0.5
+    # teacher
+    teacher_peft: Optional[str] = None
+    teacher_device: Optional[str] = None
+    eval_prompts: int = 32
+
+    def __post_init__(self):
+        require(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        require(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
+        require(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0,
+                f"--batch-size ({self.batch_size}) must be a positive multiple of --grad-accum ({self.grad_accum})")
+        require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
+        require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        require(self.num_rollouts > 0, f"--num-rollouts must be > 0, got {self.num_rollouts}")
+        require(self.num_rollouts >= self.batch_size,
+                f"--num-rollouts ({self.num_rollouts}) must be at least --batch-size ({self.batch_size})")
+        require(self.rollout_batch_size >= 0, f"--rollout-batch-size must be >= 0, got {self.rollout_batch_size}")
+        require(self.ppo_epochs > 0, f"--ppo-epochs must be > 0, got {self.ppo_epochs}")
+        require(self.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
+        require(math.isfinite(self.teacher_mix_alpha) and 0.0 <= self.teacher_mix_alpha <= 1.0,
+                f"--teacher-mix-alpha must be in [0, 1], got {self.teacher_mix_alpha}")
+        require(self.teacher_mix_alpha < 1.0 or self.method != "minillm",
+                "--teacher-mix-alpha 1 samples from the teacher only: the student's policy gradient needs alpha < 1")
+        require(self.clip_ratio >= 0, f"--clip-ratio must be >= 0, got {self.clip_ratio}")
+        require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        require(self.importance_weight in ("token", "sequence"),
+                f"--importance-weight {self.importance_weight!r}: expected token or sequence")
+        require(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
+        require(self.reward_scale > 0, f"--reward-scale must be > 0, got {self.reward_scale}")
+        require(self.reward_clip is None or self.reward_clip > 0, f"--reward-clip must be > 0, got {self.reward_clip}")
+        require(self.loss_normalizer in ("tokens", "sequences"),
+                f"--loss-normalizer {self.loss_normalizer!r}: expected tokens or sequences")
+        require(self.pt_coef >= 0, f"--pt-coef must be >= 0, got {self.pt_coef}")
+        require(self.pt_batch_size >= 0, f"--pt-batch-size must be >= 0, got {self.pt_batch_size}")
+        require(0 <= self.pt_kd_ratio <= 1, f"--pt-kd-ratio must be in [0, 1], got {self.pt_kd_ratio}")
+        require(0 <= self.kd_ratio <= 1, f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
+        require(self.eval_prompts >= 0, f"--eval-prompts must be >= 0, got {self.eval_prompts}")
+        require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def as_sft(self, model: str) -> SFTConfig:
+        """The supervised loop's view of this run (kd, rkl and seqkd train the student with it)."""
+        return SFTConfig(model=model, data=self.data, run=self.run, optim=self.optim, model_opts=self.model_opts,
+                         steps=self.steps, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum)

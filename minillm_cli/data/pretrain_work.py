@@ -1,0 +1,86 @@
+"""The CPU-bound half of `pretrain-mix`, run in worker processes: parse a job's records and
+tokenise its documents, EOS after each one, into one flat numpy array.
+
+Imports stay light (json, numpy, tokenizers) because every spawned worker imports this module.
+A fast tokenizer travels to the workers as its JSON serialisation and is used through the Rust
+backend's `encode_batch_fast` (no offsets computed), which gives the same ids as
+`tokenizer(texts, add_special_tokens=False)`. Slow tokenizers travel pickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from minillm_cli.errors import InputError
+
+_STATE: dict[str, Any] = {}
+
+
+def tokenizer_payload(tokenizer) -> tuple[str, Any]:
+    """What a worker needs to rebuild `tokenizer`: ("fast", backend JSON) or ("slow", tokenizer)."""
+    if getattr(tokenizer, "is_fast", False):
+        return ("fast", tokenizer.backend_tokenizer.to_str())
+    return ("slow", tokenizer)
+
+
+def init_worker(payload: tuple[str, Any], eos_id: int, dtype: str) -> None:
+    """Pool initializer (also called in-process when --workers 0)."""
+    # one process per core already: Rust-side threads would only fight over the same cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    kind, obj = payload
+    if kind == "fast":
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(obj)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        _STATE["encode"] = lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
+    else:
+        _STATE["encode"] = lambda texts: obj(texts, add_special_tokens=False)["input_ids"]
+    _STATE["eos"] = eos_id
+    _STATE["dtype"] = np.dtype(dtype)
+
+
+def job_texts(job: tuple) -> list[str]:
+    """The documents of one job; JSON records are parsed here, with file:line on any error."""
+    if job[0] == "texts":
+        return job[2]
+    _, path, first, lines, field = job
+    texts = []
+    for n, raw in enumerate(lines, start=first):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or field not in row:
+            fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise InputError(f"{path}:{n}: no field {field!r} (fields: {fields}); pass --text-field")
+        value = row[field]
+        if isinstance(value, str):
+            texts.append(value)
+        elif value is not None:
+            raise InputError(f"{path}:{n}: field {field!r} is {type(value).__name__}, not text")
+    return texts
+
+
+def encode_job(job: tuple) -> tuple[np.ndarray, int, int]:
+    """-> (token ids with EOS after every document, number of documents, UTF-8 bytes of text).
+    Empty documents are skipped: they would only add a lone EOS."""
+    texts = [t for t in job_texts(job) if t]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    if not texts:
+        return np.zeros(0, dtype=_STATE["dtype"]), 0, 0
+    ids = _STATE["encode"](texts)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=_STATE["dtype"])
+    ends = np.cumsum(lengths)
+    pos = 0
+    for seq, end in zip(ids, ends):
+        out[pos:end - 1] = seq
+        pos = int(end)
+    out[ends - 1] = _STATE["eos"]
+    return out, len(texts), n_bytes

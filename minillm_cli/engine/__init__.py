@@ -1,0 +1,1 @@
+"""Training engines (sft, distill and baselines) and the pieces they share."""

@@ -1,0 +1,83 @@
+"""The baselines on the same data, models and loop: KD (word-level forward KL on gold data mixed
+with CE), RKL (token-level reverse KL, teacher-forced on gold data), SeqKD (SFT on responses the
+teacher generated once, kept in the run folder)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from minillm_cli.engine.losses import kd_loss, reverse_kl
+
+
+def _aligned(model, batch, device):
+    ids = batch["input_ids"].to(device)
+    att = batch["attention_mask"].to(device)
+    return ids, att, batch["loss_mask"].to(device)[:, 1:]
+
+
+def teacher_forced_objective(teacher, method: str, kd_ratio: float):
+    """objective(model, batch, vocab, device) -> (summed loss, tokens) for `kd` or `rkl`.
+
+    The loop divides by the global token count: the functions below get normalizer 1."""
+
+    def objective(model, batch, vocab, device):
+        ids, att, mask = _aligned(model, batch, device)
+        s_logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=att).logits[:, :-1]
+        if method == "kd":
+            loss = kd_loss(s_logits, t_logits, ids[:, 1:], mask, 1.0, vocab, kd_ratio=kd_ratio)
+        else:
+            loss = reverse_kl(s_logits, t_logits, mask, 1.0, vocab)
+        return loss, int(mask.sum())
+
+    return objective
+
+
+def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, progress=None) -> list[str]:
+    """Teacher-only generation for every training prompt (the paper's decoding settings), written
+    once to `path` (jsonl) and reused on --resume. Rows are sharded over processes and gathered."""
+    from minillm_cli.data.template import render_prompt
+    from minillm_cli.data.tokenize import left_pad
+    from minillm_cli.engine.runtime import example_generator
+    from minillm_cli.engine.sampler import SamplingParams, sample
+    from minillm_cli.engine.train_utils import micro_batches
+
+    if path.is_file():
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        if len(rows) == len(examples):
+            return [r["response"] for r in rows]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p)
+    prompts = [tokenizer(render_prompt(e, cfg.data.template, tokenizer))["input_ids"] for e in examples]
+    mine: dict[int, str] = {}
+    chunks = micro_batches(list(range(len(examples))), max(cfg.rollout_batch_size or cfg.batch_size, 1))
+    for k, chunk in enumerate(chunks):
+        if k % rt.world_size != rt.rank:
+            continue
+        ids, att = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
+        roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
+                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                      generators=[example_generator(cfg.run.seed, 0, i) for i in chunk], vocab_size=len(tokenizer))
+        for row, i in enumerate(chunk):
+            toks = roll.response_ids[row][roll.response_mask[row]].tolist()
+            if toks and toks[-1] == tokenizer.eos_token_id:
+                toks = toks[:-1]
+            mine[i] = tokenizer.decode(toks, skip_special_tokens=True)
+        if progress is not None:
+            progress.log(f"seqkd: teacher generated {min((k + 1) * len(chunk), len(examples))}/{len(examples)}")
+    if rt.distributed:
+        parts = [None] * rt.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        for p in parts:
+            mine.update(p)
+    responses = [mine[i] for i in range(len(examples))]
+    if rt.is_main:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for e, r in zip(examples, responses):
+                fh.write(json.dumps({"instruction": e.instruction, "input": e.input, "response": r}) + "\n")
+        tmp.replace(path)
+    return responses

@@ -1,0 +1,148 @@
+"""Atomic checkpoints: everything a run needs to continue exactly where it stopped.
+
+Layout: OUT/checkpoints/step-00000010/{state.pt,meta.json} plus OUT/checkpoints/LATEST naming the
+newest complete one. A checkpoint is written into a temporary folder, fsynced, renamed into place,
+and only then does LATEST move (itself by atomic rename). A run killed at any instant therefore
+leaves LATEST pointing at a complete checkpoint; a full disk leaves the previous one intact.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm_cli.errors import RunError
+
+LATEST = "LATEST"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Only what the optimizer changes (all weights for a full model, adapters for LoRA)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names or not names}
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, extra: dict | None = None,
+                    keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`. Raises RunError on a
+    full disk (with the previous checkpoint intact)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        payload = {
+            "step": step,
+            "model": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "extra": extra or {},
+        }
+        with open(tmp / "state.pt", "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with open(tmp / "meta.json", "w") as fh:
+            json.dump({"step": step, "complete": True}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+        latest_tmp.write_text(name)
+        os.replace(latest_tmp, root / LATEST)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            prev = latest_checkpoint(run_dir)
+            raise RunError(f"disk full while writing checkpoint at step {step} in {root}; "
+                           f"previous checkpoint {'intact: ' + prev.name if prev else 'none'}") from None
+        raise RunError(f"could not write checkpoint at step {step} in {root}: {e}") from None
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):
+        if stale.is_dir() and str(os.getpid()) not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (LATEST if valid, else the newest complete folder)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    ptr = root / LATEST
+    if ptr.is_file():
+        cand = root / ptr.read_text().strip()
+        if (cand / "meta.json").is_file() and (cand / "state.pt").is_file():
+            return cand
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (p / "meta.json").is_file() and (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore model/optimizer/scheduler/RNG; returns {"step", "extra"}."""
+    payload = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if unexpected:
+        raise RunError(f"checkpoint {path} does not match the model (unexpected keys {unexpected[:3]})")
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload.get("scheduler") is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    return {"step": payload["step"], "extra": payload.get("extra", {})}

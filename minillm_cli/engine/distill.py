@@ -1,0 +1,360 @@
+"""`minillm distill`: MiniLLM's loop, and the dispatch to the baselines.
+
+One linear loop: (when the buffer is spent) rollout → score → [per optimizer step] MiniLLM loss on
+a PPO mini-batch + PT loss → backward → all-reduce → clip → step → log → eval → checkpoint.
+
+Global-batch semantics: `--num-rollouts` and `--batch-size` count all processes together.
+Rollouts are sampled in micro-batches of fixed composition (micro-batch k on rank k % world) with
+per-rollout random streams, scored, and gathered so every process holds the whole buffer; each
+mini-batch is cut into fixed micro-batches the same way and normalised by its global token count.
+The number of processes therefore changes who computes what, never the result.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
+from minillm_cli.engine import checkpoint as ckpt
+from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
+from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
+from minillm_cli.engine.runtime import autocast, example_generator, init_runtime, seed_everything
+from minillm_cli.engine.sampler import SamplingParams, sample
+from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
+                                            make_scheduler, micro_batches)
+from minillm_cli.errors import InputError, RunError
+from minillm_cli.progress import MetricsWriter, Progress
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    if cfg.method in ("kd", "rkl"):
+        return _run_teacher_forced(cfg)
+    if cfg.method == "seqkd":
+        return _run_seqkd(cfg)
+    return MiniLLMRun(cfg).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: the SFT loop with another objective or other targets
+# ---------------------------------------------------------------------------------------------
+def _run_teacher_forced(cfg: DistillConfig) -> dict:
+    from minillm_cli.engine.baselines import teacher_forced_objective
+    from minillm_cli.engine.sft import train_sft
+    from minillm_cli.engine.teacher import load_teacher
+
+    def setup(rt, tok):
+        teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
+                                  teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
+                                  trust_remote_code=cfg.model_opts.trust_remote_code)
+        return teacher_forced_objective(teacher, cfg.method, cfg.kd_ratio)
+
+    return train_sft(cfg.as_sft(cfg.student), command=f"distill-{cfg.method}", record=cfg, setup=setup)
+
+
+def _run_seqkd(cfg: DistillConfig) -> dict:
+    from minillm_cli.data.prepare import load_splits
+    from minillm_cli.engine.baselines import generate_seqkd_data
+    from minillm_cli.engine.sft import train_sft
+    from minillm_cli.engine.teacher import load_teacher
+    from minillm_cli.models import load_tokenizer
+
+    splits = load_splits(cfg.data)
+    box = {}
+
+    def setup(rt, tok):
+        teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
+                                  teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
+                                  trust_remote_code=cfg.model_opts.trust_remote_code)
+        out = Path(cfg.run.out)
+        progress = Progress("seqkd", quiet=cfg.run.quiet, is_main=rt.is_main)
+        box["responses"] = generate_seqkd_data(teacher, tok, splits["train"], cfg=cfg, rt=rt,
+                                               path=out / "seqkd_data.jsonl", progress=progress)
+        del teacher
+        return None
+
+    # The teacher's answers must exist before the loop encodes its data: generate them first.
+    cfg_sft = cfg.as_sft(cfg.student)
+    return train_sft(cfg_sft, command="distill-seqkd", record=cfg, setup=setup,
+                     train_examples=splits["train"], valid_examples=splits["valid"],
+                     responses=_LazyResponses(box))
+
+
+class _LazyResponses(list):
+    """The SeqKD targets, filled in by `setup` once the teacher has generated them."""
+
+    def __init__(self, box):
+        super().__init__()
+        self.box = box
+
+    def __getitem__(self, i):
+        return self.box["responses"][i]
+
+    def __len__(self):
+        return len(self.box.get("responses", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLLM
+# ---------------------------------------------------------------------------------------------
+class MiniLLMRun:
+    """State of one MiniLLM run; `run()` is the loop. Methods are the loop's named steps."""
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+        self.opts = MiniLLMOptions(
+            single_step=cfg.single_step, length_norm=cfg.length_norm, gamma=cfg.gamma,
+            include_current_reward=cfg.include_current_reward, whiten=cfg.whiten, reward_scale=cfg.reward_scale,
+            reward_clip=cfg.reward_clip, clip_ratio=cfg.clip_ratio, importance_weight=cfg.importance_weight)
+        self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_k=cfg.top_k, top_p=cfg.top_p)
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self, rt) -> None:
+        from minillm_cli.data.prepare import load_splits
+        from minillm_cli.data.tokenize import encode_prompts
+        from minillm_cli.engine.teacher import load_teacher
+        from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype
+
+        cfg = self.cfg
+        self.rt = rt
+        seed_everything(cfg.run.seed)
+        self.tok = tok = load_tokenizer(cfg.student, trust_remote_code=cfg.model_opts.trust_remote_code, what="student")
+        self.teacher, self.vocab = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
+                                                teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
+                                                trust_remote_code=cfg.model_opts.trust_remote_code)
+        self.pt = None
+        if cfg.pt_data:
+            from minillm_cli.data.pretrain_read import PretrainData
+
+            self.pt = PretrainData(cfg.pt_data)
+            self.pt.check_tokenizer(tok)
+        splits = load_splits(cfg.data)
+        self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
+        self.valid_prompts, _, _ = encode_prompts(tok, splits["valid"][: cfg.eval_prompts], cfg.data.template,
+                                                  cfg.data.max_prompt_length)
+        if not self.prompts:
+            raise InputError(f"{cfg.data.data}: no training prompt left after dropping {dropped} over "
+                             f"--max-prompt-length {cfg.data.max_prompt_length}")
+        self.student = load_model(cfg.student, tokenizer=tok, device=rt.device,
+                                  dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
+                                  lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
+                                  what="student")
+        limit = getattr(self.student.config, "max_position_embeddings", None) or getattr(self.student.config, "n_positions", None)
+        if limit and cfg.data.max_prompt_length + cfg.max_new_tokens > limit:
+            raise InputError(f"--max-prompt-length {cfg.data.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} "
+                             f"exceeds the student's {limit} positions")
+        # Dropout off for the whole run (as the reference code): rollouts, scoring and updates
+        # must see the same policy for the PPO ratio to mean anything.
+        self.student.eval()
+        self.amp = compute_dtype(rt.device)
+        per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)
+        if cfg.steps:
+            self.steps = cfg.steps
+        else:
+            iters = max(1, math.ceil((cfg.epochs or 1.0) * len(self.prompts) / cfg.num_rollouts))
+            self.steps = iters * per_iter
+        self.opt = make_optimizer(self.student, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.adam_betas)
+        self.sched = make_scheduler(self.opt, warmup_steps=cfg.optim.warmup_steps, total_steps=self.steps,
+                                    schedule=cfg.optim.schedule)
+        self.dropped = dropped
+
+    # -- rollouts ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, iteration: int):
+        """Sample and score `num_rollouts` rollouts with the current student; returns the buffer
+        (identical on every process) and rollout statistics."""
+        from minillm_cli.data.tokenize import left_pad
+
+        cfg, rt = self.cfg, self.rt
+        t0 = time.perf_counter()
+        which = prompts_for_iteration(len(self.prompts), cfg.num_rollouts, cfg.run.seed, iteration)
+        local, n_tok = [], 0
+        for k, slots in enumerate(micro_batches(list(range(cfg.num_rollouts)), cfg.rollout_batch_size or cfg.batch_size)):
+            if k % rt.world_size != rt.rank:
+                continue
+            ids, att = left_pad([self.prompts[which[j]] for j in slots], self.tok.pad_token_id)
+            with autocast(rt.device, self.amp):
+                roll = sample(self.student, self.teacher, ids.to(rt.device), att.to(rt.device), params=self.params,
+                              alpha=cfg.teacher_mix_alpha, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
+                              generators=[example_generator(cfg.run.seed, iteration, j) for j in slots],
+                              vocab_size=self.vocab)
+                scored = score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab)
+            n_tok += int(roll.response_mask.sum())
+            local.append((k, scored))
+        buffer = gather_parts(rt, local, rt.device)
+        secs = rt.sum_scalar(time.perf_counter() - t0) / rt.world_size
+        lengths = buffer.response_mask.sum(1).float()
+        return buffer, {"rollout_tokens_per_s": rt.sum_scalar(n_tok) / max(secs, 1e-9),
+                        "response_len": float(lengths.mean()), "rollout_s": secs}
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def update(self, buffer, rows: list[int], step: int) -> dict:
+        cfg, rt = self.cfg, self.rt
+        sub = buffer.response_mask[rows]
+        normalizer = float(sub.sum()) if cfg.loss_normalizer == "tokens" else float(len(rows))
+        normalizer = max(normalizer, 1.0)
+        sums = {k: 0.0 for k in ("single_step", "pg", "clip_frac", "ratio_mean", "w_mean", "reward_mean", "rkl_seq")}
+        w_max = 0.0
+        for k, micro in enumerate(micro_batches(rows, cfg.micro_batch_size)):
+            if k % rt.world_size != rt.rank:
+                continue
+            with autocast(rt.device, self.amp):
+                loss, st = minillm_loss(self.student, self.teacher, buffer.select(micro), self.opts, normalizer,
+                                        self.vocab)
+            loss.backward()
+            sums["single_step"] += st["single_step"]
+            sums["pg"] += st["pg"]
+            for key in ("clip_frac", "ratio_mean", "w_mean", "reward_mean"):
+                sums[key] += st[key] * st["tokens"]
+            sums["rkl_seq"] += st["rkl_seq"] * len(micro)
+            w_max = max(w_max, st["w_max"])
+        if self.pt is not None and cfg.pt_coef > 0:
+            sums["pt_loss"] = self.pt_update(step)
+        total = {k: rt.sum_scalar(v) for k, v in sums.items()}
+        n_tok = float(sub.sum())
+        row = {"single_step": total["single_step"], "pg": total["pg"],
+               "clip_frac": total["clip_frac"] / max(n_tok, 1), "ratio_mean": total["ratio_mean"] / max(n_tok, 1),
+               "w_mean": total["w_mean"] / max(n_tok, 1), "w_max": rt.max_scalar(w_max),
+               "reward_mean": total["reward_mean"] / max(n_tok, 1), "reverse_kl": total["rkl_seq"] / len(rows)}
+        for term in ("single_step", "pg"):
+            check_finite(row[term], step=step, term=f"{term} loss")
+        if "pt_loss" in total:
+            row["pt_loss"] = total["pt_loss"]
+            check_finite(row["pt_loss"], step=step, term="PT loss")
+        row["update_tokens"] = n_tok
+        return row
+
+    def pt_update(self, step: int) -> float:
+        """Backward the PT loss for this step's pre-training chunks (this rank's micro-batches);
+        returns this rank's share of the (normalised) CE, before `pt_coef`."""
+        from minillm_cli.engine.losses import kd_loss
+
+        cfg, rt = self.cfg, self.rt
+        bs = cfg.pt_batch_size or cfg.batch_size
+        idx = self.pt.indices_for_step(step, bs, cfg.run.seed)
+        seq = self.pt.meta["seq_len"]
+        normalizer = float(bs * (seq - 1))
+        value = 0.0
+        for k, micro in enumerate(micro_batches(idx, cfg.micro_batch_size)):
+            if k % rt.world_size != rt.rank:
+                continue
+            ids = self.pt.batch(micro).to(rt.device)
+            mask = torch.ones(ids.shape[0], seq - 1, dtype=torch.bool, device=rt.device)
+            with autocast(rt.device, self.amp):
+                logits = self.student(input_ids=ids).logits[:, :-1]
+                t_logits = None
+                if cfg.pt_kd_ratio > 0:
+                    with torch.no_grad():
+                        t_logits = self.teacher(input_ids=ids).logits[:, :-1]
+                loss = kd_loss(logits, t_logits, ids[:, 1:], mask, normalizer, self.vocab, kd_ratio=cfg.pt_kd_ratio)
+            (cfg.pt_coef * loss).backward()
+            value += float(loss.detach())
+        return value
+
+    # -- evaluation: the sequence-level reverse KL of the student's own samples on valid prompts --
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from minillm_cli.data.tokenize import left_pad
+
+        cfg, rt = self.cfg, self.rt
+        if not self.valid_prompts:
+            return {}
+        opts = MiniLLMOptions(single_step=True, length_norm=False)
+        total, n_seq, n_tok = 0.0, 0, 0
+        slots = list(range(len(self.valid_prompts)))
+        for k, chunk in enumerate(micro_batches(slots, cfg.rollout_batch_size or cfg.batch_size)):
+            if k % rt.world_size != rt.rank:
+                continue
+            ids, att = left_pad([self.valid_prompts[j] for j in chunk], self.tok.pad_token_id)
+            with autocast(rt.device, self.amp):
+                roll = sample(self.student, None, ids.to(rt.device), att.to(rt.device), params=self.params, alpha=0.0,
+                              eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
+                              generators=[example_generator(cfg.run.seed + 1, 10**6, j) for j in chunk],
+                              vocab_size=self.vocab)
+                scored = score_rollouts(self.student, self.teacher, roll, opts, self.vocab)
+            total += float(-scored.rewards.sum())
+            n_seq += len(chunk)
+            n_tok += scored.num_tokens()
+        total, n_seq, n_tok = rt.sum_scalar(total), rt.sum_scalar(n_seq), rt.sum_scalar(n_tok)
+        return {"valid_reverse_kl": total / max(n_seq, 1), "valid_reverse_kl_per_token": total / max(n_tok, 1)}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from minillm_cli.models import save_pretrained
+
+        cfg = self.cfg
+        rt = init_runtime(cfg.run.device)
+        out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
+        rt.barrier()
+        self.setup(rt)
+        progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
+        progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
+                     f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}")
+        step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []
+        if cfg.run.resume:
+            last = ckpt.latest_checkpoint(out)
+            if last is None:
+                raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
+            state = ckpt.load_checkpoint(last, model=self.student, optimizer=self.opt, scheduler=self.sched)
+            step, extra = state["step"], state["extra"]
+            iteration, plan_pos = extra["iteration"], extra["plan_pos"]
+            if extra.get("buffer") is not None:
+                buffer = from_state(extra["buffer"], rt.device)
+                plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration - 1)
+            progress.log(f"resumed from {last.name} (step {step})")
+        if rt.is_main:
+            save_run_config(cfg, out, "distill", {"steps": self.steps, "train_prompts": len(self.prompts),
+                                                  "world_size": rt.world_size})
+        metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
+        progress.start(self.steps)
+        t0, roll_stats, row = time.perf_counter(), {}, {}
+        with StopSignal() as stop:
+            while step < self.steps:
+                if buffer is None or plan_pos >= len(plan):
+                    buffer, roll_stats = self.collect(iteration)
+                    plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration)
+                    iteration, plan_pos = iteration + 1, 0
+                step += 1
+                t_up = time.perf_counter()
+                row = self.update(buffer, plan[plan_pos], step)
+                plan_pos += 1
+                row["grad_norm"] = self.step_optimizer(step)
+                row.update(step=step, iteration=iteration, lr=self.sched.get_last_lr()[0],
+                           update_tokens_per_s=row.pop("update_tokens") / max(time.perf_counter() - t_up, 1e-9),
+                           **roll_stats)
+                roll_stats = {}
+                if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == self.steps:
+                    row.update(self.evaluate())
+                metrics.write(row)
+                progress.update(step, rkl=row["reverse_kl"], pg=row["pg"], ss=row["single_step"],
+                                **({"pt": row["pt_loss"]} if "pt_loss" in row else {}))
+                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == self.steps or stop.requested:
+                    if rt.is_main:
+                        ckpt.save_checkpoint(out, step, model=self.student, optimizer=self.opt, scheduler=self.sched,
+                                             extra={"iteration": iteration, "plan_pos": plan_pos,
+                                                    "buffer": to_state(buffer) if plan_pos < len(plan) else None})
+                    rt.barrier()
+                if stop.requested:
+                    progress.close()
+                    raise RunError(f"stopped by {stop.requested} after step {step}; checkpoint saved, continue "
+                                   f"with the same command plus --resume")
+        progress.close()
+        summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps,
+                   "seconds": round(time.perf_counter() - t0, 2),
+                   **{k: row.get(k) for k in ("reverse_kl", "valid_reverse_kl", "pt_loss") if k in row}}
+        if rt.is_main:
+            save_pretrained(self.student, self.tok, out, merge_lora=not cfg.model_opts.save_adapter)
+            if cfg.model_opts.save_adapter:
+                self.student.save_pretrained(str(out / "adapter"))
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.close()
+        rt.barrier()
+        return summary
+
+    def step_optimizer(self, step: int) -> float:
+        self.rt.reduce_gradients([p for p in self.student.parameters() if p.requires_grad])
+        return clip_and_step(self.student, self.opt, self.sched, self.cfg.optim.max_grad_norm, step=step)

@@ -1,0 +1,212 @@
+"""MiniLLM for one rollout batch: score it once, then the update loss of one micro-batch.
+
+    rollout (sampler.sample) --score_rollouts--> RolloutBatch --select--> micro-batch
+        --minillm_loss--> single-step reverse KL + clipped long-term policy-gradient term
+
+What is computed (q = student, p = teacher, p~ = mixed sampling distribution, METHOD.md):
+    loss = sum_t ss_w_t KL(q_t || p_t)                                   (single step, exact over V)
+         + sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 +- eps))             (long term)
+    rho_t = q_theta(y_t) / q_old(y_t) * pg_w_t,   A_t = (normalised) return of the later rewards
+all divided by the caller's normalizer. At the first update and alpha = 0 (or "sequence"
+importance weights) its gradient is an unbiased estimate of grad KL(q || p) over sequences
+(tests/unit/test_estimator.py checks this against exact enumeration).
+
+Dropout: keep the student in eval mode during updates (as the reference code does), otherwise
+q_theta != q_old at the first step and the PPO ratio is noise. `score_rollouts` switches the
+models to eval itself; the update loop owns the student's mode during `minillm_loss`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from minillm_cli.engine.advantages import importance_weights, long_term_advantages, token_rewards
+from minillm_cli.engine.losses import DEFAULT_CHUNK, policy_gradient_loss, reverse_kl, token_logprobs
+from minillm_cli.engine.sampler import Rollout, model_kwargs, positions_from_mask
+from minillm_cli.errors import require
+
+
+@dataclass
+class MiniLLMOptions:
+    """Paper defaults. The reference code's choices: gamma=0.95, include_current_reward=True,
+    whiten=True, reward_scale=0.5, reward_clip=100 (see METHOD.md)."""
+    single_step: bool = True
+    length_norm: bool = True
+    gamma: float = 1.0
+    include_current_reward: bool = False
+    whiten: bool = False
+    reward_scale: float = 1.0
+    reward_clip: float | None = None
+    clip_ratio: float | None = 0.2
+    importance_weight: str = "token"  # "token" (paper) | "sequence" (exactly unbiased)
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    def __post_init__(self):
+        require(self.importance_weight in ("token", "sequence"),
+                f"importance weight must be 'token' or 'sequence', got {self.importance_weight!r}")
+        require(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}")
+        require(self.clip_ratio is None or self.clip_ratio >= 0,
+                f"clip ratio must be >= 0, got {self.clip_ratio}")
+
+    @property
+    def advantage_includes_current(self) -> bool:
+        """Without the single-step term nothing else accounts for r_t, so the advantage must be
+        the full return R_t (the plain policy gradient); with it, only the later rewards."""
+        return self.include_current_reward or not self.single_step
+
+
+@dataclass
+class RolloutBatch:
+    """Scored rollouts, all on one device.
+
+    input_ids, attention_mask [N, P+T]: left-padded prompt followed by the response (attention
+        0 on padding on both sides). prompt_len = P.
+    response_mask, old_logp, teacher_logp, rewards, advantages, pg_weights, ss_weights, w
+        [N, T] over response positions (0 where masked). Response token t of row n is
+        input_ids[n, P + t], predicted by the logits at position P + t - 1: in the aligned
+        [N, P+T-1] view of DESIGN.md its column is P - 1 + t (see `aligned_mask`).
+    w = q'(y_t) / p~'(y_t), the per-token sampling ratio (for logging)."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_mask: torch.Tensor
+    old_logp: torch.Tensor
+    teacher_logp: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    pg_weights: torch.Tensor
+    ss_weights: torch.Tensor
+    w: torch.Tensor
+
+    _PER_TOKEN = ("response_mask", "old_logp", "teacher_logp", "rewards", "advantages",
+                  "pg_weights", "ss_weights", "w")
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[N, T] response tokens."""
+        return self.input_ids[:, self.prompt_len :]
+
+    def aligned_mask(self) -> torch.Tensor:
+        """[N, P+T-1] mask aligned with `logits[:, :-1]` / `input_ids[:, 1:]`."""
+        N = self.input_ids.shape[0]
+        pad = torch.zeros(N, self.prompt_len - 1, dtype=torch.bool, device=self.input_ids.device)
+        return torch.cat([pad, self.response_mask.bool()], dim=1)
+
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx) -> "RolloutBatch":
+        """Rows `idx` (list or tensor), with columns that are padding for all of them trimmed
+        (left prompt padding, trailing response padding): same math, less compute."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.input_ids.device)
+        P = self.prompt_len
+        am = self.attention_mask[idx]
+        real_cols = am[:, :P].bool().any(0).nonzero()
+        lead = int(real_cols[0]) if len(real_cols) else P - 1
+        lead = min(lead, P - 1)  # keep >= 1 prompt column: it predicts the first response token
+        keep_T = max(1, int(self.response_mask[idx].sum(1).max()))
+        cols = slice(lead, P + keep_T)
+        per_token = {f: getattr(self, f)[idx][:, :keep_T] for f in self._PER_TOKEN}
+        return replace(self, input_ids=self.input_ids[idx][:, cols], attention_mask=am[:, cols],
+                       prompt_len=P - lead, **per_token)
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int
+                    ) -> torch.Tensor:
+    """Logits predicting the last T tokens of input_ids: [N, L] -> [N, T, V']. Only the last
+    T + 1 positions go through the LM head when the model supports `logits_to_keep`."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                **model_kwargs(model, logits_to_keep=T + 1, use_cache=False))
+    return out.logits[:, -(T + 1) : -1]
+
+
+def _batch_logits(model, batch: RolloutBatch) -> torch.Tensor:
+    return response_logits(model, batch.input_ids, batch.attention_mask,
+                           batch.response_mask.shape[1])
+
+
+@torch.no_grad()
+def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, vocab_size: int
+                   ) -> RolloutBatch:
+    """Teacher-forced, no-grad scoring of a rollout batch, done once before the PPO epochs.
+
+    old_logp = log q_old(y_t) (unfiltered, temperature 1, the policy being trained),
+    teacher_logp = log p(y_t), rewards r_t = log p - log q_old, importance weights from the
+    sampling-time log-probs (importance_weights), then the advantages (long_term_advantages;
+    r_t is included when opts.single_step is False, see MiniLLMOptions)."""
+    require(rollout.student_logp is not None,
+            "MiniLLM needs rollouts that ran the student (got a teacher-only rollout)")
+    mask = rollout.response_mask.bool()
+    input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
+    attention = torch.cat([rollout.prompt_mask.long(), mask.long()], dim=1)
+    T = mask.shape[1]
+    logps = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        was_training = model.training
+        model.eval()
+        try:
+            logits = response_logits(model, input_ids, attention, T)
+            lp = token_logprobs(logits, rollout.response_ids, vocab_size, opts.chunk_size)
+        finally:
+            model.train(was_training)
+        logps[name] = torch.where(mask, lp, torch.zeros_like(lp))
+        del logits
+    old_logp, teacher_logp = logps["student"], logps["teacher"]
+    rewards = token_rewards(teacher_logp, old_logp, mask)
+    iw = importance_weights(rollout.student_logp.to(old_logp.dtype),
+                            rollout.mix_logp.to(old_logp.dtype), mask, opts.importance_weight)
+    advantages = long_term_advantages(
+        rewards, mask, length_norm=opts.length_norm, gamma=opts.gamma,
+        include_current=opts.advantage_includes_current, whiten=opts.whiten,
+        scale=opts.reward_scale, clip=opts.reward_clip, reward_weights=iw.reward)
+    w = torch.where(mask, (rollout.student_logp - rollout.mix_logp).to(old_logp.dtype).exp(),
+                    torch.zeros_like(old_logp))
+    return RolloutBatch(input_ids=input_ids, attention_mask=attention,
+                        prompt_len=rollout.prompt_ids.shape[1], response_mask=mask,
+                        old_logp=old_logp, teacher_logp=teacher_logp, rewards=rewards,
+                        advantages=advantages, pg_weights=iw.pg, ss_weights=iw.ss, w=w)
+
+
+def minillm_loss(student, teacher, batch: RolloutBatch, opts: MiniLLMOptions, normalizer: float,
+                 vocab_size: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MiniLLM loss of one micro-batch, `sum / normalizer` (pass the global token count of
+    the mini-batch, or the number of sequences for a per-sequence objective).
+
+    Student forward with grad; teacher forward without grad and only for the single-step term.
+    Returns (loss, stats): `single_step`, `pg` (the two terms of the loss), `clip_frac`,
+    `ratio_mean`, `w_mean`/`w_max` (sampling ratio q'/p~'), `reward_mean` (per token),
+    `rkl_seq` (mean over rows of sum_t log q_old - log p: the sequence-level reverse KL estimate,
+    unbiased when alpha = 0), `tokens`."""
+    mask = batch.response_mask.bool()
+    s_logits = _batch_logits(student, batch)
+    new_logp = token_logprobs(s_logits, batch.targets, vocab_size, opts.chunk_size)
+    pg, pg_stats = policy_gradient_loss(new_logp, batch.old_logp, batch.advantages,
+                                        batch.pg_weights, mask, opts.clip_ratio, normalizer)
+    loss = pg
+    ss_value = 0.0
+    if opts.single_step:
+        with torch.no_grad():
+            t_logits = _batch_logits(teacher, batch)
+        ss = reverse_kl(s_logits, t_logits, mask, normalizer, vocab_size,
+                        weights=batch.ss_weights, chunk_size=opts.chunk_size)
+        loss = loss + ss
+        ss_value = float(ss.detach())
+    n_tok = max(1, batch.num_tokens())
+    w_valid = batch.w[mask]
+    stats = {
+        "single_step": ss_value,
+        "pg": float(pg.detach()),
+        "clip_frac": float(pg_stats["clip_frac"]),
+        "ratio_mean": float(pg_stats["ratio_mean"]),
+        "w_mean": float(w_valid.mean()) if w_valid.numel() else 0.0,
+        "w_max": float(w_valid.max()) if w_valid.numel() else 0.0,
+        "reward_mean": float(batch.rewards.sum()) / n_tok,
+        "rkl_seq": float(-batch.rewards.sum(1).mean()),
+        "tokens": float(n_tok),
+    }
+    return loss, stats

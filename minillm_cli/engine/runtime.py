@@ -1,0 +1,153 @@
+"""Device, precision and processes for one run.
+
+Launchers (`torchrun`, `accelerate launch`) set RANK/WORLD_SIZE/LOCAL_RANK; we join that process
+group directly (gloo on CPU, nccl on CUDA) and do our own gradient all-reduce with SUM. Losses are
+normalised by *global* counts, and work is cut into micro-batches whose composition does not
+depend on the number of processes, so 1 and N processes compute the same update.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from minillm_cli.errors import InputError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # -- collectives (no-ops in a single process) -------------------------------------------
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def sum_scalar(self, x: float) -> float:
+        if not self.distributed:
+            return float(x)
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.comm_device)
+        self.all_reduce_sum(t)
+        return float(t.item())
+
+    def max_scalar(self, x: float) -> float:
+        if not self.distributed:
+            return float(x)
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.comm_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+    def reduce_gradients(self, params) -> None:
+        """Sum gradients over processes (each process already scaled by the global normaliser)."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(self.comm_device)
+        self.all_reduce_sum(flat)
+        i = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[i : i + n].view_as(g).to(g.device, g.dtype))
+            i += n
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    @property
+    def comm_device(self) -> torch.device:
+        if self.distributed and torch.distributed.get_backend() == "nccl":
+            return self.device
+        return torch.device("cpu")
+
+    def shard(self, items: list) -> list:
+        """This process's share of a list of work units: unit k goes to rank k % world_size."""
+        return items[self.rank :: self.world_size]
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    name = (name or "auto").lower()
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") and name == "auto":
+        name = "cpu"
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is available on this machine")
+        if name == "cuda":
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group(backend=backend)
+    return Runtime(device=dev, rank=rank, world_size=world, local_rank=local)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # numpy is a dependency, but seeding must never be why a run fails
+        pass
+    torch.manual_seed(seed)
+
+
+def example_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, keys), e.g. (seed, iteration, example
+    index): the randomness of one rollout never depends on which process or batch holds it."""
+    h = seed & 0xFFFFFFFF
+    for k in keys:
+        h = (h * 1_000_003 + (k & 0xFFFFFFFF) + 0x9E3779B9) % (2**63 - 1)
+    g = torch.Generator()
+    g.manual_seed(h)
+    return g
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA (float32 master weights); a no-op context elsewhere."""
+    import contextlib
+
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()

@@ -1,0 +1,301 @@
+"""Rollouts: teacher-mixed sampling (MiniLLM), student-only and teacher-only generation.
+
+No forked `transformers` and no `model.generate`: we prefill the left-padded prompts of both
+models in one pass each, then run one decode step per token with each model's KV cache, and mix
+the two next-token distributions ourselves. The per-step "filter + mix + sample" is the pure
+function `mix_and_sample`, so it can be tested against brute force (and later replaced by a fused
+GPU version without touching the loop).
+
+Randomness: one uniform per (row, step), drawn up front from that row's own CPU generator and
+consumed by inverse-CDF sampling. A row's tokens therefore depend only on its prompt, the models
+and its generator, never on the other rows of the batch, the batch size or the process count.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from minillm_cli.errors import require
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings, applied identically to student and teacher before mixing (HF order:
+    no-repeat-ngram ban, then temperature, top-k, top-p). top_k 0 and top_p 1 mean off."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self):
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        require(self.no_repeat_ngram_size >= 0,
+                f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses.
+
+    prompt_ids, prompt_mask [B, P]: left padded prompts (mask True on real tokens).
+    response_ids [B, T]: sampled tokens, pad_id after EOS; T = steps actually run.
+    response_mask [B, T]: True up to and including EOS.
+    student_logp [B, T] = log q'(y_t), mix_logp [B, T] = log p~'(y_t): log-probabilities of the
+        filtered distributions the token was drawn with (0 where masked). student_logp is None
+        for teacher-only rollouts (the student never ran)."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    student_logp: torch.Tensor | None
+    mix_logp: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] number of response tokens (EOS included)."""
+        return self.response_mask.sum(1)
+
+
+# -- the pure per-step function -------------------------------------------------------------
+
+def filtered_logprobs(logits: torch.Tensor, params: SamplingParams,
+                      banned: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities after the ban, temperature, top-k and top-p; -inf outside the kept set.
+
+    logits [B, V] (already sliced to the vocabulary), banned [B, V] bool or None -> [B, V] in
+    float32 (float64 for float64 logits). Semantics match transformers' warpers: top-k keeps
+    every token tied with the k-th largest; top-p keeps the smallest top set whose mass reaches
+    top_p (a token is dropped when the mass strictly above it is already >= top_p)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if banned is not None:
+        x = x.masked_fill(banned, float("-inf"))
+    if params.temperature != 1.0:
+        x = x / params.temperature
+    V = x.shape[-1]
+    if 0 < params.top_k < V:
+        kth = x.topk(params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False  # never drop the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x.log_softmax(-1)
+
+
+def mix_and_sample(student_logits: torch.Tensor | None, teacher_logits: torch.Tensor | None,
+                   alpha: float, params: SamplingParams, uniforms: torch.Tensor,
+                   banned: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Filter both distributions, mix p~' = alpha p' + (1 - alpha) q', draw by inverse CDF.
+
+    student_logits, teacher_logits [B, V] (either may be None: then the other model alone is
+    sampled, whatever alpha), uniforms [B] in [0, 1), banned [B, V] bool or None
+    -> tokens [B] long, logq [B] = log q'(token) (None without a student), logmix [B] = log p~'(token).
+    With alpha = 0 logmix is exactly logq (so importance weights are exactly 1)."""
+    if teacher_logits is None or (student_logits is not None and alpha <= 0.0):
+        logq = filtered_logprobs(student_logits, params, banned)
+        logmix = logq
+    elif student_logits is None or alpha >= 1.0:
+        logq = None
+        logmix = filtered_logprobs(teacher_logits, params, banned)
+    else:
+        logq = filtered_logprobs(student_logits, params, banned)
+        logp = filtered_logprobs(teacher_logits, params, banned).to(logq.dtype)
+        logmix = torch.logaddexp(logp + torch.log(torch.tensor(alpha, dtype=logq.dtype)),
+                                 logq + torch.log1p(torch.tensor(-alpha, dtype=logq.dtype)))
+    probs = logmix.exp()
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.dtype) * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    # u * total can round up to total: never step past the last token with non-zero probability
+    V = probs.shape[-1]
+    last_ok = torch.where(probs > 0, torch.arange(V, device=probs.device), 0).amax(-1)
+    tokens = torch.minimum(tokens, last_ok)
+    logmix_tok = logmix.gather(-1, tokens[:, None]).squeeze(-1)
+    logq_tok = None if logq is None else logq.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logq_tok, logmix_tok
+
+
+# -- no-repeat-ngram ------------------------------------------------------------------------
+
+class NGramBlocker:
+    """transformers' no_repeat_ngram_size over each row's real tokens (prompt without padding,
+    then the response): a token is banned when it would complete an n-gram already present.
+    Per row, so left padding and the other rows never matter (unlike a padded input_ids)."""
+
+    def __init__(self, n: int, prompts: list[list[int]]):
+        self.n = n
+        self.seqs = [list(p) for p in prompts]
+        self.table: list[dict[tuple, set]] = [dict() for _ in prompts]
+        for b, seq in enumerate(self.seqs):
+            for i in range(len(seq) - n + 1):
+                self.table[b].setdefault(tuple(seq[i : i + n - 1]), set()).add(seq[i + n - 1])
+
+    def banned(self, vocab_size: int, alive: list[bool], device) -> torch.Tensor:
+        mask = torch.zeros(len(self.seqs), vocab_size, dtype=torch.bool)
+        for b, seq in enumerate(self.seqs):
+            if not alive[b] or len(seq) + 1 < self.n:
+                continue
+            key = tuple(seq[len(seq) - self.n + 1 :]) if self.n > 1 else ()
+            for tok in self.table[b].get(key, ()):
+                if tok < vocab_size:
+                    mask[b, tok] = True
+        return mask.to(device)
+
+    def append(self, tokens: list[int], alive: list[bool]) -> None:
+        for b, tok in enumerate(tokens):
+            if not alive[b]:
+                continue
+            seq = self.seqs[b]
+            seq.append(tok)
+            if len(seq) >= self.n:
+                self.table[b].setdefault(tuple(seq[len(seq) - self.n : -1]), set()).add(tok)
+
+
+# -- model calls ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _hf_model(model):
+    """The module whose forward signature tells us the argument names (PEFT wraps it)."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
+
+
+def model_kwargs(model, *, cache=None, logits_to_keep: int | None = None, use_cache: bool) -> dict:
+    """Version-proof keyword arguments: transformers >= 5.x names the KV cache `cache`
+    (`past_key_values` is deprecated there), earlier versions `past_key_values`."""
+    params = _forward_params(type(_hf_model(model)))
+    kw: dict = {"use_cache": use_cache}
+    if cache is not None:
+        kw["cache" if "cache" in params else "past_key_values"] = cache
+    if logits_to_keep is not None and "logits_to_keep" in params:
+        kw["logits_to_keep"] = logits_to_keep
+    return kw
+
+
+def output_cache(out):
+    """The KV cache a forward returned (field `cache` in transformers 5, else `past_key_values`)."""
+    for name in ("cache", "past_key_values"):
+        if isinstance(out, dict) and out.get(name) is not None:
+            return out[name]
+    return getattr(out, "cache", None)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """position_ids for left-padded rows: 0 at the first real token. [B, L] -> [B, L] long."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _Stepper:
+    """One model's prefill + cached decode, returning next-token logits [B, V] (sliced)."""
+
+    def __init__(self, model, vocab_size: int):
+        self.model, self.vocab_size, self.cache = model, vocab_size, None
+
+    def prefill(self, ids, mask):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                         **model_kwargs(self.model, logits_to_keep=1, use_cache=True))
+        self.cache = output_cache(out)
+        return out.logits[:, -1, : self.vocab_size]
+
+    def step(self, tokens, mask, positions):
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask,
+                         position_ids=positions[:, None],
+                         **model_kwargs(self.model, cache=self.cache, logits_to_keep=1,
+                                        use_cache=True))
+        new_cache = output_cache(out)  # (a Cache object may be falsy when empty: test None)
+        if new_cache is not None:
+            self.cache = new_cache
+        return out.logits[:, -1, : self.vocab_size]
+
+
+@torch.no_grad()
+def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+           params: SamplingParams, alpha: float, eos_id: int, pad_id: int,
+           generators: list[torch.Generator], vocab_size: int) -> Rollout:
+    """Sample one response per prompt.
+
+    prompt_ids, prompt_mask [B, P] left padded (on the models' device), generators: B CPU
+    generators (row b draws its uniforms from generators[b]). Mode: teacher-mixed for
+    0 < alpha < 1; student-only when teacher is None or alpha = 0 (the teacher never runs);
+    teacher-only when student is None or alpha = 1 (the student never runs). Stops when every
+    row has produced EOS or after params.max_new_tokens. Models run in eval mode; their previous
+    mode is restored afterwards."""
+    require(0.0 <= alpha <= 1.0, f"teacher-mix alpha must be in [0, 1], got {alpha}")
+    require(student is not None or teacher is not None, "sample() needs a student or a teacher")
+    if teacher is None:
+        alpha = 0.0
+    if student is None:
+        alpha = 1.0
+    B, P = prompt_ids.shape
+    require(len(generators) == B, f"need one generator per row: {len(generators)} for {B} rows")
+    device = prompt_ids.device
+    T = params.max_new_tokens
+    uniforms = torch.stack([torch.rand(T, generator=g) for g in generators]).to(device)
+
+    steppers = {}
+    if alpha < 1.0:
+        steppers["student"] = _Stepper(student, vocab_size)
+    if alpha > 0.0:
+        steppers["teacher"] = _Stepper(teacher, vocab_size)
+    modes = {name: s.model.training for name, s in steppers.items()}
+    for s in steppers.values():
+        s.model.eval()
+
+    blocker = None
+    if params.no_repeat_ngram_size > 0:
+        prompts = [prompt_ids[b][prompt_mask[b].bool()].tolist() for b in range(B)]
+        blocker = NGramBlocker(params.no_repeat_ngram_size, prompts)
+
+    try:
+        mask = prompt_mask.to(torch.long)
+        logits = {name: s.prefill(prompt_ids, mask) for name, s in steppers.items()}
+        next_pos = mask.sum(-1)  # position of the first response token
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        toks, alive_steps, lqs, lms = [], [], [], []
+        for t in range(T):
+            alive = ~finished
+            banned = None
+            if blocker is not None:
+                banned = blocker.banned(vocab_size, alive.tolist(), device)
+            tok, lq, lm = mix_and_sample(logits.get("student"), logits.get("teacher"), alpha,
+                                         params, uniforms[:, t], banned)
+            tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+            toks.append(tok)
+            alive_steps.append(alive)
+            lms.append(torch.where(alive, lm, torch.zeros_like(lm)))
+            if lq is not None:
+                lqs.append(torch.where(alive, lq, torch.zeros_like(lq)))
+            if blocker is not None:
+                blocker.append(tok.tolist(), alive.tolist())
+            finished = finished | (alive & (tok == eos_id))
+            if t == T - 1 or bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+            # finished rows keep decoding (their outputs are discarded); feed EOS, not the pad id,
+            # which need not have an embedding row
+            fed = torch.where(alive, tok, torch.full_like(tok, eos_id))
+            logits = {name: s.step(fed, mask, next_pos + t) for name, s in steppers.items()}
+    finally:
+        for name, s in steppers.items():
+            s.model.train(modes[name])
+
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),
+        response_ids=torch.stack(toks, 1), response_mask=torch.stack(alive_steps, 1),
+        student_logp=torch.stack(lqs, 1) if lqs else None, mix_logp=torch.stack(lms, 1))

@@ -1,0 +1,175 @@
+"""Supervised fine-tuning: loss on response tokens only, one linear loop.
+
+batch (global) → micro-batches (fixed composition; k-th runs on rank k % world) → CE summed over
+response tokens / global response-token count → backward → all-reduce → clip → step → log →
+validate / checkpoint. The same loop trains SeqKD students on teacher generations.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minillm_cli.config import SFTConfig, prepare_out_dir, save_run_config
+from minillm_cli.data.tokenize import Encoded, collate_sft, encode_sft
+from minillm_cli.engine import checkpoint as ckpt
+from minillm_cli.engine.runtime import Runtime, autocast, init_runtime, seed_everything
+from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
+                                            make_optimizer, make_scheduler, micro_batches, micro_seed)
+from minillm_cli.errors import InputError, RunError
+from minillm_cli.progress import MetricsWriter, Progress
+
+
+def response_ce_sum(model, batch: dict, vocab_size: int, device) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over response tokens (and EOS) of a collated batch, and their count."""
+    ids = batch["input_ids"].to(device)
+    att = batch["attention_mask"].to(device)
+    mask = batch["loss_mask"].to(device)[:, 1:]
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1, :vocab_size]
+    targets = ids[:, 1:]
+    ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+    return ce, int(mask.sum())
+
+
+@torch.no_grad()
+def validation_loss(model, data: list[Encoded], rt: Runtime, *, micro_batch_size: int, pad_id: int,
+                    vocab_size: int, dtype) -> float:
+    """Mean CE per response token over `data`, sharded over processes and summed exactly."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in rt.shard(micro_batches(list(range(len(data))), micro_batch_size)):
+        with autocast(rt.device, dtype):
+            ce, n = response_ce_sum(model, collate_sft([data[i] for i in chunk], pad_id), vocab_size, rt.device)
+        total += float(ce)
+        count += n
+    total, count = rt.sum_scalar(total), rt.sum_scalar(count)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examples=None,
+              valid_examples=None, command: str = "sft", objective=None, record=None,
+              setup=None) -> dict:
+    """Run SFT as configured; returns the summary (also written to OUT/summary.json).
+
+    The distillation baselines reuse this loop: `objective(model, batch, vocab_size, device) ->
+    (summed loss, tokens)` replaces the response CE (kd, rkl); `train_examples`/`responses` train
+    on teacher generations (seqkd); `record` is the config saved as run_config.json;
+    `setup(runtime, tokenizer)` runs once the student's tokenizer is loaded (the baselines load
+    their teacher there) and may return the objective."""
+    from minillm_cli.data.prepare import load_splits
+    from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype, save_pretrained
+
+    rt = init_runtime(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
+    rt.barrier()
+    progress = Progress(command, quiet=cfg.run.quiet, is_main=rt.is_main)
+
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.model_opts.trust_remote_code, what="model")
+    if setup is not None:
+        objective = setup(rt, tok) or objective
+    objective = objective or response_ce_sum
+    if train_examples is None:
+        splits = load_splits(cfg.data)
+        train_examples, valid_examples = splits["train"], splits["valid"]
+    train, dropped = encode_sft(tok, train_examples, cfg.data.template, cfg.data.max_prompt_length,
+                                cfg.data.max_length, responses=responses)
+    valid, vdropped = encode_sft(tok, valid_examples or [], cfg.data.template, cfg.data.max_prompt_length,
+                                 cfg.data.max_length)
+    if not train:
+        raise InputError(f"{cfg.data.data}: no training example left after dropping {dropped} with prompts over "
+                         f"--max-prompt-length {cfg.data.max_prompt_length}")
+    progress.log(f"data: {len(train)} train, {len(valid)} valid examples; dropped {dropped + vdropped} "
+                 f"over --max-prompt-length {cfg.data.max_prompt_length}")
+
+    model = load_model(cfg.model, tokenizer=tok, device=rt.device,
+                       dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
+                       lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
+    model.train()
+    amp = compute_dtype(rt.device)
+    vocab = len(tok)
+    steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train) / cfg.batch_size))
+    opt = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.adam_betas)
+    sched = make_scheduler(opt, warmup_steps=cfg.optim.warmup_steps, total_steps=steps, schedule=cfg.optim.schedule)
+
+    start, best = 0, {"valid_loss": float("inf"), "step": None}
+    if cfg.run.resume:
+        last = ckpt.latest_checkpoint(out)
+        if last is None:
+            raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
+        state = ckpt.load_checkpoint(last, model=model, optimizer=opt, scheduler=sched)
+        start, best = state["step"], state["extra"].get("best", best)
+        progress.log(f"resumed from {last.name}")
+    if rt.is_main:
+        save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
+                                            "dropped_long_prompts": dropped + vdropped, "steps": steps})
+    metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
+
+    def evaluate_and_keep_best(step: int) -> float | None:
+        if not valid:
+            return None
+        vl = validation_loss(model, valid, rt, micro_batch_size=cfg.micro_batch_size, pad_id=tok.pad_token_id,
+                             vocab_size=vocab, dtype=amp)
+        check_finite(vl, step=step, term="validation loss")
+        if vl < best["valid_loss"]:
+            best.update(valid_loss=vl, step=step)
+            if rt.is_main:
+                save_pretrained(model, tok, out, merge_lora=not cfg.model_opts.save_adapter)
+        return vl
+
+    progress.start(steps)
+    t0, tokens_seen, loss = time.perf_counter(), 0, float("nan")
+    step = start
+    with StopSignal() as stop:
+        for step in range(start + 1, steps + 1):
+            idx = batches_for_step(len(train), cfg.batch_size, cfg.run.seed, step - 1)
+            normalizer = sum(train[i].response_len for i in idx)  # global: every rank knows the batch
+            loss_sum = 0.0
+            for k, mb in enumerate(micro_batches(idx, cfg.micro_batch_size)):
+                if k % rt.world_size != rt.rank:
+                    continue
+                torch.manual_seed(micro_seed(cfg.run.seed, step, k))  # dropout masks per micro-batch
+                with autocast(rt.device, amp):
+                    ce, _ = objective(model, collate_sft([train[i] for i in mb], tok.pad_token_id), vocab, rt.device)
+                (ce / normalizer).backward()
+                loss_sum += float(ce.detach())
+            rt.reduce_gradients([p for p in model.parameters() if p.requires_grad])
+            loss = rt.sum_scalar(loss_sum) / normalizer
+            check_finite(loss, step=step, term="training loss")
+            gnorm = clip_and_step(model, opt, sched, cfg.optim.max_grad_norm, step=step)
+            tokens_seen += sum(len(train[i].input_ids) for i in idx)
+            row = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+                   "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
+            if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == steps:
+                row["valid_loss"] = evaluate_and_keep_best(step)
+            metrics.write(row)
+            progress.update(step, loss=loss, **({"valid": row["valid_loss"]} if row.get("valid_loss") else {}),
+                            tok_s=round(row["tokens_per_s"]))
+            if rt.is_main and ((cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps or stop.requested):
+                ckpt.save_checkpoint(out, step, model=model, optimizer=opt, scheduler=sched, extra={"best": best})
+            if stop.requested:
+                progress.close()
+                rt.barrier()
+                raise RunError(f"stopped by {stop.requested} after step {step}; checkpoint saved, continue with "
+                               f"the same command plus --resume")
+    progress.close()
+    if rt.is_main:
+        if best["step"] is None:  # no validation data: the final weights are the result
+            save_pretrained(model, tok, out, merge_lora=not cfg.model_opts.save_adapter)
+        if cfg.model_opts.save_adapter:
+            model.save_pretrained(str(out / "adapter"))
+    summary = {"command": command, "out": str(out), "steps": steps, "final_loss": loss,
+               "best_valid_loss": best["valid_loss"] if best["step"] else None, "best_step": best["step"],
+               "train_examples": len(train), "valid_examples": len(valid), "dropped": dropped + vdropped,
+               "seconds": round(time.perf_counter() - t0, 2)}
+    if rt.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics.close()
+    rt.barrier()
+    return summary

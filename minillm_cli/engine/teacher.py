@@ -1,0 +1,55 @@
+"""The teacher: loaded once, frozen, in the device's half precision, optionally with a LoRA
+adapter merged in, on its own device if asked (`--teacher-device`), and checked to share the
+student's tokenizer."""
+from __future__ import annotations
+
+import torch
+
+from minillm_cli.engine.runtime import resolve_device
+from minillm_cli.errors import InputError
+
+
+class TeacherOnDevice(torch.nn.Module):
+    """Runs a teacher that lives on another device (or offloaded to the CPU) and hands its outputs
+    back on the student's device, so the engine never has to know where the teacher is."""
+
+    def __init__(self, model, home: torch.device):
+        super().__init__()
+        self.model = model
+        self.home = home
+        self.config = model.config
+        self.device_ = next(model.parameters()).device
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kw):
+        move = lambda t: t.to(self.device_) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        out = self.model(input_ids=move(input_ids), attention_mask=move(attention_mask),
+                         position_ids=move(position_ids), past_key_values=past_key_values,
+                         **{k: move(v) for k, v in kw.items()})
+        out.logits = out.logits.to(self.home)
+        return out
+
+
+def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_device: str | None = None,
+                 peft: str | None = None, trust_remote_code: bool = False, dtype: str = "auto"):
+    """Load the teacher frozen; returns (teacher, vocab_size shared with the student)."""
+    from minillm_cli.models import check_same_tokenizer, load_model, load_tokenizer, pick_dtype
+
+    t_tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="teacher")
+    vocab = check_same_tokenizer(t_tok, student_tokenizer)
+    where = resolve_device(teacher_device) if teacher_device else device
+    model = load_model(name, tokenizer=t_tok, device=where, dtype=pick_dtype(where, dtype),
+                       trust_remote_code=trust_remote_code, trainable=False, what="teacher")
+    if peft:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, peft).merge_and_unload()
+        except (OSError, ValueError) as e:
+            raise InputError(f"--teacher-peft {peft}: cannot load the adapter ({str(e).splitlines()[0]})") from None
+        model.eval().requires_grad_(False)
+    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight.shape[0] < vocab:
+        raise InputError(f"teacher {name!r}: output layer has {model.get_output_embeddings().weight.shape[0]} rows "
+                         f"for a {vocab}-token vocabulary")
+    if where != device:
+        model = TeacherOnDevice(model, device)
+    return model, vocab

@@ -1,0 +1,29 @@
+"""The two kinds of failure a user can meet, and how each becomes an exit code.
+
+`InputError` is bad usage or bad input (exit 2): the message is one line that says what and where.
+`RunError` is a run that started and failed (exit 1), e.g. a non-finite loss. Anything else is a
+bug and keeps its traceback under `--debug`.
+"""
+from __future__ import annotations
+
+
+class MiniLLMError(Exception):
+    exit_code = 1
+
+
+class InputError(MiniLLMError):
+    """Bad usage or bad input: exit 2 with one line on stderr."""
+
+    exit_code = 2
+
+
+class RunError(MiniLLMError):
+    """The run started and could not finish (non-finite loss, full disk, ...): exit 1."""
+
+    exit_code = 1
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `InputError(message)` unless `condition` holds (for config validation)."""
+    if not condition:
+        raise InputError(message)

@@ -1,0 +1,230 @@
+"""Load teachers and students (Hub id, local folder, or LoRA adapter folder), check that they
+share a tokenizer, and save what we trained as an ordinary Hugging Face folder."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from minillm_cli.errors import InputError
+
+PAD_TOKEN = "<|pad|>"
+
+# LoRA target modules per architecture (model_type), when the user names none.
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    r: int
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: Sequence[str] | None = None
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise InputError(f"--lora-r must be > 0, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _not_found(name: str, what: str, err: Exception) -> InputError:
+    if Path(name).expanduser().exists():
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return InputError(f"{what} {name!r}: cannot load this folder ({first})")
+    if _offline() or "connect" in str(err).lower() or "offline" in str(err).lower():
+        return InputError(f"{what} {name!r}: not a local folder, and the Hugging Face Hub is unreachable "
+                          f"(offline); pass a local model folder")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputError(f"{what} {name!r}: not a local folder nor a Hub model ({first})")
+
+
+def quiet_transformers() -> None:
+    """No library progress bars or advisory logs: our display is the only one."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def adapter_base(name: str) -> str | None:
+    """The base model of a LoRA adapter folder, or None when `name` is not one."""
+    cfg = Path(name).expanduser() / "adapter_config.json"
+    if cfg.is_file():
+        base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise InputError(f"{cfg}: adapter without base_model_name_or_path")
+        return base
+    return None
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "tokenizer"):
+    """AutoTokenizer with a pad token distinct from EOS (added as `<|pad|>` when the tokenizer has
+    none, or only EOS/UNK==EOS to offer), so that EOS is always a trained target."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    base = adapter_base(name)
+    source = name
+    if base is not None and not any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        source = base
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_found(source, what, e) from None
+    if tok.eos_token_id is None:
+        raise InputError(f"{what} {name!r}: the tokenizer has no EOS token; responses need one to end")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "right"
+    return tok
+
+
+def pick_dtype(device, requested: str = "auto", *, training: bool = False):
+    """Weights' dtype: float32 on CPU; on CUDA bf16 when supported (else fp16) for frozen models,
+    and float32 master weights for trained ones (bf16 autocast does the compute)."""
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if requested != "auto":
+        if requested not in names:
+            raise InputError(f"--dtype {requested!r}: expected auto, float32, bfloat16 or float16")
+        return names[requested]
+    if device.type != "cuda" or training:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def compute_dtype(device):
+    """The autocast dtype on this device (None on CPU: plain float32)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings | None = None,
+               trust_remote_code: bool = False, trainable: bool = True, what: str = "model"):
+    """Load a causal LM onto `device`. Adapter folders are loaded on their base and merged (a frozen
+    teacher) or kept trainable (a LoRA student). The embedding matrix grows when the tokenizer has
+    tokens the model lacks (our pad token); it never shrinks (padded vocabularies stay padded and
+    callers slice logits to len(tokenizer))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    base = adapter_base(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base or name, dtype=dtype or torch.float32,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_found(base or name, what, e) from None
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, name, is_trainable=trainable and lora is None)
+        if not trainable or lora is not None:
+            model = model.merge_and_unload()
+    if lora is not None and trainable:
+        model = apply_lora(model, lora)
+    model.to(device)
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def lora_targets(model, requested: Sequence[str] | None) -> list[str]:
+    if requested:
+        return list(requested)
+    mtype = getattr(model.config, "model_type", "")
+    if mtype in LORA_TARGETS:
+        return LORA_TARGETS[mtype]
+    import torch
+
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    llama = [t for t in _LLAMA_LIKE if t in names]
+    if llama:
+        return llama
+    names.discard("lm_head")
+    if not names:
+        raise InputError(f"LoRA: no linear layers found in a {mtype!r} model; name them with --lora-targets")
+    return sorted(names)
+
+
+def apply_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(model, lora.targets)
+    try:
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                         task_type="CAUSAL_LM", fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise InputError(f"LoRA targets {targets}: {str(e).splitlines()[0]}") from None
+
+
+def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str = "teacher", student: str = "student") -> int:
+    """Teacher and student must share a tokenizer. Embedding sizes may differ (padded vocabularies,
+    e.g. 151936 vs 152064): what counts is the tokenizer. Returns the shared vocabulary size."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = sorted(set(tv) - set(sv), key=lambda t: tv[t])[:3]
+        only_s = sorted(set(sv) - set(tv), key=lambda t: sv[t])[:3]
+        moved = [t for t in set(tv) & set(sv) if tv[t] != sv[t]][:3]
+        parts = [f"{teacher} has {len(tv)} tokens, {student} has {len(sv)}"]
+        if only_t:
+            parts.append(f"only in {teacher}: {only_t}")
+        if only_s:
+            parts.append(f"only in {student}: {only_s}")
+        if moved:
+            parts.append(f"different ids for {moved}")
+        raise InputError("teacher and student tokenizers differ (" + "; ".join(parts) +
+                         "); MiniLLM needs a shared vocabulary")
+    if teacher_tok.eos_token_id != student_tok.eos_token_id:
+        raise InputError(f"teacher and student use different EOS ids ({teacher_tok.eos_token_id} vs "
+                         f"{student_tok.eos_token_id})")
+    return len(student_tok)
+
+
+def save_pretrained(model, tokenizer, out: str | Path, *, merge_lora: bool = True) -> None:
+    """Save an ordinary Hugging Face folder (safetensors). LoRA students are merged unless asked not to."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if hasattr(model, "peft_config") and merge_lora:
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

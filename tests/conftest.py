@@ -1,0 +1,54 @@
+"""Shared fixtures: a local tokenizer and tiny GPT-2 teacher/student folders, made once per session.
+Nothing comes from the Hub (HF_HUB_OFFLINE is forced here as well as in CI)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nName a red fruit.\n\n### Response:\nApple",
+    "### Input:\nThe sky is blue.\n\n### Response:\nThe sky is blue because of Rayleigh scattering.",
+    "When did Virgin Australia start operating? It commenced services on 31 August 2000.",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - = ?",
+    "Which is a species of fish? Tope or Rope. Tope. Why can camels survive for long without water?",
+] * 4
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A folder with `tokenizer/`, `teacher/` (4 layers, 64 wide) and `student/` (1 layer, 32 wide)."""
+    from minillm_cli.toy.tiny import make_gpt2, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = train_bpe_tokenizer(CORPUS, root / "tokenizer", vocab_size=384)
+    make_gpt2(tok, root / "teacher", n_layer=2, n_embd=64, n_head=2, seed=1)
+    make_gpt2(tok, root / "student", n_layer=1, n_embd=32, n_head=2, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dolly_like(tmp_path_factory) -> Path:
+    """A small Dolly-layout file (instruction/context/response/category)."""
+    rows = []
+    for i in range(40):
+        rows.append({
+            "instruction": f"Name item number {i} of the list.",
+            "context": "The list is: apple, pear, plum." if i % 3 == 0 else "",
+            "response": f"Item {i} is an apple." if i % 2 else "A pear.",
+            "category": "open_qa",
+        })
+    return write_jsonl(tmp_path_factory.mktemp("data") / "dolly.jsonl", rows)

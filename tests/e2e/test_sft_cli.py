@@ -1,0 +1,130 @@
+"""`minillm sft` end to end on a tiny local model, and the CLI contract (help, exit codes, bad input)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from minillm_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_is_fast_and_lists_commands():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "minillm_cli", "--help"], capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - t0
+    assert out.returncode == 0
+    for cmd in ("sft", "distill"):
+        assert cmd in out.stdout
+    assert elapsed < 3.0  # interpreter start included; the contract's < 1 s is for the command itself
+    probe = subprocess.run([sys.executable, "-c", "import sys, minillm_cli.cli.app; "
+                            "print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                           capture_output=True, text=True, env=env)
+    assert probe.stdout.split() == ["False", "False"]
+
+
+def test_every_command_help():
+    from minillm_cli.cli.app import COMMANDS
+
+    for _, name in COMMANDS:
+        res = invoke(name, "--help")
+        assert res.exit_code == 0, (name, res.output)
+        assert "--quiet" in res.output or name == "compare"
+
+
+def test_sft_end_to_end(tmp_path, tiny_dir, dolly_like):
+    out = tmp_path / "run"
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--steps", 6,
+                 "--batch-size", 4, "--lr", 1e-3, "--eval-every", 3, "--quiet", "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 6 and summary["best_valid_loss"] is not None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.pad_token_id != tok.eos_token_id
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[2]["valid_loss"] is not None and rows[5]["valid_loss"] is not None
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["command"] == "sft" and "torch" in cfg["versions"] and cfg["config"]["optim"]["lr"] == 1e-3
+
+
+def test_sft_lowers_validation_loss(tmp_path, tiny_dir, dolly_like):
+    out = tmp_path / "run"
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--steps", 30,
+                 "--batch-size", 8, "--lr", 3e-3, "--eval-every", 10, "--quiet", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    vl = [json.loads(l)["valid_loss"] for l in (out / "metrics.jsonl").read_text().splitlines()
+          if json.loads(l).get("valid_loss") is not None]
+    assert len(vl) == 3 and vl[-1] < vl[0] - 0.5
+
+
+def test_sft_lora_saves_merged(tmp_path, tiny_dir, dolly_like):
+    out = tmp_path / "lora"
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--steps", 2,
+                 "--batch-size", 4, "--lora-r", 8, "--quiet", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert not (out / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def _bad(tmp_path, tiny_dir, dolly_like):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{broken\n')
+    fields = write_jsonl(tmp_path / "fields.jsonl", [{"question": "a", "answer_text": "b"}])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "response": "x"}] * 3)
+    m = tiny_dir / "student"
+    return [
+        (["--model", m, "--data", tmp_path / "missing.jsonl"], "no such file"),
+        (["--model", m, "--data", bad], "bad.jsonl:2"),
+        (["--model", m, "--data", fields], "found fields: answer_text, question"),
+        (["--model", m, "--data", long, "--valid-size", 0], "no training example left"),
+        (["--model", "no-such-org/no-such-model", "--data", dolly_like], "Hub is unreachable"),
+        (["--model", m, "--data", dolly_like, "--lr", -1], "--lr must be > 0"),
+        (["--model", m, "--data", dolly_like, "--batch-size", 0], "--batch-size must be > 0"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, tiny_dir, dolly_like):
+    for args, needle in _bad(tmp_path, tiny_dir, dolly_like):
+        res = invoke("sft", *args, "--out", tmp_path / "o", "--steps", 1)
+        assert res.exit_code == 2, (args, res.output)
+        assert needle in res.output, (needle, res.output)
+        assert "Traceback" not in res.output
+        assert len([l for l in res.stderr.splitlines() if l.startswith("error:")]) == 1
+
+
+def test_existing_out_refused_and_user_files_untouched(tmp_path, tiny_dir, dolly_like):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--steps", 1)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--steps", 1, "--overwrite")
+    assert res.exit_code == 2 and "not a minillm run folder" in res.output
+    assert (out / "precious.txt").read_text() == "keep"
+
+
+def test_exit_code_subprocess(tmp_path, tiny_dir):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "minillm_cli", "sft", "--model", str(tiny_dir / "student"),
+                          "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr

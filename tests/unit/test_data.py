@@ -1,0 +1,175 @@
+"""Data layer: every field layout, the template, splits, the loss mask, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from minillm_cli.data.examples import load_examples
+from minillm_cli.data.splits import split_examples
+from minillm_cli.data.template import DOLLY_NO_INPUT, DOLLY_WITH_INPUT, render_prompt
+from minillm_cli.data.tokenize import collate_sft, encode_prompts, encode_sft, left_pad
+from minillm_cli.errors import InputError
+
+
+@pytest.mark.parametrize("row, instruction, inp, refs", [
+    ({"instruction": "I", "context": "C", "response": "R", "category": "x"}, "I", "C", ["R"]),  # Dolly
+    ({"instruction": "I", "input": "C", "output": "R"}, "I", "C", ["R"]),  # Alpaca
+    ({"instruction": "I", "input": "", "output": ["R1", "R2"]}, "I", "", ["R1", "R2"]),  # MiniLLM, several outputs
+    ({"prompt": "P", "output": ["R"]}, "P", "", ["R"]),  # MiniLLM prompt/output
+    ({"prompt": "P", "response": "R"}, "P", "", ["R"]),  # prompt/response
+    ({"prompt": "P", "completion": "R"}, "P", "", ["R"]),
+    ({"question_id": 1, "category": "generic", "turns": ["Q"]}, "Q", "", []),  # Vicuna
+])
+def test_layouts(tmp_path, row, instruction, inp, refs):
+    ex = load_examples(str(write_jsonl(tmp_path / "d.jsonl", [row])))
+    assert len(ex) == 1
+    assert (ex[0].instruction, ex[0].input, ex[0].references) == (instruction, inp, refs)
+
+
+def test_self_instruct_one_example_per_instance(tmp_path):
+    row = {"id": "t", "instruction": "I", "instances": [{"input": "a", "output": "A"}, {"input": "b", "output": "B"}]}
+    ex = load_examples(str(write_jsonl(tmp_path / "s.jsonl", [row])))
+    assert [(e.input, e.references) for e in ex] == [("a", ["A"]), ("b", ["B"])]
+
+
+def test_json_csv_parquet(tmp_path):
+    rows = [{"instruction": f"I{i}", "context": "", "response": f"R{i}"} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    import csv
+
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for suffix in ("json", "csv", "parquet"):
+        ex = load_examples(str(tmp_path / f"d.{suffix}"))
+        assert [e.instruction for e in ex] == ["I0", "I1", "I2"], suffix
+        assert ex[2].references == ["R2"]
+
+
+def test_field_overrides(tmp_path):
+    p = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q", "answer_text": "A", "ctx": "C"}])
+    ex = load_examples(str(p), prompt_field="question", response_field="answer_text", input_field="ctx")
+    assert (ex[0].instruction, ex[0].input, ex[0].references) == ("Q", "C", ["A"])
+
+
+def test_limit(tmp_path, dolly_like):
+    assert len(load_examples(str(dolly_like), limit=5)) == 5
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ('{"instruction": "a", "response": "b"}\n{broken\n', r"d\.jsonl:2: malformed JSON"),
+    ('{"question": "a", "answer_text": "b"}\n', r"found fields: answer_text, question.*--prompt-field"),
+    ("", r"no examples"),
+    ('[1, 2]\n', r"d\.jsonl:1: expected a JSON object"),
+])
+def test_bad_files(tmp_path, content, pattern):
+    p = tmp_path / "d.jsonl"
+    p.write_text(content)
+    with pytest.raises(InputError, match=pattern):
+        load_examples(str(p))
+
+
+def test_missing_file_and_unknown_alias(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_examples(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(InputError, match="not a known alias"):
+        load_examples("nonsense")
+
+
+def test_override_naming_a_missing_field(tmp_path):
+    p = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q"}])
+    with pytest.raises(InputError, match="answer not found; found: question"):
+        load_examples(str(p), prompt_field="question", response_field="answer")
+
+
+def test_dolly_template_exact():
+    from minillm_cli.data.examples import Example
+
+    assert render_prompt(Example("Do X.")) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nDo X.\n\n### Response:\n")
+    with_input = render_prompt(Example("Do X.", "Some context"))
+    assert with_input == DOLLY_WITH_INPUT.format(instruction="Do X.", input="Some context")
+    assert ", paired with an input that provides further context" in with_input
+    assert "### Input:\nSome context\n\n### Response:\n" in with_input
+    assert DOLLY_NO_INPUT.endswith("### Response:\n")
+
+
+def test_splits_deterministic_disjoint_and_sized():
+    items = list(range(100))
+    a = split_examples(items, valid_size=0.1, test_size=5, seed=3)
+    b = split_examples(items, valid_size=0.1, test_size=5, seed=3)
+    c = split_examples(items, valid_size=0.1, test_size=5, seed=4)
+    assert a == b and a["valid"] != c["valid"]
+    assert (len(a["train"]), len(a["valid"]), len(a["test"])) == (85, 10, 5)
+    assert set(a["train"]) | set(a["valid"]) | set(a["test"]) == set(items)
+    assert not (set(a["train"]) & set(a["valid"])) and not (set(a["valid"]) & set(a["test"]))
+    with pytest.raises(InputError):
+        split_examples(items[:3], valid_size=2, test_size=1)
+
+
+def test_loss_mask_exact(tiny_dir):
+    """Exactly the response tokens and EOS carry loss; prompt and padding never do; EOS != pad."""
+    from minillm_cli.data.examples import Example
+    from minillm_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir / "student"))
+    assert tok.pad_token_id != tok.eos_token_id
+    exs = [Example("Name a red fruit.", "", ["Apple"]), Example("Say more words here please.", "ctx", ["A pear and a plum"])]
+    enc, dropped = encode_sft(tok, exs, "dolly", 256, 512)
+    assert dropped == 0
+    batch = collate_sft(enc, tok.pad_token_id)
+    for b, (e, ex) in enumerate(zip(enc, exs)):
+        prompt = tok(render_prompt(ex))["input_ids"]
+        response = tok(ex.references[0], add_special_tokens=False)["input_ids"]
+        assert e.input_ids == prompt + response + [tok.eos_token_id]
+        L = batch["input_ids"].shape[1]
+        expected = [False] * len(prompt) + [True] * (len(response) + 1) + [False] * (L - len(e.input_ids))
+        assert batch["loss_mask"][b].tolist() == expected
+        assert batch["attention_mask"][b].tolist() == [1] * len(e.input_ids) + [0] * (L - len(e.input_ids))
+        eos_pos = len(e.input_ids) - 1
+        assert batch["input_ids"][b, eos_pos] == tok.eos_token_id and batch["loss_mask"][b, eos_pos]
+        assert (batch["input_ids"][b, len(e.input_ids):] == tok.pad_token_id).all()
+
+
+def test_long_prompts_dropped_and_truncation_loses_eos(tiny_dir):
+    from minillm_cli.data.examples import Example
+    from minillm_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir / "student"))
+    exs = [Example("short"), Example("word " * 400)]
+    exs[0].references = ["x " * 50]
+    exs[1].references = ["y"]
+    prompts, kept, dropped = encode_prompts(tok, exs, "dolly", 64)
+    assert kept == [0] and dropped == 1
+    enc, dropped = encode_sft(tok, exs, "dolly", 64, 70)
+    assert dropped == 1 and len(enc[0].input_ids) == 70
+    assert enc[0].input_ids[-1] != tok.eos_token_id  # cut text is not taught to stop
+
+
+def test_left_pad():
+    ids, att = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert att.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_shared_data_files_load_without_flags():
+    """The real files users bring (only when ../shared is present)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    if not root.is_dir():
+        pytest.skip("no ../shared/data in this checkout")
+    dolly = load_examples(str(root / "dolly-sample.jsonl"))
+    selfinst = load_examples(str(root / "selfinst-user-oriented.jsonl"))
+    vicuna = load_examples(str(root / "vicuna-80.jsonl"))
+    assert len(dolly) == 540 and all(e.references for e in dolly)
+    assert len(selfinst) >= 252 and all(e.references for e in selfinst)
+    assert len(vicuna) == 80 and not any(e.references for e in vicuna)

@@ -1,0 +1,221 @@
+"""losses.py against brute-force float64 references; chunked == unchunked; memory bounded."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minillm_cli.engine import losses as L
+
+B, T, V, VPAD = 3, 7, 11, 13  # logits are wider than the vocabulary (padded embeddings)
+
+
+def _inputs(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(B, T, VPAD, generator=g, dtype=dtype) * 2).requires_grad_()
+    t = torch.randn(B, T, VPAD, generator=g, dtype=dtype) * 2
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lengths = [7, 4, 1]  # right padded, EOS included in the counted positions
+    mask = torch.tensor([[i < n for i in range(T)] for n in lengths])
+    targets[~mask] = V + 1  # a padding id outside the vocabulary: must never matter
+    weights = torch.rand(B, T, generator=g, dtype=dtype) * 2
+    return s, t, targets, mask, weights
+
+
+def _logsoftmax_ref(row):  # list of floats -> list, pure python float64
+    m = max(row)
+    z = m + math.log(sum(math.exp(x - m) for x in row))
+    return [x - z for x in row]
+
+
+def _ref_token_logprobs(logits, targets):
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            ls = _logsoftmax_ref(logits[b, t, :V].tolist())
+            out[b, t] = ls[min(int(targets[b, t]), V - 1)]
+    return out
+
+
+def _ref_kl(a, b_):  # KL(softmax a || softmax b) over the vocabulary, per position
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            la, lb = _logsoftmax_ref(a[b, t, :V].tolist()), _logsoftmax_ref(b_[b, t, :V].tolist())
+            out[b, t] = sum(math.exp(x) * (x - y) for x, y in zip(la, lb))
+    return out
+
+
+def test_token_logprobs_matches_reference_and_chunking():
+    s, _, targets, mask, _ = _inputs()
+    ref = _ref_token_logprobs(s.detach(), targets)
+    for chunk in (None, 1, 3, 100):
+        got = L.token_logprobs(s, targets, V, chunk_size=chunk)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got[mask], ref[mask], rtol=0, atol=1e-12)
+    g1, = torch.autograd.grad(L.token_logprobs(s, targets, V, None)[mask].sum(), s)
+    g2, = torch.autograd.grad(L.token_logprobs(s, targets, V, 2)[mask].sum(), s)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)
+    assert g1[..., V:].abs().max() == 0  # padded logits columns never enter
+
+
+def test_token_logprobs_low_precision_computes_in_float32():
+    s, _, targets, mask, _ = _inputs()
+    got = L.token_logprobs(s.detach().to(torch.bfloat16), targets, V, chunk_size=2)
+    assert got.dtype == torch.float32
+    ref = _ref_token_logprobs(s.detach().to(torch.bfloat16).double(), targets)
+    torch.testing.assert_close(got.double()[mask], ref[mask], rtol=0, atol=1e-5)
+
+
+def test_lm_loss_sum_over_mask_divided_by_normalizer():
+    s, _, targets, mask, _ = _inputs()
+    ref = -_ref_token_logprobs(s.detach(), targets)[mask].sum() / 5.0
+    got = L.lm_loss(s, targets, mask, 5.0, V, chunk_size=3)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # padding positions never count: scrambling their logits changes nothing
+    s2 = s.detach().clone()
+    s2[~mask] = 1e3 * torch.randn_like(s2[~mask])
+    torch.testing.assert_close(L.lm_loss(s2, targets, mask, 5.0, V), got.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_reverse_kl_matches_reference(use_weights):
+    s, t, _, mask, w = _inputs(1)
+    weights = w if use_weights else None
+    kl = _ref_kl(s.detach(), t)
+    coef = mask.double() * (w if use_weights else 1.0)
+    ref = (kl * coef).sum() / 4.0
+    for chunk in (None, 1, 2, 5):
+        got = L.reverse_kl(s, t, mask, 4.0, V, weights=weights, chunk_size=chunk)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_reverse_kl_gradient_chunked_equals_unchunked_and_brute_force():
+    s, t, _, mask, w = _inputs(2)
+    t = t.clone().requires_grad_()
+    g_full = torch.autograd.grad(L.reverse_kl(s, t, mask, 3.0, V, weights=w, chunk_size=None),
+                                 [s], retain_graph=False)[0]
+    loss_c = L.reverse_kl(s, t, mask, 3.0, V, weights=w, chunk_size=2)
+    g_chunk, = torch.autograd.grad(loss_c, [s])
+    torch.testing.assert_close(g_full, g_chunk, rtol=0, atol=1e-12)
+    # brute force: direct float64 formula, autograd
+    q = torch.log_softmax(s[..., :V], -1)
+    p = torch.log_softmax(t.detach()[..., :V], -1)
+    direct = ((q.exp() * (q - p)).sum(-1) * mask * w).sum() / 3.0
+    g_ref, = torch.autograd.grad(direct, [s])
+    torch.testing.assert_close(g_chunk, g_ref, rtol=0, atol=1e-12)
+
+
+def test_teacher_never_receives_gradient():
+    s, t, targets, mask, _ = _inputs(3)
+    t = t.clone().requires_grad_()
+    for fn in (lambda: L.reverse_kl(s, t, mask, 1.0, V, chunk_size=2),
+               lambda: L.forward_kl(s, t, mask, 1.0, V, chunk_size=2),
+               lambda: L.kd_loss(s, t, targets, mask, 1.0, V, kd_ratio=0.5, chunk_size=2)):
+        grads = torch.autograd.grad(fn(), [s, t], allow_unused=True)
+        assert grads[0] is not None and grads[1] is None
+
+
+def test_forward_kl_and_kd_loss():
+    s, t, targets, mask, _ = _inputs(4)
+    fkl_ref = (_ref_kl(t, s.detach()) * mask).sum() / 6.0
+    for chunk in (None, 3):
+        torch.testing.assert_close(L.forward_kl(s, t, mask, 6.0, V, chunk_size=chunk), fkl_ref,
+                                   rtol=0, atol=1e-12)
+    ce_ref = -_ref_token_logprobs(s.detach(), targets)[mask].sum() / 6.0
+    for ratio in (0.0, 0.3, 1.0):
+        got = L.kd_loss(s, t, targets, mask, 6.0, V, kd_ratio=ratio, chunk_size=2)
+        torch.testing.assert_close(got, (1 - ratio) * ce_ref + ratio * fkl_ref, rtol=0, atol=1e-12)
+    # KL of a distribution with itself is 0 (both directions), and only the vocabulary counts
+    same = t.clone()
+    same[..., V:] = 50.0
+    assert abs(float(L.forward_kl(t, same, mask, 1.0, V))) < 1e-12
+    assert abs(float(L.reverse_kl(t, same, mask, 1.0, V))) < 1e-12
+
+
+def _ref_pg(new, old, adv, w, mask, eps, normalizer):
+    total, hits = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            rho = math.exp(new[b][t] - old[b][t]) * w[b][t]
+            un = -adv[b][t] * rho
+            if eps:
+                cl = -adv[b][t] * min(max(rho, 1 - eps), 1 + eps)
+                total += max(un, cl)
+                hits += cl > un
+            else:
+                total += un
+    return total / normalizer, hits / int(mask.sum())
+
+
+@pytest.mark.parametrize("eps", [0.2, None])
+def test_policy_gradient_loss_matches_reference(eps):
+    g = torch.Generator().manual_seed(5)
+    new = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    old = new.detach() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    w = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    _, _, _, mask, _ = _inputs()
+    new_pad = new.detach().clone()
+    new_pad[~mask] = 80.0  # exp(80 - old) would overflow a sum if padding were not masked first
+    new2 = new_pad.requires_grad_()
+    loss, stats = L.policy_gradient_loss(new2, old, adv, w, mask, eps, 7.0)
+    ref, clip_frac = _ref_pg(new.detach().tolist(), old.tolist(), adv.tolist(), w.tolist(), mask,
+                             eps, 7.0)
+    assert math.isfinite(float(loss.detach()))
+    assert abs(float(loss.detach()) - ref) < 1e-12
+    assert abs(float(stats["clip_frac"]) - clip_frac) < 1e-12
+    if eps:
+        assert 0 < clip_frac < 1  # the test data exercises both branches
+    grad, = torch.autograd.grad(loss, [new2])
+    assert grad[~mask].abs().max() == 0
+    rho = (new.detach() - old).exp() * w
+    expected = -adv * rho / 7.0 * mask
+    if eps:  # where the clipped branch is taken the gradient is 0
+        cl = -adv * rho.clamp(1 - eps, 1 + eps)
+        expected = torch.where(cl > -adv * rho, torch.zeros_like(expected), expected)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+
+
+def test_policy_gradient_first_step_gradient_is_weighted_score_function():
+    """At logp_new == logp_old and w inside [1-eps, 1+eps]: grad = -A w grad(logp) / normalizer."""
+    _, _, _, mask, _ = _inputs()
+    logp = torch.randn(B, T, dtype=torch.float64).requires_grad_()
+    adv = torch.randn(B, T, dtype=torch.float64)
+    w = 1 + 0.1 * torch.rand(B, T, dtype=torch.float64)
+    loss, stats = L.policy_gradient_loss(logp, logp.detach(), adv, w, mask, 0.2, 2.0)
+    grad, = torch.autograd.grad(loss, [logp])
+    torch.testing.assert_close(grad, -adv * w * mask / 2.0, rtol=0, atol=1e-14)
+    assert float(stats["ratio_mean"]) == 1.0 and float(stats["clip_frac"]) == 0.0
+
+
+def _saved_numel(fn) -> int:
+    """Total elements autograd keeps for backward while building the graph of fn()."""
+    total = 0
+
+    def pack(x):
+        nonlocal total
+        total += x.numel()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return total
+
+
+def test_chunking_bounds_saved_memory():
+    Bm, Tm, Vm = 2, 64, 500
+    s = torch.randn(Bm, Tm, Vm, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(Bm, Tm, Vm, dtype=torch.bfloat16)
+    mask = torch.ones(Bm, Tm, dtype=torch.bool)
+    targets = torch.randint(0, Vm, (Bm, Tm))
+    full = s.numel()
+    un = _saved_numel(lambda: L.reverse_kl(s, t, mask, 1.0, Vm, chunk_size=None))
+    ch = _saved_numel(lambda: L.reverse_kl(s, t, mask, 1.0, Vm, chunk_size=8))
+    assert un >= 3 * full  # float32 log-softmaxes of both models (and more) kept whole
+    assert ch <= 2.5 * full  # only the chunks' inputs (views of logits that exist anyway)
+    ch_lp = _saved_numel(lambda: L.token_logprobs(s, targets, Vm, chunk_size=8))
+    assert ch_lp <= 1.5 * full
