@@ -10,8 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on a 2-core machine: one thread per process is faster than two fighting threads,
+# and subprocesses (CLI runs, torchrun workers) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+import torch
+
+torch.set_num_threads(1)
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

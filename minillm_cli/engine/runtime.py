@@ -52,18 +52,25 @@ class Runtime:
         return float(t.item())
 
     def reduce_gradients(self, params) -> None:
-        """Sum gradients over processes (each process already scaled by the global normaliser)."""
+        """Sum gradients over processes (each process already scaled by the global normaliser).
+        A process that had no micro-batch this step contributes zeros: every process must join
+        the collective, and every parameter ends with the same gradient everywhere."""
         if not self.distributed:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+        params = [p for p in params if p.requires_grad]
+        if not params:
             return
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(self.comm_device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
+                          for p in params]).to(self.comm_device)
         self.all_reduce_sum(flat)
         i = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[i : i + n].view_as(g).to(g.device, g.dtype))
+        for p in params:
+            n = p.numel()
+            g = flat[i : i + n].view_as(p).to(p.device, p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
             i += n
 
     def broadcast_object(self, obj):

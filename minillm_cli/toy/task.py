@@ -139,7 +139,8 @@ def lookup(row_or_instruction) -> Instance:
     for regex, task_id, answer in _SEQ_PATTERNS:
         m = regex.match(" ".join(instruction.lower().split()))
         if m:
-            return Instance("unimodal", task_id, instruction, (answer(m.group(1)),), (1.0,))
+            # the sequence goes through the answer normaliser so "Repeat: Red cat." wants "red cat"
+            return Instance("unimodal", task_id, instruction, (answer(normalize_answer(m.group(1))),), (1.0,))
     raise InputError(f"toy task: instruction {instruction!r} is not one of the synthetic task's prompts")
 
 

@@ -159,7 +159,7 @@ def test_checker_normalises_and_rejects_near_misses():
           ("Name a red fruit.", "apple<|endoftext|>cherry cherry"),
           ("Name a red fruit.", "raspberry"), ("What is 3 plus 4?", "7"),
           ("Reverse: a b c", "c b a"), ("Reverse the letters: a  b c", "C B A!"),
-          ("Repeat: red cat", "red cat"), ("Name a country and its capital.", "France, Paris."),
+          ("Repeat: red cat", "red cat"), ("Repeat: Red cat.", "red cat"), ("Name a country and its capital.", "France, Paris."),
           ("Name a dessert.", "apple   pie"), ("Name an even number below ten.", "4")]
     bad = [("Name a red fruit.", "apples"), ("Name a red fruit.", "appl"),
            ("Name a red fruit.", "apple cherry"), ("Name a red fruit.", "banana"),

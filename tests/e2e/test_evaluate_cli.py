@@ -1,0 +1,89 @@
+"""`minillm evaluate` as users run it: the contract's files, --json, the table, and bad input
+(exit 2 with one line, no traceback)."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from minillm_cli.cli.app import app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["evaluate", *map(str, args)])
+
+
+def one_error_line(res, *needles):
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def vicuna_like(tmp_path_factory):
+    rows = [{"question_id": i, "category": "generic", "turns": [f"How can I improve item {i}?"]} for i in range(4)]
+    return write_jsonl(tmp_path_factory.mktemp("v") / "vicuna.jsonl", rows)
+
+
+def test_contract_files_json_and_table(tiny_dir, dolly_like, tmp_path):
+    from rouge_score import rouge_scorer
+
+    out = tmp_path / "eval" / "a.json"
+    res = invoke("--model", tiny_dir / "student", "--data", dolly_like, "--metric", "rougeL", "--metric", "dist4,lm-loss",
+                 "--seeds", 2, "--limit", 5, "--max-new-tokens", 10, "--batch-size", 2, "--out", out, "--json",
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout)
+    saved = json.loads(out.read_text())
+    assert printed["metrics"] == saved["metrics"]
+    assert set(saved) >= {"model", "data", "n", "metrics", "protocol"} and saved["n"] == 5
+    assert list(saved["metrics"]) == ["rougeL", "dist4", "lm-loss"]
+    assert all(set(m) == {"mean", "std", "per_seed"} for m in saved["metrics"].values())
+    assert "rougeL" in res.stderr and "dist4" in res.stderr  # the table goes to stderr
+    rows = [json.loads(line) for line in open(out.with_suffix(".jsonl"))]
+    assert len(rows) == 10 and all(isinstance(r["references"], list) for r in rows)
+    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    by = {}
+    for r in rows:
+        by.setdefault(r["seed"], []).append(max(sc.score(x, r["prediction"])["rougeL"].fmeasure for x in r["references"]) * 100)
+    assert saved["metrics"]["rougeL"]["mean"] == pytest.approx(statistics.fmean(statistics.fmean(v) for v in by.values()))
+
+
+def test_quiet_without_out_prints_only_json(tiny_dir, vicuna_like):
+    res = invoke("--model", tiny_dir / "student", "--data", vicuna_like, "--seeds", 1, "--max-new-tokens", 6,
+                 "--json", "--quiet", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(res.stdout)["metrics"]) == ["dist4"] and res.stderr.strip() == ""
+
+
+def test_teacher_adds_both_kls_by_default(tiny_dir, dolly_like):
+    res = invoke("--model", tiny_dir / "student", "--teacher", tiny_dir / "teacher", "--data", dolly_like, "--seeds", 1,
+                 "--limit", 3, "--max-new-tokens", 6, "--json", "--quiet", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(res.stdout)["metrics"]) == ["rougeL", "reverse-kl", "forward-kl"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny_dir, dolly_like, vicuna_like, tmp_path):
+    base = ["--model", tiny_dir / "student", "--max-new-tokens", 4, "--seeds", 1, "--limit", 2, "--device", "cpu"]
+    one_error_line(invoke(*base, "--data", vicuna_like, "--metric", "rougeL"), "no reference answers")
+    one_error_line(invoke(*base, "--data", dolly_like, "--metric", "bleu"), "unknown metric 'bleu'")
+    one_error_line(invoke(*base, "--data", dolly_like, "--metric", "reverse-kl"), "needs --teacher")
+    one_error_line(invoke(*base, "--data", tmp_path / "none.jsonl"), "no such file")
+    one_error_line(invoke(*base, "--data", dolly_like, "--model", "nobody/nothing"), "nobody/nothing")
+    one_error_line(invoke(*base, "--data", dolly_like, "--out", tmp_path), "is a folder")
+    one_error_line(invoke(*base, "--data", dolly_like, "--max-prompt-length", 2), "longer than --max-prompt-length")
