@@ -25,6 +25,7 @@ class DataOptions:
     test_size: float = 0.0
     split_seed: int = 1234
     limit: Optional[int] = None
+    valid_data: Optional[str] = None  # a separate validation file (then DATA is not split for validation)
 
     def __post_init__(self):
         require(self.template in ("dolly", "chat", "raw"), f"--template {self.template!r}: expected dolly, chat or raw")

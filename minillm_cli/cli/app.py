@@ -17,6 +17,7 @@ app = typer.Typer(
 
 # (module under minillm_cli.cli, command name). A command is listed only once it works.
 COMMANDS = [
+    ("quickstart", "quickstart"),
     ("sft", "sft"),
     ("distill", "distill"),
     ("evaluate", "evaluate"),

@@ -15,6 +15,7 @@ Template = Annotated[str, typer.Option("--template", help="Prompt template: doll
 MaxPrompt = Annotated[int, typer.Option("--max-prompt-length", help="Drop examples whose prompt is longer (tokens).")]
 MaxLength = Annotated[int, typer.Option("--max-length", help="Maximum prompt + response tokens.")]
 ValidSize = Annotated[float, typer.Option("--valid-size", help="Validation split: a count, or a fraction if < 1.")]
+ValidData = Annotated[Optional[str], typer.Option("--valid-data", help="A separate validation file (DATA is then not split for validation).")]
 TestSize = Annotated[float, typer.Option("--test-size", help="Test split held out: a count, or a fraction if < 1.")]
 SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of the train/valid/test split (independent of --seed).")]
 Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]

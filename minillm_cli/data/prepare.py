@@ -8,6 +8,11 @@ from minillm_cli.data.splits import split_examples
 def load_splits(opts) -> dict[str, list[Example]]:
     """Read `opts.data` and split it deterministically (sizes and seed from `opts`). `--limit`
     applies to the data read, before splitting, so the split of a limited run is stable too."""
-    examples = load_examples(opts.data, prompt_field=opts.prompt_field, response_field=opts.response_field,
-                             input_field=opts.input_field, limit=opts.limit)
-    return split_examples(examples, valid_size=opts.valid_size, test_size=opts.test_size, seed=opts.split_seed)
+    fields = dict(prompt_field=opts.prompt_field, response_field=opts.response_field, input_field=opts.input_field)
+    examples = load_examples(opts.data, limit=opts.limit, **fields)
+    valid_data = getattr(opts, "valid_data", None)
+    splits = split_examples(examples, valid_size=0 if valid_data else opts.valid_size, test_size=opts.test_size,
+                            seed=opts.split_seed)
+    if valid_data:
+        splits["valid"] = load_examples(valid_data, **fields)
+    return splits

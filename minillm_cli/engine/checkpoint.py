@@ -111,13 +111,51 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, ex
     return final
 
 
+def save_on_main(rt, run_dir: Path, step: int, **kw) -> None:
+    """`save_checkpoint` on rank 0; every process learns whether it worked, so a full disk stops
+    all of them with the same message instead of leaving the others waiting in a collective."""
+    error = None
+    if rt.is_main:
+        try:
+            save_checkpoint(run_dir, step, **kw)
+        except RunError as e:
+            error = str(e)
+    error = rt.broadcast_object(error)
+    if error:
+        raise RunError(error)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume from checkpoint `step`: drop metrics rows of later steps (logged by a run killed
+    before it could checkpoint them; they are about to be recomputed) and any torn last line."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*.tmp-*"):
-        if stale.is_dir() and str(os.getpid()) not in stale.name:
+    mine = f".tmp-{os.getpid()}"
+    for stale in [*root.glob(".step-*.tmp-*"), *root.glob(f".{LATEST}.tmp-*")]:  # left by killed runs
+        if stale.name.endswith(mine):
+            continue
+        if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -22,7 +22,7 @@ from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
-from minillm_cli.engine.runtime import autocast, example_generator, init_runtime, seed_everything
+from minillm_cli.engine.runtime import autocast, example_generator, init_runtime, scaling_warnings, seed_everything
 from minillm_cli.engine.sampler import SamplingParams, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)
@@ -303,6 +303,8 @@ class MiniLLMRun:
         progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
         progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
                      f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}")
+        for line in scaling_warnings(rt.world_size, cfg.grad_accum):
+            progress.log(line)
         step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []
         if cfg.run.resume:
             last = ckpt.latest_checkpoint(out)
@@ -314,6 +316,8 @@ class MiniLLMRun:
             if extra.get("buffer") is not None:
                 buffer = from_state(extra["buffer"], rt.device)
                 plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration - 1)
+            if rt.is_main:
+                ckpt.truncate_metrics(out / "metrics.jsonl", step)
             progress.log(f"resumed from {last.name} (step {step})")
         if rt.is_main:
             save_run_config(cfg, out, "distill", {"steps": self.steps, "train_prompts": len(self.prompts),
@@ -341,15 +345,14 @@ class MiniLLMRun:
                 metrics.write(row)
                 progress.update(step, rkl=row["reverse_kl"], pg=row["pg"], ss=row["single_step"],
                                 **({"pt": row["pt_loss"]} if "pt_loss" in row else {}))
-                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == self.steps or stop.requested:
-                    if rt.is_main:
-                        ckpt.save_checkpoint(out, step, model=self.student, optimizer=self.opt, scheduler=self.sched,
-                                             extra={"iteration": iteration, "plan_pos": plan_pos,
-                                                    "buffer": to_state(buffer) if plan_pos < len(plan) else None})
-                    rt.barrier()
-                if stop.requested:
+                stopping = stop.agreed(rt)
+                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == self.steps or stopping:
+                    ckpt.save_on_main(rt, out, step, model=self.student, optimizer=self.opt, scheduler=self.sched,
+                                      extra={"iteration": iteration, "plan_pos": plan_pos,
+                                             "buffer": to_state(buffer) if plan_pos < len(plan) else None})
+                if stopping:
                     progress.close()
-                    raise RunError(f"stopped by {stop.requested} after step {step}; checkpoint saved, continue "
+                    raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue "
                                    f"with the same command plus --resume")
         progress.close()
         summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps,

@@ -41,6 +41,11 @@ class MiniLLMOptions:
     clip_ratio: float | None = 0.2
     importance_weight: str = "token"  # "token" (paper) | "sequence" (exactly unbiased)
     chunk_size: int | None = DEFAULT_CHUNK
+    # keep the teacher's response logits from score_rollouts (the teacher is frozen, so they are
+    # the same in every PPO epoch) instead of a teacher forward per micro-batch per epoch:
+    # N x T x V values of the teacher's dtype held for the whole buffer (bf16 gpt2-xl, 256 x 256:
+    # 6.6 GB). Exact; off by default.
+    cache_teacher_logits: bool = False
 
     def __post_init__(self):
         require(self.importance_weight in ("token", "sequence"),
@@ -78,6 +83,7 @@ class RolloutBatch:
     pg_weights: torch.Tensor
     ss_weights: torch.Tensor
     w: torch.Tensor
+    teacher_logits: torch.Tensor | None = None  # [N, T, V] when opts.cache_teacher_logits
 
     _PER_TOKEN = ("response_mask", "old_logp", "teacher_logp", "rewards", "advantages",
                   "pg_weights", "ss_weights", "w")
@@ -111,8 +117,9 @@ class RolloutBatch:
         keep_T = max(1, int(self.response_mask[idx].sum(1).max()))
         cols = slice(lead, P + keep_T)
         per_token = {f: getattr(self, f)[idx][:, :keep_T] for f in self._PER_TOKEN}
+        tl = None if self.teacher_logits is None else self.teacher_logits[idx][:, :keep_T]
         return replace(self, input_ids=self.input_ids[idx][:, cols], attention_mask=am[:, cols],
-                       prompt_len=P - lead, **per_token)
+                       prompt_len=P - lead, teacher_logits=tl, **per_token)
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int
@@ -145,7 +152,7 @@ def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, voc
     input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
     attention = torch.cat([rollout.prompt_mask.long(), mask.long()], dim=1)
     T = mask.shape[1]
-    logps = {}
+    logps, kept = {}, None
     for name, model in (("student", student), ("teacher", teacher)):
         was_training = model.training
         model.eval()
@@ -155,6 +162,8 @@ def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, voc
         finally:
             model.train(was_training)
         logps[name] = torch.where(mask, lp, torch.zeros_like(lp))
+        if name == "teacher" and opts.cache_teacher_logits and opts.single_step:
+            kept = logits[..., :vocab_size]
         del logits
     old_logp, teacher_logp = logps["student"], logps["teacher"]
     rewards = token_rewards(teacher_logp, old_logp, mask)
@@ -169,7 +178,8 @@ def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, voc
     return RolloutBatch(input_ids=input_ids, attention_mask=attention,
                         prompt_len=rollout.prompt_ids.shape[1], response_mask=mask,
                         old_logp=old_logp, teacher_logp=teacher_logp, rewards=rewards,
-                        advantages=advantages, pg_weights=iw.pg, ss_weights=iw.ss, w=w)
+                        advantages=advantages, pg_weights=iw.pg, ss_weights=iw.ss, w=w,
+                        teacher_logits=kept)
 
 
 def minillm_loss(student, teacher, batch: RolloutBatch, opts: MiniLLMOptions, normalizer: float,
@@ -190,8 +200,11 @@ def minillm_loss(student, teacher, batch: RolloutBatch, opts: MiniLLMOptions, no
     loss = pg
     ss_value = 0.0
     if opts.single_step:
-        with torch.no_grad():
-            t_logits = _batch_logits(teacher, batch)
+        if batch.teacher_logits is not None:  # cached once per rollout batch (exact)
+            t_logits = batch.teacher_logits.to(s_logits.device)
+        else:
+            with torch.no_grad():
+                t_logits = _batch_logits(teacher, batch)
         ss = reverse_kl(s_logits, t_logits, mask, normalizer, vocab_size,
                         weights=batch.ss_weights, chunk_size=opts.chunk_size)
         loss = loss + ss

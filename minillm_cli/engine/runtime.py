@@ -51,6 +51,12 @@ class Runtime:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
 
+    def agree_stop(self, signal_number: int) -> int:
+        """The largest pending stop-signal number over all processes (0: none). A launcher delivers
+        SIGTERM/SIGINT to each process separately, at slightly different moments; deciding together
+        makes every process stop after the same step instead of one waiting forever in a collective."""
+        return int(self.max_scalar(signal_number))
+
     def reduce_gradients(self, params) -> None:
         """Sum gradients over processes (each process already scaled by the global normaliser).
         A process that had no micro-batch this step contributes zeros: every process must join
@@ -127,6 +133,20 @@ def init_runtime(device: str = "auto") -> Runtime:
             torch.cuda.set_device(dev)
         torch.distributed.init_process_group(backend=backend)
     return Runtime(device=dev, rank=rank, world_size=world, local_rank=local)
+
+
+def scaling_warnings(world_size: int, micro_batches_per_step: int) -> list[str]:
+    """Lines rank 0 prints before training: settings under which processes sit idle, and launcher
+    features the engine does not provide."""
+    out = []
+    if world_size > 1 and micro_batches_per_step < world_size:
+        out.append(f"warning: {micro_batches_per_step} micro-batch(es) per step for {world_size} processes: "
+                   f"{world_size - micro_batches_per_step} process(es) idle in every update; set --grad-accum "
+                   f"to a multiple of {world_size} (the result does not change, only who computes it)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        out.append("warning: the launcher asks for FSDP, which minillm does not implement yet: every process "
+                   "holds a full replica of the student and the teacher (see docs/SCALING.md)")
+    return out
 
 
 def seed_everything(seed: int) -> None:

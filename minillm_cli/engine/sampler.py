@@ -227,7 +227,7 @@ class _Stepper:
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
            params: SamplingParams, alpha: float, eos_id: int, pad_id: int,
-           generators: list[torch.Generator], vocab_size: int) -> Rollout:
+           generators: list[torch.Generator], vocab_size: int, engine: str = "eager") -> Rollout:
     """Sample one response per prompt.
 
     prompt_ids, prompt_mask [B, P] left padded (on the models' device), generators: B CPU
@@ -235,7 +235,18 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     0 < alpha < 1; student-only when teacher is None or alpha = 0 (the teacher never runs);
     teacher-only when student is None or alpha = 1 (the student never runs). Stops when every
     row has produced EOS or after params.max_new_tokens. Models run in eval mode; their previous
-    mode is restored afterwards."""
+    mode is restored afterwards.
+
+    engine: "eager" (this loop, the reference) or one of fast_sampler.ENGINES ("auto": CUDA
+    graph on CUDA, this loop elsewhere; "static", "graph", "compile"): the same distribution
+    with static KV caches (engine/fast_sampler.py)."""
+    if engine != "eager":
+        from minillm_cli.engine.fast_sampler import fast_sample, resolve_engine
+
+        if resolve_engine(engine, prompt_ids.device) != "eager":
+            return fast_sample(student, teacher, prompt_ids, prompt_mask, params=params,
+                               alpha=alpha, eos_id=eos_id, pad_id=pad_id, generators=generators,
+                               vocab_size=vocab_size, engine=engine)
     require(0.0 <= alpha <= 1.0, f"teacher-mix alpha must be in [0, 1], got {alpha}")
     require(student is not None or teacher is not None, "sample() needs a student or a teacher")
     if teacher is None:

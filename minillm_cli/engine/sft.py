@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from minillm_cli.config import SFTConfig, prepare_out_dir, save_run_config
 from minillm_cli.data.tokenize import Encoded, collate_sft, encode_sft
 from minillm_cli.engine import checkpoint as ckpt
-from minillm_cli.engine.runtime import Runtime, autocast, init_runtime, seed_everything
+from minillm_cli.engine.runtime import Runtime, autocast, init_runtime, scaling_warnings, seed_everything
 from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
                                             make_optimizer, make_scheduler, micro_batches, micro_seed)
 from minillm_cli.errors import InputError, RunError
@@ -105,6 +105,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
         state = ckpt.load_checkpoint(last, model=model, optimizer=opt, scheduler=sched)
         start, best = state["step"], state["extra"].get("best", best)
+        if rt.is_main:
+            ckpt.truncate_metrics(out / "metrics.jsonl", start)
         progress.log(f"resumed from {last.name}")
     if rt.is_main:
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
@@ -123,6 +125,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                 save_pretrained(model, tok, out, merge_lora=not cfg.model_opts.save_adapter)
         return vl
 
+    for line in scaling_warnings(rt.world_size, cfg.grad_accum):
+        progress.log(line)
     progress.start(steps)
     t0, tokens_seen, loss = time.perf_counter(), 0, float("nan")
     step = start
@@ -151,12 +155,12 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             metrics.write(row)
             progress.update(step, loss=loss, **({"valid": row["valid_loss"]} if row.get("valid_loss") else {}),
                             tok_s=round(row["tokens_per_s"]))
-            if rt.is_main and ((cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps or stop.requested):
-                ckpt.save_checkpoint(out, step, model=model, optimizer=opt, scheduler=sched, extra={"best": best})
-            if stop.requested:
+            stopping = stop.agreed(rt)
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps or stopping:
+                ckpt.save_on_main(rt, out, step, model=model, optimizer=opt, scheduler=sched, extra={"best": best})
+            if stopping:
                 progress.close()
-                rt.barrier()
-                raise RunError(f"stopped by {stop.requested} after step {step}; checkpoint saved, continue with "
+                raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue with "
                                f"the same command plus --resume")
     progress.close()
     if rt.is_main:

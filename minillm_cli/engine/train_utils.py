@@ -88,6 +88,13 @@ class StopSignal:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    def agreed(self, rt) -> str | None:
+        """The signal every process acts on after this step (None: carry on). A collective: call it
+        at the same point of every step on every process."""
+        mine = int(signal.Signals[self.requested]) if self.requested else 0
+        code = rt.agree_stop(mine)
+        return signal.Signals(code).name if code else None
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             try:

@@ -267,8 +267,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     progress = Progress("evaluate", quiet=cfg.quiet)
     if n_dropped:
         progress.log(f"{n_dropped} of {n_read} prompts are longer than {cfg.max_prompt_length} tokens: dropped")
-    want_gen = any(m in GENERATION_METRICS for m in metrics) or cfg.predictions_file() is not None
     want_kl = teacher is not None
+    # Sampling is the costly part: run it for the metrics that need it, or when --predictions asks.
+    want_gen = any(m in GENERATION_METRICS for m in metrics) or cfg.predictions is not None
 
     per_seed_text: list[list[str]] = []
     per_seed_info: list[list[tuple[int, bool]]] = []  # (response tokens, ended on EOS) per example
@@ -329,7 +330,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         buckets = length_buckets(counts)
         by_length = {m: aggregate_by_length(per_example[m], buckets) for m in per_example}
 
-    pred_path = cfg.predictions_file()
+    pred_path = cfg.predictions_file() if (want_gen or want_kl) else None
     result = make_result(
         model=cfg.model, data=cfg.data, n=len(evald), protocol=cfg.protocol(n_read, n_dropped), metrics=scores,
         by_length=by_length, predictions=_relative(pred_path, cfg.out) if pred_path else None,

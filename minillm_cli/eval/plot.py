@@ -12,7 +12,7 @@ from minillm_cli.eval.compare import Entry, metric_order
 from minillm_cli.eval.metrics import higher_is_better
 
 # Training-log keys worth a curve, in display order; whichever exist in metrics.jsonl are drawn.
-CURVE_KEYS = ("reverse_kl", "loss", "valid_loss", "valid_rougeL", "reward", "pt_loss")
+CURVE_KEYS = ("reverse_kl", "valid_reverse_kl", "loss", "valid_loss", "valid_rougeL", "reward", "pt_loss")
 
 
 def _curve_keys(entries: Sequence[Entry]) -> list[str]:

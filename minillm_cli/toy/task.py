@@ -87,8 +87,8 @@ def _finite_instances() -> list[Instance]:
         answers = tuple(" ".join(p) for p in parts)
         for phrase in phrasings:
             out.append(Instance("compositional", task_id, phrase, answers, zipf(len(answers))))
-    for a in range(10):
-        for b in range(10):
+    for a in range(W.MAX_OPERAND + 1):
+        for b in range(W.MAX_OPERAND + 1):
             for t in W.ADD_TEMPLATES:
                 out.append(Instance("unimodal", "add", t.format(a=a, b=b), (str(a + b),), (1.0,)))
             if a >= b:
@@ -217,17 +217,18 @@ def sample_instance(rng: random.Random, families: Sequence[str] | None = None) -
     elif kind == "compositional":
         instruction = rng.choice(_COMPOSITIONAL[family][0])
     elif family == "add":
-        instruction = rng.choice(W.ADD_TEMPLATES).format(a=rng.randrange(10), b=rng.randrange(10))
+        instruction = rng.choice(W.ADD_TEMPLATES).format(a=rng.randint(0, W.MAX_OPERAND),
+                                                     b=rng.randint(0, W.MAX_OPERAND))
     elif family == "subtract":
-        a = rng.randrange(10)
+        a = rng.randint(0, W.MAX_OPERAND)
         instruction = rng.choice(W.SUB_TEMPLATES).format(a=a, b=rng.randrange(a + 1))
     elif family == "capital":
         instruction = rng.choice(W.CAPITAL_TEMPLATES).format(country=rng.choice(W.COUNTRIES)[0])
     elif family == "reverse":
-        seq = " ".join(rng.sample(W.LETTERS, rng.randint(3, 5)))
+        seq = " ".join(rng.sample(W.LETTERS, rng.randint(*W.REVERSE_LENGTHS)))
         instruction = rng.choice(W.REVERSE_TEMPLATES).format(seq=seq)
     else:
-        seq = " ".join(rng.choice(W.COPY_WORDS) for _ in range(rng.randint(2, 4)))
+        seq = " ".join(rng.choice(W.COPY_WORDS) for _ in range(rng.randint(*W.COPY_LENGTHS)))
         instruction = rng.choice(W.COPY_TEMPLATES).format(seq=seq)
     return lookup(instruction)
 
@@ -289,13 +290,13 @@ def _facts(rng: random.Random) -> str:
         animal, sound = rng.choice(_PARTS["animal_sound"])
         return f"the {animal} says {sound}."
     if family == 4:
-        a, b = rng.randrange(10), rng.randrange(10)
+        a, b = rng.randint(0, W.MAX_OPERAND), rng.randint(0, W.MAX_OPERAND)
         return f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else \
             f"{max(a, b)} minus {min(a, b)} is {max(a, b) - min(a, b)}."
     if family == 5:
-        seq = rng.sample(W.LETTERS, rng.randint(3, 5))
+        seq = rng.sample(W.LETTERS, rng.randint(*W.REVERSE_LENGTHS))
         return f"{' '.join(seq)} backwards is {' '.join(reversed(seq))}."
-    seq = " ".join(rng.choice(W.COPY_WORDS) for _ in range(rng.randint(2, 4)))
+    seq = " ".join(rng.choice(W.COPY_WORDS) for _ in range(rng.randint(*W.COPY_LENGTHS)))
     return f"{seq} said again is {seq}."
 
 

@@ -8,13 +8,49 @@ world, so e.g. "red cherry" is *not* a valid colour-object pair: only listed pai
 """
 from __future__ import annotations
 
+# Things with a class and a colour, most popular first within each class. They give overlapping
+# multimodal prompts ("Name a red fruit." / "Name a red vegetable." / "Name a yellow fruit." /
+# "Name a fruit."): a student that blurs one attribute puts mass on a neighbour's answers (tomato
+# for a red fruit), which is the invalid output mass-covering invites. These three classes are
+# complete in this world: no other fruit, vegetable or flower appears in any answer.
+THINGS = {
+    "fruit": [("apple", "red"), ("banana", "yellow"), ("orange", "orange"), ("grape", "purple"),
+              ("strawberry", "red"), ("lemon", "yellow"), ("cherry", "red"), ("pear", "green"),
+              ("watermelon", "green"), ("lime", "green"), ("plum", "purple"), ("raspberry", "red"),
+              ("pineapple", "yellow"), ("blueberry", "blue"), ("peach", "orange"),
+              ("coconut", "brown"), ("kiwi", "brown")],
+    "vegetable": [("carrot", "orange"), ("potato", "brown"), ("tomato", "red"), ("broccoli", "green"),
+                  ("onion", "white"), ("cabbage", "green"), ("corn", "yellow"), ("pumpkin", "orange"),
+                  ("spinach", "green"), ("cucumber", "green"), ("mushroom", "white"),
+                  ("lettuce", "green"), ("beetroot", "purple"), ("eggplant", "purple"),
+                  ("radish", "red"), ("cauliflower", "white"), ("garlic", "white")],
+    "flower": [("rose", "red"), ("sunflower", "yellow"), ("tulip", "pink"), ("daisy", "white"),
+               ("lily", "white"), ("lavender", "purple"), ("poppy", "red"), ("daffodil", "yellow"),
+               ("violet", "purple"), ("orchid", "pink"), ("bluebell", "blue")],
+}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _derived_categories():
+    """"a {colour} {class}" for every pair with at least two members, and "a {class}" itself."""
+    out = []
+    for cls, things in THINGS.items():
+        colours = list(dict.fromkeys(colour for _, colour in things))
+        for colour in colours:
+            members = [name for name, c in things if c == colour]
+            if len(members) >= 2:
+                out.append((f"{colour}_{cls}", f"{_article(colour)} {colour} {cls}", members))
+        out.append((cls, f"{_article(cls)} {cls}", [name for name, _ in things]))
+    return out
+
+
 # (task_id, noun phrase, answers by decreasing probability). Prompted through MULTIMODAL_TEMPLATES.
 # Some answers are two words on purpose ("apple pie", "green tea"): swapping words between two modes
 # ("apple cake", "hot tea") is a blend that no listed answer allows.
-MULTIMODAL = [
-    ("red_fruit", "a red fruit", ["apple", "cherry", "strawberry", "raspberry"]),
-    ("yellow_fruit", "a yellow fruit", ["banana", "lemon", "pineapple"]),
-    ("green_vegetable", "a green vegetable", ["broccoli", "cabbage", "spinach", "lettuce", "cucumber"]),
+HAND_MULTIMODAL = [
     ("farm_animal", "a farm animal", ["cow", "pig", "sheep", "horse", "goat"]),
     ("pet", "a pet", ["dog", "cat", "rabbit", "hamster", "goldfish"]),
     ("sea_animal", "an animal that lives in the sea", ["whale", "shark", "dolphin", "octopus", "crab"]),
@@ -32,6 +68,7 @@ MULTIMODAL = [
     ("planet", "a planet", ["earth", "mars", "jupiter", "venus", "saturn"]),
     ("job", "a job", ["teacher", "doctor", "farmer", "police officer", "nurse"]),
 ]
+MULTIMODAL = _derived_categories() + HAND_MULTIMODAL
 
 MULTIMODAL_TEMPLATES = ["Name {np}.", "Give an example of {np}.", "Tell me {np}.", "Say {np}."]
 
@@ -69,6 +106,7 @@ COMPOSITIONAL = [
     ("colour_object",
      ["Give a colour and an object of that colour.", "Name a colour and a thing of that colour.",
       "Tell me a colour and something of that colour."],
+     # consistent with THINGS: banana is yellow, tomato red, carrot orange there too
      [("blue", "sky"), ("green", "grass"), ("white", "snow"), ("yellow", "banana"),
       ("red", "tomato"), ("orange", "carrot"), ("black", "coal"), ("pink", "flamingo")]),
     ("animal_sound",
@@ -78,7 +116,10 @@ COMPOSITIONAL = [
       ("sheep", "baa"), ("lion", "roar"), ("owl", "hoot"), ("snake", "hiss")]),
 ]
 
-# Unimodal families: one right answer each.
+# Unimodal families: one right answer each. Kept small (operands 0..MAX_OPERAND, a 10-letter
+# alphabet, short sequences) so that a 4-layer teacher gets them right within the quickstart budget;
+# they are the control where mode-seeking should neither help nor hurt.
+MAX_OPERAND = 6
 ADD_TEMPLATES = ["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}."]
 SUB_TEMPLATES = ["What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."]
 CAPITAL_TEMPLATES = ["What is the capital of {country}?", "Which city is the capital of {country}?",
@@ -86,9 +127,10 @@ CAPITAL_TEMPLATES = ["What is the capital of {country}?", "Which city is the cap
 # The sequence follows the colon; the checker parses it back out of the instruction.
 REVERSE_TEMPLATES = ["Reverse: {seq}", "Reverse the letters: {seq}", "Write backwards: {seq}"]
 COPY_TEMPLATES = ["Repeat: {seq}", "Copy: {seq}", "Say again: {seq}"]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-COPY_WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird",
-              "car", "book", "cup", "hat", "box", "star"]
+LETTERS = "abcdefghij"
+REVERSE_LENGTHS = (2, 4)  # inclusive range of sequence lengths
+COPY_LENGTHS = (2, 3)
+COPY_WORDS = ["sun", "moon", "tree", "fish", "book", "cup", "hat", "box", "star", "door"]
 
 # The instruction header the lead's Dolly template puts around every prompt: the tokenizer should
 # see it so it becomes a handful of tokens rather than dozens.

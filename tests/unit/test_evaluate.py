@@ -313,3 +313,9 @@ def test_teacher_with_another_tokenizer_and_missing_model(tiny_dir, dolly_like, 
         run_evaluate(_cfg(tiny_dir, dolly_like, teacher=str(tmp_path / "other"), metrics=["reverse-kl"]))
     with pytest.raises(InputError, match="not a local folder"):
         run_evaluate(_cfg(tiny_dir, dolly_like, model="nobody/no-such-model"))
+
+
+def test_lm_loss_alone_samples_nothing(tiny_dir, dolly_like, tmp_path):
+    res = run_evaluate(_cfg(tiny_dir, dolly_like, metrics=["lm-loss"], out=str(tmp_path / "l.json")))
+    assert "predictions" not in res and not (tmp_path / "l.jsonl").exists()
+    assert json.loads((tmp_path / "l.json").read_text())["metrics"]["lm-loss"]["per_seed"] == res["metrics"]["lm-loss"]["per_seed"]

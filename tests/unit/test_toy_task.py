@@ -12,13 +12,14 @@ from minillm_cli.errors import InputError
 from minillm_cli.toy import task as T
 from minillm_cli.toy import words as W
 
-# chi-square critical values at p = 0.001 for 1..7 degrees of freedom
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+# chi-square critical values at p = 0.001 for 1..16 degrees of freedom
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12,
+            9: 27.88, 10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25}
 
 
 @pytest.fixture(scope="module")
 def big():
-    return T.make_task(7, 20000, 300, 300)
+    return T.make_task(7, 40000, 300, 300)
 
 
 def chi2(counts: Counter, probs: dict[str, float]) -> float:
@@ -106,6 +107,29 @@ def test_multimodal_blends_are_invalid():
     assert not T.is_valid("Name a hot drink.", "hot tea")
 
 
+def test_attribute_neighbours_are_invalid():
+    # "a red fruit": every other-coloured fruit and every red non-fruit is a near miss
+    n_checked = 0
+    for cls, things in W.THINGS.items():
+        for task_id, np, answers in W.MULTIMODAL:
+            if not task_id.endswith("_" + cls):
+                continue
+            colour = task_id[: -len(cls) - 1]
+            instruction = W.MULTIMODAL_TEMPLATES[1].format(np=np)
+            assert set(answers) == {n for n, c in things if c == colour}
+            for other_cls, other in W.THINGS.items():
+                for name, c in other:
+                    assert T.is_valid(instruction, name) == (other_cls == cls and c == colour), (instruction, name)
+                    n_checked += 1
+        # the class prompt accepts exactly the class
+        everything = {n for other in W.THINGS.values() for n, _ in other}
+        for name in everything:
+            assert T.is_valid(f"Name a {cls}.", name) == (name in {n for n, _ in things})
+    assert not T.is_valid("Name a red fruit.", "tomato") and T.is_valid("Name a red vegetable.", "tomato")
+    assert n_checked > 500
+    assert not T.is_valid("Name a hot drink.", "hot tea")
+
+
 def test_train_answers_follow_the_intended_uneven_distribution(big):
     by_task: dict[str, Counter] = {}
     first: dict[str, dict] = {}
@@ -149,8 +173,9 @@ def test_unimodal_answers_are_right(big):
         seen[r["task_id"]] += 1
     assert set(seen) == set(T.UNIMODAL_FAMILIES) and min(seen.values()) > 100
     assert T.reference_answers("What is 3 plus 4?") == ["7"]
-    assert T.reference_answers("Subtract 2 from 9.") == ["7"]
-    assert T.reference_answers("Compute 8 - 8.") == ["0"]
+    assert T.reference_answers("Subtract 2 from 6.") == ["4"]
+    assert T.reference_answers("Compute 6 - 6.") == ["0"]
+    assert T.reference_answers("Reverse: j a") == ["a j"]
 
 
 def test_checker_normalises_and_rejects_near_misses():
@@ -189,6 +214,8 @@ def test_rates_and_errors():
         T.validity_rate([], [])
     with pytest.raises(InputError):
         T.is_valid("Summarise this article.", "ok")
+    with pytest.raises(InputError):  # operands beyond the task's range are not its prompts
+        T.is_valid(f"What is {W.MAX_OPERAND + 1} plus 1?", str(W.MAX_OPERAND + 2))
 
 
 def test_write_jsonl_round_trip(tmp_path):

@@ -1,0 +1,472 @@
+"""Static-cache rollout engine: the same distribution as `sampler.sample`, built for the GPU.
+
+`sampler.sample` is the reference: a DynamicCache per model that grows by concatenation, a new
+attention mask every step, a host sync every step (to stop early) and a Python n-gram table. Here:
+
+- both models get a transformers `StaticCache` preallocated for prompt + new tokens (rounded up to
+  a multiple of 16), and prompts are prefilled in one pass each;
+- every decode step has fixed shapes: the fed token [B, 1], a boolean 4-D attention mask
+  [B, 1, 1, L] computed on the device from a step counter held in a device tensor, the cache
+  position, per-row positions. Finished rows keep decoding EOS (their outputs are masked), so no
+  shape ever changes;
+- the combined step (student forward, teacher forward, the n-gram ban, `mix_and_sample` -- the
+  same function the reference calls -- and the writes of tokens / log-probs / finished flags into
+  preallocated [B, T] buffers) is one function with no host synchronisation, so on CUDA it is
+  captured once in a CUDA graph ("graph", the default on CUDA) or compiled with
+  `torch.compile(mode="reduce-overhead")` ("compile"); a decode step is then one graph launch;
+- the host checks "all rows finished?" only every `check_every` steps (every step on CPU); the
+  response is cut to the same width the reference returns (the step of the last EOS, or T).
+
+Randomness is the reference's: one uniform per (row, step) from that row's CPU generator, drawn
+up front, consumed by inverse-CDF sampling in `mix_and_sample`. On the CPU ("static", eager) the
+tokens are therefore the reference's token for token (the logits differ only by float rounding:
+the attention runs over the padded static cache); tests/unit/test_fast_sampler.py checks it.
+
+Engines: "eager" = `sampler.sample` itself; "static" = this loop run eagerly (any device);
+"graph" = this loop with the step captured in a CUDA graph; "compile" = the step under
+torch.compile(mode="reduce-overhead"); "auto" = "graph" on CUDA, "eager" elsewhere.
+Anything the static path cannot serve (an attention implementation other than sdpa/eager, a
+model without StaticCache support, a failed self-check) falls back to `sampler.sample` with a
+warning, so the result is always the reference distribution.
+
+transformers compatibility: the cache is passed through `sampler.model_kwargs` (`cache=` or
+`past_key_values=` by the forward signature); `cache_position` is passed only when the forward
+accepts it (<= 5.2x); StaticCache is built from the keyword arguments its constructor accepts;
+layers that keep a device `cumulative_length` (5.2x) are rewound in place, never cropped.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+import weakref
+from dataclasses import astuple
+
+import torch
+
+from minillm_cli.engine.sampler import (
+    Rollout, SamplingParams, _forward_params, _hf_model, mix_and_sample, model_kwargs,
+    positions_from_mask, sample as eager_sample)
+from minillm_cli.errors import require
+
+ENGINES = ("auto", "eager", "static", "graph", "compile")
+_SUPPORTED_ATTN = ("sdpa", "eager")
+
+
+def resolve_engine(engine: str, device) -> str:
+    """'auto' -> 'graph' on CUDA, 'eager' elsewhere; 'graph'/'compile' off CUDA -> 'static'."""
+    require(engine in ENGINES, f"rollout engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    dev = torch.device(device)
+    if engine == "auto":
+        return "graph" if dev.type == "cuda" else "eager"
+    if engine in ("graph", "compile") and dev.type != "cuda":
+        return "static"
+    return engine
+
+
+# -- one model on a static cache --------------------------------------------------------------
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def make_static_cache(model, batch_size: int, max_cache_len: int, device, dtype):
+    """A transformers StaticCache for `model`, built with whatever arguments this version's
+    constructor takes (5.x: config + max_cache_len, lazily allocated; 4.x: also batch size,
+    device and dtype)."""
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    kw = {"config": _hf_model(model).config, "max_cache_len": max_cache_len}
+    for name, value in (("max_batch_size", batch_size), ("batch_size", batch_size),
+                        ("device", device), ("dtype", dtype)):
+        if name in params:
+            kw[name] = value
+    return StaticCache(**kw)
+
+
+def _rewind(cache, length: int) -> None:
+    """Set a static cache's write position to `length` in place (5.2x StaticLayer keeps a device
+    `cumulative_length`; versions that index by `cache_position` keep no such state)."""
+    for layer in getattr(cache, "layers", ()):
+        cl = getattr(layer, "cumulative_length", None)
+        if isinstance(cl, torch.Tensor):
+            cl.fill_(length)
+        elif isinstance(cl, int):
+            layer.cumulative_length = length
+
+
+def _param_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
+class _StaticModel:
+    """A model with its StaticCache: forward(ids [B,q], allow [B,1,q,L] bool, positions [B,q],
+    cache_position [q]) -> next-token logits [B, V] (sliced to the vocabulary)."""
+
+    def __init__(self, model, vocab_size: int, batch_size: int, max_len: int, device):
+        self.model, self.vocab_size = model, vocab_size
+        self.impl = getattr(_hf_model(model).config, "_attn_implementation", None) or "eager"
+        if self.impl not in _SUPPORTED_ATTN:
+            raise _Unsupported(f"attention implementation {self.impl!r}")
+        self.dtype = _param_dtype(model)
+        try:
+            self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
+        except Exception as e:  # a model family without static-cache support
+            raise _Unsupported(f"StaticCache: {e}") from e
+        self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
+        self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
+
+    def mask(self, allow: torch.Tensor) -> torch.Tensor:
+        if self.impl == "sdpa":
+            return allow
+        # eager attention adds the mask to the scores
+        return torch.zeros(allow.shape, dtype=self.dtype, device=allow.device).masked_fill(
+            ~allow, torch.finfo(self.dtype).min)
+
+    def forward(self, ids, allow, positions, cache_position):
+        kw = dict(self.kw)
+        if self.pass_cache_position:
+            kw["cache_position"] = cache_position
+        out = self.model(input_ids=ids, attention_mask=self.mask(allow), position_ids=positions,
+                         **kw)
+        return out.logits[:, -1, : self.vocab_size]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _prefill_allow(key_valid: torch.Tensor, P: int) -> torch.Tensor:
+    """[B, L] valid keys -> [B, 1, P, L]: query i sees valid keys <= i, and always itself (so a
+    padding query never has an empty row: no NaN; its output is never attended to)."""
+    L = key_valid.shape[1]
+    ar = torch.arange(L, device=key_valid.device)
+    qi = torch.arange(P, device=key_valid.device)[:, None]
+    allow = (ar[None, :] <= qi)[None] & (key_valid[:, None, :] | (ar[None, :] == qi)[None])
+    return allow[:, None]
+
+
+# -- self-check: the static path reproduces a full forward on this transformers version ------
+
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
+    """None when a left-padded static-cache prefill + 3 decode steps give the logits of one
+    uncached forward over the same tokens (within precision); else a reason. Cached per model."""
+    key = (torch.is_autocast_enabled(), str(device))
+    done = _CHECKED.get(model)
+    if done is not None and key in done:
+        return done[key]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (2, 8), generator=g).to(device)
+    mask = torch.ones(2, 8, dtype=torch.long, device=device)
+    mask[0, :1] = 0
+    mask[1, :3] = 0
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, eos_id))
+    P, n_dec = 5, 3
+    was = model.training
+    model.eval()
+    try:
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                    **model_kwargs(model, use_cache=False)).logits[:, :, :vocab_size].float()
+        sm = _StaticModel(model, vocab_size, 2, 16, device)
+        key_valid = torch.cat([mask[:, :P].bool(), torch.ones(2, 16 - P, dtype=torch.bool,
+                                                              device=device)], 1)
+        pos = positions_from_mask(mask)
+        got = [sm.forward(ids[:, :P], _prefill_allow(key_valid, P), pos[:, :P],
+                          torch.arange(P, device=device)).float()]
+        ar = torch.arange(16, device=device)
+        for k in range(n_dec):
+            col = torch.tensor([P + k], device=device)
+            allow = (key_valid & (ar <= col))[:, None, None, :]
+            got.append(sm.forward(ids[:, P + k : P + k + 1], allow, pos[:, P + k : P + k + 1],
+                                  col).float())
+        got = torch.stack(got, 1)
+        want = ref[:, P - 1 : P + n_dec]
+        err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+        low = torch.is_autocast_enabled() or sm.dtype in (torch.float16, torch.bfloat16)
+        tol = 3e-2 if low else 1e-4
+        reason = None if err <= tol else f"static-cache logits differ from a full forward (rel {err:.2e})"
+    except _Unsupported as e:
+        reason = str(e)
+    finally:
+        model.train(was)
+    _CHECKED.setdefault(model, {})[key] = reason
+    return reason
+
+
+# -- the decode loop --------------------------------------------------------------------------
+
+class _Decoder:
+    """Static buffers + the step function for one shape (B, P, L, T) and one set of settings.
+    All state the step touches lives in tensors updated in place, so the step can be captured."""
+
+    def __init__(self, models: dict, *, B: int, P: int, T: int, L: int, alpha: float,
+                 params: SamplingParams, eos_id: int, pad_id: int, vocab_size: int, device):
+        self.models = models  # name -> _StaticModel ("student" / "teacher")
+        self.B, self.P, self.T, self.L = B, P, T, L
+        self.alpha, self.params, self.eos, self.pad, self.V = alpha, params, eos_id, pad_id, vocab_size
+        self.n = params.no_repeat_ngram_size
+        self.device = device
+        dev = device
+        self.ar = torch.arange(L, device=dev)
+        self.key_valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        self.prompt_real = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        self.next_pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.uniforms = torch.zeros(B, T, dtype=torch.float32, device=dev)
+        self.seq = torch.zeros(B, L, dtype=torch.long, device=dev)
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.fed = torch.zeros(B, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+        self.alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        self.lq = self.lm = None  # allocated at step 0 (dtype of mix_and_sample's output)
+        self.graph = None
+        self.compiled = None
+
+    # state in, prefill, step 0 ---------------------------------------------------------------
+    def load(self, prompt_ids, prompt_mask, uniforms):
+        P = self.P
+        pm = prompt_mask.bool()
+        self.key_valid.zero_()
+        self.key_valid[:, :P] = pm
+        self.key_valid[:, P:] = True
+        self.prompt_real.zero_()
+        self.prompt_real[:, :P] = pm
+        self.next_pos.copy_(pm.long().sum(-1))
+        self.uniforms.copy_(uniforms)
+        self.seq.zero_()
+        self.seq[:, :P] = prompt_ids
+        self.t.zero_()
+        self.finished.zero_()
+        for m in self.models.values():
+            _rewind(m.cache, 0)
+        allow = _prefill_allow(self.key_valid, P)
+        pos = positions_from_mask(pm.long())
+        cp = torch.arange(P, device=self.device)
+        logits = {name: m.forward(prompt_ids, allow, pos, cp) for name, m in self.models.items()}
+        self._sample_and_record(logits)
+
+    # the step -----------------------------------------------------------------------------------
+    def _ngram_banned(self) -> torch.Tensor:
+        n, t, P = self.n, self.t, self.P
+        real = self.prompt_real | ((self.ar >= P) & (self.ar < P + t))
+        win = self.seq.unfold(1, n, 1)                      # [B, W, n]
+        win_real = real.unfold(1, n, 1).all(-1)             # [B, W]
+        last_idx = (P + t - (n - 1) + torch.arange(n - 1, device=self.device)).clamp(min=0)
+        last = self.seq.index_select(1, last_idx)           # [B, n-1]
+        match = (win[:, :, : n - 1] == last[:, None, :]).all(-1) & win_real
+        match &= ((self.next_pos + t) >= n - 1)[:, None]    # the row has n-1 tokens already
+        nxt = win[:, :, n - 1]
+        col = torch.where(match & (nxt < self.V), nxt, torch.full_like(nxt, self.V))
+        banned = torch.zeros(self.B, self.V + 1, dtype=torch.bool, device=self.device)
+        banned.scatter_(1, col, True)
+        return banned[:, : self.V]
+
+    def _sample_and_record(self, logits: dict) -> None:
+        t = self.t
+        banned = self._ngram_banned() if self.n > 0 else None
+        u = self.uniforms.index_select(1, t).squeeze(1)
+        tok, lq, lm = mix_and_sample(logits.get("student"), logits.get("teacher"), self.alpha,
+                                     self.params, u, banned)
+        if self.lm is None:  # step 0 runs eagerly: allocate with the dtypes the step produces
+            self.lm = torch.zeros(self.B, self.T, dtype=lm.dtype, device=self.device)
+            if lq is not None:
+                self.lq = torch.zeros(self.B, self.T, dtype=lq.dtype, device=self.device)
+        alive = ~self.finished
+        tok = torch.where(alive, tok, torch.full_like(tok, self.pad))
+        self.tokens.index_copy_(1, t, tok[:, None])
+        self.alive.index_copy_(1, t, alive[:, None])
+        self.lm.index_copy_(1, t, torch.where(alive, lm, torch.zeros_like(lm))[:, None])
+        if lq is not None:
+            self.lq.index_copy_(1, t, torch.where(alive, lq, torch.zeros_like(lq))[:, None])
+        self.finished.logical_or_(alive & (tok == self.eos))
+        # finished rows keep decoding EOS (the pad id need not have an embedding row)
+        self.fed.copy_(torch.where(alive, tok, torch.full_like(tok, self.eos)))
+        if self.n > 0:
+            self.seq.index_copy_(1, self.P + t, tok[:, None])
+        self.t.add_(1)
+
+    def step(self) -> None:
+        """Feed the last token (cache column P + t - 1), run the models, sample token t."""
+        t = self.t
+        col = self.P + t - 1
+        allow = (self.key_valid & (self.ar <= col))[:, None, None, :]
+        pos = (self.next_pos + t - 1)[:, None]
+        ids = self.fed[:, None]
+        logits = {name: m.forward(ids, allow, pos, col) for name, m in self.models.items()}
+        self._sample_and_record(logits)
+
+    # capture ----------------------------------------------------------------------------------
+    def _snapshot(self):
+        return self.t.clone(), self.finished.clone(), self.fed.clone()
+
+    def _restore(self, snap) -> None:
+        t, finished, fed = snap
+        self.t.copy_(t)
+        self.finished.copy_(finished)
+        self.fed.copy_(fed)
+        for m in self.models.values():
+            _rewind(m.cache, self.P + int(t) - 1)
+
+    def capture(self) -> None:
+        """Record `step` in a CUDA graph (after two warm-up steps on a side stream, undone)."""
+        snap = self._snapshot()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self._restore(snap)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step()
+            self.graph = graph
+        finally:
+            torch.cuda.synchronize()
+            self._restore(snap)  # capture records without running; undo the warm-up steps
+
+    def compile(self) -> None:
+        for buf in (self.key_valid, self.prompt_real, self.next_pos, self.uniforms, self.seq,
+                    self.t, self.finished, self.fed, self.tokens, self.alive, self.lm, self.lq):
+            if buf is not None:
+                torch._dynamo.mark_static_address(buf)
+        self.compiled = torch.compile(self.step, mode="reduce-overhead", fullgraph=False,
+                                      dynamic=False)
+
+    def run_step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.compiled is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+            self.compiled()
+        else:
+            self.step()
+
+
+# -- the public entry point -------------------------------------------------------------------
+
+_KEPT: dict = {}
+
+
+def release() -> None:
+    """Drop the kept decoder (its static caches and CUDA graph memory)."""
+    _KEPT.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fallback(reason: str, states: list, **kw) -> Rollout:
+    warnings.warn(f"fast sampler unavailable ({reason}); using the eager sampler", stacklevel=3)
+    for g, st in zip(kw["generators"], states):  # the uniforms were drawn already: draw them again
+        g.set_state(st)
+    return eager_sample(**kw)
+
+
+@torch.no_grad()
+def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                params: SamplingParams, alpha: float, eos_id: int, pad_id: int,
+                generators: list[torch.Generator], vocab_size: int, engine: str = "auto",
+                check_every: int | None = None, prompt_bucket: int | None = None,
+                keep: bool | None = None, check: bool = True) -> Rollout:
+    """`sampler.sample` with static caches (see the module docstring); same arguments and
+    result. engine: see ENGINES. check_every: host sync interval for early stop (default 1 on
+    CPU, 8 on CUDA). prompt_bucket: left-pad prompts to a multiple of this (default 64 for
+    graph/compile so micro-batches share a captured graph, 1 otherwise). keep: keep the decoder
+    (caches + graph) for the next call of the same shape (default: True for graph/compile);
+    `release()` frees it. check: run `self_check` once per model first."""
+    require(0.0 <= alpha <= 1.0, f"teacher-mix alpha must be in [0, 1], got {alpha}")
+    require(student is not None or teacher is not None, "sample() needs a student or a teacher")
+    B, P0 = prompt_ids.shape
+    require(len(generators) == B, f"need one generator per row: {len(generators)} for {B} rows")
+    device = prompt_ids.device
+    mode = resolve_engine(engine, device)
+    common = dict(student=student, teacher=teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                  params=params, alpha=alpha, eos_id=eos_id, pad_id=pad_id,
+                  generators=generators, vocab_size=vocab_size)
+    if mode == "eager":
+        return eager_sample(**common)
+    if teacher is None:
+        alpha = 0.0
+    if student is None:
+        alpha = 1.0
+    T = params.max_new_tokens
+    states = [g.get_state() for g in generators]
+    uniforms = torch.stack([torch.rand(T, generator=g) for g in generators]).to(device)
+    run = {}
+    if alpha < 1.0:
+        run["student"] = student
+    if alpha > 0.0:
+        run["teacher"] = teacher
+    captured = mode in ("graph", "compile")
+    bucket = prompt_bucket or (64 if captured else 1)
+    keep = captured if keep is None else keep
+    P = _round_up(P0, bucket)
+    L = _round_up(P + T, 16)
+    ids, pm = prompt_ids, prompt_mask.bool()
+    if P > P0:  # extra left padding (masked; EOS is a valid embedding row)
+        ids = torch.cat([torch.full((B, P - P0), eos_id, dtype=ids.dtype, device=device), ids], 1)
+        pm = torch.cat([torch.zeros(B, P - P0, dtype=torch.bool, device=device), pm], 1)
+
+    modes = {name: m.training for name, m in run.items()}
+    for m in run.values():
+        m.eval()
+    try:
+        if check:
+            for name, m in run.items():
+                reason = self_check(m, vocab_size, device, eos_id)
+                if reason is not None:
+                    return _fallback(f"{name}: {reason}", states, **common)
+        key = (tuple((n, id(m)) for n, m in run.items()), B, P, T, L, alpha, astuple(params),
+               eos_id, pad_id, vocab_size, mode, str(device), torch.is_autocast_enabled())
+        dec = _KEPT.get(key)
+        fresh = dec is None
+        if fresh:
+            _KEPT.clear()  # at most one kept decoder: its caches can be large
+            try:
+                models = {n: _StaticModel(m, vocab_size, B, L, device) for n, m in run.items()}
+            except _Unsupported as e:
+                return _fallback(str(e), states, **common)
+            dec = _Decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
+                           pad_id=pad_id, vocab_size=vocab_size, device=device)
+        dec.load(ids, pm, uniforms)
+        if fresh and T > 1:
+            if mode == "graph":
+                try:
+                    dec.capture()
+                except Exception as e:  # something in the forward is not capturable
+                    warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=2)
+                    dec.graph = None
+            elif mode == "compile":
+                dec.compile()
+        if keep:
+            _KEPT[key] = dec
+        every = check_every or (8 if device.type == "cuda" else 1)
+        steps = 1
+        while steps < T:
+            if (steps - 1) % every == 0 and bool(dec.finished.all()):
+                break
+            dec.run_step()
+            steps += 1
+        alive = dec.alive[:, :steps].clone()
+        if bool(dec.finished.all()):
+            width = int(alive.sum(1).max())
+        else:
+            width = steps
+        out = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),
+                      response_ids=dec.tokens[:, :width].clone(), response_mask=alive[:, :width],
+                      student_logp=None if dec.lq is None else dec.lq[:, :width].clone(),
+                      mix_logp=dec.lm[:, :width].clone())
+        if not keep:
+            del dec
+        return out
+    finally:
+        for name, m in run.items():
+            m.train(modes[name])

@@ -1,0 +1,211 @@
+"""fast_sampler.py: the static-cache engine draws exactly the reference sampler's tokens on CPU
+(same uniforms, same mix_and_sample), for teacher-mixed, student-only and teacher-only rollouts,
+with left padding, EOS, filters and the n-gram ban; plus the self-check, the fallback, the kept
+decoder, and the teacher-logit cache of minillm.score_rollouts."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from minillm_cli.engine import fast_sampler
+from minillm_cli.engine.fast_sampler import fast_sample, resolve_engine, self_check
+from minillm_cli.engine.sampler import SamplingParams, sample
+
+V, PAD, EOS = 11, 11, 0
+PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 2], [5], [1, 2, 3, 4]]
+
+
+def _gpt2(seed, n_layer=1, attn="sdpa"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=V + 1, n_positions=96,
+                     initializer_range=0.4, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = attn
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    fast_sampler.release()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _gpt2(1, n_layer=2), _gpt2(2)  # student, teacher
+
+
+def _left_pad(prompts):
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), PAD)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+def _args(prompts, seeds, alpha, **kw):
+    ids, mask = _left_pad(prompts)
+    params = SamplingParams(kw.pop("max_new_tokens", 12), **kw)
+    return dict(prompt_ids=ids, prompt_mask=mask, params=params, alpha=alpha, eos_id=EOS,
+                pad_id=PAD, generators=[torch.Generator().manual_seed(s) for s in seeds],
+                vocab_size=V)
+
+
+def _both(student, teacher, prompts, seeds, alpha=0.3, fast_kw=None, **kw):
+    ref = sample(student, teacher, **_args(prompts, seeds, alpha, **kw))
+    got = fast_sample(student, teacher, engine="static", **(fast_kw or {}),
+                      **_args(prompts, seeds, alpha, **kw))
+    return ref, got
+
+
+def _assert_same(ref, got):
+    assert torch.equal(ref.response_ids, got.response_ids)
+    assert torch.equal(ref.response_mask, got.response_mask)
+    torch.testing.assert_close(got.mix_logp, ref.mix_logp, rtol=0, atol=1e-5)
+    if ref.student_logp is None:
+        assert got.student_logp is None
+    else:
+        torch.testing.assert_close(got.student_logp, ref.student_logp, rtol=0, atol=1e-5)
+
+
+PROMPTS32 = [PROMPTS[i % 4] for i in range(32)]
+
+
+@pytest.mark.parametrize("mode", ["mixed", "student", "teacher"])
+def test_same_tokens_as_reference_with_padding_and_eos(models, mode):
+    student, teacher = models
+    s, t, alpha = {"mixed": (student, teacher, 0.3), "student": (student, None, 0.0),
+                   "teacher": (None, teacher, 1.0)}[mode]
+    ref, got = _both(s, t, PROMPTS32, range(32), alpha, max_new_tokens=20)
+    _assert_same(ref, got)
+    lengths = ref.lengths
+    assert lengths.min() < lengths.max()              # rows finished at different steps
+    assert (~ref.response_mask).any()                 # EOS happened and was masked after
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=0.7, top_k=4),
+    dict(temperature=1.3, top_p=0.8),
+    dict(no_repeat_ngram_size=2),
+    dict(no_repeat_ngram_size=1, max_new_tokens=8),
+    dict(no_repeat_ngram_size=3, top_k=6, top_p=0.9, max_new_tokens=25),
+])
+def test_same_tokens_with_filters_and_ngram_ban(models, kw):
+    student, teacher = models
+    kw.setdefault("max_new_tokens", 15)
+    ref, got = _both(student, teacher, PROMPTS32, range(100, 132), 0.4, **kw)
+    _assert_same(ref, got)
+
+
+def test_no_eos_runs_all_steps(models):
+    student, teacher = models
+    ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.2, max_new_tokens=3)
+    _assert_same(ref, got)
+    ref1, got1 = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.2, max_new_tokens=1)
+    _assert_same(ref1, got1)
+
+
+def test_graph_mode_bookkeeping_on_cpu(models):
+    """What the CUDA modes change besides the capture: prompts left-padded to a bucket, the host
+    checking for 'all finished' only every few steps, a kept decoder reused (static buffers
+    refilled in place) -- none of it may change a token."""
+    student, teacher = models
+    kw = dict(max_new_tokens=20, no_repeat_ngram_size=3)
+    ref = sample(student, teacher, **_args(PROMPTS32, range(32), 0.3, **kw))
+    fk = dict(engine="static", prompt_bucket=8, check_every=5, keep=True)
+    first = fast_sample(student, teacher, **fk, **_args(PROMPTS32, range(32), 0.3, **kw))
+    _assert_same(ref, first)
+    assert len(fast_sampler._KEPT) == 1
+    # same shape, other seeds: the kept decoder is reused and still exact
+    ref2 = sample(student, teacher, **_args(PROMPTS32, range(50, 82), 0.3, **kw))
+    again = fast_sample(student, teacher, **fk, **_args(PROMPTS32, range(50, 82), 0.3, **kw))
+    assert len(fast_sampler._KEPT) == 1
+    _assert_same(ref2, again)
+    fast_sampler.release()
+    assert not fast_sampler._KEPT
+
+
+def test_eager_attention_models(models):
+    student = _gpt2(3, attn="eager")
+    teacher = models[1]
+    ref, got = _both(student, teacher, PROMPTS32, range(32), 0.5, max_new_tokens=10)
+    _assert_same(ref, got)
+
+
+def test_dispatch_through_sampler_and_engine_resolution(models):
+    student, teacher = models
+    ref = sample(student, teacher, **_args(PROMPTS, [7, 8, 9, 10], 0.3))
+    via = sample(student, teacher, engine="static", **_args(PROMPTS, [7, 8, 9, 10], 0.3))
+    _assert_same(ref, via)
+    auto = sample(student, teacher, engine="auto", **_args(PROMPTS, [7, 8, 9, 10], 0.3))
+    _assert_same(ref, auto)
+    assert resolve_engine("auto", "cpu") == "eager"
+    assert resolve_engine("graph", "cpu") == "static"
+    assert resolve_engine("compile", "cpu") == "static"
+    from minillm_cli.errors import InputError
+    with pytest.raises(InputError):
+        resolve_engine("warp", "cpu")
+
+
+def test_self_check_passes_and_fallback_is_the_reference(models, monkeypatch):
+    student, teacher = models
+    assert self_check(student, V, "cpu", EOS) is None
+    assert self_check(teacher, V, "cpu", EOS) is None
+    monkeypatch.setattr(fast_sampler, "_SUPPORTED_ATTN", ())
+    monkeypatch.setattr(fast_sampler, "_CHECKED", type(fast_sampler._CHECKED)())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3)
+    assert any("fast sampler unavailable" in str(x.message) for x in w)
+    _assert_same(ref, got)
+
+
+def test_models_restored_to_their_mode(models):
+    student, teacher = models
+    student.train()
+    try:
+        fast_sample(student, teacher, engine="static", **_args(PROMPTS, [1, 2, 3, 4], 0.3))
+        assert student.training and not teacher.training
+    finally:
+        student.eval()
+
+
+# -- teacher logits kept once per rollout batch (engine/minillm.py, opts.cache_teacher_logits) --
+
+class _Forbidden(torch.nn.Module):
+    def forward(self, *a, **k):
+        raise AssertionError("the teacher must not run in the update when its logits are cached")
+
+
+def test_cached_teacher_logits_give_the_same_loss_and_gradient(models):
+    from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
+
+    student, teacher = models
+    roll = sample(student, teacher, **_args(PROMPTS32[:8], range(8), 0.3, max_new_tokens=10))
+    results = []
+    for cache in (False, True):
+        opts = MiniLLMOptions(cache_teacher_logits=cache, chunk_size=4)
+        batch = score_rollouts(student, teacher, roll, opts, V)
+        assert (batch.teacher_logits is not None) == cache
+        micro = batch.select([5, 1, 2])
+        student.zero_grad()
+        loss, stats = minillm_loss(student, _Forbidden() if cache else teacher, micro, opts,
+                                   normalizer=17.0, vocab_size=V)
+        loss.backward()
+        results.append((float(loss.detach()), stats["single_step"],
+                        [p.grad.clone() for p in student.parameters()]))
+    student.zero_grad()
+    (l0, ss0, g0), (l1, ss1, g1) = results
+    assert ss0 != 0.0
+    assert abs(l0 - l1) < 1e-5 and abs(ss0 - ss1) < 1e-5
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
