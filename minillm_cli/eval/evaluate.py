@@ -152,8 +152,7 @@ def load_eval_examples(cfg: EvaluateConfig) -> list[Example]:
 def _needs_references(metric: str) -> bool:
     from minillm_cli.eval.metrics import needs_references
 
-    # Both KLs are measured on the student's own samples here, so neither needs a reference.
-    return metric not in KL_METRICS and needs_references(metric)
+    return needs_references(metric)
 
 
 def resolve_metrics(cfg: EvaluateConfig, examples: list[Example]) -> list[str]:

@@ -44,8 +44,8 @@ METRICS: dict[str, MetricSpec] = {
                    description="token-level cross-entropy of the reference responses"),
         MetricSpec("reverse-kl", "model", False, False, needs_teacher=True,
                    description="KL(student || teacher) per token on the student's own samples"),
-        MetricSpec("forward-kl", "model", True, False, needs_teacher=True,
-                   description="KL(teacher || student) per token on the reference responses"),
+        MetricSpec("forward-kl", "model", False, False, needs_teacher=True,
+                   description="KL(teacher || student) per token on the student's own samples"),
         # Not computed by evaluate: compare adds it when an LLM judge is asked for (judge.py).
         MetricSpec("judge", "judge", False, True,
                    description="LLM-judge score of the candidate relative to a reference model x100"),

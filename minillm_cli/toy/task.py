@@ -1,9 +1,11 @@
 """The synthetic instruction task behind `minillm quickstart`: MiniLLM's claim in miniature.
 
 Three kinds of prompt, each with an exact checker (the world is closed: `words.py`):
-- multimodal: "Name a red fruit." -> apple / cherry / strawberry / raspberry. Training answers are
+- multimodal: "Name a red fruit." -> apple / strawberry / cherry / raspberry. Training answers are
   drawn with Zipf probabilities (rank r gets weight 1/r), so the teacher learns several modes of
-  uneven mass; a student that spreads mass (forward KL) can emit blends such as "apple cake".
+  uneven mass. Prompts overlap ("a red fruit", "a red vegetable", "a yellow fruit", "a fruit"), so
+  a small student that spreads mass (forward KL) lands on a neighbour's answer ("tomato") or a
+  blend ("apple cake"); one that seeks modes (reverse KL) can stay on "apple".
 - compositional: "Name a country and its capital." -> "france paris". Every later part is fixed by
   the first, so a part from one mode followed by a part from another ("france rome") is invalid:
   the failure that mass-covering invites and mode-seeking avoids.

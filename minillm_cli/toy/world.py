@@ -25,9 +25,9 @@ class WorldSize:
 
 # The student is much smaller than the teacher (about 1/20 of its non-embedding parameters) so that
 # it cannot copy every mode of the teacher: the regime where forward and reverse KL part ways.
-FULL = WorldSize(n_train=3000, n_valid=100, n_test=200, n_pt_docs=1500, vocab_size=640,
+FULL = WorldSize(n_train=4000, n_valid=100, n_test=300, n_pt_docs=1500, vocab_size=768,
                  teacher=(4, 128, 4), student=(1, 48, 2))
-FAST = WorldSize(n_train=1500, n_valid=60, n_test=100, n_pt_docs=600, vocab_size=640,
+FAST = WorldSize(n_train=2000, n_valid=60, n_test=150, n_pt_docs=600, vocab_size=768,
                  teacher=(3, 96, 4), student=(1, 48, 2))
 
 

@@ -1,0 +1,162 @@
+"""One full MiniLLM iteration (rollouts, scoring, PPO epochs): naive vs ours, same models and data.
+
+    python benchmarks/iteration.py [--num-rollouts 256] [--rollout-batch 64] [--prompt-len 256]
+        [--new-tokens 256] [--ppo-epochs 4] [--batch-size 32] [--micro-batch 8] [--device cuda] [--tiny]
+
+Reference settings (METHOD.md): 256 rollouts of <= 256 new tokens after prompts of <= 256 tokens
+(ragged, left padded), alpha 0.2, 4 PPO epochs. Random-weight models almost never emit EOS, so
+every rollout runs the full 256 tokens (the worst case).
+naive: benchmarks/_common.naive_rollout; score_rollouts and minillm_loss with unchunked float32
+vocabulary terms; bf16 student weights; the teacher forward repeated in every PPO micro-batch.
+ours: sampler.sample(engine="auto": static caches + CUDA graph on CUDA, the static loop on CPU);
+teacher logits kept from scoring (cache_teacher_logits), chunked losses, float32 master weights
+with bf16 autocast, fused AdamW. Each side runs one untimed warm-up iteration on a reduced batch
+first (same shapes), then one timed iteration; phases are timed separately.
+"""
+from __future__ import annotations
+
+import time
+
+from _common import (base_parser, build_pair, emit, low_dtype, machine, naive_rollout, random_prompts,
+                     setup, sync, table)
+
+
+def main() -> int:
+    ap = base_parser(__doc__)
+    ap.add_argument("--num-rollouts", type=int, default=None)
+    ap.add_argument("--rollout-batch", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--ppo-epochs", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--micro-batch", type=int, default=None)
+    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--sides", default="naive,ours")
+    args = setup(ap.parse_args(), "iteration")
+    import torch
+
+    from minillm_cli.engine import fast_sampler
+    from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
+    from minillm_cli.engine.rollouts import concat_batches
+    from minillm_cli.engine.runtime import autocast
+    from minillm_cli.engine.sampler import Rollout, SamplingParams, sample
+
+    tiny, cuda = args.tiny, args.device.type == "cuda"
+    N = args.num_rollouts or (8 if tiny else 256)
+    RB = args.rollout_batch or (4 if tiny else 64)
+    P = args.prompt_len or (8 if tiny else 256)
+    T = args.new_tokens or (8 if tiny else 256)
+    E = args.ppo_epochs or (2 if tiny else 4)
+    MB = args.batch_size or (4 if tiny else 32)
+    mu = args.micro_batch or (2 if tiny else 8)
+    low = low_dtype(args)
+    info = machine(args)
+    emit(args, {"kind": "machine", **info, "num_rollouts": N, "rollout_batch": RB, "prompt": P, "new_tokens": T,
+                "ppo_epochs": E, "batch_size": MB, "micro_batch": mu})
+    student0, teacher, spec = build_pair(args, student_dtype=torch.float32)
+    V = spec["vocab"]
+    eos = V - 1
+    ids_all, mask_all = random_prompts(N, P, V, args.device, args.seed, ragged=True)
+    params = SamplingParams(T)
+
+    def one_iteration(side: str, student, opt, n_rows: int) -> dict:
+        naive = side == "naive"
+        opts = MiniLLMOptions(chunk_size=None if naive else 128, cache_teacher_logits=not naive)
+        amp = (lambda: autocast(args.device, low)) if not naive else (lambda: autocast(args.device, None))
+        times = {}
+        sync(args.device)
+        t0 = time.perf_counter()
+        parts, n_tok = [], 0
+        t_roll = 0.0
+        for s in range(0, n_rows, RB):
+            ids, mask = ids_all[s : s + RB], mask_all[s : s + RB]
+            sync(args.device)
+            r0 = time.perf_counter()
+            with torch.no_grad(), amp():
+                if naive:
+                    toks, _ = naive_rollout(student, teacher, ids, mask, T, args.alpha, eos, V)
+                    m = torch.ones_like(toks, dtype=torch.bool)
+                    z = torch.zeros(toks.shape, device=toks.device)
+                    roll = Rollout(ids, mask.bool(), toks, m, z, z)
+                else:
+                    gens = [torch.Generator().manual_seed(args.seed * 7919 + s + b) for b in range(ids.shape[0])]
+                    roll = sample(student, teacher, ids, mask, params=params, alpha=args.alpha, eos_id=eos,
+                                  pad_id=eos, generators=gens, vocab_size=V, engine="auto" if cuda else "static")
+                sync(args.device)
+                t_roll += time.perf_counter() - r0
+                parts.append(score_rollouts(student, teacher, roll, opts, V))
+            n_tok += int(roll.response_mask.sum())
+        if not naive:
+            fast_sampler.release()
+        if opts.cache_teacher_logits:  # concat_batches does not carry the cached logits: join them here
+            tl = torch.cat([p.teacher_logits for p in parts])
+            buffer = concat_batches(parts)
+            buffer.teacher_logits = tl
+        else:
+            buffer = concat_batches(parts)
+        del parts
+        sync(args.device)
+        times["rollout_s"] = t_roll
+        times["score_s"] = time.perf_counter() - t0 - t_roll
+        t1 = time.perf_counter()
+        steps = 0
+        g = torch.Generator().manual_seed(args.seed)
+        for _ in range(E):
+            order = torch.randperm(n_rows, generator=g).tolist()
+            for i in range(0, n_rows - MB + 1, MB):
+                rows = order[i : i + MB]
+                opt.zero_grad(set_to_none=True)
+                norm = float(buffer.response_mask[rows].sum())
+                for j in range(0, MB, mu):
+                    with amp():
+                        loss, _ = minillm_loss(student, teacher, buffer.select(rows[j : j + mu]), opts, norm, V)
+                    loss.backward()
+                opt.step()
+                steps += 1
+        sync(args.device)
+        times["update_s"] = time.perf_counter() - t1
+        times["total_s"] = time.perf_counter() - t0
+        times["optimizer_steps"] = steps
+        times["rollout_tokens"] = n_tok
+        times["rollout_tokens_per_s"] = n_tok / max(t_roll, 1e-9)
+        return times
+
+    rows = []
+    for side in args.sides.split(","):
+        naive = side == "naive"
+        student = student0 if not naive else None
+        if naive:
+            import copy
+            student = copy.deepcopy(student0).to(low)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-6, **({"fused": True} if cuda and not naive else {}))
+        student.eval()  # dropout off during updates, as the engine does
+        try:
+            one_iteration(side, student, opt, min(N, max(MB, RB)))  # warm-up: same shapes, fewer rows
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            rec = one_iteration(side, student, opt, N)
+        except torch.cuda.OutOfMemoryError as e:
+            emit(args, {"kind": "iteration", "side": side, "error": f"OOM: {e}"[:200]})
+            torch.cuda.empty_cache()
+            continue
+        rec = {"kind": "iteration", "side": side, **rec,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+               "device": info.get("gpu", info["device"])}
+        emit(args, rec)
+        rows.append(rec)
+        del opt
+        if naive:
+            del student
+        if cuda:
+            torch.cuda.empty_cache()
+    print()
+    table(rows, [("side", "side", ""), ("rollout_s", "rollout s", "{:.2f}"), ("score_s", "score s", "{:.2f}"),
+                 ("update_s", "update s", "{:.2f}"), ("total_s", "total s", "{:.2f}"),
+                 ("rollout_tokens_per_s", "roll tok/s", "{:,.0f}"), ("peak_gib", "peak GiB", "{:.2f}")])
+    if len(rows) == 2:
+        print(f"speedup (total): {rows[0]['total_s'] / rows[1]['total_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
