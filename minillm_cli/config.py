@@ -220,8 +220,13 @@ class DistillConfig:
     teacher_peft: Optional[str] = None
     teacher_device: Optional[str] = None
     eval_prompts: int = 32
+    # speed (GPU): rollout engine and teacher-logit caching; both exact, see docs/PERFORMANCE-NOTES.md
+    sampler: str = "eager"
+    cache_teacher_logits: bool = False
 
     def __post_init__(self):
+        require(self.sampler in ("auto", "eager", "static", "graph", "compile"),
+                f"--sampler {self.sampler!r}: expected auto, eager, static, graph or compile")
         require(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
         require(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
         require(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0,

@@ -213,6 +213,7 @@ def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str = "teacher", 
 
 def save_pretrained(model, tokenizer, out: str | Path, *, merge_lora: bool = True) -> None:
     """Save an ordinary Hugging Face folder (safetensors). LoRA students are merged unless asked not to."""
+    quiet_transformers()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     to_save = model

@@ -32,7 +32,9 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
     except MiniLLMError as e:
         if debug:
             raise
-        _say(f"error: {e}")
+        # Bad input and agreed stops are the same on every process: say it once (rank 0).
+        if rank() == 0 or e.exit_code != 2:
+            _say(f"error: {e}" if rank() == 0 else f"error [rank {rank()}]: {e}")
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         _say("interrupted")
@@ -43,8 +45,23 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _say(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)")
+        where = "" if rank() == 0 else f" [rank {rank()}]"
+        _say(f"error{where}: {type(e).__name__}: {msg} (rerun with --debug for the traceback)")
         raise typer.Exit(1)
+
+
+def rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when run alone)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def echo_main(line: str) -> None:
+    """A closing human line on stderr, from rank 0 only."""
+    if rank() == 0:
+        _say(line)
 
 
 def _say(line: str) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from minillm_cli.cli import options as o
-from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, rank, run_command
 
 Int = lambda flag, help: Annotated[int, typer.Option(flag, help=help)]  # noqa: E731
 Float = lambda flag, help: Annotated[float, typer.Option(flag, help=help)]  # noqa: E731
@@ -50,6 +50,8 @@ def command(
     teacher_peft: Annotated[Optional[str], typer.Option("--teacher-peft", help="LoRA adapter merged into the teacher.")] = None,
     teacher_device: Annotated[Optional[str], typer.Option("--teacher-device", help="Put the teacher elsewhere (cpu, cuda:1).")] = None,
     eval_prompts: Int("--eval-prompts", "Validation prompts for the reverse-KL curve (0: off).") = 32,
+    sampler: Annotated[str, typer.Option("--sampler", help="Rollout engine: eager (reference) | auto (static KV caches + CUDA graph on GPUs) | static | graph | compile.")] = "eager",
+    cache_teacher_logits: Bool("--cache-teacher-logits", "Keep the teacher's logits from scoring for all PPO epochs (exact; memory N*T*V).") = False,
     max_length: o.MaxLength = 512,
     max_prompt_length: o.MaxPrompt = 256,
     limit: Limit = None,
@@ -109,12 +111,13 @@ def command(
             include_current_reward=include_current_reward, whiten=whiten, reward_scale=reward_scale,
             reward_clip=reward_clip, loss_normalizer=loss_normalizer, pt_data=pt_data, pt_coef=pt_coef,
             pt_batch_size=pt_batch_size, pt_kd_ratio=pt_kd_ratio, kd_ratio=kd_ratio, teacher_peft=teacher_peft,
-            teacher_device=teacher_device, eval_prompts=eval_prompts,
+            teacher_device=teacher_device, eval_prompts=eval_prompts, sampler=sampler,
+            cache_teacher_logits=cache_teacher_logits,
         )
         summary = run_distill(cfg)
-        if json_out:
+        if json_out and rank() == 0:
             print(json.dumps(summary))
         elif not quiet:
-            typer.echo(f"distill ({method}) done: {summary['steps']} steps -> {summary['out']}", err=True)
+            echo_main(f"distill ({method}) done: {summary['steps']} steps -> {summary['out']}")
 
     run_command(body, debug=debug)

@@ -31,6 +31,7 @@ def command(
     top_p: Annotated[float, typer.Option("--top-p", help="Top-p filter (1: off).")] = 1.0,
     no_repeat_ngram_size: Annotated[int, typer.Option("--no-repeat-ngram-size", help="Ban repeated n-grams of this size (0: off).")] = 6,
     greedy: Annotated[bool, typer.Option("--greedy", help="Argmax decoding (exact, as top-k 1) instead of sampling.")] = False,
+    sampler: Annotated[str, typer.Option("--sampler", help="Generation engine: eager (reference) | auto (static KV cache + CUDA graph on GPUs) | static | graph | compile.")] = "eager",
     max_prompt_length: o.MaxPrompt = 256,
     max_length: o.MaxLength = 512,
     template: o.Template = "dolly",
@@ -57,7 +58,7 @@ def command(
             model=model, data=data, metrics=metric, teacher=teacher, seeds=seeds, seed=seed,
             max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, max_length=max_length,
             temperature=temperature, top_k=top_k, top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
-            greedy=greedy, batch_size=batch_size, limit=limit, template=template, prompt_field=prompt_field,
+            greedy=greedy, sampler=sampler, batch_size=batch_size, limit=limit, template=template, prompt_field=prompt_field,
             response_field=response_field, input_field=input_field, split=split, valid_size=valid_size,
             test_size=test_size, split_seed=split_seed, out=out, predictions=predictions, by_length=by_length,
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, quiet=quiet)

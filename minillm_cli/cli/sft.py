@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from minillm_cli.cli import options as o
-from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, rank, run_command
 
 
 def command(
@@ -72,12 +72,12 @@ def command(
             steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
         )
         summary = train_sft(cfg)
-        if json_out:
+        if json_out and rank() == 0:
             print(json.dumps(summary))
         elif not quiet:
             best = summary["best_valid_loss"]
-            typer.echo(f"sft done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
+            echo_main(f"sft done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
                        + (f", best valid loss {best:.4f} (step {summary['best_step']})" if best is not None else "")
-                       + f" -> {summary['out']}", err=True)
+                      + f" -> {summary['out']}")
 
     run_command(body, debug=debug)

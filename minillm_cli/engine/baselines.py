@@ -60,7 +60,8 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
         ids, att = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                      generators=[example_generator(cfg.run.seed, 0, i) for i in chunk], vocab_size=len(tokenizer))
+                      generators=[example_generator(cfg.run.seed, 0, i) for i in chunk], vocab_size=len(tokenizer),
+                      engine=cfg.sampler)
         for row, i in enumerate(chunk):
             toks = roll.response_ids[row][roll.response_mask[row]].tolist()
             if toks and toks[-1] == tokenizer.eos_token_id:

@@ -108,7 +108,8 @@ class MiniLLMRun:
         self.opts = MiniLLMOptions(
             single_step=cfg.single_step, length_norm=cfg.length_norm, gamma=cfg.gamma,
             include_current_reward=cfg.include_current_reward, whiten=cfg.whiten, reward_scale=cfg.reward_scale,
-            reward_clip=cfg.reward_clip, clip_ratio=cfg.clip_ratio, importance_weight=cfg.importance_weight)
+            reward_clip=cfg.reward_clip, clip_ratio=cfg.clip_ratio, importance_weight=cfg.importance_weight,
+            cache_teacher_logits=cfg.cache_teacher_logits)
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_k=cfg.top_k, top_p=cfg.top_p)
 
@@ -181,10 +182,14 @@ class MiniLLMRun:
                 roll = sample(self.student, self.teacher, ids.to(rt.device), att.to(rt.device), params=self.params,
                               alpha=cfg.teacher_mix_alpha, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
                               generators=[example_generator(cfg.run.seed, iteration, j) for j in slots],
-                              vocab_size=self.vocab)
+                              vocab_size=self.vocab, engine=cfg.sampler)
                 scored = score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab)
             n_tok += int(roll.response_mask.sum())
             local.append((k, scored))
+        if cfg.sampler != "eager":  # free the static KV caches before the updates need the memory
+            from minillm_cli.engine.fast_sampler import release
+
+            release()
         buffer = gather_parts(rt, local, rt.device)
         secs = rt.sum_scalar(time.perf_counter() - t0) / rt.world_size
         lengths = buffer.response_mask.sum(1).float()

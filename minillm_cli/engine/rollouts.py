@@ -50,13 +50,24 @@ def concat_batches(parts: list[RolloutBatch]) -> RolloutBatch:
         att.append(torch.nn.functional.pad(b.attention_mask, (lp, rp), value=0))
         for f in _PER_TOKEN:
             per[f].append(torch.nn.functional.pad(getattr(b, f), (0, rp), value=0))
+    teacher_logits = None
+    if all(b.teacher_logits is not None for b in parts):  # cached once per rollout batch (opt-in)
+        teacher_logits = torch.cat([torch.nn.functional.pad(b.teacher_logits, (0, 0, 0, T - b.teacher_logits.shape[1]))
+                                    for b in parts])
     return RolloutBatch(input_ids=torch.cat(ids), attention_mask=torch.cat(att), prompt_len=P,
-                        **{f: torch.cat(v) for f, v in per.items()})
+                        teacher_logits=teacher_logits, **{f: torch.cat(v) for f, v in per.items()})
 
 
-def to_state(batch: RolloutBatch) -> dict:
-    return {f.name: (getattr(batch, f.name).detach().cpu() if isinstance(getattr(batch, f.name), torch.Tensor)
-                     else getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+def to_state(batch: RolloutBatch, *, keep_teacher_logits: bool = False) -> dict:
+    """CPU copy of a buffer. Cached teacher logits (N×T×V) are left out unless asked for: they are
+    huge in checkpoints, and after a resume the teacher simply computes them again (exactly)."""
+    state = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        if f.name == "teacher_logits" and not keep_teacher_logits:
+            v = None
+        state[f.name] = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+    return state
 
 
 def from_state(state: dict, device) -> RolloutBatch:
@@ -65,7 +76,7 @@ def from_state(state: dict, device) -> RolloutBatch:
 
 def gather_parts(rt, local: list[tuple[int, RolloutBatch]], device) -> RolloutBatch:
     """All processes' scored micro-batches, in micro-batch order, as one buffer on `device`."""
-    items = [(k, to_state(b)) for k, b in local]
+    items = [(k, to_state(b, keep_teacher_logits=True)) for k, b in local]
     if rt.distributed:
         everyone = [None] * rt.world_size
         torch.distributed.all_gather_object(everyone, items)

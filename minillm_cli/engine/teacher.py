@@ -20,11 +20,14 @@ class TeacherOnDevice(torch.nn.Module):
         self.config = model.config
         self.device_ = next(model.parameters()).device
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kw):
-        move = lambda t: t.to(self.device_) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        out = self.model(input_ids=move(input_ids), attention_mask=move(attention_mask),
-                         position_ids=move(position_ids), past_key_values=past_key_values,
-                         **{k: move(v) for k, v in kw.items()})
+    def get_base_model(self):
+        """The wrapped model: `sampler.model_kwargs` reads its forward signature (cache argument
+        name, logits_to_keep) through this, as it does for PEFT models."""
+        return self.model
+
+    def forward(self, **kw):
+        moved = {k: (v.to(self.device_) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        out = self.model(**moved)
         out.logits = out.logits.to(self.home)
         return out
 

@@ -64,11 +64,14 @@ class EvaluateConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    sampler: str = "eager"  # rollout engine: eager (reference) | auto | static | graph | compile
     quiet: bool = False
     # Oracle of the "validity" metric (the quickstart's synthetic task): (example, prediction) -> ok.
     validity: Optional[Callable[[Example, str], bool]] = field(default=None, repr=False)
 
     def __post_init__(self):
+        require(self.sampler in ("auto", "eager", "static", "graph", "compile"),
+                f"--sampler {self.sampler!r}: expected auto, eager, static, graph or compile")
         from minillm_cli.data.splits import SPLITS
         from minillm_cli.eval.metrics import METRICS, validate_metric_names
 
@@ -283,7 +286,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             ntok = 0
             for batch in generate_batches(model, prompts, params=cfg.sampling_params(), seed=seed, example_ids=kept,
                                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, vocab_size=V,
-                                          device=rt.device, batch_size=cfg.batch_size, max_length=cfg.max_length):
+                                          device=rt.device, batch_size=cfg.batch_size, max_length=cfg.max_length, engine=cfg.sampler):
                 toks = batch.token_lists()
                 for r, ids, ended in zip(batch.rows, toks, batch.ended()):
                     texts[r] = tok.decode(ids, skip_special_tokens=True)

@@ -75,8 +75,8 @@ def cut_to_budgets(response_mask: torch.Tensor, budgets: list[int]) -> torch.Ten
 
 def generate_batches(model, prompts: list[list[int]], *, params: SamplingParams, seed: int,
                      example_ids: Optional[list[int]] = None, eos_id: int, pad_id: int,
-                     vocab_size: int, device: torch.device, batch_size: int, max_length: int
-                     ) -> Iterator[GeneratedBatch]:
+                     vocab_size: int, device: torch.device, batch_size: int, max_length: int,
+                     engine: str = "eager") -> Iterator[GeneratedBatch]:
     """Sample one response per prompt, batch by batch (see the module docstring).
 
     prompts: token lists (each shorter than max_length); example_ids: the key of each prompt's
@@ -99,7 +99,7 @@ def generate_batches(model, prompts: list[list[int]], *, params: SamplingParams,
             top_p=params.top_p, no_repeat_ngram_size=params.no_repeat_ngram_size)
         gens = [example_generator(seed, example_ids[i]) for i in rows]
         ro = sample(model, None, ids, mask, params=batch_params, alpha=0.0, eos_id=eos_id,
-                    pad_id=pad_id, generators=gens, vocab_size=vocab_size)
+                    pad_id=pad_id, generators=gens, vocab_size=vocab_size, engine=engine)
         resp_mask = cut_to_budgets(ro.response_mask, row_budget)
         resp_ids = torch.where(resp_mask, ro.response_ids, torch.full_like(ro.response_ids, pad_id))
         # Trim trailing columns no row uses any more (after the per-row cut).

@@ -42,7 +42,7 @@ class Recipe:
     pt_coef: float = 0.1
 
 
-FULL = Recipe(teacher_steps=1200, student_steps=600, sft_lr=2e-3, distill_steps=160, distill_lr=5e-4,
+FULL = Recipe(teacher_steps=1200, student_steps=600, sft_lr=2e-3, distill_steps=320, distill_lr=5e-4,
               batch_size=16, num_rollouts=64, max_new_tokens=10, distill_seeds=3, eval_seeds=3)
 FAST = Recipe(teacher_steps=600, student_steps=300, sft_lr=2e-3, distill_steps=48, distill_lr=5e-4,
               batch_size=16, num_rollouts=64, max_new_tokens=10, distill_seeds=1, eval_seeds=2)
