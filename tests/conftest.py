@@ -29,6 +29,20 @@ CORPUS = [
 ] * 4
 
 
+def gpt2_numbers(seed: int, *, vocab: int = 11, pad: int = 11, eos: int = 0, n_layer: int = 1,
+                 n_positions: int = 96, attn: str = "sdpa"):
+    """A tiny in-memory GPT-2 over a toy vocabulary (ids 0..vocab-1, EOS 0) whose logits are one
+    row wider (the pad row), with large random weights so distributions are far from uniform."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=vocab + 1, n_positions=n_positions,
+                     initializer_range=0.4, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = attn
+    return GPT2LMHeadModel(cfg).eval()
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -84,25 +84,18 @@ def command(
     json_out: JsonOut = False,
     debug: Debug = False,
 ) -> None:
+    args = dict(locals())
+
     def body():
         import json
 
-        from minillm_cli.config import DataOptions, DistillConfig, ModelOptions, OptimOptions, RunOptions
+        from minillm_cli.config import DistillConfig
         from minillm_cli.engine.distill import run_distill
 
+        data_o, run_o, optim_o, model_o = o.configs(args)
         cfg = DistillConfig(
-            teacher=teacher, student=student, method=method,
-            data=DataOptions(data=data, prompt_field=prompt_field, response_field=response_field,
-                             input_field=input_field, template=template, max_prompt_length=max_prompt_length,
-                             max_length=max_length, valid_size=valid_size, test_size=test_size,
-                             split_seed=split_seed, limit=limit, valid_data=valid_data),
-            run=RunOptions(out=out, overwrite=overwrite, resume=resume, seed=seed, device=device, quiet=quiet,
-                           json=json_out, eval_every=eval_every, save_every=save_every),
-            optim=OptimOptions(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
-                               max_grad_norm=max_grad_norm),
-            model_opts=ModelOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                    lora_targets=o.split_targets(lora_targets), save_adapter=save_adapter,
-                                    trust_remote_code=trust_remote_code, dtype=dtype),
+            teacher=teacher, student=student, method=method, data=data_o, run=run_o, optim=optim_o,
+            model_opts=model_o,
             steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
             num_rollouts=num_rollouts, rollout_batch_size=rollout_batch_size, ppo_epochs=ppo_epochs,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -38,3 +38,22 @@ Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 |
 
 def split_targets(s: Optional[str]):
     return [t.strip() for t in s.split(",") if t.strip()] if s else None
+
+
+def configs(a: dict):
+    """DataOptions, RunOptions, OptimOptions and ModelOptions from a command's parsed options
+    (its `locals()`): the option names above map one to one onto the dataclass fields."""
+    from minillm_cli.config import DataOptions, ModelOptions, OptimOptions, RunOptions
+
+    data = DataOptions(data=a["data"], prompt_field=a["prompt_field"], response_field=a["response_field"],
+                       input_field=a["input_field"], template=a["template"], max_prompt_length=a["max_prompt_length"],
+                       max_length=a["max_length"], valid_size=a["valid_size"], test_size=a["test_size"],
+                       split_seed=a["split_seed"], limit=a["limit"], valid_data=a["valid_data"])
+    run = RunOptions(out=a["out"], overwrite=a["overwrite"], resume=a["resume"], seed=a["seed"], device=a["device"],
+                     quiet=a["quiet"], json=a["json_out"], eval_every=a["eval_every"], save_every=a["save_every"])
+    optim = OptimOptions(lr=a["lr"], weight_decay=a["weight_decay"], warmup_steps=a["warmup_steps"],
+                         schedule=a["schedule"], max_grad_norm=a["max_grad_norm"])
+    model = ModelOptions(lora_r=a["lora_r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
+                         lora_targets=split_targets(a["lora_targets"]), save_adapter=a["save_adapter"],
+                         trust_remote_code=a["trust_remote_code"], dtype=a["dtype"])
+    return data, run, optim, model

@@ -32,6 +32,7 @@ def command(
             print(json.dumps(summary))
         else:
             print(summary["table"])
+            print(summary["verdict"])
             typer.echo(f"quickstart done in {summary['seconds']:.0f} s -> {summary['out']} "
                        f"(comparison.md, comparison.png)", err=True)
 

@@ -50,34 +50,24 @@ def command(
     json_out: JsonOut = False,
     debug: Debug = False,
 ) -> None:
+    args = dict(locals())
+
     def body():
         import json
 
-        from minillm_cli.config import DataOptions, ModelOptions, OptimOptions, RunOptions, SFTConfig
+        from minillm_cli.config import SFTConfig
         from minillm_cli.engine.sft import train_sft
 
-        cfg = SFTConfig(
-            model=model,
-            data=DataOptions(data=data, prompt_field=prompt_field, response_field=response_field,
-                             input_field=input_field, template=template, max_prompt_length=max_prompt_length,
-                             max_length=max_length, valid_size=valid_size, test_size=test_size,
-                             split_seed=split_seed, limit=limit, valid_data=valid_data),
-            run=RunOptions(out=out, overwrite=overwrite, resume=resume, seed=seed, device=device, quiet=quiet,
-                           json=json_out, eval_every=eval_every, save_every=save_every),
-            optim=OptimOptions(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
-                               max_grad_norm=max_grad_norm),
-            model_opts=ModelOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                    lora_targets=o.split_targets(lora_targets), save_adapter=save_adapter,
-                                    trust_remote_code=trust_remote_code, dtype=dtype),
-            steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-        )
+        data_o, run_o, optim_o, model_o = o.configs(args)
+        cfg = SFTConfig(model=model, data=data_o, run=run_o, optim=optim_o, model_opts=model_o,
+                        steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
         summary = train_sft(cfg)
         if json_out and rank() == 0:
             print(json.dumps(summary))
         elif not quiet:
             best = summary["best_valid_loss"]
             echo_main(f"sft done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
-                       + (f", best valid loss {best:.4f} (step {summary['best_step']})" if best is not None else "")
+                      + (f", best valid loss {best:.4f} (step {summary['best_step']})" if best is not None else "")
                       + f" -> {summary['out']}")
 
     run_command(body, debug=debug)

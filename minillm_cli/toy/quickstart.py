@@ -18,6 +18,10 @@ from typing import Optional
 from minillm_cli.errors import InputError, require
 
 METHODS = ("kd", "seqkd", "rkl", "minillm")
+# Rows of the comparison: the SFT student before distillation ("start"), and SFT continued for the
+# distillation budget ("sft": same steps, batch and learning rate as each method) so that every
+# student column had the same number of updates.
+ROWS = ("teacher", "start", "sft", *METHODS)
 # The paper's four optimisations, each switched off in turn by `--ablation`.
 ABLATIONS = {
     "no-single-step": {"single_step": False},
@@ -138,7 +142,21 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         run_distill(c)
         return run_out
 
-    runs: dict[str, list[Path]] = {m: [] for m in METHODS}
+    def sft_more(seed: int, name: str) -> Path:
+        run_out = out / "runs" / name
+        c = SFTConfig(model=str(out / "sft"), data=data,
+                      run=RunOptions(out=str(run_out), seed=seed, device=cfg.device, quiet=True,
+                                     eval_every=max(r.distill_steps // 6, 1)),
+                      optim=OptimOptions(lr=r.distill_lr, warmup_steps=0, schedule="constant"),
+                      steps=r.distill_steps, batch_size=r.batch_size)
+        train_sft(c)
+        return run_out
+
+    runs: dict[str, list[Path]] = {m: [] for m in ("sft", *METHODS)}
+    for s in range(r.distill_seeds):
+        _say(cfg, f"SFT continued at the distillation budget (seed {s + 1}/{r.distill_seeds}, {r.distill_steps} steps)")
+        runs["sft"].append(sft_more(cfg.seed + s, f"sft-s{s}"))
+    stage("sft_equal_budget")
     for method in METHODS:
         for s in range(r.distill_seeds):
             _say(cfg, f"distill {method} (seed {s + 1}/{r.distill_seeds}, {r.distill_steps} steps)")
@@ -153,15 +171,19 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
     _say(cfg, "evaluate (validity, ROUGE-L, dist4, reverse KL to the teacher)")
     results = {"teacher": [evaluate_model(cfg, out / "teacher", world, out / "eval" / "teacher.json", teacher=None)],
-               "sft": [evaluate_model(cfg, out / "sft", world, out / "eval" / "sft.json", teacher=out / "teacher")]}
+               "start": [evaluate_model(cfg, out / "sft", world, out / "eval" / "start.json", teacher=out / "teacher")]}
     for method, paths in runs.items():
         results[method] = [evaluate_model(cfg, p, world, out / "eval" / f"{p.name}.json", teacher=out / "teacher")
                            for p in paths]
+    ablation_results = {name: [evaluate_model(cfg, p, world, out / "eval" / f"{p.name}.json", teacher=out / "teacher")]
+                        for name, p in ablations.items()}
     stage("evaluate")
-    table = write_comparison(cfg, out, results, ablations)
+    table = write_comparison(cfg, out, results, ablations, ablation_results)
+    claim = verdict({name: combine(name, rs) for name, rs in results.items()})
+    (out / "comparison.md").write_text(table + "\n" + claim + "\n")
     stage("compare")
     summary = {"out": str(out), "seconds": round(time.perf_counter() - t_start, 1), "timings": timings,
-               "table": table, "fast": cfg.fast, "distill_seeds": r.distill_seeds, "eval_seeds": r.eval_seeds}
+               "table": table, "verdict": claim, "fast": cfg.fast, "distill_seeds": r.distill_seeds, "eval_seeds": r.eval_seeds}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -191,7 +213,28 @@ def combine(name: str, results: list[dict]) -> dict:
                        metrics=metrics, runs=[r.get("model") for r in results])
 
 
-def write_comparison(cfg: QuickstartConfig, out: Path, results: dict[str, list[dict]], ablations: dict) -> str:
+def verdict(combined: dict[str, dict], metric: str = "validity") -> str:
+    """The paper's claim, measured: is MiniLLM's `metric` above SFT's, KD's and SeqKD's (same
+    student, same budget)? Says by how much, and whether the gap exceeds the seeds' spread."""
+    m = combined["minillm"]["metrics"][metric]
+    parts, ahead = [], True
+    for rival in ("sft", "kd", "seqkd"):
+        r = combined[rival]["metrics"][metric]
+        gap = m["mean"] - r["mean"]
+        spread = (m["std"] ** 2 + r["std"] ** 2) ** 0.5
+        ahead &= gap > 0
+        note = ", within the seeds' spread" if abs(gap) <= spread else ""
+        parts.append(f"{rival} {r['mean']:.1f} ({gap:+.1f}{note})")
+    others = {k: v["metrics"][metric]["mean"] for k, v in combined.items() if k not in ("teacher", "start", "minillm")}
+    best = max(others, key=others.get)
+    head = "MiniLLM came out ahead of SFT, KD and SeqKD" if ahead else "MiniLLM did NOT come out ahead of SFT, KD and SeqKD"
+    tail = "" if best in ("sft", "kd", "seqkd") or others[best] <= m["mean"] else \
+        f"; {best} ({others[best]:.1f}) is above MiniLLM"
+    return f"{head} on {metric}: minillm {m['mean']:.1f} ± {m['std']:.1f} vs " + ", ".join(parts) + tail + "."
+
+
+def write_comparison(cfg: QuickstartConfig, out: Path, results: dict[str, list[dict]], ablations: dict,
+                     ablation_results: dict[str, list[dict]]) -> str:
     from minillm_cli.eval.compare import comparison, load_entries, render_markdown, rich_table
     from minillm_cli.eval.plot import plot_comparison
     from minillm_cli.eval.results import write_result
@@ -211,6 +254,12 @@ def write_comparison(cfg: QuickstartConfig, out: Path, results: dict[str, list[d
         runs = [out / "runs" / "minillm-s0", *ablations.values()]
         plot_comparison(load_entries(runs, names=["minillm", *ablations]), out / "ablation.png",
                         title="MiniLLM ablation: training curves")
+        files = [out / "compare" / "minillm.json"]
+        for name, rs in ablation_results.items():
+            files.append(out / "compare" / f"minillm-{name}.json")
+            write_result(files[-1], combine(f"minillm-{name}", rs))
+        (out / "ablation.md").write_text(render_markdown(comparison(load_entries(files, names=["minillm", *ablation_results]),
+                                                                    baseline="minillm")))
     if not cfg.quiet:
         from rich.console import Console
 

@@ -13,12 +13,6 @@ from conftest import write_jsonl
 from minillm_cli.cli.app import app
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def invoke(*args):

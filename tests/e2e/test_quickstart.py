@@ -12,13 +12,15 @@ def test_quickstart_fast_with_ablation(tmp_path):
     out = tmp_path / "qs"
     res = CliRunner().invoke(app, ["quickstart", "--fast", "--ablation", "--out", str(out), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    for name in ("teacher", "sft", "kd", "seqkd", "rkl", "minillm"):
+    for name in ("teacher", "start", "sft", "kd", "seqkd", "rkl", "minillm"):
         assert name in res.stdout
+    assert "MiniLLM came out ahead" in res.stdout or "MiniLLM did NOT come out ahead" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["timings"]) >= {"sft_teacher", "distill_minillm", "evaluate", "ablation"}
+    assert set(summary["timings"]) >= {"sft_teacher", "sft_equal_budget", "distill_minillm", "evaluate", "ablation"}
+    assert "| no-single-step |" in (out / "ablation.md").read_text()
     for png in ("comparison.png", "ablation.png"):
         assert (out / png).stat().st_size > 10_000
-    for name in ("teacher", "sft", "kd", "seqkd", "rkl", "minillm"):
+    for name in ("teacher", "start", "sft", "kd", "seqkd", "rkl", "minillm"):
         result = json.loads((out / "compare" / f"{name}.json").read_text())
         assert {"validity", "rougeL", "dist4"} <= set(result["metrics"])
         if name != "teacher":
@@ -33,3 +35,18 @@ def test_quickstart_fast_with_ablation(tmp_path):
         assert cfg[key] == value, name
     again = CliRunner().invoke(app, ["quickstart", "--fast", "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_verdict_is_computed_from_the_numbers():
+    from minillm_cli.toy.quickstart import verdict
+
+    def res(mean, std=0.5):
+        return {"metrics": {"validity": {"mean": mean, "std": std, "per_seed": [mean]}}}
+
+    ahead = verdict({"teacher": res(90), "start": res(30), "sft": res(40), "kd": res(44), "seqkd": res(43),
+                     "rkl": res(50), "minillm": res(46)})
+    assert ahead.startswith("MiniLLM came out ahead") and "rkl (50.0) is above MiniLLM" in ahead
+    assert "kd 44.0 (+2.0)" in ahead
+    behind = verdict({"teacher": res(90), "start": res(30), "sft": res(40), "kd": res(47), "seqkd": res(43),
+                      "rkl": res(41), "minillm": res(46.5)})
+    assert behind.startswith("MiniLLM did NOT come out ahead") and "kd 47.0 (-0.5, within the seeds' spread)" in behind

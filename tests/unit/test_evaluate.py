@@ -19,13 +19,6 @@ from minillm_cli.engine.sampler import SamplingParams
 from conftest import write_jsonl
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads only add contention on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

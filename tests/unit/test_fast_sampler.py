@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 
+from conftest import gpt2_numbers
+from minillm_cli.data.tokenize import left_pad
 from minillm_cli.engine import fast_sampler
 from minillm_cli.engine.fast_sampler import fast_sample, resolve_engine, self_check
 from minillm_cli.engine.sampler import SamplingParams, sample
@@ -18,22 +20,12 @@ PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 2], [5], [1, 2, 3, 4]]
 
 
 def _gpt2(seed, n_layer=1, attn="sdpa"):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=V + 1, n_positions=96,
-                     initializer_range=0.4, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    cfg._attn_implementation = attn
-    return GPT2LMHeadModel(cfg).eval()
+    return gpt2_numbers(seed, vocab=V, pad=PAD, eos=EOS, n_layer=n_layer, attn=attn)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _release_static_caches():
     yield
-    torch.set_num_threads(n)
     fast_sampler.release()
 
 
@@ -43,13 +35,7 @@ def models():
 
 
 def _left_pad(prompts):
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), PAD)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return ids, mask
+    return left_pad(prompts, PAD)
 
 
 def _args(prompts, seeds, alpha, **kw):

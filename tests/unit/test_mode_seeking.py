@@ -25,12 +25,6 @@ NEG = -1e4
 TEACHER = torch.tensor([0.45, 0.30, 0.02, 0.03, 0.05, 0.15], dtype=torch.float64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TabularLM(torch.nn.Module):

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from conftest import gpt2_numbers
+from minillm_cli.data.tokenize import left_pad
 from minillm_cli.engine.sampler import (
     NGramBlocker, SamplingParams, filtered_logprobs, mix_and_sample, positions_from_mask, sample)
 from minillm_cli.errors import InputError
@@ -17,22 +19,9 @@ EOS = 0
 
 
 def _gpt2(seed, n_layer=1):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=V + 1, n_positions=64,
-                     initializer_range=0.4, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg).eval()
+    return gpt2_numbers(seed, vocab=V, pad=PAD, eos=EOS, n_layer=n_layer, n_positions=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads only add contention (30x slower on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +30,7 @@ def models():
 
 
 def _left_pad(prompts):
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), PAD)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return ids, mask
+    return left_pad(prompts, PAD)
 
 
 def _gens(seeds):
