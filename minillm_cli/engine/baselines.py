@@ -52,8 +52,10 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p)
     prompts = [tokenizer(render_prompt(e, cfg.data.template, tokenizer))["input_ids"] for e in examples]
-    mine: dict[int, str] = {}
-    chunks = micro_batches(list(range(len(examples))), max(cfg.rollout_batch_size or cfg.batch_size, 1))
+    # Prompts over the limit are dropped by the SFT encoding anyway: don't generate for them.
+    mine: dict[int, str] = {i: "" for i, p in enumerate(prompts) if len(p) > cfg.data.max_prompt_length}
+    todo = [i for i in range(len(examples)) if i not in mine]
+    chunks = micro_batches(todo, max(cfg.rollout_batch_size or cfg.batch_size, 1))
     for k, chunk in enumerate(chunks):
         if k % rt.world_size != rt.rank:
             continue
@@ -68,7 +70,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
                 toks = toks[:-1]
             mine[i] = tokenizer.decode(toks, skip_special_tokens=True)
         if progress is not None:
-            progress.log(f"seqkd: teacher generated {min((k + 1) * len(chunk), len(examples))}/{len(examples)}")
+            progress.log(f"seqkd: teacher generated {min((k + 1) * len(chunk), len(todo))}/{len(todo)}")
     if rt.distributed:
         parts = [None] * rt.world_size
         torch.distributed.all_gather_object(parts, mine)

@@ -50,7 +50,7 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code)
-        return teacher_forced_objective(teacher, cfg.method, cfg.kd_ratio)
+        return {"objective": teacher_forced_objective(teacher, cfg.method, cfg.kd_ratio)}
 
     return train_sft(cfg.as_sft(cfg.student), command=f"distill-{cfg.method}", record=cfg, setup=setup)
 
@@ -60,41 +60,22 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
     from minillm_cli.engine.baselines import generate_seqkd_data
     from minillm_cli.engine.sft import train_sft
     from minillm_cli.engine.teacher import load_teacher
-    from minillm_cli.models import load_tokenizer
 
     splits = load_splits(cfg.data)
-    box = {}
 
     def setup(rt, tok):
+        # The teacher answers every training prompt once; then it is freed and the student is SFT'd
+        # on those answers by the same loop as `sft`.
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code)
-        out = Path(cfg.run.out)
         progress = Progress("seqkd", quiet=cfg.run.quiet, is_main=rt.is_main)
-        box["responses"] = generate_seqkd_data(teacher, tok, splits["train"], cfg=cfg, rt=rt,
-                                               path=out / "seqkd_data.jsonl", progress=progress)
-        del teacher
-        return None
+        responses = generate_seqkd_data(teacher, tok, splits["train"], cfg=cfg, rt=rt,
+                                        path=Path(cfg.run.out) / "seqkd_data.jsonl", progress=progress)
+        return {"responses": responses}
 
-    # The teacher's answers must exist before the loop encodes its data: generate them first.
-    cfg_sft = cfg.as_sft(cfg.student)
-    return train_sft(cfg_sft, command="distill-seqkd", record=cfg, setup=setup,
-                     train_examples=splits["train"], valid_examples=splits["valid"],
-                     responses=_LazyResponses(box))
-
-
-class _LazyResponses(list):
-    """The SeqKD targets, filled in by `setup` once the teacher has generated them."""
-
-    def __init__(self, box):
-        super().__init__()
-        self.box = box
-
-    def __getitem__(self, i):
-        return self.box["responses"][i]
-
-    def __len__(self):
-        return len(self.box.get("responses", []))
+    return train_sft(cfg.as_sft(cfg.student), command="distill-seqkd", record=cfg, setup=setup,
+                     train_examples=splits["train"], valid_examples=splits["valid"])
 
 
 # ---------------------------------------------------------------------------------------------

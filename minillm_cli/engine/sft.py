@@ -61,7 +61,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     (summed loss, tokens)` replaces the response CE (kd, rkl); `train_examples`/`responses` train
     on teacher generations (seqkd); `record` is the config saved as run_config.json;
     `setup(runtime, tokenizer)` runs once the student's tokenizer is loaded (the baselines load
-    their teacher there) and may return the objective."""
+    their teacher there) and may return {"objective": ..., "responses": ...} to use instead."""
     from minillm_cli.data.prepare import load_splits
     from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype, save_pretrained
 
@@ -73,7 +73,9 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.model_opts.trust_remote_code, what="model")
     if setup is not None:
-        objective = setup(rt, tok) or objective
+        prepared = setup(rt, tok) or {}
+        objective = prepared.get("objective", objective)
+        responses = prepared.get("responses", responses)
     objective = objective or response_ce_sum
     if train_examples is None:
         splits = load_splits(cfg.data)

@@ -104,3 +104,24 @@ def test_missing_teacher_and_vocab_mismatch(tmp_path, tiny_dir, dolly_like):
     assert res.exit_code == 2 and "tokenizers differ" in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_pt_data_trains_and_another_tokenizer_is_refused_before_training(tmp_path, tiny_dir, dolly_like):
+    from minillm_cli.toy.tiny import train_bpe_tokenizer
+
+    text = tmp_path / "pt.txt"
+    text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." for i in range(200)))
+    assert invoke("pretrain-mix", "--source", text, "--tokenizer", tiny_dir / "student", "--seq-len", 16,
+                  "--split-blank-lines", "--out", tmp_path / "pt", "--quiet", "--workers", 0).exit_code == 0
+    out = tmp_path / "with-pt"
+    res = invoke("distill", *common(tiny_dir, dolly_like), "--pt-data", tmp_path / "pt", "--out", out, "--steps", 2)
+    assert res.exit_code == 0, res.output
+    assert all(r["pt_loss"] > 0 for r in rows(out))
+    train_bpe_tokenizer(["some other corpus altogether"] * 20, tmp_path / "other-tok", vocab_size=300)
+    assert invoke("pretrain-mix", "--source", text, "--tokenizer", tmp_path / "other-tok", "--seq-len", 16,
+                  "--split-blank-lines", "--out", tmp_path / "pt2", "--quiet", "--workers", 0).exit_code == 0
+    res = invoke("distill", *common(tiny_dir, dolly_like), "--pt-data", tmp_path / "pt2", "--out", tmp_path / "bad",
+                 "--steps", 2)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "tokenizer" in res.output.lower()
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
