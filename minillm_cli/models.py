@@ -139,7 +139,9 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
     except (OSError, ValueError) as e:
         raise _not_found(base or name, what, e) from None
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # New rows (our pad token) start at the mean embedding, so their logits look like an
+        # average token's instead of taking mass from a trained model's strongly negative logits.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -23,7 +23,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from minillm_cli.cli.common import Debug, Quiet, run_command
+from minillm_cli.cli.common import Debug, Device, Quiet, Seed, run_command
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -41,6 +41,8 @@ def command(
     judge_key_env: Annotated[Optional[str], typer.Option("--judge-key-env", help="Environment variable holding the API key [default: OPENAI_API_KEY, optional].")] = None,
     judge_limit: Annotated[Optional[int], typer.Option("--judge-limit", help="Judge at most N prompts per result.")] = None,
     judge_timeout: Annotated[float, typer.Option("--judge-timeout", help="Seconds per judge request.")] = 60.0,
+    device: Device = "auto",  # accepted for the common contract; compare runs no model
+    seed: Seed = 0,  # accepted for the common contract; compare draws no random numbers
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:

@@ -38,7 +38,7 @@ def command(
     importance_weight: Annotated[str, typer.Option("--importance-weight", help="token (paper's approximation) | sequence (exact prefix weights).")] = "token",
     gamma: Float("--gamma", "Discount of the long-term return (reference code: 0.95).") = 1.0,
     include_current_reward: Bool("--include-current-reward", "Reference code: the advantage includes r_t.") = False,
-    whiten: Bool("--whiten", "Reference code: whiten advantages (over valid tokens only).") = False,
+    whiten: Bool("--whiten", "Reference code: whiten advantages, over the valid tokens of each rollout micro-batch (--rollout-batch-size).") = False,
     reward_scale: Float("--reward-scale", "Reference code: 0.5.") = 1.0,
     reward_clip: Annotated[Optional[float], typer.Option("--reward-clip", help="Reference code: 100.")] = None,
     loss_normalizer: Annotated[str, typer.Option("--loss-normalizer", help="tokens (mean per response token) | sequences.")] = "tokens",

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from minillm_cli.cli.common import Debug, JsonOut, Quiet, Seed, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Quiet, Seed, run_command
 
 
 def command(
@@ -29,6 +29,7 @@ def command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom tokenizer code from the Hub."),
     seed: Seed = 0,
+    device: Device = "auto",  # accepted for the common contract; tokenisation runs on CPU workers
     json_out: JsonOut = False,
     quiet: Quiet = False,
     debug: Debug = False,

@@ -23,9 +23,10 @@ class Encoded:
         return len(self.input_ids) - self.prompt_len
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
-    # add_special_tokens: a BOS for tokenizers that use one (Llama); GPT-2 adds nothing.
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+def _prompt_ids(tokenizer, text: str, template: str = "dolly") -> list[int]:
+    # add_special_tokens: a BOS for tokenizers that use one (Llama); GPT-2 adds nothing. A chat
+    # template writes its own BOS into the text, so it must not be added twice.
+    return list(tokenizer(text, add_special_tokens=template != "chat")["input_ids"])
 
 
 def encode_prompts(tokenizer, examples: list[Example], template: str = "dolly",
@@ -33,7 +34,7 @@ def encode_prompts(tokenizer, examples: list[Example], template: str = "dolly",
     """Prompt token lists, the indices of the kept examples, and how many were dropped for length."""
     kept, idx, dropped = [], [], 0
     for i, ex in enumerate(examples):
-        ids = _prompt_ids(tokenizer, render_prompt(ex, template, tokenizer))
+        ids = _prompt_ids(tokenizer, render_prompt(ex, template, tokenizer), template)
         if len(ids) > max_prompt_length:
             dropped += 1
             continue
@@ -52,7 +53,7 @@ def encode_sft(tokenizer, examples: list[Example], template: str = "dolly", max_
     eos = tokenizer.eos_token_id
     for i, ex in enumerate(examples):
         response = responses[i] if responses is not None else ex.response
-        p = _prompt_ids(tokenizer, render_prompt(ex, template, tokenizer))
+        p = _prompt_ids(tokenizer, render_prompt(ex, template, tokenizer), template)
         if len(p) > max_prompt_length:
             dropped += 1
             continue

@@ -39,7 +39,6 @@ def teacher_forced_objective(teacher, method: str, kd_ratio: float):
 def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, progress=None) -> list[str]:
     """Teacher-only generation for every training prompt (the paper's decoding settings), written
     once to `path` (jsonl) and reused on --resume. Rows are sharded over processes and gathered."""
-    from minillm_cli.data.template import render_prompt
     from minillm_cli.data.tokenize import left_pad
     from minillm_cli.engine.runtime import example_generator
     from minillm_cli.engine.sampler import SamplingParams, sample
@@ -51,10 +50,13 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
             return [r["response"] for r in rows]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p)
-    prompts = [tokenizer(render_prompt(e, cfg.data.template, tokenizer))["input_ids"] for e in examples]
-    # Prompts over the limit are dropped by the SFT encoding anyway: don't generate for them.
-    mine: dict[int, str] = {i: "" for i, p in enumerate(prompts) if len(p) > cfg.data.max_prompt_length}
-    todo = [i for i in range(len(examples)) if i not in mine]
+    from minillm_cli.data.tokenize import encode_prompts
+
+    encoded, kept, _ = encode_prompts(tokenizer, examples, cfg.data.template, cfg.data.max_prompt_length)
+    prompts = dict(zip(kept, encoded))
+    # Prompts over the limit are dropped by the SFT encoding anyway: nothing to generate for them.
+    mine: dict[int, str] = {i: "" for i in range(len(examples)) if i not in prompts}
+    todo = kept
     chunks = micro_batches(todo, max(cfg.rollout_batch_size or cfg.batch_size, 1))
     for k, chunk in enumerate(chunks):
         if k % rt.world_size != rt.rank:

@@ -52,7 +52,8 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
                                   trust_remote_code=cfg.model_opts.trust_remote_code)
         return {"objective": teacher_forced_objective(teacher, cfg.method, cfg.kd_ratio)}
 
-    return train_sft(cfg.as_sft(cfg.student), command=f"distill-{cfg.method}", record=cfg, setup=setup)
+    return train_sft(cfg.as_sft(cfg.student), command=f"distill-{cfg.method}", record=cfg, setup=setup,
+                     keep_best=False)
 
 
 def _run_seqkd(cfg: DistillConfig) -> dict:
@@ -75,7 +76,7 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
         return {"responses": responses}
 
     return train_sft(cfg.as_sft(cfg.student), command="distill-seqkd", record=cfg, setup=setup,
-                     train_examples=splits["train"], valid_examples=splits["valid"])
+                     train_examples=splits["train"], valid_examples=splits["valid"], keep_best=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,13 +342,11 @@ class MiniLLMRun:
                     raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue "
                                    f"with the same command plus --resume")
         progress.close()
-        summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps,
+        summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps, "saved": "final",
                    "seconds": round(time.perf_counter() - t0, 2),
                    **{k: row.get(k) for k in ("reverse_kl", "valid_reverse_kl", "pt_loss") if k in row}}
         if rt.is_main:
             save_pretrained(self.student, self.tok, out, merge_lora=not cfg.model_opts.save_adapter)
-            if cfg.model_opts.save_adapter:
-                self.student.save_pretrained(str(out / "adapter"))
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics.close()
         rt.barrier()

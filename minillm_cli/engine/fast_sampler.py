@@ -273,7 +273,7 @@ class _Decoder:
         banned = self._ngram_banned() if self.n > 0 else None
         u = self.uniforms.index_select(1, t).squeeze(1)
         tok, lq, lm = mix_and_sample(logits.get("student"), logits.get("teacher"), self.alpha,
-                                     self.params, u, banned)
+                                     self.params, u, banned, never=self.pad)
         if self.lm is None:  # step 0 runs eagerly: allocate with the dtypes the step produces
             self.lm = torch.zeros(self.B, self.T, dtype=lm.dtype, device=self.device)
             if lq is not None:

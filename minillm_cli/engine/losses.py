@@ -102,14 +102,6 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     return (kl * coef).sum() / normalizer
 
 
-def reverse_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                         vocab_size: int, chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
-    """KL(q_bt || p_bt) at every position, no reduction: [B, T] (for logging and tests)."""
-    return _chunked(lambda s, t: _kl_per_position(s, t, vocab_size),
-                    [student_logits, teacher_logits.detach()], student_logits.shape[1],
-                    chunk_size)
-
-
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                normalizer: float, vocab_size: int, chunk_size: int | None = DEFAULT_CHUNK
                ) -> torch.Tensor:

@@ -76,6 +76,8 @@ def from_state(state: dict, device) -> RolloutBatch:
 
 def gather_parts(rt, local: list[tuple[int, RolloutBatch]], device) -> RolloutBatch:
     """All processes' scored micro-batches, in micro-batch order, as one buffer on `device`."""
+    if not rt.distributed:  # nothing to exchange: join in place (no copy out and back)
+        return concat_batches([b for _, b in sorted(local, key=lambda kb: kb[0])])
     items = [(k, to_state(b, keep_teacher_logits=True)) for k, b in local]
     if rt.distributed:
         everyone = [None] * rt.world_size

@@ -95,14 +95,19 @@ def filtered_logprobs(logits: torch.Tensor, params: SamplingParams,
 
 def mix_and_sample(student_logits: torch.Tensor | None, teacher_logits: torch.Tensor | None,
                    alpha: float, params: SamplingParams, uniforms: torch.Tensor,
-                   banned: torch.Tensor | None = None
+                   banned: torch.Tensor | None = None, never: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Filter both distributions, mix p~' = alpha p' + (1 - alpha) q', draw by inverse CDF.
 
     student_logits, teacher_logits [B, V] (either may be None: then the other model alone is
     sampled, whatever alpha), uniforms [B] in [0, 1), banned [B, V] bool or None
     -> tokens [B] long, logq [B] = log q'(token) (None without a student), logmix [B] = log p~'(token).
-    With alpha = 0 logmix is exactly logq (so importance weights are exactly 1)."""
+    With alpha = 0 logmix is exactly logq (so importance weights are exactly 1).
+    `never` is a token id that is never drawn (the pad token: for GPT-2-style vocabularies it is a
+    row we added, which no model was trained to avoid), removed from both distributions."""
+    if never is not None and 0 <= never < (student_logits if student_logits is not None else teacher_logits).shape[-1]:
+        student_logits = _without(student_logits, never)
+        teacher_logits = _without(teacher_logits, never)
     if teacher_logits is None or (student_logits is not None and alpha <= 0.0):
         logq = filtered_logprobs(student_logits, params, banned)
         logmix = logq
@@ -125,6 +130,14 @@ def mix_and_sample(student_logits: torch.Tensor | None, teacher_logits: torch.Te
     logmix_tok = logmix.gather(-1, tokens[:, None]).squeeze(-1)
     logq_tok = None if logq is None else logq.gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logq_tok, logmix_tok
+
+
+def _without(logits: torch.Tensor | None, token: int) -> torch.Tensor | None:
+    if logits is None:
+        return None
+    out = logits.clone()
+    out[..., token] = float("-inf")
+    return out
 
 
 # -- no-repeat-ngram ------------------------------------------------------------------------
@@ -285,7 +298,7 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             if blocker is not None:
                 banned = blocker.banned(vocab_size, alive.tolist(), device)
             tok, lq, lm = mix_and_sample(logits.get("student"), logits.get("teacher"), alpha,
-                                         params, uniforms[:, t], banned)
+                                         params, uniforms[:, t], banned, never=pad_id)
             tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
             toks.append(tok)
             alive_steps.append(alive)

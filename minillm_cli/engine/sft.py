@@ -54,14 +54,16 @@ def validation_loss(model, data: list[Encoded], rt: Runtime, *, micro_batch_size
 
 def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examples=None,
               valid_examples=None, command: str = "sft", objective=None, record=None,
-              setup=None) -> dict:
+              setup=None, keep_best: bool = True) -> dict:
     """Run SFT as configured; returns the summary (also written to OUT/summary.json).
 
     The distillation baselines reuse this loop: `objective(model, batch, vocab_size, device) ->
     (summed loss, tokens)` replaces the response CE (kd, rkl); `train_examples`/`responses` train
     on teacher generations (seqkd); `record` is the config saved as run_config.json;
     `setup(runtime, tokenizer)` runs once the student's tokenizer is loaded (the baselines load
-    their teacher there) and may return {"objective": ..., "responses": ...} to use instead."""
+    their teacher there) and may return {"objective": ..., "responses": ...} to use instead.
+    `keep_best`: OUT holds the best model by validation loss (sft); otherwise the final one
+    (distillation, where every method is compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
     from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype, save_pretrained
 
@@ -84,6 +86,11 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                 cfg.data.max_length, responses=responses)
     valid, vdropped = encode_sft(tok, valid_examples or [], cfg.data.template, cfg.data.max_prompt_length,
                                  cfg.data.max_length)
+    if responses is None and not all(e.references for e in train_examples):
+        missing = sum(not e.references for e in train_examples)
+        raise InputError(f"{cfg.data.data}: {missing} of {len(train_examples)} training examples have no reference "
+                         f"response (layout {train_examples[0].meta.get('layout', '?')}); training needs one: "
+                         f"name it with --response-field")
     if not train:
         raise InputError(f"{cfg.data.data}: no training example left after dropping {dropped} with prompts over "
                          f"--max-prompt-length {cfg.data.max_prompt_length}")
@@ -123,7 +130,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         check_finite(vl, step=step, term="validation loss")
         if vl < best["valid_loss"]:
             best.update(valid_loss=vl, step=step)
-            if rt.is_main:
+            if rt.is_main and keep_best:
                 save_pretrained(model, tok, out, merge_lora=not cfg.model_opts.save_adapter)
         return vl
 
@@ -166,12 +173,11 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                f"the same command plus --resume")
     progress.close()
     if rt.is_main:
-        if best["step"] is None:  # no validation data: the final weights are the result
+        if best["step"] is None or not keep_best:  # the final weights are the result
             save_pretrained(model, tok, out, merge_lora=not cfg.model_opts.save_adapter)
-        if cfg.model_opts.save_adapter:
-            model.save_pretrained(str(out / "adapter"))
     summary = {"command": command, "out": str(out), "steps": steps, "final_loss": loss,
                "best_valid_loss": best["valid_loss"] if best["step"] else None, "best_step": best["step"],
+               "saved": "best" if keep_best and best["step"] is not None else "final",
                "train_examples": len(train), "valid_examples": len(valid), "dropped": dropped + vdropped,
                "seconds": round(time.perf_counter() - t0, 2)}
     if rt.is_main:

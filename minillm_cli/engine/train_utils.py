@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import signal
-from typing import Iterable
 
 import torch
 
@@ -118,7 +117,3 @@ def batches_for_step(n: int, batch_size: int, seed: int, step: int) -> list[int]
         return [order[(k * batch_size + i) % n] for i in range(batch_size)]
     return order[k * batch_size : (k + 1) * batch_size]
 
-
-def mean(xs: Iterable[float]) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")

@@ -62,11 +62,13 @@ def load_entries(paths: Sequence[Path], names: Optional[Sequence[str]] = None) -
                     e.kind, e.source, e.curve = "run", p, run.curve
                     entries.append(e)
             else:
-                model = run.config.get("student") or run.config.get("model")
+                cfg = run.config.get("config", run.config)  # run_config.json: {"command", "config", ...}
+                model = cfg.get("student") or cfg.get("model")
+                data = cfg.get("data")
+                data = data.get("data") if isinstance(data, dict) else data
                 entries.append(Entry(name=run.name, source=p, kind="run", metrics=train,
                                      model=model if isinstance(model, str) else None,
-                                     data=run.config.get("data") if isinstance(run.config.get("data"), str) else None,
-                                     curve=run.curve))
+                                     data=data if isinstance(data, str) else None, curve=run.curve))
         else:
             entries.append(_from_result(p.stem, p, load_result(p)))
     if names is not None:

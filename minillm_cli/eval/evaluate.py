@@ -152,15 +152,10 @@ def load_eval_examples(cfg: EvaluateConfig) -> list[Example]:
     return part
 
 
-def _needs_references(metric: str) -> bool:
-    from minillm_cli.eval.metrics import needs_references
-
-    return needs_references(metric)
-
-
 def resolve_metrics(cfg: EvaluateConfig, examples: list[Example]) -> list[str]:
     """The metrics to compute; InputError when one needs references the data lacks."""
-    needs_references = _needs_references
+    from minillm_cli.eval.metrics import needs_references
+
     with_refs = sum(bool(e.references) for e in examples)
     metrics = cfg.metrics or (["rougeL"] if with_refs else ["dist4"])
     if cfg.metrics is None and cfg.teacher is not None:  # a teacher given: what it is for
@@ -314,7 +309,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         elif m == "validity":
             per_example[m] = [[100.0 * bool(cfg.validity(e, p)) for e, p in zip(evald, texts)]
                               for texts in per_seed_text]
-            values = [score_generations(m, texts, prompts=evald, validity=cfg.validity) for texts in per_seed_text]
+            values = [statistics.fmean(s) for s in per_example[m]]
         elif m == "dist4":
             values = [score_generations(m, texts) for texts in per_seed_text]
         elif m == "lm-loss":

@@ -149,7 +149,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                                      eval_every=max(r.distill_steps // 6, 1)),
                       optim=OptimOptions(lr=r.distill_lr, warmup_steps=0, schedule="constant"),
                       steps=r.distill_steps, batch_size=r.batch_size)
-        train_sft(c)
+        train_sft(c, keep_best=False)  # compared at its last step, like every distilled student
         return run_out
 
     runs: dict[str, list[Path]] = {m: [] for m in ("sft", *METHODS)}

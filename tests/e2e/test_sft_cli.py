@@ -128,3 +128,9 @@ def test_exit_code_subprocess(tmp_path, tiny_dir):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
+
+
+def test_sft_refuses_data_without_responses(tmp_path, tiny_dir):
+    vicuna = write_jsonl(tmp_path / "v.jsonl", [{"question_id": i, "turns": [f"Question {i}?"]} for i in range(10)])
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", vicuna, "--out", tmp_path / "o", "--steps", 1)
+    assert res.exit_code == 2 and "have no reference response" in res.output and "--response-field" in res.output

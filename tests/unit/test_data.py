@@ -173,3 +173,25 @@ def test_shared_data_files_load_without_flags():
     assert len(dolly) == 540 and all(e.references for e in dolly)
     assert len(selfinst) >= 252 and all(e.references for e in selfinst)
     assert len(vicuna) == 80 and not any(e.references for e in vicuna)
+
+
+def test_chat_template_prompt_gets_no_second_bos():
+    """A chat template writes its own BOS into the text: tokenising must not add another."""
+    from minillm_cli.data.examples import Example
+    from minillm_cli.data.tokenize import encode_prompts
+
+    class Tok:
+        chat_template = "x"
+        calls = []
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "<s>" + messages[0]["content"]
+
+        def __call__(self, text, add_special_tokens):
+            self.calls.append(add_special_tokens)
+            return {"input_ids": [1] * len(text)}
+
+    tok = Tok()
+    encode_prompts(tok, [Example("hi")], "chat", 256)
+    encode_prompts(tok, [Example("hi")], "dolly", 256)
+    assert tok.calls == [False, True]

@@ -258,3 +258,17 @@ def test_step_one_frequencies_follow_the_mixture(models):
     assert stat < dof + 6 * math.sqrt(2 * dof), (stat, dof)  # p ~ 1e-6 under the null
     stat_q, _ = chi2(q)
     assert stat_q > 10 * (dof + 6 * math.sqrt(2 * dof))  # the test can tell p~ from q
+
+
+def test_pad_token_is_never_sampled():
+    """The pad row (added to GPT-2-style vocabularies, never trained) is never drawn, even when a
+    model gives it most of the mass; the other tokens keep their relative probabilities."""
+    logits = torch.zeros(4000, V)
+    logits[:, PAD - 1] = 10.0  # a token we pretend is the pad, with almost all the mass
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_new_tokens=1)
+    tok, lq, _ = mix_and_sample(logits, None, 0.0, params, u, never=PAD - 1)
+    assert not (tok == PAD - 1).any()
+    assert torch.allclose(lq, torch.full_like(lq, -math.log(V - 1)))
+    tok, _, _ = mix_and_sample(logits, logits, 0.2, params, u, never=PAD - 1)
+    assert not (tok == PAD - 1).any()
