@@ -56,14 +56,14 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     mine: dict[int, str] = {i: "" for i, p in enumerate(prompts) if len(p) > cfg.data.max_prompt_length}
     todo = [i for i in range(len(examples)) if i not in mine]
     chunks = micro_batches(todo, max(cfg.rollout_batch_size or cfg.batch_size, 1))
-    for k, chunk in enumerate(chunks):
-        if k % rt.world_size != rt.rank:
-            continue
+    for k, chunk, real in rt.lockstep(chunks):  # FSDP: every process runs as many chunks
         ids, att = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                       generators=[example_generator(cfg.run.seed, 0, i) for i in chunk], vocab_size=len(tokenizer),
-                      engine=cfg.sampler)
+                      engine="eager" if rt.fsdp else cfg.sampler, sync=rt.decode_sync)
+        if not real:
+            continue
         for row, i in enumerate(chunk):
             toks = roll.response_ids[row][roll.response_mask[row]].tolist()
             if toks and toks[-1] == tokenizer.eos_token_id:
