@@ -332,7 +332,7 @@ class MiniLLMRun:
             progress.log(f"resumed from {last.name} (step {step})")
         if rt.is_main:
             save_run_config(cfg, out, "distill", {"steps": self.steps, "train_prompts": len(self.prompts),
-                                                  "world_size": rt.world_size})
+                                                  "world_size": rt.world_size, "sharded": rt.fsdp})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}

@@ -119,7 +119,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         progress.log(f"resumed from {last.name}")
     if rt.is_main:
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
-                                            "dropped_long_prompts": dropped + vdropped, "steps": steps})
+                                            "dropped_long_prompts": dropped + vdropped, "steps": steps,
+                                                     "world_size": rt.world_size, "sharded": rt.fsdp})
     metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
 
     def evaluate_and_keep_best(step: int) -> float | None:
