@@ -313,7 +313,8 @@ class MiniLLMRun:
         self.setup(rt)
         progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
         progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
-                     f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}")
+                     f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}"
+                     + (", student and teacher sharded (FSDP)" if rt.fsdp else ""))
         for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp):
             progress.log(line)
         step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []
@@ -369,7 +370,8 @@ class MiniLLMRun:
         summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps,
                    "seconds": round(time.perf_counter() - t0, 2),
                    **{k: row.get(k) for k in ("reverse_kl", "valid_reverse_kl", "pt_loss") if k in row}}
-        fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter)
+        fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                          trust_remote_code=cfg.model_opts.trust_remote_code)
         if rt.is_main:
             if cfg.model_opts.save_adapter:
                 self.student.save_pretrained(str(out / "adapter"))

@@ -118,7 +118,7 @@ def ids_to_names(model, optimizer, state: dict) -> dict:
     return {"state": {names[int(k)]: v for k, v in state["state"].items()}, "param_groups": out_groups}
 
 
-def save_full(model, tokenizer, out, rt) -> None:
+def save_full(model, tokenizer, out, rt, *, trust_remote_code: bool = False) -> None:
     """Write the sharded model as an ordinary Hugging Face folder from rank 0. Gathers on every
     rank (a collective); rank 0 loads the full weights into a plain CPU copy and saves that."""
     from pathlib import Path
@@ -134,7 +134,7 @@ def save_full(model, tokenizer, out, rt) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config)
+        plain = AutoModelForCausalLM.from_config(model.config, trust_remote_code=trust_remote_code)
     plain.load_state_dict(state, strict=False, assign=True)
     plain.tie_weights()
     missing = [n for n, p in plain.named_parameters() if p.is_meta]
@@ -146,11 +146,11 @@ def save_full(model, tokenizer, out, rt) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def save_student(model, tokenizer, out, rt, *, merge_lora: bool = True) -> None:
+def save_student(model, tokenizer, out, rt, *, merge_lora: bool = True, trust_remote_code: bool = False) -> None:
     """Save the trained model as a Hugging Face folder. Call on EVERY process: under FSDP the
     weights are gathered first (a collective); only rank 0 writes."""
     if rt.fsdp:
-        save_full(model, tokenizer, out, rt)
+        save_full(model, tokenizer, out, rt, trust_remote_code=trust_remote_code)
     elif rt.is_main:
         from minillm_cli.models import save_pretrained
 

@@ -162,7 +162,7 @@ def init_runtime(device: str = "auto", fsdp: bool = False) -> Runtime:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        if world > 1 or "MASTER_ADDR" in os.environ:
+        if world > 1 or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK")):  # a launcher's
             torch.distributed.init_process_group(backend=backend)
         else:  # plain `python -m minillm_cli ... --fsdp`: a private one-process group
             torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(),

@@ -100,6 +100,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                        lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
     if rt.fsdp:
         fsdp.shard(model, rt, trainable=True)
+        progress.log(f"FSDP: model sharded over {rt.world_size} process(es)")
     model.train()
     amp = compute_dtype(rt.device)
     vocab = len(tok)
@@ -131,7 +132,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         check_finite(vl, step=step, term="validation loss")
         if vl < best["valid_loss"]:  # the same on every process: vl is summed over all of them
             best.update(valid_loss=vl, step=step)
-            fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter)
+            fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                          trust_remote_code=cfg.model_opts.trust_remote_code)
         return vl
 
     for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp):
@@ -175,7 +177,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                f"the same command plus --resume")
     progress.close()
     if best["step"] is None:  # no validation data: the final weights are the result
-        fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter)
+        fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                          trust_remote_code=cfg.model_opts.trust_remote_code)
     if rt.is_main:
         if cfg.model_opts.save_adapter:
             model.save_pretrained(str(out / "adapter"))
