@@ -67,6 +67,7 @@ class RunOptions:
     eval_every: int = 0  # 0: at the end only
     save_every: int = 0  # 0: at the end only
     log_every: int = 1
+    fsdp: bool = False  # shard student and teacher with FSDP2 (engine/fsdp.py)
 
     def __post_init__(self):
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")

@@ -79,6 +79,7 @@ def command(
     trust_remote_code: o.TrustRemote = False,
     dtype: o.Dtype = "auto",
     device: Device = "auto",
+    fsdp: o.Fsdp = False,
     seed: Seed = 0,
     quiet: Quiet = False,
     json_out: JsonOut = False,

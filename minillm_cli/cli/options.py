@@ -33,6 +33,7 @@ LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout
 LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names (detected per architecture by default).")]
 SaveAdapter = Annotated[bool, typer.Option("--save-adapter", help="Save the LoRA adapter instead of merged weights.")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the Hub (off by default).")]
+Fsdp = Annotated[bool, typer.Option("--fsdp", help="Shard student and teacher with FSDP2 over the processes (also on when accelerate's FSDP config is used).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 for loaded weights.")]
 
 
@@ -50,7 +51,8 @@ def configs(a: dict):
                        max_length=a["max_length"], valid_size=a["valid_size"], test_size=a["test_size"],
                        split_seed=a["split_seed"], limit=a["limit"], valid_data=a["valid_data"])
     run = RunOptions(out=a["out"], overwrite=a["overwrite"], resume=a["resume"], seed=a["seed"], device=a["device"],
-                     quiet=a["quiet"], json=a["json_out"], eval_every=a["eval_every"], save_every=a["save_every"])
+                     quiet=a["quiet"], json=a["json_out"], eval_every=a["eval_every"], save_every=a["save_every"],
+                     fsdp=a.get("fsdp", False))
     optim = OptimOptions(lr=a["lr"], weight_decay=a["weight_decay"], warmup_steps=a["warmup_steps"],
                          schedule=a["schedule"], max_grad_norm=a["max_grad_norm"])
     model = ModelOptions(lora_r=a["lora_r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],

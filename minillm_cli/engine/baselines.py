@@ -39,7 +39,7 @@ def teacher_forced_objective(teacher, method: str, kd_ratio: float):
 def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, progress=None) -> list[str]:
     """Teacher-only generation for every training prompt (the paper's decoding settings), written
     once to `path` (jsonl) and reused on --resume. Rows are sharded over processes and gathered."""
-    from minillm_cli.data.tokenize import left_pad
+    from minillm_cli.data.tokenize import encode_prompts, left_pad
     from minillm_cli.engine.runtime import example_generator
     from minillm_cli.engine.sampler import SamplingParams, sample
     from minillm_cli.engine.train_utils import micro_batches
@@ -50,22 +50,20 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
             return [r["response"] for r in rows]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p)
-    from minillm_cli.data.tokenize import encode_prompts
-
     encoded, kept, _ = encode_prompts(tokenizer, examples, cfg.data.template, cfg.data.max_prompt_length)
     prompts = dict(zip(kept, encoded))
     # Prompts over the limit are dropped by the SFT encoding anyway: nothing to generate for them.
     mine: dict[int, str] = {i: "" for i in range(len(examples)) if i not in prompts}
     todo = kept
     chunks = micro_batches(todo, max(cfg.rollout_batch_size or cfg.batch_size, 1))
-    for k, chunk in enumerate(chunks):
-        if k % rt.world_size != rt.rank:
-            continue
+    for k, chunk, real in rt.lockstep(chunks):  # FSDP: every process runs as many chunks
         ids, att = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                       generators=[example_generator(cfg.run.seed, 0, i) for i in chunk], vocab_size=len(tokenizer),
-                      engine=cfg.sampler)
+                      engine="eager" if rt.fsdp else cfg.sampler, sync=rt.decode_sync)
+        if not real:
+            continue
         for row, i in enumerate(chunk):
             toks = roll.response_ids[row][roll.response_mask[row]].tolist()
             if toks and toks[-1] == tokenizer.eos_token_id:

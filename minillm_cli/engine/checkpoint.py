@@ -64,9 +64,10 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, extra: dict | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep`. Raises RunError on a
-    full disk (with the previous checkpoint intact)."""
+    full disk (with the previous checkpoint intact). `model_state`/`optimizer_state`: full states
+    gathered beforehand (FSDP; the optimizer's keyed by parameter name)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -77,8 +78,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, ex
         tmp.mkdir()
         payload = {
             "step": step,
-            "model": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
+            "model": trainable_state(model) if model_state is None else model_state,
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "optimizer_keys": "ids" if optimizer_state is None else "names",
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "extra": extra or {},
@@ -113,7 +115,14 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, ex
 
 def save_on_main(rt, run_dir: Path, step: int, **kw) -> None:
     """`save_checkpoint` on rank 0; every process learns whether it worked, so a full disk stops
-    all of them with the same message instead of leaving the others waiting in a collective."""
+    all of them with the same message instead of leaving the others waiting in a collective.
+    Under FSDP the full model and optimizer states are first gathered on rank 0 (collectives, so
+    every process takes part)."""
+    if getattr(rt, "fsdp", False):
+        from minillm_cli.engine import fsdp
+
+        kw["model_state"] = fsdp.full_model_state(kw["model"])
+        kw["optimizer_state"] = fsdp.full_optimizer_state(kw["model"], kw["optimizer"])
     error = None
     if rt.is_main:
         try:
@@ -176,10 +185,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore model/optimizer/scheduler/RNG; returns {"step", "extra"}."""
     payload = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    if unexpected:
-        raise RunError(f"checkpoint {path} does not match the model (unexpected keys {unexpected[:3]})")
-    optimizer.load_state_dict(payload["optimizer"])
+    by_name = payload.get("optimizer_keys") == "names"  # written under FSDP
+    from minillm_cli.engine import fsdp
+
+    if fsdp.is_sharded(model):
+        known = set(model.state_dict())
+        unexpected = [k for k in payload["model"] if k not in known]
+        if unexpected:
+            raise RunError(f"checkpoint {path} does not match the model (unexpected keys {unexpected[:3]})")
+        fsdp.load_model_state(model, payload["model"])
+        optim = payload["optimizer"] if by_name else fsdp.ids_to_names(model, optimizer, payload["optimizer"])
+        fsdp.load_optimizer_state(model, optimizer, optim)
+    else:
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+        if unexpected:
+            raise RunError(f"checkpoint {path} does not match the model (unexpected keys {unexpected[:3]})")
+        if by_name:
+            fsdp.load_optimizer_state(model, optimizer, payload["optimizer"])
+        else:
+            optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload.get("scheduler") is not None:
         scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])

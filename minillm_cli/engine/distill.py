@@ -31,6 +31,11 @@ from minillm_cli.progress import MetricsWriter, Progress
 
 
 def run_distill(cfg: DistillConfig) -> dict:
+    from minillm_cli.engine import fsdp
+
+    if cfg.run.fsdp or fsdp.fsdp_from_env():
+        fsdp.check_supported(lora=cfg.model_opts.lora() is not None, teacher_device=cfg.teacher_device,
+                             save_adapter=cfg.model_opts.save_adapter)
     if cfg.method in ("kd", "rkl"):
         return _run_teacher_forced(cfg)
     if cfg.method == "seqkd":
@@ -50,6 +55,10 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code)
+        if rt.fsdp:
+            from minillm_cli.engine import fsdp
+
+            fsdp.shard(teacher, rt, trainable=False)
         return {"objective": teacher_forced_objective(teacher, cfg.method, cfg.kd_ratio)}
 
     return train_sft(cfg.as_sft(cfg.student), command=f"distill-{cfg.method}", record=cfg, setup=setup,
@@ -70,6 +79,10 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code)
+        if rt.fsdp:
+            from minillm_cli.engine import fsdp
+
+            fsdp.shard(teacher, rt, trainable=False)
         progress = Progress("seqkd", quiet=cfg.run.quiet, is_main=rt.is_main)
         responses = generate_seqkd_data(teacher, tok, splits["train"], cfg=cfg, rt=rt,
                                         path=Path(cfg.run.out) / "seqkd_data.jsonl", progress=progress)
@@ -133,6 +146,11 @@ class MiniLLMRun:
         # Dropout off for the whole run (as the reference code): rollouts, scoring and updates
         # must see the same policy for the PPO ratio to mean anything.
         self.student.eval()
+        if rt.fsdp:  # before the optimizer: sharding replaces the parameters
+            from minillm_cli.engine import fsdp
+
+            fsdp.shard(self.teacher, rt, trainable=False)
+            fsdp.shard(self.student, rt, trainable=True)
         self.amp = compute_dtype(rt.device)
         per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)
         if cfg.steps:
@@ -156,19 +174,20 @@ class MiniLLMRun:
         t0 = time.perf_counter()
         which = prompts_for_iteration(len(self.prompts), cfg.num_rollouts, cfg.run.seed, iteration)
         local, n_tok = [], 0
-        for k, slots in enumerate(micro_batches(list(range(cfg.num_rollouts)), cfg.rollout_batch_size or cfg.batch_size)):
-            if k % rt.world_size != rt.rank:
-                continue
+        engine = "eager" if rt.fsdp else cfg.sampler  # static caches / CUDA graphs: not with FSDP
+        for k, slots, real in rt.lockstep(micro_batches(list(range(cfg.num_rollouts)), cfg.rollout_batch_size or cfg.batch_size)):
             ids, att = left_pad([self.prompts[which[j]] for j in slots], self.tok.pad_token_id)
             with autocast(rt.device, self.amp):
                 roll = sample(self.student, self.teacher, ids.to(rt.device), att.to(rt.device), params=self.params,
                               alpha=cfg.teacher_mix_alpha, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
                               generators=[example_generator(cfg.run.seed, iteration, j) for j in slots],
-                              vocab_size=self.vocab, engine=cfg.sampler)
+                              vocab_size=self.vocab, engine=engine, sync=rt.decode_sync)
                 scored = score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab)
+            if not real:  # FSDP lockstep padding
+                continue
             n_tok += int(roll.response_mask.sum())
             local.append((k, scored))
-        if cfg.sampler != "eager":  # free the static KV caches before the updates need the memory
+        if engine != "eager":  # free the static KV caches before the updates need the memory
             from minillm_cli.engine.fast_sampler import release
 
             release()
@@ -186,12 +205,13 @@ class MiniLLMRun:
         normalizer = max(normalizer, 1.0)
         sums = {k: 0.0 for k in ("single_step", "pg", "clip_frac", "ratio_mean", "w_mean", "reward_mean", "rkl_seq")}
         w_max = 0.0
-        for k, micro in enumerate(micro_batches(rows, cfg.micro_batch_size)):
-            if k % rt.world_size != rt.rank:
-                continue
+        for k, micro, real in rt.lockstep(micro_batches(rows, cfg.micro_batch_size)):
             with autocast(rt.device, self.amp):
                 loss, st = minillm_loss(self.student, self.teacher, buffer.select(micro), self.opts, normalizer,
                                         self.vocab)
+            if not real:  # FSDP lockstep padding: the collectives run, the gradient is zero
+                (loss * 0.0).backward()
+                continue
             loss.backward()
             sums["single_step"] += st["single_step"]
             sums["pg"] += st["pg"]
@@ -226,9 +246,7 @@ class MiniLLMRun:
         seq = self.pt.meta["seq_len"]
         normalizer = float(bs * (seq - 1))
         value = 0.0
-        for k, micro in enumerate(micro_batches(idx, cfg.micro_batch_size)):
-            if k % rt.world_size != rt.rank:
-                continue
+        for k, micro, real in rt.lockstep(micro_batches(idx, cfg.micro_batch_size)):
             ids = self.pt.batch(micro).to(rt.device)
             mask = torch.ones(ids.shape[0], seq - 1, dtype=torch.bool, device=rt.device)
             with autocast(rt.device, self.amp):
@@ -238,6 +256,9 @@ class MiniLLMRun:
                     with torch.no_grad():
                         t_logits = self.teacher(input_ids=ids).logits[:, :-1]
                 loss = kd_loss(logits, t_logits, ids[:, 1:], mask, normalizer, self.vocab, kd_ratio=cfg.pt_kd_ratio)
+            if not real:  # FSDP lockstep padding
+                (loss * 0.0).backward()
+                continue
             (cfg.pt_coef * loss).backward()
             value += float(loss.detach())
         return value
@@ -258,21 +279,22 @@ class MiniLLMRun:
             return {}
         total, n_seq, n_tok = 0.0, 0, 0
         slots = list(range(len(self.valid_prompts)))
-        for k, chunk in enumerate(micro_batches(slots, cfg.rollout_batch_size or cfg.batch_size)):
-            if k % rt.world_size != rt.rank:
-                continue
+        for k, chunk, real in rt.lockstep(micro_batches(slots, cfg.rollout_batch_size or cfg.batch_size)):
             ids, att = left_pad([self.valid_prompts[j] for j in chunk], self.tok.pad_token_id)
             with autocast(rt.device, self.amp):
                 roll = sample(self.student, None, ids.to(rt.device), att.to(rt.device), params=self.params, alpha=0.0,
                               eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
                               generators=[example_generator(cfg.run.seed + 1, 10**6, j) for j in chunk],
-                              vocab_size=self.vocab)
+                              vocab_size=self.vocab, sync=rt.decode_sync)
                 full = torch.cat([roll.prompt_ids, roll.response_ids], 1)
                 mask = torch.cat([roll.prompt_mask.long(), roll.response_mask.long()], 1)
                 T = roll.response_ids.shape[1]
                 s_logits = response_logits(self.student, full, mask, T)
                 t_logits = response_logits(self.teacher, full, mask, T)
-                total += float(reverse_kl(s_logits, t_logits, roll.response_mask, 1.0, self.vocab))
+                kl = float(reverse_kl(s_logits, t_logits, roll.response_mask, 1.0, self.vocab))
+            if not real:  # FSDP lockstep padding
+                continue
+            total += kl
             n_seq += len(chunk)
             n_tok += int(roll.response_mask.sum())
         total, n_seq, n_tok = rt.sum_scalar(total), rt.sum_scalar(n_seq), rt.sum_scalar(n_tok)
@@ -280,17 +302,21 @@ class MiniLLMRun:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
-        from minillm_cli.models import save_pretrained
+        from minillm_cli.engine import fsdp
 
         cfg = self.cfg
-        rt = init_runtime(cfg.run.device)
+        if cfg.run.fsdp or fsdp.fsdp_from_env():
+            fsdp.check_supported(lora=cfg.model_opts.lora() is not None, teacher_device=cfg.teacher_device,
+                                 save_adapter=cfg.model_opts.save_adapter)
+        rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
         out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
         rt.barrier()
         self.setup(rt)
         progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
         progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
-                     f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}")
-        for line in scaling_warnings(rt.world_size, cfg.grad_accum):
+                     f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}"
+                     + (", student and teacher sharded (FSDP)" if rt.fsdp else ""))
+        for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp):
             progress.log(line)
         step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []
         if cfg.run.resume:
@@ -308,7 +334,7 @@ class MiniLLMRun:
             progress.log(f"resumed from {last.name} (step {step})")
         if rt.is_main:
             save_run_config(cfg, out, "distill", {"steps": self.steps, "train_prompts": len(self.prompts),
-                                                  "world_size": rt.world_size})
+                                                  "world_size": rt.world_size, "sharded": rt.fsdp})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}
@@ -345,13 +371,15 @@ class MiniLLMRun:
         summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps, "saved": "final",
                    "seconds": round(time.perf_counter() - t0, 2),
                    **{k: row.get(k) for k in ("reverse_kl", "valid_reverse_kl", "pt_loss") if k in row}}
+        fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                          trust_remote_code=cfg.model_opts.trust_remote_code)
         if rt.is_main:
-            save_pretrained(self.student, self.tok, out, merge_lora=not cfg.model_opts.save_adapter)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics.close()
         rt.barrier()
         return summary
 
     def step_optimizer(self, step: int) -> float:
-        self.rt.reduce_gradients([p for p in self.student.parameters() if p.requires_grad])
+        if not self.rt.fsdp:  # FSDP reduce-scatters (sums) the gradients in backward
+            self.rt.reduce_gradients([p for p in self.student.parameters() if p.requires_grad])
         return clip_and_step(self.student, self.opt, self.sched, self.cfg.optim.max_grad_norm, step=step)

@@ -22,6 +22,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    fsdp: bool = False  # models sharded with FSDP2 (engine/fsdp.py): forwards are collectives
 
     @property
     def is_main(self) -> bool:
@@ -100,8 +101,33 @@ class Runtime:
         """This process's share of a list of work units: unit k goes to rank k % world_size."""
         return items[self.rank :: self.world_size]
 
+    def lockstep(self, items: list) -> list[tuple[int, object, bool]]:
+        """This process's work units as (k, unit, real): unit k goes to rank k % world_size. Under
+        FSDP every forward is a collective, so every process must run the same number of units:
+        a process short of work gets copies of unit 0 with real=False, whose results the caller
+        discards (zero loss weight, statistics dropped). Without FSDP there is no padding."""
+        mine = [(k, items[k], True) for k in range(self.rank, len(items), self.world_size)]
+        if self.fsdp and items:
+            per_rank = -(-len(items) // self.world_size)
+            mine += [(-1, items[0], False)] * (per_rank - len(mine))
+        return mine
+
+    @property
+    def decode_sync(self):
+        """The sampler's `sync` under multi-process FSDP (stop decoding when every process is
+        done); None otherwise."""
+        if not (self.fsdp and self.distributed):
+            return None
+        return lambda done_here: not self.any_flag(not done_here)
+
+    def any_flag(self, flag: bool) -> bool:
+        """True when `flag` holds on any process (a collective under FSDP; local otherwise)."""
+        if not (self.fsdp and self.distributed):
+            return bool(flag)
+        return self.max_scalar(1.0 if flag else 0.0) > 0
+
     def close(self) -> None:
-        if self.distributed and torch.distributed.is_initialized():
+        if (self.distributed or self.fsdp) and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -122,30 +148,38 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def init_runtime(device: str = "auto") -> Runtime:
+def init_runtime(device: str = "auto", fsdp: bool = False) -> Runtime:
+    """Join the launcher's process group. With `fsdp` (or accelerate's FSDP environment) the models
+    are sharded later; a single process then gets a one-process group of its own (FSDP needs one)."""
+    from minillm_cli.engine.fsdp import fsdp_from_env
+
+    fsdp = bool(fsdp) or fsdp_from_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
-    if world > 1 and not torch.distributed.is_initialized():
+    if (world > 1 or fsdp) and not torch.distributed.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        torch.distributed.init_process_group(backend=backend)
-    return Runtime(device=dev, rank=rank, world_size=world, local_rank=local)
+        if world > 1 or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK")):  # a launcher's
+            torch.distributed.init_process_group(backend=backend)
+        else:  # plain `python -m minillm_cli ... --fsdp`: a private one-process group
+            torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1)
+    return Runtime(device=dev, rank=rank, world_size=world, local_rank=local, fsdp=fsdp)
 
 
-def scaling_warnings(world_size: int, micro_batches_per_step: int) -> list[str]:
-    """Lines rank 0 prints before training: settings under which processes sit idle, and launcher
-    features the engine does not provide."""
+def scaling_warnings(world_size: int, micro_batches_per_step: int, fsdp: bool = False) -> list[str]:
+    """Lines rank 0 prints before training: settings under which processes sit idle (under FSDP
+    they run a discarded copy of a micro-batch instead, since every forward is a collective)."""
     out = []
-    if world_size > 1 and micro_batches_per_step < world_size:
+    if world_size > 1 and micro_batches_per_step % world_size:
+        idle = world_size - micro_batches_per_step % world_size
+        what = "compute a discarded micro-batch (FSDP lockstep)" if fsdp else "idle"
         out.append(f"warning: {micro_batches_per_step} micro-batch(es) per step for {world_size} processes: "
-                   f"{world_size - micro_batches_per_step} process(es) idle in every update; set --grad-accum "
+                   f"{idle} process(es) {what} in the last round of every update; set --grad-accum "
                    f"to a multiple of {world_size} (the result does not change, only who computes it)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
-        out.append("warning: the launcher asks for FSDP, which minillm does not implement yet: every process "
-                   "holds a full replica of the student and the teacher (see docs/SCALING.md)")
     return out
 
 

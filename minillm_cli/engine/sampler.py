@@ -240,7 +240,7 @@ class _Stepper:
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
            params: SamplingParams, alpha: float, eos_id: int, pad_id: int,
-           generators: list[torch.Generator], vocab_size: int, engine: str = "eager") -> Rollout:
+           generators: list[torch.Generator], vocab_size: int, engine: str = "eager", sync=None) -> Rollout:
     """Sample one response per prompt.
 
     prompt_ids, prompt_mask [B, P] left padded (on the models' device), generators: B CPU
@@ -252,7 +252,11 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
     engine: "eager" (this loop, the reference) or one of fast_sampler.ENGINES ("auto": CUDA
     graph on CUDA, this loop elsewhere; "static", "graph", "compile"): the same distribution
-    with static KV caches (engine/fast_sampler.py)."""
+    with static KV caches (engine/fast_sampler.py).
+
+    sync: optional `sync(all_done_here: bool) -> bool` deciding together whether to stop (FSDP:
+    every decode step is a collective, so all processes must run the same number of steps; rows
+    of a process that finished early keep decoding as padding). None: stop when this batch is done."""
     if engine != "eager":
         from minillm_cli.engine.fast_sampler import fast_sample, resolve_engine
 
@@ -308,7 +312,10 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             if blocker is not None:
                 blocker.append(tok.tolist(), alive.tolist())
             finished = finished | (alive & (tok == eos_id))
-            if t == T - 1 or bool(finished.all()):
+            done = bool(finished.all())
+            if sync is not None:
+                done = sync(done)
+            if t == T - 1 or done:
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             # finished rows keep decoding (their outputs are discarded); feed EOS, not the pad id,

@@ -42,11 +42,12 @@ def validation_loss(model, data: list[Encoded], rt: Runtime, *, micro_batch_size
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for chunk in rt.shard(micro_batches(list(range(len(data))), micro_batch_size)):
+    for _, chunk, real in rt.lockstep(micro_batches(list(range(len(data))), micro_batch_size)):
         with autocast(rt.device, dtype):
             ce, n = response_ce_sum(model, collate_sft([data[i] for i in chunk], pad_id), vocab_size, rt.device)
-        total += float(ce)
-        count += n
+        if real:  # FSDP lockstep padding is computed and discarded
+            total += float(ce)
+            count += n
     total, count = rt.sum_scalar(total), rt.sum_scalar(count)
     model.train(was_training)
     return total / max(count, 1)
@@ -67,7 +68,11 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     from minillm_cli.data.prepare import load_splits
     from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype, save_pretrained
 
-    rt = init_runtime(cfg.run.device)
+    from minillm_cli.engine import fsdp
+
+    if cfg.run.fsdp or fsdp.fsdp_from_env():
+        fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter)
+    rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
     seed_everything(cfg.run.seed)
     out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
     rt.barrier()
@@ -100,6 +105,9 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     model = load_model(cfg.model, tokenizer=tok, device=rt.device,
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                        lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
+    if rt.fsdp:
+        fsdp.shard(model, rt, trainable=True)
+        progress.log(f"FSDP: model sharded over {rt.world_size} process(es)")
     model.train()
     amp = compute_dtype(rt.device)
     vocab = len(tok)
@@ -119,7 +127,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         progress.log(f"resumed from {last.name}")
     if rt.is_main:
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
-                                            "dropped_long_prompts": dropped + vdropped, "steps": steps})
+                                            "dropped_long_prompts": dropped + vdropped, "steps": steps,
+                                                     "world_size": rt.world_size, "sharded": rt.fsdp})
     metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
 
     def evaluate_and_keep_best(step: int) -> float | None:
@@ -128,13 +137,14 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         vl = validation_loss(model, valid, rt, micro_batch_size=cfg.micro_batch_size, pad_id=tok.pad_token_id,
                              vocab_size=vocab, dtype=amp)
         check_finite(vl, step=step, term="validation loss")
-        if vl < best["valid_loss"]:
+        if vl < best["valid_loss"]:  # the same on every process: vl is summed over all of them
             best.update(valid_loss=vl, step=step)
-            if rt.is_main and keep_best:
-                save_pretrained(model, tok, out, merge_lora=not cfg.model_opts.save_adapter)
+            if keep_best:
+                fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                                  trust_remote_code=cfg.model_opts.trust_remote_code)
         return vl
 
-    for line in scaling_warnings(rt.world_size, cfg.grad_accum):
+    for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp):
         progress.log(line)
     progress.start(steps)
     t0, tokens_seen, loss = time.perf_counter(), 0, float("nan")
@@ -144,15 +154,17 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             idx = batches_for_step(len(train), cfg.batch_size, cfg.run.seed, step - 1)
             normalizer = sum(train[i].response_len for i in idx)  # global: every rank knows the batch
             loss_sum = 0.0
-            for k, mb in enumerate(micro_batches(idx, cfg.micro_batch_size)):
-                if k % rt.world_size != rt.rank:
-                    continue
+            for k, mb, real in rt.lockstep(micro_batches(idx, cfg.micro_batch_size)):
                 torch.manual_seed(micro_seed(cfg.run.seed, step, k))  # dropout masks per micro-batch
                 with autocast(rt.device, amp):
                     ce, _ = objective(model, collate_sft([train[i] for i in mb], tok.pad_token_id), vocab, rt.device)
+                if not real:  # FSDP lockstep padding: the collectives run, the gradient is zero
+                    (ce * 0.0).backward()
+                    continue
                 (ce / normalizer).backward()
                 loss_sum += float(ce.detach())
-            rt.reduce_gradients([p for p in model.parameters() if p.requires_grad])
+            if not rt.fsdp:  # FSDP reduce-scatters (sums) the gradients in backward
+                rt.reduce_gradients([p for p in model.parameters() if p.requires_grad])
             loss = rt.sum_scalar(loss_sum) / normalizer
             check_finite(loss, step=step, term="training loss")
             gnorm = clip_and_step(model, opt, sched, cfg.optim.max_grad_norm, step=step)
@@ -172,9 +184,9 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                 raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue with "
                                f"the same command plus --resume")
     progress.close()
-    if rt.is_main:
-        if best["step"] is None or not keep_best:  # the final weights are the result
-            save_pretrained(model, tok, out, merge_lora=not cfg.model_opts.save_adapter)
+    if best["step"] is None or not keep_best:  # the final weights are the result
+        fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                          trust_remote_code=cfg.model_opts.trust_remote_code)
     summary = {"command": command, "out": str(out), "steps": steps, "final_loss": loss,
                "best_valid_loss": best["valid_loss"] if best["step"] else None, "best_step": best["step"],
                "saved": "best" if keep_best and best["step"] is not None else "final",

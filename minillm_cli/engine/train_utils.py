@@ -48,6 +48,8 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm: float, *, step: in
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)) if params else torch.tensor(0.0)
+    if hasattr(norm, "full_tensor"):  # FSDP: DTensor gradients, the norm is over all shards
+        norm = norm.full_tensor()
     check_finite(norm, step=step, term="gradient norm")
     optimizer.step()
     if scheduler is not None:

@@ -1,0 +1,147 @@
+"""FSDP2 (`--fsdp`) end to end on tiny local models (CPU, gloo).
+
+- 2 processes with FSDP (student and teacher sharded) give the same student as 1 process without
+  it, for MiniLLM distill and for sft. The settings leave the work uneven on purpose (3 rollout
+  chunks, 3 update micro-batches, 3 validation prompts for 2 processes), so the lockstep padding
+  (a discarded copy of a micro-batch) and the shared decode-stop decision are exercised.
+- A checkpoint of the 2-process FSDP run resumes with 1 process under FSDP (turned on by
+  accelerate's ACCELERATE_USE_FSDP environment, world size 1) and with 1 process without FSDP;
+  a checkpoint written without FSDP resumes under 2-process FSDP. All end on the uninterrupted
+  weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minillm_cli.cli.app import app
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun subprocesses: Linux only")
+
+runner = CliRunner()
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+           TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="1")
+ENV.pop("ACCELERATE_USE_FSDP", None)
+
+
+def distill_args(tiny_dir, data):
+    return ["distill", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student", "--data", data,
+            "--batch-size", 3, "--grad-accum", 3, "--num-rollouts", 6, "--rollout-batch-size", 2,
+            "--max-new-tokens", 10, "--limit", 24, "--eval-prompts", 3, "--warmup-steps", 1, "--lr", 1e-3,
+            "--device", "cpu", "--seed", 3, "--steps", 4, "--save-every", 2, "--quiet"]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def max_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def files(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
+
+
+def run(cmd: list, log: Path, env=None, timeout: float = 180) -> None:
+    with open(log, "w") as fh:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env or ENV,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # our own session: the launcher and its workers
+            p.wait()
+            pytest.fail(f"{cmd[:6]} did not finish in {timeout}s (ranks out of lockstep?)")
+    assert rc == 0, log.read_text()[-3000:]
+
+
+def torchrun(nproc: int, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "minillm_cli", *args]
+
+
+def back_to_step_2(src: Path, dst: Path) -> Path:
+    """A copy of a finished run as if it had been stopped right after its step-2 checkpoint."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "step-00000004")
+    (dst / "checkpoints" / "LATEST").write_text("step-00000002")
+    (dst / "model.safetensors").unlink()
+    return dst
+
+
+def test_fsdp_distill_two_processes_equal_one_and_resume_anywhere(tmp_path, tiny_dir, dolly_like):
+    args = distill_args(tiny_dir, dolly_like)
+    ref, two = tmp_path / "ref", tmp_path / "two"
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", ref]])
+    assert res.exit_code == 0, res.output
+    run(torchrun(2, *args, "--fsdp", "--out", two), tmp_path / "two.log")
+    d = max_diff(ref, two)
+    assert d <= 1e-5, f"2-process FSDP vs 1 process: {d}"
+    assert files(two) == files(ref)
+    state = torch.load(two / "checkpoints" / "step-00000002" / "state.pt", weights_only=False)
+    assert state["optimizer_keys"] == "names"  # full state, keyed by parameter name
+    assert json.loads((two / "run_config.json").read_text())["sharded"] is True
+
+    # FSDP checkpoint -> 1 process under FSDP (from accelerate's environment: world size 1)
+    one_fsdp = back_to_step_2(two, tmp_path / "one_fsdp")
+    run([sys.executable, "-m", "minillm_cli", *args, "--resume", "--out", one_fsdp], tmp_path / "one_fsdp.log",
+        env=dict(ENV, ACCELERATE_USE_FSDP="true"))
+    assert json.loads((one_fsdp / "run_config.json").read_text())["sharded"] is True
+    assert max_diff(ref, one_fsdp) <= 1e-5
+    # FSDP checkpoint -> 1 process without FSDP (in-process)
+    one_plain = back_to_step_2(two, tmp_path / "one_plain")
+    res = runner.invoke(app, [str(a) for a in [*args, "--resume", "--out", one_plain]])
+    assert res.exit_code == 0, res.output
+    assert max_diff(ref, one_plain) <= 1e-5
+    # checkpoint written without FSDP -> 2 processes with FSDP
+    two_from_plain = back_to_step_2(ref, tmp_path / "two_from_plain")
+    run(torchrun(2, *args, "--fsdp", "--resume", "--out", two_from_plain), tmp_path / "two_from_plain.log")
+    assert max_diff(ref, two_from_plain) <= 1e-5
+
+
+def test_fsdp_sft_two_processes_equal_one(tmp_path, tiny_dir, dolly_like):
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--steps", 3, "--batch-size", 3,
+            "--grad-accum", 3, "--limit", 24, "--max-length", 160, "--max-prompt-length", 128, "--lr", 1e-3,
+            "--valid-size", 0.2, "--device", "cpu", "--seed", 5, "--quiet"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", one]])
+    assert res.exit_code == 0, res.output
+    run(torchrun(2, *args, "--fsdp", "--out", two), tmp_path / "two.log")
+    d = max_diff(one, two)
+    assert d <= 1e-5, f"sft: 2-process FSDP vs 1 process: {d}"
+    assert files(one) == files(two)
+
+
+def test_fsdp_rejects_lora_and_teacher_device(tmp_path, tiny_dir, dolly_like):
+    res = runner.invoke(app, ["sft", "--model", str(tiny_dir / "student"), "--data", str(dolly_like), "--fsdp",
+                              "--lora-r", "4", "--out", str(tmp_path / "x"), "--device", "cpu"])
+    assert res.exit_code == 2 and "--fsdp with --lora-r" in res.output
+    res = runner.invoke(app, [str(a) for a in [*distill_args(tiny_dir, dolly_like), "--fsdp", "--teacher-device",
+                                                "cpu", "--out", tmp_path / "y"]])
+    assert res.exit_code == 2 and "--fsdp with --teacher-device" in res.output
+
+
+def test_blocks_are_found_generically():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from minillm_cli.engine.fsdp import blocks_of
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    assert blocks_of(gpt2) is gpt2.transformer.h
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
+    assert blocks_of(llama) is llama.model.layers
