@@ -37,7 +37,6 @@ layers that keep a device `cumulative_length` (5.2x) are rewound in place, never
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 import weakref
 from dataclasses import astuple

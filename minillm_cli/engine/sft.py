@@ -66,7 +66,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     `keep_best`: OUT holds the best model by validation loss (sft); otherwise the final one
     (distillation, where every method is compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
-    from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype, save_pretrained
+    from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype
 
     from minillm_cli.engine import fsdp
 

@@ -6,7 +6,6 @@ import json
 import statistics
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import write_jsonl

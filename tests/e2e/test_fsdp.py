@@ -12,10 +12,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,15 +21,11 @@ import torch
 from typer.testing import CliRunner
 
 from minillm_cli.cli.app import app
+from procs import ENV, files, max_diff, run, torchrun
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun subprocesses: Linux only")
 
 runner = CliRunner()
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-           TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="1")
-ENV.pop("ACCELERATE_USE_FSDP", None)
-
-
 def distill_args(tiny_dir, data):
     return ["distill", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student", "--data", data,
             "--batch-size", 3, "--grad-accum", 3, "--num-rollouts", 6, "--rollout-batch-size", 2,
@@ -40,38 +33,14 @@ def distill_args(tiny_dir, data):
             "--device", "cpu", "--seed", 3, "--steps", 4, "--save-every", 2, "--quiet"]
 
 
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(out) / "model.safetensors"))
-
-
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-
-
-def files(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
-
-
-def run(cmd: list, log: Path, env=None, timeout: float = 180) -> None:
-    with open(log, "w") as fh:
-        p = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env or ENV,
-                             start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)  # our own session: the launcher and its workers
-            p.wait()
-            pytest.fail(f"{cmd[:6]} did not finish in {timeout}s (ranks out of lockstep?)")
-    assert rc == 0, log.read_text()[-3000:]
-
-
-def torchrun(nproc: int, *args) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "minillm_cli", *args]
+def one_vs_two_fsdp(args: list, one: Path, two: Path, log: Path, what: str) -> None:
+    """`args` in this process without FSDP into `one`, with 2 FSDP processes into `two`: same weights, same files."""
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", one]])
+    assert res.exit_code == 0, res.output
+    run(torchrun(2, *args, "--fsdp", "--out", two), log)
+    d = max_diff(one, two)
+    assert d <= 1e-5, f"{what}: 2-process FSDP vs 1 process: {d}"
+    assert files(two) == files(one)
 
 
 def back_to_step_2(src: Path, dst: Path) -> Path:
@@ -86,12 +55,7 @@ def back_to_step_2(src: Path, dst: Path) -> Path:
 def test_fsdp_distill_two_processes_equal_one_and_resume_anywhere(tmp_path, tiny_dir, dolly_like):
     args = distill_args(tiny_dir, dolly_like)
     ref, two = tmp_path / "ref", tmp_path / "two"
-    res = runner.invoke(app, [str(a) for a in [*args, "--out", ref]])
-    assert res.exit_code == 0, res.output
-    run(torchrun(2, *args, "--fsdp", "--out", two), tmp_path / "two.log")
-    d = max_diff(ref, two)
-    assert d <= 1e-5, f"2-process FSDP vs 1 process: {d}"
-    assert files(two) == files(ref)
+    one_vs_two_fsdp(args, ref, two, tmp_path / "two.log", "distill")
     state = torch.load(two / "checkpoints" / "step-00000002" / "state.pt", weights_only=False)
     assert state["optimizer_keys"] == "names"  # full state, keyed by parameter name
     assert json.loads((two / "run_config.json").read_text())["sharded"] is True
@@ -117,13 +81,7 @@ def test_fsdp_sft_two_processes_equal_one(tmp_path, tiny_dir, dolly_like):
     args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--steps", 3, "--batch-size", 3,
             "--grad-accum", 3, "--limit", 24, "--max-length", 160, "--max-prompt-length", 128, "--lr", 1e-3,
             "--valid-size", 0.2, "--device", "cpu", "--seed", 5, "--quiet"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    res = runner.invoke(app, [str(a) for a in [*args, "--out", one]])
-    assert res.exit_code == 0, res.output
-    run(torchrun(2, *args, "--fsdp", "--out", two), tmp_path / "two.log")
-    d = max_diff(one, two)
-    assert d <= 1e-5, f"sft: 2-process FSDP vs 1 process: {d}"
-    assert files(one) == files(two)
+    one_vs_two_fsdp(args, tmp_path / "one", tmp_path / "two", tmp_path / "two.log", "sft")
 
 
 def test_fsdp_rejects_lora_and_teacher_device(tmp_path, tiny_dir, dolly_like):

@@ -33,14 +33,13 @@ import torch
 from typer.testing import CliRunner
 
 from minillm_cli.cli.app import app
+from procs import files, finish, max_diff, spawn, torchrun
 from minillm_cli.engine import checkpoint as ckpt
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and /proc: Linux only")
 
 runner = CliRunner()
 STEPS = 8
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-           TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="1")
 
 
 def invoke(*args):
@@ -55,43 +54,8 @@ def distill_args(tiny_dir, data, steps=STEPS):
             "--device", "cpu", "--seed", 3, "--steps", steps]
 
 
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(out) / "model.safetensors"))
-
-
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-
-
 def steps_logged(out: Path) -> list[int]:
     return [json.loads(l)["step"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-
-
-def files(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
-
-
-def torchrun(nproc: int, *args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "minillm_cli", *[str(a) for a in args]]
-
-
-def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
-    fh = open(log, "w")
-    return subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-
-
-def finish(p: subprocess.Popen, timeout: float = 180) -> int:
-    try:
-        return p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # our own session: the launcher and its workers
-        p.wait()
-        pytest.fail(f"process {p.args[:6]} did not finish in {timeout}s (ranks deadlocked?)")
 
 
 def wait_until(cond, p: subprocess.Popen, timeout: float = 120, every: float = 0.01) -> bool:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
