@@ -97,10 +97,6 @@ class Runtime:
             return self.device
         return torch.device("cpu")
 
-    def shard(self, items: list) -> list:
-        """This process's share of a list of work units: unit k goes to rank k % world_size."""
-        return items[self.rank :: self.world_size]
-
     def lockstep(self, items: list) -> list[tuple[int, object, bool]]:
         """This process's work units as (k, unit, real): unit k goes to rank k % world_size. Under
         FSDP every forward is a collective, so every process must run the same number of units:
