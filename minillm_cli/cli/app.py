@@ -25,9 +25,13 @@ COMMANDS = [
     ("compare", "compare"),
 ]
 
+# Commands with required options show their help when called bare; `quickstart` needs nothing
+# (the README's main command is plain `minillm quickstart`).
+RUNS_BARE = {"quickstart"}
+
 for _module, _name in COMMANDS:
     _mod = importlib.import_module(f"minillm_cli.cli.{_module}")
-    app.command(name=_name, help=_mod.__doc__, no_args_is_help=True)(_mod.command)
+    app.command(name=_name, help=_mod.__doc__, no_args_is_help=_name not in RUNS_BARE)(_mod.command)
 
 
 @app.callback()

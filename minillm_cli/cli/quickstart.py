@@ -11,7 +11,7 @@ from minillm_cli.cli.common import Debug, Device, JsonOut, Quiet, Seed, run_comm
 
 def command(
     out: Annotated[str, typer.Option("--out", help="Folder for everything the quickstart makes.")] = "minillm-quickstart",
-    fast: Annotated[bool, typer.Option("--fast", help="A smaller run (about 3 minutes on 2 CPU cores, one distillation seed).")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="A smoke run (about 1 minute on 2 CPU cores, one distillation seed; too small to judge the claim).")] = False,
     distill_seeds: Annotated[Optional[int], typer.Option("--distill-seeds", help="Seeds of each distillation (default 3; --fast 1).")] = None,
     ablation: Annotated[bool, typer.Option("--ablation", help="Also distil with each of MiniLLM's four optimisations switched off; plots the curves.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier quickstart folder.")] = False,

@@ -50,3 +50,12 @@ def test_verdict_is_computed_from_the_numbers():
     behind = verdict({"teacher": res(90), "start": res(30), "sft": res(40), "kd": res(47), "seqkd": res(43),
                       "rkl": res(41), "minillm": res(46.5)})
     assert behind.startswith("MiniLLM did NOT come out ahead") and "kd 47.0 (-0.5, within the seeds' spread)" in behind
+
+
+def test_bare_quickstart_runs_instead_of_printing_help():
+    """The README's main command is plain `minillm quickstart`: no required option, no help screen."""
+    import typer
+
+    cmds = typer.main.get_command(app).commands
+    assert cmds["quickstart"].no_args_is_help is False
+    assert cmds["sft"].no_args_is_help is True
