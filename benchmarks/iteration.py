@@ -88,12 +88,7 @@ def main() -> int:
             n_tok += int(roll.response_mask.sum())
         if not naive:
             fast_sampler.release()
-        if opts.cache_teacher_logits:  # concat_batches does not carry the cached logits: join them here
-            tl = torch.cat([p.teacher_logits for p in parts])
-            buffer = concat_batches(parts)
-            buffer.teacher_logits = tl
-        else:
-            buffer = concat_batches(parts)
+        buffer = concat_batches(parts)  # (carries the cached teacher logits, as in the engine)
         del parts
         sync(args.device)
         times["rollout_s"] = t_roll

@@ -54,6 +54,11 @@ def main() -> int:
     print(f"bandwidth (d2d copy, read+written) {bw / 1e9:.1f} GB/s; weights {wbytes / 1e9:.2f} GB; "
           f"KV {kv_tok / 1e3:.0f} KB/token for the pair")
 
+    if any(e in ("static", "graph", "compile") for e in engines):  # a failed check means fallback
+        for name, model in (("student", student), ("teacher", teacher)):
+            reason = fast_sampler.self_check(model, V, args.device, eos)
+            emit(args, {"kind": "self_check", "model": name, "ok": reason is None, "reason": reason})
+
     params = SamplingParams(T)
     rows = []
     for B in batches:

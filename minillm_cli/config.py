@@ -222,7 +222,7 @@ class DistillConfig:
     teacher_device: Optional[str] = None
     eval_prompts: int = 32
     # speed (GPU): rollout engine and teacher-logit caching; both exact, see docs/PERFORMANCE-NOTES.md
-    sampler: str = "eager"
+    sampler: str = "auto"
     cache_teacher_logits: bool = False
 
     def __post_init__(self):

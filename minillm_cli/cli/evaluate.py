@@ -31,7 +31,7 @@ def command(
     top_p: Annotated[float, typer.Option("--top-p", help="Top-p filter (1: off).")] = 1.0,
     no_repeat_ngram_size: Annotated[int, typer.Option("--no-repeat-ngram-size", help="Ban repeated n-grams of this size (0: off).")] = 6,
     greedy: Annotated[bool, typer.Option("--greedy", help="Argmax decoding (exact, as top-k 1) instead of sampling.")] = False,
-    sampler: Annotated[str, typer.Option("--sampler", help="Generation engine: eager (reference) | auto (static KV cache + CUDA graph on GPUs) | static | graph | compile.")] = "eager",
+    sampler: Annotated[str, typer.Option("--sampler", help="Generation engine: auto (static KV cache + CUDA graph on GPUs, the eager loop on CPUs) | eager (the reference loop) | static | graph | compile (experimental).")] = "auto",
     max_prompt_length: o.MaxPrompt = 256,
     max_length: o.MaxLength = 512,
     template: o.Template = "dolly",

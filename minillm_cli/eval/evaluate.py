@@ -64,7 +64,7 @@ class EvaluateConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
-    sampler: str = "eager"  # rollout engine: eager (reference) | auto | static | graph | compile
+    sampler: str = "auto"  # generation engine: auto | eager (reference) | static | graph | compile
     quiet: bool = False
     # Oracle of the "validity" metric (the quickstart's synthetic task): (example, prediction) -> ok.
     validity: Optional[Callable[[Example, str], bool]] = field(default=None, repr=False)

@@ -148,11 +148,15 @@ def test_self_check_passes_and_fallback_is_the_reference(models, monkeypatch):
     assert self_check(teacher, V, "cpu", EOS) is None
     monkeypatch.setattr(fast_sampler, "_SUPPORTED_ATTN", ())
     monkeypatch.setattr(fast_sampler, "_CHECKED", type(fast_sampler._CHECKED)())
+    seen = []
+    hook = student.transformer.h[0].mlp.register_forward_pre_hook(lambda mod, a: seen.append(type(mod.act).__name__))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3)
+    hook.remove()
     assert any("fast sampler unavailable" in str(x.message) for x in w)
     _assert_same(ref, got)
+    assert set(seen) == {"NewGELUActivation"}  # the fallback ran the model's own modules
 
 
 def test_models_restored_to_their_mode(models):
@@ -195,3 +199,51 @@ def test_cached_teacher_logits_give_the_same_loss_and_gradient(models):
     assert abs(l0 - l1) < 1e-5 and abs(ss0 - ss1) < 1e-5
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_under_autocast_a_float32_student_decodes_without_autocasts_weight_cache(models):
+    """The product's GPU path: float32 master weights sampled under bf16 autocast. The decode step
+    (what a CUDA graph captures) must cast the weights itself: a graph captured over autocast's
+    cached copies reads freed memory once the autocast region exits (NaN losses on an H200,
+    2026-11-28). The prefill may use the cache; every decode-step forward must not. The static
+    engine still draws the eager sampler's tokens under autocast, and passes its self-check."""
+    student, teacher = models
+    seen = []
+    hook = student.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append((kw["input_ids"].shape[1], torch.is_autocast_cache_enabled())),
+        with_kwargs=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+            warnings.filterwarnings("error", message="fast sampler unavailable")
+            ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=10))
+            assert self_check(student, V, "cpu", EOS) is None and self_check(teacher, V, "cpu", EOS) is None
+            seen.clear()
+            got = fast_sample(student, teacher, engine="static", keep=False,
+                              **_args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=10))
+    finally:
+        hook.remove()
+    decode = [cached for q, cached in seen if q == 1]
+    assert len(decode) >= 9 and not any(decode), seen
+    assert any(cached for q, cached in seen if q > 1)  # the prefill keeps autocast's cache
+    assert torch.equal(ref.response_ids, got.response_ids)
+    torch.testing.assert_close(got.mix_logp, ref.mix_logp, rtol=0, atol=2e-2)
+
+
+def test_gelu_new_runs_fused_while_sampling_and_is_put_back(models):
+    """GPT-2's composed `gelu_new` is swapped for torch's one-kernel tanh GELU (the same function)
+    only while the fast sampler runs; the model's own modules are back afterwards, also after a
+    fallback, and the tokens are still the reference's."""
+    student, teacher = models
+    acts = lambda m: [type(x).__name__ for x in m.modules() if "GELU" in type(x).__name__]  # noqa: E731
+    assert set(acts(student)) == {"NewGELUActivation"}
+    seen = []
+    hook = student.transformer.h[0].mlp.register_forward_pre_hook(lambda mod, a: seen.append(type(mod.act).__name__))
+    try:
+        ref, got = _both(student, teacher, PROMPTS, [5, 6, 7, 8], fast_kw={"keep": False})
+    finally:
+        hook.remove()
+    assert "_FusedGELU" in seen and "NewGELUActivation" in seen  # fast path fused, reference not
+    _assert_same(ref, got)
+    assert set(acts(student)) == set(acts(teacher)) == {"NewGELUActivation"}
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    torch.testing.assert_close(fast_sampler._FusedGELU()(x), student.transformer.h[0].mlp.act(x), rtol=0, atol=1e-12)

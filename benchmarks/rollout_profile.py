@@ -1,0 +1,160 @@
+"""Where a decode step's time goes: a kernel profile of one teacher-mixed step, and the captured
+step's time under switches that change the kernels (same models and shapes as rollout.py).
+
+    python benchmarks/rollout_profile.py [--batch 64] [--prompt-len 128] [--new-tokens 128]
+                                         [--variants base,gelu_tanh,...] [--device cuda] [--tiny]
+
+Profile: `torch.profiler` over a few eager static-cache steps (the kernels a CUDA graph replays),
+the top kernels by device time, kernels per step, and device time per step. Variants (each the
+"graph" engine, warmed, then one timed rollout):
+  base          the engine as shipped
+  gelu_tanh     GPT-2's composed tanh-GELU (several elementwise kernels) swapped for
+                torch's fused gelu(approximate="tanh") -- the same function
+  math_bf16     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True) (math SDPA without
+                the float32 upcast)
+  efficient     SDPA forced to the memory-efficient kernel
+  cudnn         SDPA forced to cuDNN attention
+  float_mask    an additive mask in the weights' dtype instead of a boolean one
+  gelu+efficient  both
+Failures are reported and skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from _common import base_parser, build_pair, emit, machine, random_prompts, setup, sync
+
+
+def main() -> int:
+    ap = base_parser(__doc__)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--variants", default="base,gelu_tanh,math_bf16,efficient,cudnn,float_mask,gelu+efficient")
+    ap.add_argument("--profile-steps", type=int, default=4)
+    args = setup(ap.parse_args(), "rollout_profile")
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from minillm_cli.engine import fast_sampler as fs
+    from minillm_cli.engine.sampler import SamplingParams, sample
+
+    cuda = args.device.type == "cuda"
+    B = args.batch or (4 if args.tiny else 64)
+    P = args.prompt_len or (16 if args.tiny else 128)
+    T = args.new_tokens or (16 if args.tiny else 128)
+    student, teacher, spec = build_pair(args)
+    V = spec["vocab"]
+    eos = V - 1
+    info = machine(args)
+    emit(args, {"kind": "machine", **info, "batch": B, "prompt": P, "new_tokens": T})
+    ids, mask = random_prompts(B, P, V, args.device, args.seed)
+
+    # -- profile of eager static steps ---------------------------------------------------------
+    L = -(-(P + T) // 16) * 16
+    models = {"student": fs._StaticModel(student, V, B, L, args.device),
+              "teacher": fs._StaticModel(teacher, V, B, L, args.device)}
+    dec = fs._Decoder(models, B=B, P=P, T=T, L=L, alpha=args.alpha, params=SamplingParams(T), eos_id=eos,
+                      pad_id=eos, vocab_size=V, device=args.device)
+    with torch.no_grad():
+        dec.load(ids, mask.bool(), torch.rand(B, T).to(args.device))
+        for _ in range(2):
+            dec.step()
+        sync(args.device)
+        n = args.profile_steps
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(n):
+                dec.step()
+            sync(args.device)
+    evs = [e for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
+    dur = lambda e: e.time_range.elapsed_us()  # noqa: E731  (a kernel event's own duration)
+    dev_us = sum(dur(e) for e in evs)
+    by_name: dict = {}
+    for e in evs:
+        k = e.name[:90]
+        c, t = by_name.get(k, (0, 0.0))
+        by_name[k] = (c + 1, t + dur(e))
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    print(f"\nprofile: {len(evs) / n:.0f} kernels per step, {dev_us / n / 1e3:.3f} ms of kernel time per step")
+    for name, (c, t) in top:
+        print(f"  {t / n / 1e3:8.3f} ms/step  {c / n:6.0f}x  {name}")
+    if cuda and not evs:  # this torch keeps kernels elsewhere: print its own table
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
+    emit(args, {"kind": "profile", "kernels_per_step": len(evs) / n, "kernel_ms_per_step": dev_us / n / 1e3,
+                "top": [{"name": k, "per_step": c / n, "ms_per_step": t / n / 1e3} for k, (c, t) in top]})
+    del dec, models
+    fs.release()
+
+    # -- variants of the captured step -----------------------------------------------------------
+    def swap_gelu():
+        undo = []
+        for m in (student, teacher):
+            for mod in m.modules():
+                if type(getattr(mod, "act", None)).__name__ == "NewGELUActivation":
+                    undo.append((mod, mod.act))
+                    mod.act = torch.nn.GELU(approximate="tanh")
+        return lambda: [setattr(mod, "act", a) for mod, a in undo]
+
+    def sdpa_only(name):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([getattr(SDPBackend, name)])
+
+    orig_mask = fs._StaticModel.mask
+
+    def float_mask(self, allow):
+        return torch.zeros(allow.shape, dtype=self.dtype, device=allow.device).masked_fill(
+            ~allow, torch.finfo(self.dtype).min)
+
+    for variant in args.variants.split(","):
+        parts = variant.split("+")
+        undo, ctx = [], contextlib.ExitStack()
+        try:
+            if "gelu_tanh" in parts or "gelu" in parts:
+                undo.append(swap_gelu())
+            if "math_bf16" in parts:
+                f = getattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp", None)
+                if f is None:
+                    raise RuntimeError("torch has no allow_fp16_bf16_reduction_math_sdp")
+                f(True)
+                undo.append(lambda: f(False))
+            if "efficient" in parts:
+                ctx.enter_context(sdpa_only("EFFICIENT_ATTENTION"))
+            if "cudnn" in parts:
+                ctx.enter_context(sdpa_only("CUDNN_ATTENTION"))
+            if "float_mask" in parts:
+                fs._StaticModel.mask = float_mask
+                undo.append(lambda: setattr(fs._StaticModel, "mask", orig_mask))
+            fs._CHECKED.clear()
+
+            def run():
+                gens = [torch.Generator().manual_seed(b) for b in range(B)]
+                return sample(student, teacher, ids, mask, params=SamplingParams(T), alpha=args.alpha, eos_id=eos,
+                              pad_id=eos, generators=gens, vocab_size=V, engine="graph")
+            with ctx:
+                sync(args.device)
+                t0 = time.perf_counter()
+                run()
+                sync(args.device)
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                r = run()
+                sync(args.device)
+                secs = time.perf_counter() - t0
+            steps = r.response_ids.shape[1]
+            rec = {"kind": "variant", "variant": variant, "batch": B, "ms_per_step": 1e3 * secs / steps,
+                   "tokens_per_s": B * steps / secs, "first_call_s": first}
+        except Exception as e:  # report and go on
+            rec = {"kind": "variant", "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
+        finally:
+            for u in reversed(undo):
+                u()
+            fs.release()
+        emit(args, rec)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
