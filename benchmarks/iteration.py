@@ -10,8 +10,9 @@ naive: benchmarks/_common.naive_rollout; score_rollouts and minillm_loss with un
 vocabulary terms; bf16 student weights; the teacher forward repeated in every PPO micro-batch.
 ours: sampler.sample(engine="auto": static caches + CUDA graph on CUDA, the static loop on CPU);
 teacher logits kept from scoring (cache_teacher_logits), chunked losses, float32 master weights
-with bf16 autocast, fused AdamW. Each side runs one untimed warm-up iteration on a reduced batch
-first (same shapes), then one timed iteration; phases are timed separately.
+with bf16 autocast, fused AdamW, gelu_new as one kernel (engine/fused.py). Each side runs one
+untimed warm-up iteration on a reduced batch first (same shapes), then one timed iteration;
+phases are timed separately.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main() -> int:
     import torch
 
     from minillm_cli.engine import fast_sampler
+    from minillm_cli.engine.fused import fused_activations
     from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
     from minillm_cli.engine.rollouts import concat_batches
     from minillm_cli.engine.runtime import autocast
@@ -126,10 +128,12 @@ def main() -> int:
         opt = torch.optim.AdamW(student.parameters(), lr=1e-6, **({"fused": True} if cuda and not naive else {}))
         student.eval()  # dropout off during updates, as the engine does
         try:
-            one_iteration(side, student, opt, min(N, max(MB, RB)))  # warm-up: same shapes, fewer rows
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            rec = one_iteration(side, student, opt, N)
+            # ours: gelu_new as one kernel, as the engine loads models on CUDA (engine/fused.py)
+            with fused_activations([] if naive else [student, teacher]):
+                one_iteration(side, student, opt, min(N, max(MB, RB)))  # warm-up: same shapes, fewer rows
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                rec = one_iteration(side, student, opt, N)
         except torch.cuda.OutOfMemoryError as e:
             emit(args, {"kind": "iteration", "side": side, "error": f"OOM: {e}"[:200]})
             torch.cuda.empty_cache()

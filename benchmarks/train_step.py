@@ -9,7 +9,9 @@ long-term term over the response (what PERFORMANCE.md measured).
 ours: float32 master weights with bf16 autocast, fused AdamW, engine/minillm.minillm_loss (only
 the response positions reach the LM head; vocabulary-wide terms chunked over the sequence in
 float32 with checkpointing). ours+cached: the same with the teacher logits kept from
-score_rollouts (opts.cache_teacher_logits), i.e. no teacher forward in the PPO epochs.
+score_rollouts (opts.cache_teacher_logits), i.e. no teacher forward in the PPO epochs. "ours"
+variants run GPT-2's gelu_new as one fused kernel, as the engine does on CUDA (engine/fused.py);
+a "+gelu_new" suffix keeps the composed activation (what was measured on 2026-11-28).
 Reports seconds/step, tokens/s (batch x length), peak GiB and MFU = (6 N_s + 2 N_t) tokens/s over
 the dense matmul FLOP/s measured in this run (the formula counts the teacher forward even for
 ours+cached, so that row's MFU is "useful work per second", above the hardware's true MFU).
@@ -26,10 +28,11 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--response-len", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--variants", default="naive,ours,ours+cached")
+    ap.add_argument("--variants", default="naive,ours,ours+cached,ours+cached+gelu_new")
     args = setup(ap.parse_args(), "train_step")
     import torch
 
+    from minillm_cli.engine.fused import fused_activations
     from minillm_cli.engine.minillm import MiniLLMOptions, RolloutBatch, minillm_loss, response_logits
     from minillm_cli.engine.runtime import autocast
 
@@ -70,9 +73,12 @@ def main() -> int:
         N_s = n_params(student)
         opt = torch.optim.AdamW(student.parameters(), lr=1e-6,
                                 **({"fused": True} if (cuda and not naive) else {}))
-        opts = MiniLLMOptions(chunk_size=128, cache_teacher_logits=variant == "ours+cached")
+        cached = variant.startswith("ours+cached")
+        fuse = fused_activations([student, teacher] if not naive and "gelu_new" not in variant else [])
+        fuse.__enter__()
+        opts = MiniLLMOptions(chunk_size=128, cache_teacher_logits=cached)
         b = batch
-        if variant == "ours+cached":
+        if cached:
             with torch.no_grad(), autocast(args.device, low):
                 tl = response_logits(teacher, ids, att, T)[..., :V]
             b = RolloutBatch(**{**{f: getattr(batch, f) for f in batch.__dataclass_fields__}, "teacher_logits": tl})
@@ -111,6 +117,8 @@ def main() -> int:
             del student, opt
             torch.cuda.empty_cache()
             continue
+        finally:
+            fuse.__exit__(None, None, None)
         tokens = B * (P + T)
         flops_per_token = 6 * N_s + 2 * N_t
         rec = {"kind": "train_step", "variant": variant, "batch": B, "length": P + T, "seconds": secs,

@@ -123,11 +123,13 @@ def compute_dtype(device):
 
 
 def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings | None = None,
-               trust_remote_code: bool = False, trainable: bool = True, what: str = "model"):
+               trust_remote_code: bool = False, trainable: bool = True, what: str = "model",
+               fuse: bool | None = None):
     """Load a causal LM onto `device`. Adapter folders are loaded on their base and merged (a frozen
     teacher) or kept trainable (a LoRA student). The embedding matrix grows when the tokenizer has
     tokens the model lacks (our pad token); it never shrinks (padded vocabularies stay padded and
-    callers slice logits to len(tokenizer))."""
+    callers slice logits to len(tokenizer)). fuse (default: on CUDA): composed activations such as
+    GPT-2's gelu_new run as one kernel (engine/fused.py; the same function, saved folders unchanged)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -154,6 +156,10 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
     if lora is not None and trainable:
         model = apply_lora(model, lora)
     model.to(device)
+    if fuse if fuse is not None else torch.device(device).type == "cuda":
+        from minillm_cli.engine.fused import fuse_activations
+
+        fuse_activations(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)

@@ -48,6 +48,7 @@ import torch
 from minillm_cli.engine.sampler import (
     Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, mix_and_sample, model_kwargs,
     positions_from_mask, sample as eager_sample)
+from minillm_cli.engine.fused import fused_activations
 from minillm_cli.errors import require
 
 ENGINES = ("auto", "eager", "static", "graph", "compile")
@@ -113,37 +114,6 @@ def _fresh_casts(device):
     if not torch.is_autocast_enabled(dev):
         return contextlib.nullcontext()
     return torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
-
-
-class _FusedGELU(torch.nn.Module):
-    """torch's one-kernel tanh-approximate GELU: the function of transformers' NewGELUActivation
-    (GPT-2's `gelu_new`), which composes it of ~7 elementwise kernels."""
-
-    def forward(self, x):
-        return torch.nn.functional.gelu(x, approximate="tanh")
-
-
-class _fused_activations:
-    """Swap `gelu_new` modules (GPT-2 family) for `_FusedGELU` while the fast sampler runs, and put
-    them back afterwards (a captured graph keeps the fused kernel). One H200 rollout at gpt2-xl ->
-    gpt2 shapes, batch 64: 7.98 -> 7.31 ms per step (benchmarks/rollout_profile.py, gelu_tanh)."""
-
-    def __init__(self, models):
-        self.models, self.undo = [m for m in models if m is not None], []
-
-    def __enter__(self):
-        for model in self.models:
-            for mod in model.modules():
-                for name, child in mod.named_children():
-                    if type(child).__name__ == "NewGELUActivation":
-                        self.undo.append((mod, name, child))
-                        setattr(mod, name, _FusedGELU())
-        return self
-
-    def __exit__(self, *exc):
-        for mod, name, child in reversed(self.undo):
-            setattr(mod, name, child)
-        self.undo.clear()
 
 
 def _param_dtype(model) -> torch.dtype:
@@ -479,7 +449,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     modes = {name: m.training for name, m in run.items()}
     for m in run.values():
         m.eval()
-    fused = _fused_activations(run.values())
+    fused = fused_activations(run.values())  # gelu_new as one kernel (engine/fused.py)
     try:
         if check:  # with the model's own modules (the fallback, too, is the reference)
             for name, m in run.items():

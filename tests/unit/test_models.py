@@ -78,3 +78,48 @@ def test_lora_targets_detected(tiny_dir):
     total, trainable = count_parameters(model)
     assert 0 < trainable < total
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_fused_gelu_same_function_fewer_saved_bytes_same_saved_folder(tmp_path, tiny_dir):
+    """`load_model(fuse=True)` (the default on CUDA) runs GPT-2's gelu_new as one kernel: same
+    logits, less saved for the backward (the composed form keeps several [tokens, 4 x width]
+    intermediates per layer), and a saved folder identical in keys and config."""
+    import json
+
+    import torch
+
+    from minillm_cli.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir / "teacher"))
+    kw = dict(tokenizer=tok, device=torch.device("cpu"))
+    plain = load_model(str(tiny_dir / "teacher"), **kw)
+    fused = load_model(str(tiny_dir / "teacher"), fuse=True, **kw)
+    names = lambda m: {type(x).__name__ for x in m.modules()}  # noqa: E731
+    assert "NewGELUActivation" in names(plain) and "NewGELUActivation" not in names(fused)
+    assert "FusedGELU" in names(fused)
+
+    ids = torch.randint(0, len(tok) - 1, (2, 24))
+
+    def run(model):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(input_ids=ids).logits
+        logits.float().logsumexp(-1).sum().backward()
+        return logits.detach(), sum(saved)
+
+    a, saved_plain = run(plain)
+    b, saved_fused = run(fused)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert saved_fused < saved_plain, (saved_fused, saved_plain)
+
+    fused.save_pretrained(str(tmp_path / "f"))
+    plain.save_pretrained(str(tmp_path / "p"))
+    cfg = lambda d: {k: v for k, v in json.loads((tmp_path / d / "config.json").read_text()).items()  # noqa: E731
+                     if k != "transformers_version"}
+    assert cfg("f") == cfg("p") and cfg("f")["activation_function"] == "gelu_new"
+    from safetensors.torch import load_file
+    assert load_file(str(tmp_path / "f" / "model.safetensors")).keys() == load_file(str(tmp_path / "p" / "model.safetensors")).keys()

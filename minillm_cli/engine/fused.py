@@ -1,0 +1,55 @@
+"""Fused replacements for composed activation modules: the same function in fewer kernels.
+
+transformers' `NewGELUActivation` (GPT-2's `gelu_new`) computes the tanh-approximate GELU from
+~7 elementwise ops. On a GPU each is a kernel over the MLP's widest tensor, and under bf16
+autocast `torch.pow` runs in float32, so training saves several float32 [tokens, 4 x width]
+intermediates per layer for the backward. `torch.nn.functional.gelu(x, approximate="tanh")` is
+the same function in one kernel that saves only its input. Measured on an H200 (2026-11-28): the
+teacher-mixed decode step at gpt2-xl -> gpt2 shapes, batch 64, 7.98 -> 7.31 ms.
+
+The swap changes modules without parameters only, so state dicts, `save_pretrained` folders and
+configs are untouched (the config still says `gelu_new`)."""
+from __future__ import annotations
+
+import torch
+
+COMPOSED = ("NewGELUActivation",)
+
+
+class FusedGELU(torch.nn.Module):
+    """tanh-approximate GELU in one kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def fuse_activations(model) -> list[tuple]:
+    """Replace composed GELU modules in `model` in place; returns (parent, name, old) to undo."""
+    undo = []
+    for mod in model.modules():
+        for name, child in list(mod.named_children()):
+            if type(child).__name__ in COMPOSED:
+                undo.append((mod, name, child))
+                setattr(mod, name, FusedGELU())
+    return undo
+
+
+def unfuse(undo: list[tuple]) -> None:
+    for mod, name, child in reversed(undo):
+        setattr(mod, name, child)
+    undo.clear()
+
+
+class fused_activations:
+    """Context manager: the models run fused inside, their own modules are back afterwards."""
+
+    def __init__(self, models):
+        self.models, self.undo = [m for m in models if m is not None], []
+
+    def __enter__(self):
+        for model in self.models:
+            self.undo += fuse_activations(model)
+        return self
+
+    def __exit__(self, *exc):
+        unfuse(self.undo)
