@@ -221,7 +221,8 @@ class DistillConfig:
     teacher_peft: Optional[str] = None
     teacher_device: Optional[str] = None
     eval_prompts: int = 32
-    # speed (GPU): rollout engine and teacher-logit caching; both exact, see docs/PERFORMANCE-NOTES.md
+    # speed (GPU): rollout engine (the same distribution as the eager loop; tokens may differ by float
+    # rounding) and teacher-logit caching (exact); see docs/PERFORMANCE-NOTES.md
     sampler: str = "auto"
     cache_teacher_logits: bool = False
 

@@ -127,15 +127,16 @@ def test_graph_under_autocast_across_regions_matches_eager():
         p.requires_grad_(True)  # master weights: what autocast caches casts of
     outs = {}
     for engine in ("eager", "graph"):
-        outs[engine] = []
+        outs[engine], junk = [], []
         for call in range(2):
             with torch.autocast("cuda", dtype=torch.bfloat16), warnings.catch_warnings():
                 _fail_on_fallback()
                 r = sample(student, teacher, engine=engine, **_args(32, 12, V, T=16, alpha=0.2, seed0=call))
-            # reuse the blocks autocast's cast copies lived in (same sizes), with NaN
+            # occupy the blocks autocast's cast copies lived in (same sizes) with NaN, and keep
+            # them occupied through the next call, so its own casts cannot land there again
             junk = [torch.full_like(p, float("nan"), dtype=torch.bfloat16) for p in student.parameters()]
-            del junk
             outs[engine].append(r)
+        del junk
     fast_sampler.release()
     for ref, got in zip(outs["eager"], outs["graph"]):
         assert torch.isfinite(got.mix_logp).all() and torch.isfinite(got.student_logp).all()

@@ -248,3 +248,32 @@ def test_gelu_new_runs_fused_while_sampling_and_is_put_back(models):
     assert set(acts(student)) == set(acts(teacher)) == {"NewGELUActivation"}
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
     torch.testing.assert_close(FusedGELU()(x), student.transformer.h[0].mlp.act(x), rtol=0, atol=1e-12)
+
+
+def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
+    """When the compiler fails inside capture (torch 2.11's inductor did at gpt2-xl shapes on an
+    H200), the engine warns and decodes with the plain step: it must not call the failing
+    compiler again on every step (it did: the run then hung in recompilation)."""
+    student, teacher = models
+    calls = []
+
+    def broken_compile(self):
+        def compiled():
+            calls.append(1)
+            raise RuntimeError("inductor failed")
+        self.compiled = compiled
+
+    def capture(self):  # what capture does first on a GPU: warm-up steps through the compiled step
+        self.step()
+
+    monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
+    monkeypatch.setattr(fast_sampler._Decoder, "compile", broken_compile)
+    monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
+    ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = fast_sample(student, teacher, engine="compile", keep=False, check_every=1,
+                          **_args(PROMPTS, [1, 2, 3, 4], 0.3))
+    assert any("CUDA graph capture failed" in str(x.message) for x in w)
+    assert len(calls) == 1
+    _assert_same(ref, got)
