@@ -106,20 +106,17 @@ def main() -> int:
             return loss.detach()
 
         step = naive_step if naive else our_step
-        fuse = fused_activations([student, teacher] if not naive and "gelu_new" not in variant else [])
-        fuse.__enter__()  # undone in the `finally` below
         try:
-            for _ in range(2):
-                step()
-            sync(args.device)
-            _, secs, peak = timed(step, args.device, repeats=reps)
+            with fused_activations([student, teacher] if not naive and "gelu_new" not in variant else []):
+                for _ in range(2):
+                    step()
+                sync(args.device)
+                _, secs, peak = timed(step, args.device, repeats=reps)
         except torch.cuda.OutOfMemoryError as e:
             emit(args, {"kind": "train_step", "variant": variant, "error": f"OOM: {e}"[:200]})
             del student, opt
             torch.cuda.empty_cache()
             continue
-        finally:
-            fuse.__exit__(None, None, None)
         tokens = B * (P + T)
         flops_per_token = 6 * N_s + 2 * N_t
         run_flops = 6 * N_s + (0 if cached else 2 * N_t)  # what this step really computes

@@ -156,7 +156,9 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
     if lora is not None and trainable:
         model = apply_lora(model, lora)
     model.to(device)
-    if fuse if fuse is not None else torch.device(device).type == "cuda":
+    if fuse is None:
+        fuse = torch.device(device).type == "cuda"
+    if fuse:
         from minillm_cli.engine.fused import fuse_activations
 
         fuse_activations(model)

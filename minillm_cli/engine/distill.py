@@ -304,10 +304,7 @@ class MiniLLMRun:
     def run(self) -> dict:
         from minillm_cli.engine import fsdp
 
-        cfg = self.cfg
-        if cfg.run.fsdp or fsdp.fsdp_from_env():
-            fsdp.check_supported(lora=cfg.model_opts.lora() is not None, teacher_device=cfg.teacher_device,
-                                 save_adapter=cfg.model_opts.save_adapter)
+        cfg = self.cfg  # (FSDP support was checked by run_distill)
         rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
         out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
         rt.barrier()

@@ -98,13 +98,9 @@ def _rewind(cache, length: int) -> None:
             layer.cumulative_length = length
 
 
-def _autocast_on(device) -> bool:
-    """Autocast active for this device's type (the argument-less form asks about CUDA only)."""
-    return torch.is_autocast_enabled(torch.device(device).type)
-
-
-def _autocast_key(device):
-    """What a self-check or a captured graph depends on: autocast off, or its dtype."""
+def _autocast_dtype(device):
+    """Autocast's dtype on this device's type, None when off (what a self-check or a captured
+    graph depends on; the argument-less `torch.is_autocast_enabled()` asks about CUDA only)."""
     dev = torch.device(device).type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
@@ -116,16 +112,21 @@ def _fresh_casts(device):
     reading stale copies after an optimizer step. The casts become part of the step."""
     import contextlib
 
-    dev = torch.device(device).type
-    if not torch.is_autocast_enabled(dev):
+    dtype = _autocast_dtype(device)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)
 
 
 def _param_dtype(model) -> torch.dtype:
     for p in model.parameters():
         return p.dtype
     return torch.float32
+
+
+def additive_mask(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as an additive one in `dtype` (0 where allowed, min elsewhere)."""
+    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
 
 
 class _StaticModel:
@@ -148,9 +149,7 @@ class _StaticModel:
     def mask(self, allow: torch.Tensor) -> torch.Tensor:
         if self.impl == "sdpa":
             return allow
-        # eager attention adds the mask to the scores
-        return torch.zeros(allow.shape, dtype=self.dtype, device=allow.device).masked_fill(
-            ~allow, torch.finfo(self.dtype).min)
+        return additive_mask(allow, self.dtype)  # eager attention adds the mask to the scores
 
     def forward(self, ids, allow, positions, cache_position):
         kw = dict(self.kw)
@@ -184,7 +183,7 @@ _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
     """None when a left-padded static-cache prefill + 3 decode steps give the logits of one
     uncached forward over the same tokens (within precision); else a reason. Cached per model."""
-    key = (_autocast_key(device), str(device))
+    key = (_autocast_dtype(device), str(device))
     done = _CHECKED.get(model)
     if done is not None and key in done:
         return done[key]
@@ -227,7 +226,7 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
             return float((x - want).abs().max() / want.abs().max().clamp(min=1e-6))
 
         err, floor = rel(got), rel(base)
-        low = _autocast_on(device) or sm.dtype in (torch.float16, torch.bfloat16)
+        low = _autocast_dtype(device) is not None or sm.dtype in (torch.float16, torch.bfloat16)
         # capped: a drifting dynamic-cache path must not widen the check past what a wrong mask
         # or position (errors of order one) would show
         tol = max(3e-2 if low else 1e-4, min(4 * floor, 0.25))
@@ -457,16 +456,14 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     modes = {name: m.training for name, m in run.items()}
     for m in run.values():
         m.eval()
-    fused = fused_activations(run.values())  # gelu_new as one kernel (engine/fused.py)
     try:
         if check:  # with the model's own modules (the fallback, too, is the reference)
             for name, m in run.items():
                 reason = self_check(m, vocab_size, device, eos_id)
                 if reason is not None:
                     return _fallback(f"{name}: {reason}", states, **common)
-        fused.__enter__()
         key = (tuple((n, id(m)) for n, m in run.items()), B, P, T, L, alpha, astuple(params),
-               eos_id, pad_id, vocab_size, mode, str(device), _autocast_key(device))
+               eos_id, pad_id, vocab_size, mode, str(device), _autocast_dtype(device))
         dec = _KEPT.get(key)
         fresh = dec is None
         if fresh:
@@ -474,42 +471,35 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             try:
                 models = {n: _StaticModel(m, vocab_size, B, L, device) for n, m in run.items()}
             except _Unsupported as e:
-                fused.__exit__(None, None, None)
                 return _fallback(str(e), states, **common)
             dec = _Decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
                            pad_id=pad_id, vocab_size=vocab_size, device=device)
-        dec.load(ids, pm, uniforms)
-        if fresh and T > 1:
-            if mode == "compile":
-                dec.compile()
-            if captured:
-                try:
-                    dec.capture()  # (for "compile": the warm-up steps compile)
-                except Exception as e:  # not capturable, or (compile) the compiler failed
-                    warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=2)
-                    dec.graph = dec.compiled = None  # else every step would call the compiler again
-        if keep:
-            _KEPT[key] = dec
-        every = check_every or (8 if device.type == "cuda" else 1)
-        steps = 1
-        while steps < T:
-            if (steps - 1) % every == 0 and bool(dec.finished.all()):
-                break
-            dec.run_step()
-            steps += 1
+        with fused_activations(run.values()):  # gelu_new as one kernel (engine/fused.py)
+            dec.load(ids, pm, uniforms)
+            if fresh and T > 1:
+                if mode == "compile":
+                    dec.compile()
+                if captured:
+                    try:
+                        dec.capture()  # (for "compile": the warm-up steps compile)
+                    except Exception as e:  # not capturable, or (compile) the compiler failed
+                        warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=2)
+                        dec.graph = dec.compiled = None  # else each step would call the compiler again
+            if keep:
+                _KEPT[key] = dec
+            every = check_every or (8 if device.type == "cuda" else 1)
+            steps = 1
+            while steps < T:
+                if (steps - 1) % every == 0 and bool(dec.finished.all()):
+                    break
+                dec.run_step()
+                steps += 1
         alive = dec.alive[:, :steps].clone()
-        if bool(dec.finished.all()):
-            width = int(alive.sum(1).max())
-        else:
-            width = steps
-        out = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),
-                      response_ids=dec.tokens[:, :width].clone(), response_mask=alive[:, :width],
-                      student_logp=None if dec.lq is None else dec.lq[:, :width].clone(),
-                      mix_logp=dec.lm[:, :width].clone())
-        if not keep:
-            del dec
-        return out
+        width = int(alive.sum(1).max()) if bool(dec.finished.all()) else steps
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),
+                       response_ids=dec.tokens[:, :width].clone(), response_mask=alive[:, :width],
+                       student_logp=None if dec.lq is None else dec.lq[:, :width].clone(),
+                       mix_logp=dec.lm[:, :width].clone())
     finally:
-        fused.__exit__(None, None, None)
         for name, m in run.items():
             m.train(modes[name])

@@ -13,6 +13,8 @@ bf16 the rounding differs, so sampled tokens and scores can differ slightly from
 form's."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -48,16 +50,14 @@ def unfuse(undo: list[tuple]) -> None:
     undo.clear()
 
 
-class fused_activations:
-    """Context manager: the models run fused inside, their own modules are back afterwards."""
-
-    def __init__(self, models):
-        self.models, self.undo = [m for m in models if m is not None], []
-
-    def __enter__(self):
-        for model in self.models:
-            self.undo += fuse_activations(model)
-        return self
-
-    def __exit__(self, *exc):
-        unfuse(self.undo)
+@contextlib.contextmanager
+def fused_activations(models):
+    """The models run fused inside; their own modules are back afterwards (also on errors)."""
+    undo = []
+    try:
+        for model in models:
+            if model is not None:
+                undo += fuse_activations(model)
+        yield
+    finally:
+        unfuse(undo)

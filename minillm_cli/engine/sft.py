@@ -87,15 +87,16 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     if train_examples is None:
         splits = load_splits(cfg.data)
         train_examples, valid_examples = splits["train"], splits["valid"]
-    train, dropped = encode_sft(tok, train_examples, cfg.data.template, cfg.data.max_prompt_length,
-                                cfg.data.max_length, responses=responses)
-    valid, vdropped = encode_sft(tok, valid_examples or [], cfg.data.template, cfg.data.max_prompt_length,
-                                 cfg.data.max_length)
+    # refuse before tokenising anything
     if responses is None and not all(e.references for e in train_examples):
         missing = sum(not e.references for e in train_examples)
         raise InputError(f"{cfg.data.data}: {missing} of {len(train_examples)} training examples have no reference "
                          f"response (layout {train_examples[0].meta.get('layout', '?')}); training needs one: "
                          f"name it with --response-field")
+    train, dropped = encode_sft(tok, train_examples, cfg.data.template, cfg.data.max_prompt_length,
+                                cfg.data.max_length, responses=responses)
+    valid, vdropped = encode_sft(tok, valid_examples or [], cfg.data.template, cfg.data.max_prompt_length,
+                                 cfg.data.max_length)
     if not train:
         raise InputError(f"{cfg.data.data}: no training example left after dropping {dropped} with prompts over "
                          f"--max-prompt-length {cfg.data.max_prompt_length}")
