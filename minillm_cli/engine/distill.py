@@ -22,7 +22,8 @@ from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
-from minillm_cli.engine.runtime import autocast, example_generator, init_runtime, scaling_warnings, seed_everything
+from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, leaves_process_group,
+                                        scaling_warnings, seed_everything)
 from minillm_cli.engine.sampler import SamplingParams, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)
@@ -30,6 +31,7 @@ from minillm_cli.errors import InputError, RunError
 from minillm_cli.progress import MetricsWriter, Progress
 
 
+@leaves_process_group
 def run_distill(cfg: DistillConfig) -> dict:
     from minillm_cli.engine import fsdp
 
@@ -164,6 +166,21 @@ class MiniLLMRun:
         self.dropped = dropped
 
     # -- rollouts ----------------------------------------------------------------------------
+    def sample(self, ids, att, teacher, alpha: float, generators: list):
+        """Responses of the current student (mixed with `teacher` by `alpha`) to left-padded prompts,
+        by the --sampler engine (the eager loop under FSDP, where every forward is a collective)."""
+        rt = self.rt
+        return sample(self.student, teacher, ids.to(rt.device), att.to(rt.device), params=self.params, alpha=alpha,
+                      eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, generators=generators,
+                      vocab_size=self.vocab, engine="eager" if rt.fsdp else self.cfg.sampler, sync=rt.decode_sync)
+
+    def release_sampler(self) -> None:
+        """Free the fast sampler's static KV caches (and graph) before the updates need the memory."""
+        if not self.rt.fsdp and self.cfg.sampler != "eager":
+            from minillm_cli.engine.fast_sampler import release
+
+            release()
+
     @torch.no_grad()
     def collect(self, iteration: int):
         """Sample and score `num_rollouts` rollouts with the current student; returns the buffer
@@ -174,23 +191,17 @@ class MiniLLMRun:
         t0 = time.perf_counter()
         which = prompts_for_iteration(len(self.prompts), cfg.num_rollouts, cfg.run.seed, iteration)
         local, n_tok = [], 0
-        engine = "eager" if rt.fsdp else cfg.sampler  # static caches / CUDA graphs: not with FSDP
         for k, slots, real in rt.lockstep(micro_batches(list(range(cfg.num_rollouts)), cfg.rollout_batch_size or cfg.batch_size)):
             ids, att = left_pad([self.prompts[which[j]] for j in slots], self.tok.pad_token_id)
             with autocast(rt.device, self.amp):
-                roll = sample(self.student, self.teacher, ids.to(rt.device), att.to(rt.device), params=self.params,
-                              alpha=cfg.teacher_mix_alpha, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
-                              generators=[example_generator(cfg.run.seed, iteration, j) for j in slots],
-                              vocab_size=self.vocab, engine=engine, sync=rt.decode_sync)
+                roll = self.sample(ids, att, self.teacher, cfg.teacher_mix_alpha,
+                                   [example_generator(cfg.run.seed, iteration, j) for j in slots])
                 scored = score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab)
             if not real:  # FSDP lockstep padding
                 continue
             n_tok += int(roll.response_mask.sum())
             local.append((k, scored))
-        if engine != "eager":  # free the static KV caches before the updates need the memory
-            from minillm_cli.engine.fast_sampler import release
-
-            release()
+        self.release_sampler()
         buffer = gather_parts(rt, local, rt.device)
         secs = rt.sum_scalar(time.perf_counter() - t0) / rt.world_size
         lengths = buffer.response_mask.sum(1).float()
@@ -282,10 +293,7 @@ class MiniLLMRun:
         for k, chunk, real in rt.lockstep(micro_batches(slots, cfg.rollout_batch_size or cfg.batch_size)):
             ids, att = left_pad([self.valid_prompts[j] for j in chunk], self.tok.pad_token_id)
             with autocast(rt.device, self.amp):
-                roll = sample(self.student, None, ids.to(rt.device), att.to(rt.device), params=self.params, alpha=0.0,
-                              eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
-                              generators=[example_generator(cfg.run.seed + 1, 10**6, j) for j in chunk],
-                              vocab_size=self.vocab, sync=rt.decode_sync)
+                roll = self.sample(ids, att, None, 0.0, [example_generator(cfg.run.seed + 1, 10**6, j) for j in chunk])
                 full = torch.cat([roll.prompt_ids, roll.response_ids], 1)
                 mask = torch.cat([roll.prompt_mask.long(), roll.response_mask.long()], 1)
                 T = roll.response_ids.shape[1]
@@ -297,6 +305,7 @@ class MiniLLMRun:
             total += kl
             n_seq += len(chunk)
             n_tok += int(roll.response_mask.sum())
+        self.release_sampler()
         total, n_seq, n_tok = rt.sum_scalar(total), rt.sum_scalar(n_seq), rt.sum_scalar(n_tok)
         return {"valid_reverse_kl": total / max(n_seq, 1), "valid_reverse_kl_per_token": total / max(n_tok, 1)}
 

@@ -36,10 +36,20 @@ def finish(p: subprocess.Popen, timeout: float = 180) -> int:
         pytest.fail(f"process {p.args[:6]} did not finish in {timeout}s (ranks deadlocked?)")
 
 
+def tail(log_or_text, n: int = 3000) -> str:
+    """The end of the workers' own output: torchrun's failure report (a launcher traceback naming
+    only exit codes) is cut off, so a failure message shows what the worker printed."""
+    text = Path(log_or_text).read_text() if isinstance(log_or_text, Path) else str(log_or_text)
+    cut = text.find("torch/distributed/elastic/multiprocessing/api.py")
+    if cut > 0:
+        text = text[: text.rfind("\n", 0, cut) + 1]
+    return text[-n:]
+
+
 def run(cmd: list, log: Path, env: dict | None = None, timeout: float = 180) -> None:
-    """Run to completion and require exit 0 (the log's tail is the failure message)."""
+    """Run to completion and require exit 0 (the workers' last lines are the failure message)."""
     rc = finish(spawn(cmd, log, env), timeout)
-    assert rc == 0, Path(log).read_text()[-3000:]
+    assert rc == 0, tail(log)
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

@@ -125,3 +125,33 @@ def test_pt_data_trains_and_another_tokenizer_is_refused_before_training(tmp_pat
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "tokenizer" in res.output.lower()
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_sampler_engine_serves_rollouts_and_validation(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    """--sampler static: the static-cache engine samples the rollouts (teacher-mixed) and the
+    validation responses (student alone), frees its caches after each, and on CPU reproduces the
+    eager run (same uniforms, same tokens; only float rounding differs)."""
+    from minillm_cli.engine import fast_sampler
+
+    calls, releases = [], []
+    real_sample, real_release = fast_sampler.fast_sample, fast_sampler.release
+    monkeypatch.setattr(fast_sampler, "fast_sample",
+                        lambda *a, **k: calls.append((k["engine"], k["alpha"])) or real_sample(*a, **k))
+    monkeypatch.setattr(fast_sampler, "release", lambda: releases.append(1) or real_release())
+    args = [*common(tiny_dir, dolly_like), "--steps", 2]
+    res = invoke("distill", *args, "--sampler", "static", "--out", tmp_path / "static")
+    assert res.exit_code == 0, res.output
+    assert ("static", 0.0) in calls, "validation samples did not use the --sampler engine"
+    assert any(alpha > 0 for _, alpha in calls), "rollouts did not use the --sampler engine"
+    assert len(releases) >= 2
+    n_static = len(calls)
+    res = invoke("distill", *args, "--sampler", "eager", "--out", tmp_path / "eager")
+    assert res.exit_code == 0, res.output
+    assert len(calls) == n_static, "--sampler eager went through the fast engine"
+    seen = set()
+    for x, y in zip(rows(tmp_path / "static"), rows(tmp_path / "eager"), strict=True):
+        for key in ("reverse_kl", "response_len", "valid_reverse_kl"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-5), (x["step"], key)
+                seen.add(key)
+    assert seen == {"reverse_kl", "response_len", "valid_reverse_kl"}

@@ -26,6 +26,8 @@ from procs import ENV, files, max_diff, run, torchrun
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun subprocesses: Linux only")
 
 runner = CliRunner()
+
+
 def distill_args(tiny_dir, data):
     return ["distill", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student", "--data", data,
             "--batch-size", 3, "--grad-accum", 3, "--num-rollouts", 6, "--rollout-batch-size", 2,
@@ -103,3 +105,40 @@ def test_blocks_are_found_generically():
     llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
     assert blocks_of(llama) is llama.model.layers
+
+
+def test_runs_leave_the_process_group_they_joined(tmp_path, tiny_dir, dolly_like):
+    """A process exiting with a live gloo group can abort at exit (SIGABRT, seen in CI as a
+    finished 2-process run reported failed): every run leaves the group it joined, on success and on
+    error, and a group the caller created itself is left alone."""
+    import torch.distributed as dist
+
+    from minillm_cli.engine.runtime import init_runtime, leaves_process_group
+
+    assert not dist.is_initialized()
+    res = runner.invoke(app, ["sft", "--model", str(tiny_dir / "student"), "--data", str(dolly_like), "--fsdp",
+                              "--steps", "1", "--batch-size", "2", "--limit", "8", "--valid-size", "0.25",
+                              "--device", "cpu", "--quiet", "--out", str(tmp_path / "sft")])
+    assert res.exit_code == 0, res.output
+    assert not dist.is_initialized(), "sft --fsdp left its process group behind"
+    res = runner.invoke(app, [str(a) for a in [*distill_args(tiny_dir, dolly_like), "--fsdp", "--steps", 1,
+                                                "--out", tmp_path / "distill"]])
+    assert res.exit_code == 0, res.output
+    assert not dist.is_initialized(), "distill --fsdp left its process group behind"
+
+    @leaves_process_group
+    def failing_run():
+        init_runtime("cpu", fsdp=True)
+        assert dist.is_initialized()
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        failing_run()
+    assert not dist.is_initialized(), "a failing run left its process group behind"
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the caller's own
+    try:
+        leaves_process_group(lambda: init_runtime("cpu", fsdp=True))()
+        assert dist.is_initialized(), "the caller's process group was destroyed"
+    finally:
+        dist.destroy_process_group()

@@ -33,7 +33,7 @@ import torch
 from typer.testing import CliRunner
 
 from minillm_cli.cli.app import app
-from procs import files, finish, max_diff, spawn, torchrun
+from procs import files, finish, max_diff, spawn, tail, torchrun
 from minillm_cli.engine import checkpoint as ckpt
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and /proc: Linux only")
@@ -117,10 +117,10 @@ def test_distill_two_processes_equal_one(tmp_path, tiny_dir, dolly_like, referen
     # Not --quiet: rank 0 alone must log.
     rc = finish(spawn(torchrun(2, *distill_args(tiny_dir, dolly_like), "--out", out), log))
     text = log.read_text()
-    assert rc == 0, text[-2000:]
+    assert rc == 0, tail(text)
     d = max_diff(reference, out)
     assert d <= 1e-5, f"1 vs 2 processes differ by {d}"
-    assert text.count("distill (minillm): ") == 1 and "2 process(es)" in text, text[-2000:]
+    assert text.count("distill (minillm): ") == 1 and "2 process(es)" in text, tail(text)
     assert "warning" not in text  # --grad-accum 2 keeps both processes busy
     # Rank 0 alone writes: the same files as the 1-process run, each metrics row once.
     assert files(out) == files(reference)
@@ -156,7 +156,7 @@ def test_sft_with_dropout_two_processes_equal_one(tmp_path, dropout_model, dolly
     res = invoke(*args, "--out", one)
     assert res.exit_code == 0, res.output
     rc = finish(spawn(torchrun(2, *args, "--out", two), tmp_path / "two.log"))
-    assert rc == 0, (tmp_path / "two.log").read_text()[-2000:]
+    assert rc == 0, tail(tmp_path / "two.log")
     d = max_diff(one, two)
     assert d <= 1e-5, f"sft: 1 vs 2 processes differ by {d}"
     assert files(one) == files(two)
@@ -173,16 +173,16 @@ def test_sigterm_to_one_rank_stops_both_then_resume_with_one_process(tmp_path, t
     log = tmp_path / "run.log"
     p = spawn(torchrun(2, *distill_args(tiny_dir, dolly_like), "--quiet", "--out", out), log)
     # After rank 0 logged step 1, SIGTERM rank 1 only: rank 0 never sees the signal itself.
-    assert wait_until(lambda: (out / "metrics.jsonl").is_file() and steps_logged(out), p), log.read_text()[-2000:]
+    assert wait_until(lambda: (out / "metrics.jsonl").is_file() and steps_logged(out), p), tail(log)
     ranks = worker_pids(p.pid)
     assert set(ranks) == {0, 1}, ranks
     os.kill(ranks[1], signal.SIGTERM)
     rc = finish(p, timeout=120)  # a rank waiting alone in a collective would hang here
     text = log.read_text()
-    assert rc != 0, text[-2000:]
+    assert rc != 0, tail(text)
     stopped = re.findall(r"stopped by SIGTERM after step (\d+); checkpoint saved, continue with the same command "
                          r"plus --resume", text)
-    assert stopped, text[-3000:]
+    assert stopped, tail(text)
     k = int(stopped[0])
     assert all(int(s) == k for s in stopped)  # the ranks agreed on the step
     assert 1 <= k < STEPS and ckpt_step(out) == k
@@ -285,7 +285,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_weights(tmp_path, tiny_di
     assert len(killed) == len(plan), f"the run ended before it could be killed: {killed}"
     log = tmp_path / "final.log"
     rc = finish(spawn([sys.executable, "-m", "minillm_cli", *args, "--resume"], log))
-    assert rc == 0, log.read_text()[-2000:]
+    assert rc == 0, tail(log)
     d = max_diff(ref, out)
     assert d <= 1e-6, f"killed at {killed} (partial checkpoints left: {torn}); final weights differ by {d}"
     assert steps_logged(out) == list(range(1, KILL_STEPS + 1))  # rows of steps redone after a kill: once
