@@ -7,15 +7,17 @@ step's time under switches that change the kernels (same models and shapes as ro
 Profile: `torch.profiler` over a few eager static-cache steps (the kernels a CUDA graph replays),
 the top kernels by device time, kernels per step, and device time per step. Variants (each the
 "graph" engine, warmed, then one timed rollout):
-  base          the engine as shipped (GPT-2's gelu_new runs as torch's fused tanh GELU)
+  base          the engine as shipped (GPT-2's gelu_new runs as torch's fused tanh GELU; an
+                additive attention mask, built once per model and step)
   gelu_new      the sampler's fusion off: the composed GELU (~7 elementwise kernels)
   math_bf16     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True) (math SDPA without
                 the float32 upcast)
   efficient     SDPA forced to the memory-efficient kernel
   cudnn         SDPA forced to cuDNN attention
-  float_mask    an additive mask in the weights' dtype instead of a boolean one
-Variants combine with "+" (e.g. gelu_new+efficient). The 2026-11-28 H200 run predates the fused
-default: its "base" was today's gelu_new, its "gelu_tanh" today's base.
+  bool_mask     a boolean mask (SDPA converts it in every layer)
+Variants combine with "+" (e.g. gelu_new+efficient). The 2026-11-28 H200 run predates both
+defaults: its "base" was today's gelu_new+bool_mask, its "gelu_tanh" today's bool_mask, and its
+"float_mask" today's gelu_new.
 Failures are reported and skipped.
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--alpha", type=float, default=0.2)
-    ap.add_argument("--variants", default="base,gelu_new,math_bf16,efficient,cudnn,float_mask")
+    ap.add_argument("--variants", default="base,gelu_new,math_bf16,efficient,cudnn,bool_mask")
     ap.add_argument("--profile-steps", type=int, default=4)
     args = setup(ap.parse_args(), "rollout_profile")
     import torch
@@ -119,8 +121,8 @@ def main() -> int:
                 ctx.enter_context(sdpa_only("EFFICIENT_ATTENTION"))
             if "cudnn" in parts:
                 ctx.enter_context(sdpa_only("CUDNN_ATTENTION"))
-            if "float_mask" in parts:
-                ctx.enter_context(_patched(fs._StaticModel, "mask", lambda self, allow: fs.additive_mask(allow, self.dtype)))
+            if "bool_mask" in parts:
+                ctx.enter_context(_patched(fs._StaticModel, "mask", lambda self, allow: allow))
             fs._CHECKED.clear()
 
             def run():
