@@ -12,9 +12,9 @@ attention mask every step, a host sync every step (to stop early) and a Python n
 - the combined step (student forward, teacher forward, the n-gram ban, `mix_and_sample` -- the
   same function the reference calls -- and the writes of tokens / log-probs / finished flags into
   preallocated [B, T] buffers) is one function with no host synchronisation, so on CUDA it is
-  captured once in a CUDA graph ("graph", the default on CUDA), or compiled with torch.compile
-  (inductor fuses the elementwise work) and then captured ("compile"); a decode step is then one
-  graph launch;
+  captured once in a CUDA graph ("graph", the default on CUDA), or captured with the models'
+  forwards compiled by torch.compile (inductor fuses the elementwise work: "compile"); a decode
+  step is then one graph launch;
 - the host checks "all rows finished?" only every `check_every` steps (every step on CPU); the
   response is cut to the same width the reference returns (the step of the last EOS, or T).
 
@@ -24,9 +24,9 @@ tokens are therefore the reference's token for token (the logits differ only by 
 the attention runs over the padded static cache); tests/unit/test_fast_sampler.py checks it.
 
 Engines: "eager" = `sampler.sample` itself; "static" = this loop run eagerly (any device);
-"graph" = this loop with the step captured in a CUDA graph; "compile" = the step compiled by
-torch.compile (default mode), then captured in our CUDA graph; "auto" = "graph" on CUDA, "eager"
-elsewhere.
+"graph" = this loop with the step captured in a CUDA graph; "compile" = the models' decode
+forwards compiled by torch.compile (default mode), the step then captured in our CUDA graph;
+"auto" = "graph" on CUDA, "eager" elsewhere.
 Anything the static path cannot serve (an attention implementation other than sdpa/eager, a
 model without StaticCache support, a failed self-check) falls back to `sampler.sample` with a
 warning, so the result is always the reference distribution.
@@ -161,6 +161,16 @@ class _StaticModel:
                          **kw)
         return out.logits[:, -1, : self.vocab_size]
 
+    def compile_decode(self, backend: str = "inductor") -> None:
+        """Decode steps through torch.compile'd forward (one shape: q = 1; the prefill stays
+        eager). Only the model is compiled -- the usual compiled static-cache decode -- not the
+        sampling around it, whose vocabulary-wide reductions are where torch 2.11's inductor failed
+        when the whole step was compiled (H200, gpt2-xl shapes, 2026-11-28)."""
+        self.decode = torch.compile(self.forward, backend=backend, dynamic=False)
+
+    def decode(self, ids, allow, positions, cache_position):
+        return self.forward(ids, allow, positions, cache_position)
+
 
 class _Unsupported(Exception):
     pass
@@ -269,7 +279,6 @@ class _Decoder:
         self.alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
         self.lq = self.lm = None  # allocated at step 0 (dtype of mix_and_sample's output)
         self.graph = None
-        self.compiled = None
 
     # state in, prefill, step 0 ---------------------------------------------------------------
     def load(self, prompt_ids, prompt_mask, uniforms):
@@ -337,7 +346,7 @@ class _Decoder:
     def step(self) -> None:
         """Feed the last token (cache column P + t - 1), run the models, sample token t."""
         with _fresh_casts(self.device):
-            (self.compiled or self._step)()
+            self._step()
 
     def _step(self) -> None:
         t = self.t
@@ -345,7 +354,7 @@ class _Decoder:
         allow = (self.key_valid & (self.ar <= col))[:, None, None, :]
         pos = (self.next_pos + t - 1)[:, None]
         ids = self.fed[:, None]
-        logits = {name: m.forward(ids, allow, pos, col) for name, m in self.models.items()}
+        logits = {name: m.decode(ids, allow, pos, col) for name, m in self.models.items()}
         self._sample_and_record(logits)
 
     # capture ----------------------------------------------------------------------------------
@@ -379,10 +388,17 @@ class _Decoder:
             torch.cuda.synchronize()
             self._restore(snap)  # capture records without running; undo the warm-up steps
 
-    def compile(self) -> None:
-        """torch.compile the step (inductor fuses the elementwise work between the matmuls into few
-        kernels); `capture` then records the compiled step in our own CUDA graph, as for "graph"."""
-        self.compiled = torch.compile(self._step, dynamic=False)
+    def compile(self, backend: str = "inductor") -> None:
+        """torch.compile each model's decode forward (inductor fuses the layer norms, residual adds,
+        biases and activations between the matmuls into few kernels); `capture` then records the
+        step -- compiled forwards, eager sampling -- in our own CUDA graph, as for "graph"."""
+        for m in self.models.values():
+            m.compile_decode(backend)
+
+    def uncompile(self) -> None:
+        for m in self.models.values():
+            m.__dict__.pop("decode", None)  # back to the class's eager decode
+        self.graph = None
 
     def run_step(self) -> None:
         if self.graph is not None:
@@ -486,7 +502,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                         dec.capture()  # (for "compile": the warm-up steps compile)
                     except Exception as e:  # not capturable, or (compile) the compiler failed
                         warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=2)
-                        dec.graph = dec.compiled = None  # else each step would call the compiler again
+                        dec.uncompile()  # else each step would call the failing compiler again
             if keep:
                 _KEPT[key] = dec
             every = check_every or (8 if device.type == "cuda" else 1)

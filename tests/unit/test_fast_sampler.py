@@ -257,17 +257,17 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
     student, teacher = models
     calls = []
 
-    def broken_compile(self):
-        def compiled():
+    def broken_compile_decode(self, backend="inductor"):
+        def compiled(*args):
             calls.append(1)
             raise RuntimeError("inductor failed")
-        self.compiled = compiled
+        self.decode = compiled
 
     def capture(self):  # what capture does first on a GPU: warm-up steps through the compiled step
         self.step()
 
     monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
-    monkeypatch.setattr(fast_sampler._Decoder, "compile", broken_compile)
+    monkeypatch.setattr(fast_sampler._StaticModel, "compile_decode", broken_compile_decode)
     monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
     ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
     with warnings.catch_warnings(record=True) as w:
@@ -277,3 +277,34 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
     assert any("CUDA graph capture failed" in str(x.message) for x in w)
     assert len(calls) == 1
     _assert_same(ref, got)
+
+
+def test_compile_engine_compiles_the_model_forwards_only(models, monkeypatch):
+    """`compile`: each model's decode forward goes through torch.compile (here its "eager" backend:
+    dynamo traces the forward over the static cache, without inductor's compile time); the prefill
+    and the sampling stay eager, and the tokens are the reference's."""
+    from torch._dynamo.utils import counters
+
+    student, teacher = models
+    real_compile = fast_sampler._Decoder.compile
+    traced = []
+    monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
+    monkeypatch.setattr(fast_sampler._Decoder, "compile", lambda self: real_compile(self, backend="eager"))
+    monkeypatch.setattr(fast_sampler._Decoder, "capture", lambda self: None)  # no CUDA here
+    monkeypatch.setattr(fast_sampler._StaticModel, "forward", _recording(fast_sampler._StaticModel.forward, traced))
+    torch._dynamo.reset()
+    counters.clear()
+    ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
+    got = fast_sample(student, teacher, engine="compile", keep=False, check_every=1, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
+    _assert_same(ref, got)
+    assert counters["stats"]["unique_graphs"] >= 2  # the student's and the teacher's decode forward
+    assert {q for q, compiling in traced if compiling} == {1}  # decode steps only
+    assert any(q > 1 and not compiling for q, compiling in traced)  # the prefill ran eagerly
+    torch._dynamo.reset()
+
+
+def _recording(forward, seen):
+    def wrapped(self, ids, *args):
+        seen.append((ids.shape[1], torch.compiler.is_compiling()))
+        return forward(self, ids, *args)
+    return wrapped
