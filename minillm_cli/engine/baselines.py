@@ -41,7 +41,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     once to `path` (jsonl) and reused on --resume. Rows are sharded over processes and gathered."""
     from minillm_cli.data.tokenize import encode_prompts, left_pad
     from minillm_cli.engine.runtime import example_generator
-    from minillm_cli.engine.sampler import SamplingParams, sample
+    from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
     from minillm_cli.engine.train_utils import micro_batches
 
     if path.is_file():
@@ -71,6 +71,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
             mine[i] = tokenizer.decode(toks, skip_special_tokens=True)
         if progress is not None:
             progress.log(f"seqkd: teacher generated {min((k + 1) * len(chunk), len(todo))}/{len(todo)}")
+    release_engine("eager" if rt.fsdp else cfg.sampler)  # (the kept decoder holds the teacher, too)
     if rt.distributed:
         parts = [None] * rt.world_size
         torch.distributed.all_gather_object(parts, mine)

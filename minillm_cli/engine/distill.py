@@ -22,16 +22,16 @@ from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
-from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, leaves_process_group,
+from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, run_entry,
                                         scaling_warnings, seed_everything)
-from minillm_cli.engine.sampler import SamplingParams, sample
+from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)
 from minillm_cli.errors import InputError, RunError
 from minillm_cli.progress import MetricsWriter, Progress
 
 
-@leaves_process_group
+@run_entry
 def run_distill(cfg: DistillConfig) -> dict:
     from minillm_cli.engine import fsdp
 
@@ -154,6 +154,7 @@ class MiniLLMRun:
             fsdp.shard(self.teacher, rt, trainable=False)
             fsdp.shard(self.student, rt, trainable=True)
         self.amp = compute_dtype(rt.device)
+        self.engine = "eager" if rt.fsdp else cfg.sampler  # static caches / CUDA graphs: not with FSDP
         per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)
         if cfg.steps:
             self.steps = cfg.steps
@@ -172,14 +173,7 @@ class MiniLLMRun:
         rt = self.rt
         return sample(self.student, teacher, ids.to(rt.device), att.to(rt.device), params=self.params, alpha=alpha,
                       eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, generators=generators,
-                      vocab_size=self.vocab, engine="eager" if rt.fsdp else self.cfg.sampler, sync=rt.decode_sync)
-
-    def release_sampler(self) -> None:
-        """Free the fast sampler's static KV caches (and graph) before the updates need the memory."""
-        if not self.rt.fsdp and self.cfg.sampler != "eager":
-            from minillm_cli.engine.fast_sampler import release
-
-            release()
+                      vocab_size=self.vocab, engine=self.engine, sync=rt.decode_sync)
 
     @torch.no_grad()
     def collect(self, iteration: int):
@@ -201,7 +195,7 @@ class MiniLLMRun:
                 continue
             n_tok += int(roll.response_mask.sum())
             local.append((k, scored))
-        self.release_sampler()
+        release_engine(self.engine)  # free the static caches before the updates need the memory
         buffer = gather_parts(rt, local, rt.device)
         secs = rt.sum_scalar(time.perf_counter() - t0) / rt.world_size
         lengths = buffer.response_mask.sum(1).float()
@@ -305,7 +299,7 @@ class MiniLLMRun:
             total += kl
             n_seq += len(chunk)
             n_tok += int(roll.response_mask.sum())
-        self.release_sampler()
+        release_engine(self.engine)  # free the static caches before the updates need the memory
         total, n_seq, n_tok = rt.sum_scalar(total), rt.sum_scalar(n_seq), rt.sum_scalar(n_tok)
         return {"valid_reverse_kl": total / max(n_seq, 1), "valid_reverse_kl_per_token": total / max(n_tok, 1)}
 

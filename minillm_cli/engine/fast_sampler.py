@@ -124,6 +124,12 @@ def _param_dtype(model) -> torch.dtype:
     return torch.float32
 
 
+def _param_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def additive_mask(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as an additive one in `dtype` (0 where allowed, min elsewhere)."""
     return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
@@ -139,6 +145,9 @@ class _StaticModel:
         if self.impl not in _SUPPORTED_ATTN:
             raise _Unsupported(f"attention implementation {self.impl!r}")
         self.dtype = _param_dtype(model)
+        # where attention runs: a teacher behind TeacherOnDevice runs on its own device, outside the
+        # student device's autocast (its mask must then be in its weights' dtype)
+        self.mask_dtype = _autocast_dtype(_param_device(model)) or self.dtype
         try:
             self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
         except Exception as e:  # a model family without static-cache support
@@ -151,7 +160,7 @@ class _StaticModel:
         adds it to the scores, and SDPA would otherwise convert a boolean mask in every layer (60
         layers a step for gpt2-xl + gpt2). Once per model and step instead:
         H200, batch 64, 7.98 -> 7.77 ms/step (2026-11-28, benchmarks/rollout_profile.py)."""
-        return additive_mask(allow, _autocast_dtype(allow.device) or self.dtype)
+        return additive_mask(allow, self.mask_dtype)
 
     def forward(self, ids, allow, positions, cache_position):
         kw = dict(self.kw)
@@ -166,6 +175,10 @@ class _StaticModel:
         eager). Only the model is compiled -- the usual compiled static-cache decode -- not the
         sampling around it, whose vocabulary-wide reductions are where torch 2.11's inductor failed
         when the whole step was compiled (H200, gpt2-xl shapes, 2026-11-28)."""
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # (the name differs across versions)
+            if hasattr(dynamo, name):  # one compiled version per model x decoder shape: 8 runs out
+                setattr(dynamo, name, max(getattr(dynamo, name), 64))
         self.decode = torch.compile(self.forward, backend=backend, dynamic=False)
 
     def decode(self, ids, allow, positions, cache_position):
@@ -246,6 +259,8 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
                                           f"the dynamic cache's {floor:.2e})")
     except _Unsupported as e:
         reason = str(e)
+    except Exception as e:  # whatever breaks the static path here falls back to the reference
+        reason = f"static-cache path failed: {type(e).__name__}: {e}"
     finally:
         model.train(was)
     _CHECKED.setdefault(model, {})[key] = reason
@@ -410,6 +425,7 @@ class _Decoder:
 # -- the public entry point -------------------------------------------------------------------
 
 _KEPT: dict = {}
+_COMPILE_FAILED: list = []  # a failed compile: later decoders of this process use "graph" instead
 
 
 def release() -> None:
@@ -461,6 +477,8 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         run["student"] = student
     if alpha > 0.0:
         run["teacher"] = teacher
+    if mode == "compile" and _COMPILE_FAILED:  # do not pay for (and warn about) a failing compiler again
+        mode = "graph"
     captured = mode in ("graph", "compile")
     bucket = prompt_bucket or (64 if captured else 1)
     keep = captured if keep is None else keep
@@ -503,6 +521,8 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                     except Exception as e:  # not capturable, or (compile) the compiler failed
                         warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=2)
                         dec.uncompile()  # else each step would call the failing compiler again
+                        if mode == "compile":
+                            _COMPILE_FAILED.append(str(e))
             if keep:
                 _KEPT[key] = dec
             every = check_every or (8 if device.type == "cuda" else 1)

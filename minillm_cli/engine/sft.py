@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from minillm_cli.config import SFTConfig, prepare_out_dir, save_run_config
 from minillm_cli.data.tokenize import Encoded, collate_sft, encode_sft
 from minillm_cli.engine import checkpoint as ckpt
-from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, leaves_process_group, scaling_warnings,
+from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, run_entry, scaling_warnings,
                                         seed_everything)
 from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
                                             make_optimizer, make_scheduler, micro_batches, micro_seed)
@@ -54,7 +54,7 @@ def validation_loss(model, data: list[Encoded], rt: Runtime, *, micro_batch_size
     return total / max(count, 1)
 
 
-@leaves_process_group
+@run_entry
 def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examples=None,
               valid_examples=None, command: str = "sft", objective=None, record=None,
               setup=None, keep_best: bool = True) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from minillm_cli.data.tokenize import left_pad
 from minillm_cli.engine.runtime import example_generator
-from minillm_cli.engine.sampler import SamplingParams, sample
+from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
 
 
 @dataclass
@@ -107,3 +107,4 @@ def generate_batches(model, prompts: list[list[int]], *, params: SamplingParams,
         yield GeneratedBatch(rows=list(rows), prompt_ids=ids, prompt_mask=mask.bool(),
                              response_ids=resp_ids[:, :keep], response_mask=resp_mask[:, :keep],
                              eos_id=eos_id)
+    release_engine(engine)

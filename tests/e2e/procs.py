@@ -37,13 +37,14 @@ def finish(p: subprocess.Popen, timeout: float = 180) -> int:
 
 
 def tail(log_or_text, n: int = 3000) -> str:
-    """The end of the workers' own output: torchrun's failure report (a launcher traceback naming
-    only exit codes) is cut off, so a failure message shows what the worker printed."""
+    """The end of the workers' own output: torchrun's report (its log lines and its closing
+    traceback, which name only exit codes) is dropped, so a failure message shows what the
+    workers printed, whatever they printed after the launcher began tearing down."""
     text = Path(log_or_text).read_text() if isinstance(log_or_text, Path) else str(log_or_text)
-    cut = text.find("torch/distributed/elastic/multiprocessing/api.py")
-    if cut > 0:
-        text = text[: text.rfind("\n", 0, cut) + 1]
-    return text[-n:]
+    last_tb = text.rfind("Traceback (most recent call last):")
+    if last_tb >= 0 and "torch/distributed/run.py" in text[last_tb:]:
+        text = text[:last_tb]
+    return "".join(l for l in text.splitlines(keepends=True) if "torch/distributed/elastic/" not in l)[-n:]
 
 
 def run(cmd: list, log: Path, env: dict | None = None, timeout: float = 180) -> None:

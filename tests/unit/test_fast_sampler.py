@@ -160,6 +160,43 @@ def test_self_check_passes_and_fallback_is_the_reference(models, monkeypatch):
     assert set(seen) == {"NewGELUActivation"}  # the fallback ran the model's own modules
 
 
+def test_an_error_in_the_static_path_falls_back_to_the_reference(models, monkeypatch):
+    """An error the static path raises while checking itself (e.g. attention refusing the mask's
+    dtype: a teacher on another device under the student's autocast did on a GPU) falls back to
+    the reference sampler with a warning instead of stopping the run."""
+    student, teacher = models
+    monkeypatch.setattr(fast_sampler, "_CHECKED", type(fast_sampler._CHECKED)())
+
+    def refused(self, allow):
+        raise RuntimeError("Expected attn_mask dtype to be bool or float or to match query dtype")
+
+    monkeypatch.setattr(fast_sampler._StaticModel, "mask", refused)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3)
+    assert any("fast sampler unavailable" in str(x.message) and "attn_mask dtype" in str(x.message) for x in w)
+    _assert_same(ref, got)
+
+
+def test_mask_dtype_follows_where_each_model_runs(models, monkeypatch):
+    """The additive mask is in the dtype attention runs in: autocast's on the model's own device,
+    else its weights' (a TeacherOnDevice teacher runs outside the student device's autocast)."""
+    from minillm_cli.engine.teacher import TeacherOnDevice
+
+    student, teacher = models
+    asked = []
+    monkeypatch.setattr(fast_sampler, "_autocast_dtype",
+                        lambda device: asked.append(torch.device(device)) or torch.bfloat16)
+    sm = fast_sampler._StaticModel(TeacherOnDevice(teacher, torch.device("cpu")), V, 2, 16, "cpu")
+    assert sm.mask_dtype == torch.bfloat16 and asked == [next(teacher.parameters()).device]
+    monkeypatch.setattr(fast_sampler, "_autocast_dtype", lambda device: None)
+    sm = fast_sampler._StaticModel(student.to(torch.float64), V, 2, 16, "cpu")
+    student.float()
+    assert sm.mask_dtype == torch.float64
+    allow = torch.tensor([[True, False]])
+    assert sm.mask(allow).dtype == torch.float64 and sm.mask(allow)[0, 1] == torch.finfo(torch.float64).min
+
+
 def test_models_restored_to_their_mode(models):
     student, teacher = models
     student.train()
@@ -263,12 +300,17 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
             raise RuntimeError("inductor failed")
         self.decode = compiled
 
-    def capture(self):  # what capture does first on a GPU: warm-up steps through the compiled step
-        self.step()
+    def capture(self):  # what capture does first on a GPU: a warm-up step (undone) through the compiled step
+        snap = self._snapshot()
+        try:
+            self.step()
+        finally:
+            self._restore(snap)
 
     monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
     monkeypatch.setattr(fast_sampler._StaticModel, "compile_decode", broken_compile_decode)
     monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
+    monkeypatch.setattr(fast_sampler, "_COMPILE_FAILED", [])
     ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -277,6 +319,13 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
     assert any("CUDA graph capture failed" in str(x.message) for x in w)
     assert len(calls) == 1
     _assert_same(ref, got)
+    # a new decoder (another shape, or after release()) does not try the failing compiler again
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = fast_sample(student, teacher, engine="compile", keep=False, check_every=1,
+                          **_args(PROMPTS[:3], [1, 2, 3], 0.3))
+    assert len(calls) == 1 and not w
+    _assert_same(sample(student, teacher, **_args(PROMPTS[:3], [1, 2, 3], 0.3)), got)
 
 
 def test_compile_engine_compiles_the_model_forwards_only(models, monkeypatch):
