@@ -175,8 +175,8 @@ def init_runtime(device: str = "auto", fsdp: bool = False) -> Runtime:
 
 def _leave_at_exit() -> None:
     """Destroy the process group init_runtime created, once, as the process exits (the group
-    lives as long as the process, so runs in one process share it: re-creating a group against the
-    launcher's store was flaky). Why at all: a worker that exits with a live gloo group can abort
+    lives as long as the process, so runs in one process share it: destroying and re-creating a
+    group against the launcher's store failed 2 of 7 times in a review's 2-process probe). Why at all: a worker that exits with a live gloo group can abort
     at interpreter exit ("terminate called without an active exception", SIGABRT), turning a
     finished run into a failed one for the launcher -- 9 of 40 two-process runs of a bare
     all-reduce script on a 2-core CPU machine, 0 of 50 with this exit hook. An NCCL group is left
