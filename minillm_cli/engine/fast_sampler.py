@@ -259,6 +259,8 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
                                           f"the dynamic cache's {floor:.2e})")
     except _Unsupported as e:
         reason = str(e)
+    except torch.cuda.OutOfMemoryError:
+        raise  # transient, not a property of the model: must not switch the run to the eager loop
     except Exception as e:  # whatever breaks the static path here falls back to the reference
         reason = f"static-cache path failed: {type(e).__name__}: {e}"
     finally:

@@ -143,7 +143,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
-_joined_group = False  # init_runtime created the default process group (a caller's own is left alone)
+_our_group = None  # the default process group init_runtime created (a caller's own is left alone)
 _last_run_clean = True  # the last engine run returned (did not raise)
 
 
@@ -152,16 +152,19 @@ def init_runtime(device: str = "auto", fsdp: bool = False) -> Runtime:
     are sharded later; a single process then gets a one-process group of its own (FSDP needs one)."""
     from minillm_cli.engine.fsdp import fsdp_from_env
 
-    global _joined_group
+    global _our_group
     fsdp = bool(fsdp) or fsdp_from_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if _is_ours() and torch.distributed.get_backend() != backend:  # an earlier run of this process
+        torch.distributed.destroy_process_group()                   # was on another kind of device
+        _our_group = None
+    if dev.type == "cuda" and (world > 1 or fsdp):
+        torch.cuda.set_device(dev)
     if (world > 1 or fsdp) and not torch.distributed.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
         if world > 1 or all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK")):  # a launcher's
             torch.distributed.init_process_group(backend=backend)
         else:  # plain `python -m minillm_cli ... --fsdp`: a private one-process group
@@ -169,27 +172,33 @@ def init_runtime(device: str = "auto", fsdp: bool = False) -> Runtime:
                                                  rank=0, world_size=1)
         atexit.unregister(_leave_at_exit)  # (registered once however often a group is created)
         atexit.register(_leave_at_exit)
-        _joined_group = True
+        _our_group = torch.distributed.group.WORLD
     return Runtime(device=dev, rank=rank, world_size=world, local_rank=local, fsdp=fsdp)
 
 
 def _leave_at_exit() -> None:
     """Destroy the process group init_runtime created, once, as the process exits (the group
     lives as long as the process, so runs in one process share it: destroying and re-creating a
-    group against the launcher's store failed 2 of 7 times in a review's 2-process probe). Why at all: a worker that exits with a live gloo group can abort
-    at interpreter exit ("terminate called without an active exception", SIGABRT), turning a
-    finished run into a failed one for the launcher -- 9 of 40 two-process runs of a bare
-    all-reduce script on a 2-core CPU machine, 0 of 50 with this exit hook. An NCCL group is left
-    alone after a run that raised: destroying it flushes pending collectives, which can hang a
-    failing rank whose peers never join them."""
-    global _joined_group
-    if _joined_group and torch.distributed.is_initialized() and (
-            _last_run_clean or torch.distributed.get_backend() != "nccl"):
+    group against the launcher's store failed 2 of 7 times in a review's 2-process probe). Why
+    at all: a worker that exits with a live gloo group can abort at interpreter exit ("terminate
+    called without an active exception", SIGABRT), turning a finished run into a failed one for
+    the launcher -- 9 of 40 two-process runs of a bare all-reduce script on a 2-core CPU machine,
+    0 of 50 with this exit hook. An NCCL group is left alone after a run that raised: destroying
+    it flushes pending collectives, which can hang a failing rank whose peers never join them."""
+    global _our_group
+    if _is_ours() and (_last_run_clean or torch.distributed.get_backend() != "nccl"):
         try:
             torch.distributed.destroy_process_group()
         except Exception as e:  # teardown only: the run's own result is already out
             print(f"warning: leaving the process group failed: {e}", file=sys.stderr)
-    _joined_group = False
+    _our_group = None
+
+
+def _is_ours() -> bool:
+    """The current default process group is the one init_runtime created (not destroyed since,
+    nor replaced by a caller's own)."""
+    return (_our_group is not None and torch.distributed.is_initialized()
+            and torch.distributed.group.WORLD is _our_group)
 
 
 def run_entry(fn):

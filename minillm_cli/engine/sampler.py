@@ -237,7 +237,6 @@ class _Stepper:
         return out.logits[:, -1, : self.vocab_size]
 
 
-@torch.no_grad()
 def release_engine(engine: str) -> None:
     """Free what a fast engine keeps between calls (static KV caches, CUDA graph memory) once a
     phase of sampling is over, so the training that follows has the memory; no-op for "eager"."""
@@ -247,6 +246,7 @@ def release_engine(engine: str) -> None:
         release()
 
 
+@torch.no_grad()
 def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
            params: SamplingParams, alpha: float, eos_id: int, pad_id: int,
            generators: list[torch.Generator], vocab_size: int, engine: str = "eager", sync=None) -> Rollout:

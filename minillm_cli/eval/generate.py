@@ -90,21 +90,23 @@ def generate_batches(model, prompts: list[list[int]], *, params: SamplingParams,
     budgets = row_budgets(lengths, params.max_new_tokens, max_length)
     if any(b < 1 for b in budgets):
         raise ValueError(f"a prompt leaves no room for a response within max_length={max_length}")
-    for rows in plan_batches(lengths, batch_size):
-        ids, mask = left_pad([prompts[i] for i in rows], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        row_budget = [budgets[i] for i in rows]
-        batch_params = SamplingParams(
-            max_new_tokens=max(row_budget), temperature=params.temperature, top_k=params.top_k,
-            top_p=params.top_p, no_repeat_ngram_size=params.no_repeat_ngram_size)
-        gens = [example_generator(seed, example_ids[i]) for i in rows]
-        ro = sample(model, None, ids, mask, params=batch_params, alpha=0.0, eos_id=eos_id,
-                    pad_id=pad_id, generators=gens, vocab_size=vocab_size, engine=engine)
-        resp_mask = cut_to_budgets(ro.response_mask, row_budget)
-        resp_ids = torch.where(resp_mask, ro.response_ids, torch.full_like(ro.response_ids, pad_id))
-        # Trim trailing columns no row uses any more (after the per-row cut).
-        keep = max(1, int(resp_mask.sum(1).max()))
-        yield GeneratedBatch(rows=list(rows), prompt_ids=ids, prompt_mask=mask.bool(),
-                             response_ids=resp_ids[:, :keep], response_mask=resp_mask[:, :keep],
-                             eos_id=eos_id)
-    release_engine(engine)
+    try:
+        for rows in plan_batches(lengths, batch_size):
+            ids, mask = left_pad([prompts[i] for i in rows], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            row_budget = [budgets[i] for i in rows]
+            batch_params = SamplingParams(
+                max_new_tokens=max(row_budget), temperature=params.temperature, top_k=params.top_k,
+                top_p=params.top_p, no_repeat_ngram_size=params.no_repeat_ngram_size)
+            gens = [example_generator(seed, example_ids[i]) for i in rows]
+            ro = sample(model, None, ids, mask, params=batch_params, alpha=0.0, eos_id=eos_id,
+                        pad_id=pad_id, generators=gens, vocab_size=vocab_size, engine=engine)
+            resp_mask = cut_to_budgets(ro.response_mask, row_budget)
+            resp_ids = torch.where(resp_mask, ro.response_ids, torch.full_like(ro.response_ids, pad_id))
+            # Trim trailing columns no row uses any more (after the per-row cut).
+            keep = max(1, int(resp_mask.sum(1).max()))
+            yield GeneratedBatch(rows=list(rows), prompt_ids=ids, prompt_mask=mask.bool(),
+                                 response_ids=resp_ids[:, :keep], response_mask=resp_mask[:, :keep],
+                                 eos_id=eos_id)
+    finally:  # also when the consumer stops early (the generator is closed)
+        release_engine(engine)

@@ -155,3 +155,23 @@ def test_sampler_engine_serves_rollouts_and_validation(tmp_path, tiny_dir, dolly
                 assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-5), (x["step"], key)
                 seen.add(key)
     assert seen == {"reverse_kl", "response_len", "valid_reverse_kl"}
+
+
+def test_seqkd_frees_the_fast_engine_after_the_teacher_generates(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    """seqkd's teacher generations go through --sampler, and the kept decoder (which also holds
+    the teacher) is freed before the student's training starts."""
+    from minillm_cli.engine import fast_sampler, sft
+
+    events = []
+    real_sample, real_release = fast_sampler.fast_sample, fast_sampler.release
+    monkeypatch.setattr(fast_sampler, "fast_sample",
+                        lambda *a, **k: events.append("sample") or real_sample(*a, **k))
+    monkeypatch.setattr(fast_sampler, "release", lambda: events.append("release") or real_release())
+    real_batches = sft.batches_for_step
+    monkeypatch.setattr(sft, "batches_for_step", lambda *a, **k: events.append("train") or real_batches(*a, **k))
+    res = invoke("distill", *common(tiny_dir, dolly_like), "--method", "seqkd", "--sampler", "static",
+                 "--out", tmp_path / "seqkd", "--steps", 1)
+    assert res.exit_code == 0, res.output
+    assert "sample" in events and "train" in events
+    assert "release" in events[events.index("sample"):events.index("train")]
+

@@ -139,6 +139,9 @@ import sys, torch.distributed as dist
 from minillm_cli.engine import runtime
 real = dist.destroy_process_group
 dist.destroy_process_group = lambda *a, **k: (print("destroyed", flush=True), real(*a, **k))
+mode = sys.argv[1]
+if mode.startswith("nccl"):  # what the exit hook sees of an NCCL group (the group itself is gloo)
+    dist.get_backend = lambda *a, **k: "nccl"
 
 @runtime.run_entry
 def run(fail):
@@ -146,22 +149,26 @@ def run(fail):
     if fail:
         raise RuntimeError("boom")
 
-mode = sys.argv[1]
 if mode == "own":  # the caller's own group is left alone
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 try:
-    run(mode == "fail")
+    run(mode.endswith("fail"))
 except RuntimeError:
     pass
+if mode == "replaced":  # ours destroyed by the caller, who then makes its own: not ours to destroy
+    real()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 print("end of script", flush=True)
 """
 
 
-@pytest.mark.parametrize("mode,destroyed", [("ok", True), ("fail", True), ("own", False)])
+@pytest.mark.parametrize("mode,destroyed", [("ok", True), ("fail", True), ("nccl_ok", True), ("nccl_fail", False),
+                                            ("own", False), ("replaced", False)])
 def test_the_process_group_is_left_at_exit(mode, destroyed):
     """The exit hook destroys the group init_runtime created (after a run that returned, and, for
     gloo, after one that raised; an NCCL group is left alone then: its destroy flushes collectives
-    a failing rank's peers may never join), and never a group the caller created."""
+    a failing rank's peers may never join), and never a group the caller created, even one that
+    replaced ours."""
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", EXIT_PROBE, mode], env=ENV, capture_output=True, text=True,

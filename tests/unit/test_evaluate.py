@@ -138,6 +138,31 @@ def test_lm_loss_equals_direct_cross_entropy(loaded, dolly_like):
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
+def test_generation_frees_the_fast_engine_when_done_or_abandoned(loaded, monkeypatch):
+    """With a fast engine, the kept decoder (static caches, CUDA graph memory) is freed when the
+    generation ends, and when its consumer stops early; the eager loop keeps nothing to free."""
+    import gc
+
+    from minillm_cli.engine import fast_sampler
+
+    tok, student, _ = loaded
+    released = []
+    real_release = fast_sampler.release
+    monkeypatch.setattr(fast_sampler, "release", lambda: released.append(1) or real_release())
+    kw = dict(params=SamplingParams(4), seed=1, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+              vocab_size=len(tok), device=torch.device("cpu"), batch_size=2, max_length=512)
+    static = list(generate_batches(student, _prompts(tok, 5), engine="static", **kw))
+    assert len(static) == 3 and released == [1]
+    gen = generate_batches(student, _prompts(tok, 5), engine="static", **kw)
+    next(gen)
+    assert released == [1]
+    del gen
+    gc.collect()
+    assert released == [1, 1]
+    list(generate_batches(student, _prompts(tok, 5), engine="eager", **kw))
+    assert released == [1, 1]
+
+
 def test_kl_sums_match_brute_force_float64(loaded):
     import copy
 

@@ -179,20 +179,22 @@ def test_an_error_in_the_static_path_falls_back_to_the_reference(models, monkeyp
 
 
 def test_mask_dtype_follows_where_each_model_runs(models, monkeypatch):
-    """The additive mask is in the dtype attention runs in: autocast's on the model's own device,
-    else its weights' (a TeacherOnDevice teacher runs outside the student device's autocast)."""
+    """The additive mask is in the dtype attention runs in: autocast's on the device the model's
+    weights are on, else the weights' dtype. A teacher behind TeacherOnDevice on another device
+    runs outside the sampling device's autocast: its mask must not take that autocast's dtype."""
     from minillm_cli.engine.teacher import TeacherOnDevice
 
     student, teacher = models
-    asked = []
-    monkeypatch.setattr(fast_sampler, "_autocast_dtype",
-                        lambda device: asked.append(torch.device(device)) or torch.bfloat16)
-    sm = fast_sampler._StaticModel(TeacherOnDevice(teacher, torch.device("cpu")), V, 2, 16, "cpu")
-    assert sm.mask_dtype == torch.bfloat16 and asked == [next(teacher.parameters()).device]
+    elsewhere = torch.device("meta")  # stands for the teacher's own device (one CPU here)
+    autocast_on = {torch.device("cpu"): torch.bfloat16}  # the sampling device's autocast
+    monkeypatch.setattr(fast_sampler, "_autocast_dtype", lambda device: autocast_on.get(torch.device(device)))
+    wrapped = TeacherOnDevice(teacher, torch.device("cpu"))
+    monkeypatch.setattr(fast_sampler, "_param_device", lambda m: elsewhere if m is wrapped else torch.device("cpu"))
+    assert fast_sampler._StaticModel(wrapped, V, 2, 16, "cpu").mask_dtype == torch.float32
+    assert fast_sampler._StaticModel(student, V, 2, 16, "cpu").mask_dtype == torch.bfloat16
     monkeypatch.setattr(fast_sampler, "_autocast_dtype", lambda device: None)
     sm = fast_sampler._StaticModel(student.to(torch.float64), V, 2, 16, "cpu")
     student.float()
-    assert sm.mask_dtype == torch.float64
     allow = torch.tensor([[True, False]])
     assert sm.mask(allow).dtype == torch.float64 and sm.mask(allow)[0, 1] == torch.finfo(torch.float64).min
 

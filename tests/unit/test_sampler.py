@@ -155,6 +155,18 @@ def test_same_seed_same_tokens_and_row_independent_of_batch(models):
         torch.testing.assert_close(alone.student_logp[0], r.student_logp[i, :n], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_sampling_builds_no_autograd_graph(models, engine):
+    """Rollouts of a trainable student carry no autograd graph (it would keep every decode step's
+    activations and caches alive): `sample` runs under no_grad whatever the caller's mode."""
+    student, teacher = models
+    assert any(p.requires_grad for p in student.parameters())
+    ids, mask = _left_pad(PROMPTS)
+    r = sample(student, teacher, ids, mask, params=SamplingParams(6), alpha=0.3, eos_id=EOS, pad_id=PAD,
+               generators=_gens([1, 2, 3, 4]), vocab_size=V, engine=engine)
+    assert not r.mix_logp.requires_grad and not r.student_logp.requires_grad
+
+
 def test_logps_match_teacher_forced_mixture(models):
     """The cached decode's log q and log p~ equal a teacher-forced recomputation."""
     student, teacher = models
