@@ -56,12 +56,13 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     mine: dict[int, str] = {i: "" for i in range(len(examples)) if i not in prompts}
     todo = kept
     chunks = micro_batches(todo, max(cfg.rollout_batch_size or cfg.batch_size, 1))
+    engine = rt.sampling_engine(cfg.sampler)
     for k, chunk, real in rt.lockstep(chunks):  # FSDP: every process runs as many chunks
         ids, att = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                       generators=[example_generator(cfg.run.seed, 0, i) for i in chunk], vocab_size=len(tokenizer),
-                      engine="eager" if rt.fsdp else cfg.sampler, sync=rt.decode_sync)
+                      engine=engine, sync=rt.decode_sync)
         if not real:
             continue
         for row, i in enumerate(chunk):
@@ -71,7 +72,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
             mine[i] = tokenizer.decode(toks, skip_special_tokens=True)
         if progress is not None:
             progress.log(f"seqkd: teacher generated {min((k + 1) * len(chunk), len(todo))}/{len(todo)}")
-    release_engine("eager" if rt.fsdp else cfg.sampler)  # (the kept decoder holds the teacher, too)
+    release_engine(engine)  # (the kept decoder holds the teacher, too)
     if rt.distributed:
         parts = [None] * rt.world_size
         torch.distributed.all_gather_object(parts, mine)

@@ -154,7 +154,7 @@ class MiniLLMRun:
             fsdp.shard(self.teacher, rt, trainable=False)
             fsdp.shard(self.student, rt, trainable=True)
         self.amp = compute_dtype(rt.device)
-        self.engine = "eager" if rt.fsdp else cfg.sampler  # static caches / CUDA graphs: not with FSDP
+        self.engine = rt.sampling_engine(cfg.sampler)
         per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)
         if cfg.steps:
             self.steps = cfg.steps

@@ -111,6 +111,11 @@ class Runtime:
             mine += [(-1, items[0], False)] * (per_rank - len(mine))
         return mine
 
+    def sampling_engine(self, requested: str) -> str:
+        """The --sampler engine this run may use: the eager loop under FSDP (every forward is a
+        collective, which static caches and CUDA graphs do not take part in), else `requested`."""
+        return "eager" if self.fsdp else requested
+
     @property
     def decode_sync(self):
         """The sampler's `sync` under multi-process FSDP (stop decoding when every process is
