@@ -262,3 +262,27 @@ def naive_rollout(student, teacher, ids, mask, max_new: int, alpha: float, eos_i
         s_log = fwd("s", student, tok[:, None], mask, p)
         t_log = fwd("t", teacher, tok[:, None], mask, p)
     return torch.stack(toks, 1), len(toks)
+
+
+# -- the naive update (a direct implementation of the MiniLLM loss) ------------------------------
+
+def naive_minillm_loss(student, teacher, batch, normalizer: float, vocab: int, clip: float = 0.2):
+    """What a direct implementation does for one micro-batch (engine/minillm.RolloutBatch):
+    full-sequence forwards of both models (the teacher again at every call), full-vocabulary
+    float32 log-softmaxes through autograd, single-step reverse KL + clipped policy-gradient term
+    over the response. Same value as engine/minillm.minillm_loss (its stats aside)."""
+    from minillm_cli.engine.sampler import positions_from_mask
+
+    ids, att, P = batch.input_ids, batch.attention_mask, batch.prompt_len
+    pos = positions_from_mask(att)
+    with torch.no_grad():
+        t_lp = teacher(input_ids=ids, attention_mask=att, position_ids=pos).logits[..., :vocab].float().log_softmax(-1)
+    s_lp = student(input_ids=ids, attention_mask=att, position_ids=pos).logits[..., :vocab].float().log_softmax(-1)
+    s_r, t_r = s_lp[:, P - 1 : -1], t_lp[:, P - 1 : -1]
+    mask = batch.response_mask.float()
+    ss = (s_r.exp() * (s_r - t_r)).sum(-1) * batch.ss_weights
+    new = s_r.gather(-1, batch.targets[..., None]).squeeze(-1)
+    rho = ((new - batch.old_logp) * mask).exp() * batch.pg_weights
+    adv = batch.advantages
+    pg = torch.maximum(-adv * rho, -adv * rho.clamp(1 - clip, 1 + clip))
+    return ((ss + pg) * mask).sum() / normalizer

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check on one H100/H200, in two parts that each fit one 10-minute device call:
-#   part 1 (limits add up to 7 min): the rollout benchmark at batch 64 and 256 (naive and graph),
-#          the experimental compile engine at batch 64 on its own (its compile time is unknown at
-#          these shapes), the train step, the GPU tests (62 s on the H200 in run 2);
+#   part 1 (limits add up to 7.75 min): the rollout benchmark at batch 64 and 256 (naive and
+#          graph), the experimental compile engine at batch 64 on its own (its compile time is
+#          unknown at these shapes), the vocabulary-wide loss on its own, the train step, the GPU
+#          tests (62 s on the H200 in run 2);
 #   part 2 (6.5 min): one MiniLLM iteration at the paper's settings, the CLI on the GPU
 #          (benchmarks/gpu_cli_check.sh).
 # JSON lines and a log go to $OUT (or ./gpu-results/).
@@ -15,6 +16,7 @@ machine
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
   run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile
+  run 45  "$PY" benchmarks/vocab_loss.py
   run 60  "$PY" benchmarks/train_step.py
   run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
 fi

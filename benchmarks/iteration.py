@@ -6,10 +6,11 @@
 Reference settings (METHOD.md): 256 rollouts of <= 256 new tokens after prompts of <= 256 tokens
 (ragged, left padded), alpha 0.2, 4 PPO epochs. Random-weight models almost never emit EOS, so
 every rollout runs the full 256 tokens (the worst case).
-naive: benchmarks/_common.naive_rollout; score_rollouts and minillm_loss with unchunked float32
-vocabulary terms; bf16 student weights; the teacher forward repeated in every PPO micro-batch.
+naive: benchmarks/_common.naive_rollout; score_rollouts unchunked; the updates through
+_common.naive_minillm_loss (full-vocabulary float32 log-softmaxes through autograd, the teacher
+forward repeated in every PPO micro-batch); bf16 student weights.
 ours: sampler.sample(engine="auto": static caches + CUDA graph on CUDA, the static loop on CPU);
-teacher logits kept from scoring (cache_teacher_logits), chunked losses, float32 master weights
+teacher logits kept from scoring (cache_teacher_logits), the fused chunked vocabulary pass, float32 master weights
 with bf16 autocast, fused AdamW, gelu_new as one kernel (engine/fused.py). Each side runs one
 untimed warm-up iteration on a reduced batch first (same shapes), then one timed iteration;
 phases are timed separately.
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import time
 
-from _common import (base_parser, build_pair, emit, low_dtype, machine, naive_rollout, random_prompts,
-                     setup, sync, table)
+from _common import (base_parser, build_pair, emit, low_dtype, machine, naive_minillm_loss, naive_rollout,
+                     random_prompts, setup, sync, table)
 
 
 def main() -> int:
@@ -38,6 +39,7 @@ def main() -> int:
 
     from minillm_cli.engine import fast_sampler
     from minillm_cli.engine.fused import fused_activations
+    from minillm_cli.engine.losses import DEFAULT_CHUNK
     from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
     from minillm_cli.engine.rollouts import concat_batches
     from minillm_cli.engine.runtime import autocast
@@ -63,7 +65,7 @@ def main() -> int:
 
     def one_iteration(side: str, student, opt, n_rows: int) -> dict:
         naive = side == "naive"
-        opts = MiniLLMOptions(chunk_size=None if naive else 128, cache_teacher_logits=not naive)
+        opts = MiniLLMOptions(chunk_size=None if naive else DEFAULT_CHUNK, cache_teacher_logits=not naive)
         amp = (lambda: autocast(args.device, low)) if not naive else (lambda: autocast(args.device, None))
         times = {}
         sync(args.device)
@@ -106,7 +108,11 @@ def main() -> int:
                 norm = float(buffer.response_mask[rows].sum())
                 for j in range(0, MB, mu):
                     with amp():
-                        loss, _ = minillm_loss(student, teacher, buffer.select(rows[j : j + mu]), opts, norm, V)
+                        micro = buffer.select(rows[j : j + mu])
+                        if naive:
+                            loss = naive_minillm_loss(student, teacher, micro, norm, V)
+                        else:
+                            loss, _ = minillm_loss(student, teacher, micro, opts, norm, V)
                     loss.backward()
                 opt.step()
                 steps += 1

@@ -3,12 +3,13 @@
     python benchmarks/train_step.py [--batch 8] [--prompt-len 256] [--response-len 256]
                                     [--repeats 5] [--device cuda] [--tiny]
 
-naive: bf16 student weights, AdamW; teacher forward (no grad) and student forward/backward over
-the whole sequence, full-vocabulary float32 log-softmax of both, single-step reverse KL + clipped
-long-term term over the response (what PERFORMANCE.md measured).
+naive: bf16 student weights, AdamW; _common.naive_minillm_loss: teacher forward (no grad) and
+student forward/backward over the whole sequence, full-vocabulary float32 log-softmax of both
+through autograd, single-step reverse KL + clipped long-term term over the response (what
+PERFORMANCE.md measured).
 ours: float32 master weights with bf16 autocast, fused AdamW, engine/minillm.minillm_loss (only
-the response positions reach the LM head; vocabulary-wide terms chunked over the sequence in
-float32 with checkpointing). ours+cached: the same with the teacher logits kept from
+the response positions reach the LM head; the vocabulary-wide terms in one fused float32 pass
+over blocks of positions with a closed-form backward, losses.vocab_terms). ours+cached: the same with the teacher logits kept from
 score_rollouts (opts.cache_teacher_logits), i.e. no teacher forward in the PPO epochs. "ours"
 variants run GPT-2's gelu_new as one fused kernel, as the engine does on CUDA (engine/fused.py);
 a "+gelu_new" suffix keeps the composed activation (what was measured on 2026-11-28).
@@ -19,8 +20,8 @@ is printed as "hw MFU": the FLOPs the step really runs).
 """
 from __future__ import annotations
 
-from _common import (base_parser, build_gpt2, emit, low_dtype, machine, measure_matmul_flops, n_params, setup,
-                     sync, table, timed, REAL, TINY)
+from _common import (base_parser, build_gpt2, emit, low_dtype, machine, measure_matmul_flops, n_params,
+                     naive_minillm_loss, setup, sync, table, timed, REAL, TINY)
 
 
 def main() -> int:
@@ -75,7 +76,7 @@ def main() -> int:
         opt = torch.optim.AdamW(student.parameters(), lr=1e-6,
                                 **({"fused": True} if (cuda and not naive) else {}))
         cached = variant.startswith("ours+cached")
-        opts = MiniLLMOptions(chunk_size=128, cache_teacher_logits=cached)
+        opts = MiniLLMOptions(cache_teacher_logits=cached)
         b = batch
         if cached:
             with torch.no_grad(), autocast(args.device, low):
@@ -84,18 +85,10 @@ def main() -> int:
 
         def naive_step():
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                t_lp = teacher(input_ids=ids, attention_mask=att).logits[..., :V].float().log_softmax(-1)
-            s_lp = student(input_ids=ids, attention_mask=att).logits[..., :V].float().log_softmax(-1)
-            s_r, t_r = s_lp[:, P - 1 : -1], t_lp[:, P - 1 : -1]
-            ss = (s_r.exp() * (s_r - t_r)).sum(-1)
-            new = s_r.gather(-1, ids[:, P:, None]).squeeze(-1)
-            ratio = (new - b.old_logp).exp()
-            pg = torch.maximum(-b.advantages * ratio, -b.advantages * ratio.clamp(0.8, 1.2))
-            loss = (ss + pg).sum() / normalizer
+            loss = naive_minillm_loss(student, teacher, b, normalizer, V)
             loss.backward()
             opt.step()
-            return float(loss.detach()) if not cuda else loss.detach()
+            return loss.detach()
 
         def our_step():
             opt.zero_grad(set_to_none=True)

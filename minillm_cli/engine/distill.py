@@ -22,7 +22,7 @@ from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
-from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, run_entry,
+from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, run_entry, to_device,
                                         scaling_warnings, seed_everything)
 from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
@@ -205,11 +205,11 @@ class MiniLLMRun:
     # -- one optimizer step ------------------------------------------------------------------
     def update(self, buffer, rows: list[int], step: int) -> dict:
         cfg, rt = self.cfg, self.rt
-        sub = buffer.response_mask[rows]
-        normalizer = float(sub.sum()) if cfg.loss_normalizer == "tokens" else float(len(rows))
+        n_tok = float(buffer.tokens_in(rows))  # host arithmetic: no wait for the device
+        normalizer = n_tok if cfg.loss_normalizer == "tokens" else float(len(rows))
         normalizer = max(normalizer, 1.0)
-        sums = {k: 0.0 for k in ("single_step", "pg", "clip_frac", "ratio_mean", "w_mean", "reward_mean", "rkl_seq")}
-        w_max = 0.0
+        keys = ("single_step", "pg", "clip_frac", "ratio_mean", "w_mean", "reward_mean", "rkl_seq")
+        acc = torch.zeros(len(keys) + 1, dtype=torch.float64, device=rt.device)  # + w_max
         for k, micro, real in rt.lockstep(micro_batches(rows, cfg.micro_batch_size)):
             with autocast(rt.device, self.amp):
                 loss, st = minillm_loss(self.student, self.teacher, buffer.select(micro), self.opts, normalizer,
@@ -218,16 +218,16 @@ class MiniLLMRun:
                 (loss * 0.0).backward()
                 continue
             loss.backward()
-            sums["single_step"] += st["single_step"]
-            sums["pg"] += st["pg"]
-            for key in ("clip_frac", "ratio_mean", "w_mean", "reward_mean"):
-                sums[key] += st[key] * st["tokens"]
-            sums["rkl_seq"] += st["rkl_seq"] * len(micro)
-            w_max = max(w_max, st["w_max"])
+            # stats stay on the device until the step is done (one host read per step, below)
+            acc[:-1] += torch.stack([st["single_step"], st["pg"]] + [
+                st[key] * st["tokens"] for key in ("clip_frac", "ratio_mean", "w_mean", "reward_mean")] + [
+                st["rkl_seq"] * len(micro)]).to(acc.dtype)
+            acc[-1] = torch.maximum(acc[-1], st["w_max"].to(acc.dtype))
+        values = acc.tolist()
+        sums, w_max = dict(zip(keys, values[:-1])), values[-1]
         if self.pt is not None and cfg.pt_coef > 0:
             sums["pt_loss"] = self.pt_update(step)
         total = {k: rt.sum_scalar(v) for k, v in sums.items()}
-        n_tok = float(sub.sum())
         row = {"single_step": total["single_step"], "pg": total["pg"],
                "clip_frac": total["clip_frac"] / max(n_tok, 1), "ratio_mean": total["ratio_mean"] / max(n_tok, 1),
                "w_mean": total["w_mean"] / max(n_tok, 1), "w_max": rt.max_scalar(w_max),
@@ -250,9 +250,9 @@ class MiniLLMRun:
         idx = self.pt.indices_for_step(step, bs, cfg.run.seed)
         seq = self.pt.meta["seq_len"]
         normalizer = float(bs * (seq - 1))
-        value = 0.0
+        value = torch.zeros((), dtype=torch.float64, device=rt.device)  # read once, after the loop
         for k, micro, real in rt.lockstep(micro_batches(idx, cfg.micro_batch_size)):
-            ids = self.pt.batch(micro).to(rt.device)
+            ids = to_device(self.pt.batch(micro), rt.device)
             mask = torch.ones(ids.shape[0], seq - 1, dtype=torch.bool, device=rt.device)
             with autocast(rt.device, self.amp):
                 logits = self.student(input_ids=ids).logits[:, :-1]
@@ -265,8 +265,8 @@ class MiniLLMRun:
                 (loss * 0.0).backward()
                 continue
             (cfg.pt_coef * loss).backward()
-            value += float(loss.detach())
-        return value
+            value += loss.detach().to(value.dtype)
+        return float(value)
 
     # -- evaluation: the sequence-level reverse KL of the student's own samples on valid prompts --
     @torch.no_grad()

@@ -6,21 +6,22 @@ counts (response tokens, EOS included; padding never). Logits may be wider than 
 `sum / normalizer`, with the normalizer chosen by the caller (a global token or sequence count),
 so gradient accumulation and padding never change the result.
 
-Vocabulary-wide work runs `chunk_size` positions at a time in float32 (float64 inputs stay
-float64, for the tests). When gradients are needed each chunk is wrapped in activation
-checkpointing: autograd then keeps only the chunk's inputs (views of the logits that exist
-anyway) and recomputes the float32 log-softmax in backward, so peak extra memory is one chunk of
-B x chunk_size x V floats instead of the whole B x T x V for each model.
+Vocabulary-wide work goes through one fused autograd function, `vocab_terms`: per position the
+log-probability of the target and a KL divergence to a second model, computed in float32 (float64
+inputs stay float64, for the tests) over blocks of `chunk_size` positions of the flattened
+[B, T] grid. Autograd keeps only its inputs (the logits, which exist anyway); the backward
+recomputes each block's log-softmaxes and writes the gradient from its closed form
+(d/dz log q_y = onehot_y - q;  d/dz KL(q||p) = q (log q - log p - KL);  d/dz KL(p||q) = q - p).
+So besides the logits' own gradient, a step holds a few float32 blocks of chunk_size x V, never
+a [B, T, V] float32 tensor, and the student's log-softmax is shared by the policy-gradient term
+and the KL term (one pass each way instead of one per term, with no checkpoint re-run of
+autograd's intermediates).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 128
+DEFAULT_CHUNK = 256  # positions per block: 256 x 50,257 float32 = 51 MB per block buffer
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -28,22 +29,114 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _chunked(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor | None], T: int,
-             chunk_size: int | None) -> torch.Tensor:
-    """Apply `fn` to slices [:, s:e] of every tensor (None passes through) and concatenate the
-    [B, e-s] results along dim 1. Chunks are checkpointed when a gradient will flow through them."""
-    if chunk_size is None or chunk_size <= 0 or chunk_size >= T:
-        return fn(*tensors)
-    outs = []
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
-    for s in range(0, T, chunk_size):
-        part = [None if t is None else t[:, s : s + chunk_size] for t in tensors]
-        if needs_grad:
-            outs.append(checkpoint(fn, *part, use_reentrant=False))
-        else:
-            outs.append(fn(*part))
-    return torch.cat(outs, dim=1)
+def _blocks(B: int, T: int, rows: int | None):
+    """(batch slice, position slice) blocks of about `rows` positions covering [B, T]."""
+    if rows is None or rows <= 0 or rows >= B * T:
+        yield slice(0, B), slice(0, T)
+    elif rows >= T:
+        nb = rows // T
+        for b in range(0, B, nb):
+            yield slice(b, b + nb), slice(0, T)
+    else:
+        for b in range(B):
+            for t in range(0, T, rows):
+                yield slice(b, b + 1), slice(t, t + rows)
+
+
+def _log_softmax(x: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.log_softmax(x[..., :vocab_size], dim=-1, dtype=dtype)  # always a new tensor
+
+
+def _block_kl(lq: torch.Tensor, other: torch.Tensor, kind: str, vocab_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One block's divergence: (aux, kl, q) with kl [*, t], aux the buffer backward turns into
+    the gradient (reverse: q (log q - log p); forward: p) and q = exp(lq) where it was needed
+    (reverse) else None. In-place steps keep it to three block buffers. A zero-probability term
+    contributes 0, never 0 * inf: masked explicitly."""
+    lp = _log_softmax(other, vocab_size, lq.dtype)
+    if kind == "reverse":  # KL(q || p) = sum q (log q - log p)
+        q = lq.exp()
+        d = torch.sub(lq, lp, out=lp).masked_fill_(torch.isneginf(lq), 0.0).mul_(q)
+        return d, d.sum(-1), q
+    zero = torch.isneginf(lp)  # forward: KL(p || q) = sum p (log p - log q)
+    p = lp.exp()
+    return p, lp.sub_(lq).masked_fill_(zero, 0.0).mul_(p).sum(-1), None
+
+
+class _VocabTerms(torch.autograd.Function):
+    """(logits, targets, other) -> (logp, kl); see `vocab_terms`."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, other, kind, vocab_size, chunk_size):
+        B, T = logits.shape[:2]
+        dtype = _compute_dtype(logits) if other is None else torch.promote_types(
+            _compute_dtype(logits), _compute_dtype(other))
+        logp = logits.new_zeros((B, T), dtype=dtype)
+        kl = logits.new_zeros((B, T), dtype=dtype)
+        with torch.autocast(logits.device.type, enabled=False):
+            for bs, ts in _blocks(B, T, chunk_size):
+                lq = _log_softmax(logits[bs, ts], vocab_size, dtype)
+                if targets is not None:
+                    logp[bs, ts] = lq.gather(-1, targets[bs, ts, None]).squeeze(-1)
+                if other is not None:
+                    kl[bs, ts] = _block_kl(lq, other[bs, ts], kind, vocab_size)[1]
+                del lq
+        ctx.save_for_backward(logits, targets, other, kl)
+        ctx.kind, ctx.vocab_size, ctx.chunk_size = kind, vocab_size, chunk_size
+        return logp, kl
+
+    @staticmethod
+    def backward(ctx, g_logp, g_kl):
+        logits, targets, other, kl = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        V, dtype = ctx.vocab_size, kl.dtype
+        B, T = logits.shape[:2]
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if grad.shape[-1] > V:
+            grad[..., V:].zero_()  # padded logits columns never enter the loss
+        with torch.autocast(logits.device.type, enabled=False):
+            for bs, ts in _blocks(B, T, ctx.chunk_size):
+                lq = _log_softmax(logits[bs, ts], V, dtype)
+                gl = None if targets is None else g_logp[bs, ts, None].to(dtype)
+                if other is None:
+                    g = lq.exp_().mul_(-gl)  # d/dz log q_y = onehot_y - q
+                else:
+                    gk = g_kl[bs, ts, None].to(dtype)
+                    g, _, q = _block_kl(lq, other[bs, ts], ctx.kind, V)
+                    q = lq.exp_() if q is None else q
+                    if ctx.kind == "reverse":  # d/dz KL(q||p) = q (log q - log p) - q KL
+                        g.addcmul_(q, kl[bs, ts, None], value=-1.0).mul_(gk)
+                    else:  # d/dz KL(p||q) = q - p
+                        g.neg_().add_(q).mul_(gk)
+                    if gl is not None:
+                        g.addcmul_(q, gl, value=-1.0)
+                    del q
+                if gl is not None:
+                    g.scatter_add_(-1, targets[bs, ts, None], gl)
+                grad[bs, ts, :V] = g
+                del lq, g
+        return grad, None, None, None, None, None
+
+
+def vocab_terms(logits: torch.Tensor, vocab_size: int, targets: torch.Tensor | None = None,
+                other: torch.Tensor | None = None, kind: str = "reverse",
+                chunk_size: int | None = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position vocabulary-wide terms of `q = softmax(logits[..., :V])`:
+
+    logp[b, t] = log q(targets[b, t])                      (0 when targets is None)
+    kl[b, t]   = KL(q || p) ("reverse") or KL(p || q) ("forward"), p = softmax(other[..., :V])
+                                                           (0 when other is None)
+    logits [B, T, V' >= V] (differentiable), targets [B, T] (ids < V after clamping; padding ids
+    are fine, mask them later), other [B, T, V''] (detached: never receives a gradient)
+    -> (logp, kl), each [B, T] in float32 (float64 for float64 inputs)."""
+    if kind not in ("reverse", "forward"):
+        raise ValueError(f"kind must be 'reverse' or 'forward', got {kind!r}")
+    if targets is not None:
+        targets = targets.clamp(0, vocab_size - 1)
+    if other is not None:
+        other = other.detach()
+    return _VocabTerms.apply(logits, targets, other, kind, vocab_size, chunk_size)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -52,14 +145,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
 
     logits [B, T, V'>=V], targets [B, T] (any id < V; padding ids are fine, mask them later)
     -> [B, T] in float32 (float64 for float64 logits). Differentiable w.r.t. logits."""
-    dtype = _compute_dtype(logits)
-
-    def fn(lg: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
-        lg = lg[..., :vocab_size].to(dtype)
-        picked = lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(lg, dim=-1)
-
-    return _chunked(fn, [logits, targets.clamp(0, vocab_size - 1)], logits.shape[1], chunk_size)
+    return vocab_terms(logits, vocab_size, targets=targets, chunk_size=chunk_size)[0]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, normalizer: float,
@@ -69,18 +155,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, nor
     logits [B, T, V'], targets [B, T], mask [B, T] bool -> scalar."""
     lp = token_logprobs(logits, targets, vocab_size, chunk_size)
     return -(lp * mask.to(lp.dtype)).sum() / normalizer
-
-
-def _kl_per_position(a_logits: torch.Tensor, b_logits: torch.Tensor, vocab_size: int
-                     ) -> torch.Tensor:
-    """sum_v a_v (log a_v - log b_v) with a = softmax(a_logits), b = softmax(b_logits).
-    [B, t, V'] x [B, t, V''] -> [B, t]."""
-    dtype = torch.promote_types(_compute_dtype(a_logits), _compute_dtype(b_logits))
-    log_a = F.log_softmax(a_logits[..., :vocab_size].to(dtype), dim=-1)
-    log_b = F.log_softmax(b_logits[..., :vocab_size].to(dtype), dim=-1)
-    # a_v = 0 (a -inf logit) contributes 0, not 0 * nan: guard the product explicitly.
-    diff = torch.where(torch.isneginf(log_a), torch.zeros_like(log_a), log_a - log_b)
-    return (log_a.exp() * diff).sum(-1)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -93,9 +167,8 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     at that position) and also the `rkl` baseline. The teacher is detached: no gradient reaches it.
     student_logits [B, T, V'], teacher_logits [B, T, V''], mask [B, T], weights [B, T] or None
     (detached per-position weights, e.g. importance weights) -> scalar."""
-    teacher_logits = teacher_logits.detach()
-    kl = _chunked(lambda s, t: _kl_per_position(s, t, vocab_size),
-                  [student_logits, teacher_logits], student_logits.shape[1], chunk_size)
+    kl = vocab_terms(student_logits, vocab_size, other=teacher_logits, kind="reverse",
+                     chunk_size=chunk_size)[1]
     coef = mask.to(kl.dtype)
     if weights is not None:
         coef = coef * weights.detach().to(kl.dtype)
@@ -108,9 +181,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     """Token-level forward KL (word-level KD),  sum_{b,t} mask * sum_v p_v (log p_v - log q_v)
     / normalizer, teacher detached. Same shapes as `reverse_kl`. (Differs from the reference
     code's -sum p log q by the teacher entropy, a constant: same gradient, but 0 at q = p.)"""
-    teacher_logits = teacher_logits.detach()
-    kl = _chunked(lambda s, t: _kl_per_position(t, s, vocab_size),
-                  [student_logits, teacher_logits], student_logits.shape[1], chunk_size)
+    kl = vocab_terms(student_logits, vocab_size, other=teacher_logits, kind="forward",
+                     chunk_size=chunk_size)[1]
     return (kl * mask.to(kl.dtype)).sum() / normalizer
 
 
@@ -119,14 +191,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
             chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
     """(1 - kd_ratio) * CE(targets) + kd_ratio * forward KL, both / normalizer: the reference
     code's KD baseline and its pre-training-loss mixing. Shapes as in `lm_loss`/`forward_kl`."""
-    loss = student_logits.new_zeros((), dtype=_compute_dtype(student_logits))
-    if kd_ratio < 1.0:
-        loss = loss + (1.0 - kd_ratio) * lm_loss(student_logits, targets, mask, normalizer,
-                                                 vocab_size, chunk_size)
-    if kd_ratio > 0.0:
-        loss = loss + kd_ratio * forward_kl(student_logits, teacher_logits, mask, normalizer,
-                                            vocab_size, chunk_size)
-    return loss
+    logp, kl = vocab_terms(student_logits, vocab_size,
+                           targets=targets if kd_ratio < 1.0 else None,
+                           other=teacher_logits if kd_ratio > 0.0 else None, kind="forward",
+                           chunk_size=chunk_size)  # one pass over the vocabulary for both terms
+    m = mask.to(logp.dtype)
+    return ((kd_ratio - 1.0) * logp + kd_ratio * kl).mul(m).sum() / normalizer
 
 
 def policy_gradient_loss(logp_new: torch.Tensor, logp_old: torch.Tensor,

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from minillm_cli.engine.advantages import importance_weights, long_term_advantages, token_rewards
-from minillm_cli.engine.losses import DEFAULT_CHUNK, policy_gradient_loss, reverse_kl, token_logprobs
+from minillm_cli.engine.losses import DEFAULT_CHUNK, policy_gradient_loss, token_logprobs, vocab_terms
+from minillm_cli.engine.runtime import to_device
 from minillm_cli.engine.sampler import Rollout, model_kwargs, positions_from_mask
 from minillm_cli.errors import require
 
@@ -105,20 +106,39 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def row_extents(self) -> tuple[list[int], list[int]]:
+        """Per row, on the host: (first real prompt column, response length). Read from the device
+        once per buffer and kept (not a dataclass field: `replace` and checkpoints leave it out),
+        so that selecting micro-batches never waits for the device."""
+        ext = getattr(self, "_extents", None)
+        if ext is None:
+            P = self.prompt_len
+            real = self.attention_mask[:, :P].bool()
+            first = torch.where(real.any(1), real.to(torch.uint8).argmax(1), torch.full_like(real[:, 0], P - 1,
+                                                                                             dtype=torch.long))
+            both = torch.stack([first.long(), self.response_mask.long().sum(1)]).tolist()
+            ext = self._extents = (both[0], both[1])
+        return ext
+
+    def tokens_in(self, rows) -> int:
+        """Response tokens in `rows` (host arithmetic, see `row_extents`)."""
+        lengths = self.row_extents()[1]
+        return sum(lengths[i] for i in rows)
+
     def select(self, idx) -> "RolloutBatch":
         """Rows `idx` (list or tensor), with columns that are padding for all of them trimmed
-        (left prompt padding, trailing response padding): same math, less compute."""
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.input_ids.device)
+        (left prompt padding, trailing response padding): same math, less compute. The trim
+        comes from `row_extents` and the row indices reach the device without a blocking copy."""
+        rows = idx.tolist() if isinstance(idx, torch.Tensor) else [int(i) for i in idx]
+        first, lengths = self.row_extents()
         P = self.prompt_len
-        am = self.attention_mask[idx]
-        real_cols = am[:, :P].bool().any(0).nonzero()
-        lead = int(real_cols[0]) if len(real_cols) else P - 1
-        lead = min(lead, P - 1)  # keep >= 1 prompt column: it predicts the first response token
-        keep_T = max(1, int(self.response_mask[idx].sum(1).max()))
+        lead = min([first[i] for i in rows] + [P - 1])  # >= 1 prompt column: it predicts response token 1
+        keep_T = max([1] + [lengths[i] for i in rows])
+        idx = to_device(torch.tensor(rows, dtype=torch.long), self.input_ids.device)
         cols = slice(lead, P + keep_T)
         per_token = {f: getattr(self, f)[idx][:, :keep_T] for f in self._PER_TOKEN}
         tl = None if self.teacher_logits is None else self.teacher_logits[idx][:, :keep_T]
-        return replace(self, input_ids=self.input_ids[idx][:, cols], attention_mask=am[:, cols],
+        return replace(self, input_ids=self.input_ids[idx][:, cols], attention_mask=self.attention_mask[idx][:, cols],
                        prompt_len=P - lead, teacher_logits=tl, **per_token)
 
 
@@ -182,44 +202,62 @@ def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, voc
                         teacher_logits=kept)
 
 
+def minillm_terms(s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: RolloutBatch,
+                  opts: MiniLLMOptions, normalizer: float, vocab_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The two terms from the logits: (pg, single_step or None, pg stats), each `sum / normalizer`.
+
+    s_logits [N, T, V'] (student, with grad), t_logits [N, T, V''] (teacher; None when
+    opts.single_step is off), batch: the micro-batch they were computed on (T response positions).
+    One pass over the vocabulary gives both the sampled tokens' log-probs (for the clipped term)
+    and the per-position KL(q || p) (losses.vocab_terms)."""
+    mask = batch.response_mask.bool()
+    new_logp, kl = vocab_terms(s_logits, vocab_size, targets=batch.targets,
+                               other=t_logits if opts.single_step else None, kind="reverse",
+                               chunk_size=opts.chunk_size)
+    pg, pg_stats = policy_gradient_loss(new_logp, batch.old_logp, batch.advantages,
+                                        batch.pg_weights, mask, opts.clip_ratio, normalizer)
+    if not opts.single_step:
+        return pg, None, pg_stats
+    coef = mask.to(kl.dtype) * batch.ss_weights.detach().to(kl.dtype)
+    return pg, (kl * coef).sum() / normalizer, pg_stats
+
+
 def minillm_loss(student, teacher, batch: RolloutBatch, opts: MiniLLMOptions, normalizer: float,
                  vocab_size: int) -> tuple[torch.Tensor, dict[str, float]]:
     """The MiniLLM loss of one micro-batch, `sum / normalizer` (pass the global token count of
     the mini-batch, or the number of sequences for a per-sequence objective).
 
     Student forward with grad; teacher forward without grad and only for the single-step term.
-    Returns (loss, stats): `single_step`, `pg` (the two terms of the loss), `clip_frac`,
-    `ratio_mean`, `w_mean`/`w_max` (sampling ratio q'/p~'), `reward_mean` (per token),
-    `rkl_seq` (mean over rows of sum_t log q_old - log p: the sequence-level reverse KL estimate,
-    unbiased when alpha = 0), `tokens`."""
-    mask = batch.response_mask.bool()
+    Returns (loss, stats), stats as detached 0-dim tensors (no host sync): `single_step`, `pg`
+    (the two terms of the loss), `clip_frac`, `ratio_mean`, `w_mean`/`w_max` (sampling ratio
+    q'/p~'), `reward_mean` (per token), `rkl_seq` (mean over rows of sum_t log q_old - log p: the
+    sequence-level reverse KL estimate, unbiased when alpha = 0), `tokens`."""
     s_logits = _batch_logits(student, batch)
-    new_logp = token_logprobs(s_logits, batch.targets, vocab_size, opts.chunk_size)
-    pg, pg_stats = policy_gradient_loss(new_logp, batch.old_logp, batch.advantages,
-                                        batch.pg_weights, mask, opts.clip_ratio, normalizer)
-    loss = pg
-    ss_value = 0.0
+    t_logits = None
     if opts.single_step:
         if batch.teacher_logits is not None:  # cached once per rollout batch (exact)
             t_logits = batch.teacher_logits.to(s_logits.device)
         else:
             with torch.no_grad():
                 t_logits = _batch_logits(teacher, batch)
-        ss = reverse_kl(s_logits, t_logits, mask, normalizer, vocab_size,
-                        weights=batch.ss_weights, chunk_size=opts.chunk_size)
-        loss = loss + ss
-        ss_value = float(ss.detach())
-    n_tok = max(1, batch.num_tokens())
-    w_valid = batch.w[mask]
+    pg, ss, pg_stats = minillm_terms(s_logits, t_logits, batch, opts, normalizer, vocab_size)
+    loss = pg if ss is None else pg + ss
+    # Statistics stay on the device: a host read here would stall the queue between the forward
+    # and the backward of every micro-batch; callers read them once per optimizer step.
+    m = batch.response_mask.to(pg_stats["tokens"].dtype)
+    n_tok = pg_stats["tokens"]
+    denom = n_tok.clamp(min=1.0)
+    w = batch.w.detach().to(m.dtype) * m  # the sampling ratio is > 0 wherever it counts
     stats = {
-        "single_step": ss_value,
-        "pg": float(pg.detach()),
-        "clip_frac": float(pg_stats["clip_frac"]),
-        "ratio_mean": float(pg_stats["ratio_mean"]),
-        "w_mean": float(w_valid.mean()) if w_valid.numel() else 0.0,
-        "w_max": float(w_valid.max()) if w_valid.numel() else 0.0,
-        "reward_mean": float(batch.rewards.sum()) / n_tok,
-        "rkl_seq": float(-batch.rewards.sum(1).mean()),
-        "tokens": float(n_tok),
+        "single_step": pg.new_zeros(()) if ss is None else ss.detach(),
+        "pg": pg.detach(),
+        "clip_frac": pg_stats["clip_frac"],
+        "ratio_mean": pg_stats["ratio_mean"],
+        "w_mean": w.sum() / denom,
+        "w_max": w.max() if w.numel() else w.new_zeros(()),
+        "reward_mean": batch.rewards.to(m.dtype).sum() / denom,
+        "rkl_seq": -batch.rewards.to(m.dtype).sum(1).mean(),
+        "tokens": n_tok,
     }
     return loss, stats

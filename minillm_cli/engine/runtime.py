@@ -257,6 +257,15 @@ def example_generator(seed: int, *keys: int) -> torch.Generator:
     return g
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait for the GPU's queue: a plain
+    `.to("cuda")` from pageable memory synchronises the stream; from pinned memory it is queued."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """bf16/fp16 autocast on CUDA (float32 master weights); a no-op context elsewhere."""
     import contextlib

@@ -339,7 +339,7 @@ def test_nan_loss_stops_naming_step_and_term(tmp_path, tiny_dir, dolly_like, mon
         loss, st = real(*a, **kw)
         calls[0] += 1
         if (calls[0] - 1) // per_step + 1 == 3:
-            return loss * float("nan"), {**st, "pg": float("nan")}
+            return loss * float("nan"), {**st, "pg": st["pg"] * float("nan")}
         return loss, st
 
     out = tmp_path / "run"

@@ -262,3 +262,68 @@ def test_micro_batches_sum_to_the_batch_loss(models):
     assert aligned.shape == (2, small.input_ids.shape[1] - 1)
     assert torch.equal(aligned[:, small.prompt_len - 1 :], small.response_mask)
     assert torch.equal(small.targets, small.input_ids[:, 1:][:, small.prompt_len - 1 :])
+
+
+def _host_reads(fn) -> list[str]:
+    """aten ops run by fn() that make the host wait for the device: reading a value
+    (`.item()`, `float()`, `int()`, `.tolist()` all dispatch to _local_scalar_dense), nonzero,
+    and boolean-mask indexing (its output size is data-dependent). Reads made inside
+    transformers are left out: its mask code reads the padding mask once per forward (to choose
+    the attention kernel), which is the model's, not ours."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if any("/transformers/" in f.filename for f in traceback.extract_stack()):
+                return func(*args, **(kwargs or {}))
+            if name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item"):
+                seen.append(name)
+            elif name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                               for i in (args[1] if len(args) > 1 else [])):
+                seen.append("aten.index[bool]")
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_an_update_micro_step_never_waits_for_the_device(models):
+    """select + minillm_loss + backward: no host read (on a GPU each one would stall the queue
+    between forward and backward). The buffer's row extents are read once, beforehand."""
+    student, teacher = models
+    opts = MiniLLMOptions(cache_teacher_logits=True)
+    rollout, _ = enumerated_rollout(student, teacher, 0.2)
+    batch = score_rollouts(student, teacher, rollout, opts, vocab_size=V)
+    assert _host_reads(lambda: batch.num_tokens()) != []  # the recorder sees a host read
+    batch.row_extents()
+
+    def micro_step():
+        loss, stats = minillm_loss(student, teacher, batch.select([3, 41, 0]), opts, 5.0, V)
+        loss.backward()
+
+    assert _host_reads(micro_step) == []
+    assert batch.tokens_in([3, 41, 0]) == int(batch.response_mask[[3, 41, 0]].sum())
+
+
+def test_select_trims_exactly_the_all_padding_columns(models):
+    student, teacher = models
+    rollout, _ = enumerated_rollout(student, teacher, 0.2)
+    batch = score_rollouts(student, teacher, rollout, MiniLLMOptions(), vocab_size=V)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = torch.randperm(len(batch), generator=g)[: int(torch.randint(1, 6, (1,), generator=g))].tolist()
+        got = batch.select(rows)
+        P = batch.prompt_len
+        real = batch.attention_mask[rows, :P].bool().any(0).nonzero()
+        lead = min(int(real[0]) if len(real) else P - 1, P - 1)
+        keep = max(1, int(batch.response_mask[rows].sum(1).max()))
+        assert torch.equal(got.input_ids, batch.input_ids[rows][:, lead : P + keep])
+        assert torch.equal(got.attention_mask, batch.attention_mask[rows][:, lead : P + keep])
+        assert got.prompt_len == P - lead
+        assert torch.equal(got.advantages, batch.advantages[rows][:, :keep])

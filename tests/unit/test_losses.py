@@ -192,30 +192,112 @@ def test_policy_gradient_first_step_gradient_is_weighted_score_function():
     assert float(stats["ratio_mean"]) == 1.0 and float(stats["clip_frac"]) == 0.0
 
 
-def _saved_numel(fn) -> int:
-    """Total elements autograd keeps for backward while building the graph of fn()."""
-    total = 0
+def _new_allocations(fn) -> list[int]:
+    """numel of every tensor an aten op newly allocates while fn() runs (forward and backward):
+    outputs that share no storage with the op's inputs (views and in-place results do)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
 
-    def pack(x):
-        nonlocal total
-        total += x.numel()
-        return x
+    sizes = []
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs))
+                    if isinstance(x, torch.Tensor)}
+            for o in tree_leaves(out):
+                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:
+                    sizes.append(o.numel())
+            return out
+
+    with Record():
         fn()
-    return total
+    return sizes
 
 
-def test_chunking_bounds_saved_memory():
+@pytest.mark.parametrize("kind", ["reverse", "forward"])
+def test_vocab_terms_bounds_memory_by_block(kind):
+    """Apart from the logits' gradient, no step allocates more than one block (chunk_size
+    positions x V) at a time: the [B, T, V] float32 log-softmaxes never exist. Unchunked, the
+    same measure sees them (the test can fail)."""
+    Bm, Tm, Vm, chunk = 2, 64, 500, 8
+    leaf = torch.randn(Bm, Tm + 1, Vm, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(Bm, Tm, Vm, dtype=torch.bfloat16)
+    targets = torch.randint(0, Vm, (Bm, Tm))
+    full = Bm * Tm * Vm
+
+    def step(chunk_size):
+        leaf.grad = None
+        lp, kl = L.vocab_terms(leaf[:, :-1], Vm, targets=targets, other=t, kind=kind,
+                               chunk_size=chunk_size)
+        (lp.sum() + kl.sum()).backward()
+
+    big = [n for n in _new_allocations(lambda: step(chunk)) if n > chunk * Vm]
+    assert sum(big) <= 2 * leaf.numel()  # the gradient of the view and of the leaf, nothing else
+    unchunked = [n for n in _new_allocations(lambda: step(None)) if n > chunk * Vm]
+    assert sum(unchunked) >= 6 * full
+
+
+def test_vocab_terms_autograd_keeps_only_the_inputs():
     Bm, Tm, Vm = 2, 64, 500
     s = torch.randn(Bm, Tm, Vm, dtype=torch.bfloat16, requires_grad=True)
     t = torch.randn(Bm, Tm, Vm, dtype=torch.bfloat16)
-    mask = torch.ones(Bm, Tm, dtype=torch.bool)
     targets = torch.randint(0, Vm, (Bm, Tm))
-    full = s.numel()
-    un = _saved_numel(lambda: L.reverse_kl(s, t, mask, 1.0, Vm, chunk_size=None))
-    ch = _saved_numel(lambda: L.reverse_kl(s, t, mask, 1.0, Vm, chunk_size=8))
-    assert un >= 3 * full  # float32 log-softmaxes of both models (and more) kept whole
-    assert ch <= 2.5 * full  # only the chunks' inputs (views of logits that exist anyway)
-    ch_lp = _saved_numel(lambda: L.token_logprobs(s, targets, Vm, chunk_size=8))
-    assert ch_lp <= 1.5 * full
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        L.vocab_terms(s, Vm, targets=targets, other=t, chunk_size=8)
+    assert sum(saved) <= 2 * s.numel() + 2 * Bm * Tm  # logits, teacher logits, targets, kl
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward"])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 5, 8, 100])
+def test_vocab_terms_values_and_gradient_match_autograd_of_the_formula(kind, chunk):
+    """Both outputs at once, weighted by arbitrary upstream gradients, against float64 autograd
+    of the plain formula; some logits are -inf (banned tokens: 0 probability, no 0 * inf)."""
+    s, t, targets, mask, w = _inputs(6)
+    s = s.detach().clone()
+    t = t.clone()
+    s[0, 1, 2] = float("-inf")
+    s[1, :, 4] = float("-inf")
+    both = (s[..., :V] == float("-inf"))
+    t[..., :V][both] = float("-inf")  # where the student has 0 probability the teacher may too
+    s.requires_grad_()
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64)
+    lp, kl = L.vocab_terms(s, V, targets=targets, other=t, kind=kind, chunk_size=chunk)
+    grad, = torch.autograd.grad((a * lp + b * kl).sum(), [s])
+
+    # reference: -inf replaced by -1e4 (exp underflows to exactly 0 in float64, and autograd of
+    # the plain formula stays finite)
+    finite = lambda x: torch.where(torch.isneginf(x), torch.full_like(x, -1e4), x)  # noqa: E731
+    ls = torch.log_softmax(finite(s[..., :V]), -1)
+    lt = torch.log_softmax(finite(t[..., :V]), -1)
+    ref_lp = ls.gather(-1, targets.clamp(0, V - 1)[..., None]).squeeze(-1)
+    ref_kl = (ls.exp() * (ls - lt) if kind == "reverse" else lt.exp() * (lt - ls)).sum(-1)
+    ref_grad, = torch.autograd.grad((a * ref_lp + b * ref_kl).sum(), [s])
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(kl, ref_kl, rtol=0, atol=1e-12)
+    assert torch.isfinite(grad[..., :V][~torch.isneginf(s[..., :V])]).all()
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+    assert grad[..., V:].abs().max() == 0
+
+
+def test_vocab_terms_bf16_gradient_close_to_float64():
+    s, t, targets, _, _ = _inputs(8)
+    s16 = s.detach().to(torch.bfloat16).requires_grad_()
+    t16 = t.to(torch.bfloat16)
+    lp, kl = L.vocab_terms(s16, V, targets=targets, other=t16, chunk_size=4)
+    assert lp.dtype == kl.dtype == torch.float32
+    (lp.sum() - 0.5 * kl.sum()).backward()
+    assert s16.grad.dtype == torch.bfloat16
+    s64 = s16.detach().double().requires_grad_()
+    lp64, kl64 = L.vocab_terms(s64, V, targets=targets, other=t16.double(), chunk_size=None)
+    (lp64.sum() - 0.5 * kl64.sum()).backward()
+    torch.testing.assert_close(lp.double(), lp64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl.double(), kl64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s16.grad.double(), s64.grad, rtol=1e-2, atol=1e-2)
