@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minillm_cli.config import SFTConfig, prepare_out_dir, save_run_config
 from minillm_cli.data.tokenize import Encoded, collate_sft, encode_sft
 from minillm_cli.engine import checkpoint as ckpt
+from minillm_cli.engine.losses import lm_loss
 from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, run_entry, scaling_warnings,
                                         seed_everything)
 from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
@@ -30,9 +30,9 @@ def response_ce_sum(model, batch: dict, vocab_size: int, device) -> tuple[torch.
     ids = batch["input_ids"].to(device)
     att = batch["attention_mask"].to(device)
     mask = batch["loss_mask"].to(device)[:, 1:]
-    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1, :vocab_size]
-    targets = ids[:, 1:]
-    ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+    # fused, chunked over positions: no float32 copy of the [B, T, V] logits (losses.vocab_terms)
+    ce = lm_loss(logits, ids[:, 1:], mask, 1.0, vocab_size)
     return ce, int(mask.sum())
 
 

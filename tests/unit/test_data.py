@@ -195,3 +195,30 @@ def test_chat_template_prompt_gets_no_second_bos():
     encode_prompts(tok, [Example("hi")], "chat", 256)
     encode_prompts(tok, [Example("hi")], "dolly", 256)
     assert tok.calls == [False, True]
+
+
+def test_sft_loss_is_the_cross_entropy_of_response_tokens(tiny_dir):
+    """engine.sft.response_ce_sum (the fused chunked pass) equals torch's cross-entropy over
+    exactly the loss-mask positions, value and gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    from minillm_cli.data.examples import Example
+    from minillm_cli.engine.sft import response_ce_sum
+    from minillm_cli.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(tiny_dir / "student"))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "student")).double()
+    exs = [Example("Name a red fruit.", "", ["Apple"]), Example("Say more words here please.", "ctx", ["A pear and a plum"])]
+    batch = collate_sft(encode_sft(tok, exs, "dolly", 256, 512)[0], tok.pad_token_id)
+    V = len(tok)
+    ce, n = response_ce_sum(model, batch, V, torch.device("cpu"))
+    g = torch.autograd.grad(ce, [model.lm_head.weight])[0]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :V]
+    mask = batch["loss_mask"][:, 1:]
+    ref = F.cross_entropy(logits[mask], batch["input_ids"][:, 1:][mask], reduction="sum")
+    g_ref = torch.autograd.grad(ref, [model.lm_head.weight])[0]
+    assert n == int(mask.sum()) > 0
+    torch.testing.assert_close(ce, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
