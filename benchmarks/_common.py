@@ -281,7 +281,7 @@ def naive_minillm_loss(student, teacher, batch, normalizer: float, vocab: int, c
     s_r, t_r = s_lp[:, P - 1 : -1], t_lp[:, P - 1 : -1]
     mask = batch.response_mask.float()
     ss = (s_r.exp() * (s_r - t_r)).sum(-1) * batch.ss_weights
-    new = s_r.gather(-1, batch.targets[..., None]).squeeze(-1)
+    new = s_r.gather(-1, batch.targets.clamp(0, vocab - 1)[..., None]).squeeze(-1)  # padding ids may be >= V
     rho = ((new - batch.old_logp) * mask).exp() * batch.pg_weights
     adv = batch.advantages
     pg = torch.maximum(-adv * rho, -adv * rho.clamp(1 - clip, 1 + clip))

@@ -11,7 +11,7 @@ the clipped policy-gradient term, plus the single-step reverse KL) and its backw
 
 naive: full-vocabulary float32 log-softmax of both models through autograd (what a direct
 implementation, and the naive train step of benchmarks/train_step.py, does).
-ours: engine/minillm.minillm_vocab_loss, the code the engine runs.
+ours: engine/minillm.minillm_terms (losses.vocab_terms), the code the engine runs.
 
 Memory: on CUDA the peak allocated above what the inputs hold; on a CPU each variant runs in a
 subprocess and the figure is the growth of the peak resident set over the inputs (glibc told to

@@ -20,7 +20,7 @@ import torch
 
 from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
-from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
+from minillm_cli.engine.minillm import MiniLLMOptions, StatsSum, minillm_loss, score_rollouts
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
 from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, run_entry, to_device,
                                         scaling_warnings, seed_everything)
@@ -208,8 +208,7 @@ class MiniLLMRun:
         n_tok = float(buffer.tokens_in(rows))  # host arithmetic: no wait for the device
         normalizer = n_tok if cfg.loss_normalizer == "tokens" else float(len(rows))
         normalizer = max(normalizer, 1.0)
-        keys = ("single_step", "pg", "clip_frac", "ratio_mean", "w_mean", "reward_mean", "rkl_seq")
-        acc = torch.zeros(len(keys) + 1, dtype=torch.float64, device=rt.device)  # + w_max
+        step_stats = StatsSum(rt.device)  # summed on the device, read once below
         for k, micro, real in rt.lockstep(micro_batches(rows, cfg.micro_batch_size)):
             with autocast(rt.device, self.amp):
                 loss, st = minillm_loss(self.student, self.teacher, buffer.select(micro), self.opts, normalizer,
@@ -218,15 +217,11 @@ class MiniLLMRun:
                 (loss * 0.0).backward()
                 continue
             loss.backward()
-            # stats stay on the device until the step is done (one host read per step, below)
-            acc[:-1] += torch.stack([st["single_step"], st["pg"]] + [
-                st[key] * st["tokens"] for key in ("clip_frac", "ratio_mean", "w_mean", "reward_mean")] + [
-                st["rkl_seq"] * len(micro)]).to(acc.dtype)
-            acc[-1] = torch.maximum(acc[-1], st["w_max"].to(acc.dtype))
-        values = acc.tolist()
-        sums, w_max = dict(zip(keys, values[:-1])), values[-1]
-        if self.pt is not None and cfg.pt_coef > 0:
-            sums["pt_loss"] = self.pt_update(step)
+            step_stats.add(st, len(micro))
+        pt_loss = self.pt_update(step) if self.pt is not None and cfg.pt_coef > 0 else None
+        sums, w_max = step_stats.read()  # after all of the step's work is queued
+        if pt_loss is not None:
+            sums["pt_loss"] = pt_loss
         total = {k: rt.sum_scalar(v) for k, v in sums.items()}
         row = {"single_step": total["single_step"], "pg": total["pg"],
                "clip_frac": total["clip_frac"] / max(n_tok, 1), "ratio_mean": total["ratio_mean"] / max(n_tok, 1),

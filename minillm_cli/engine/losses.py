@@ -30,17 +30,21 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _blocks(B: int, T: int, rows: int | None):
-    """(batch slice, position slice) blocks of about `rows` positions covering [B, T]."""
+    """(batch slice, position slice) blocks of at most `rows` positions covering [B, T]: whole
+    rows grouped when they fit, else each row cut into near-equal pieces (T = 257 with rows = 256
+    gives 129 + 128, not 256 + 1)."""
     if rows is None or rows <= 0 or rows >= B * T:
         yield slice(0, B), slice(0, T)
     elif rows >= T:
         nb = rows // T
         for b in range(0, B, nb):
-            yield slice(b, b + nb), slice(0, T)
+            yield slice(b, min(b + nb, B)), slice(0, T)
     else:
+        pieces = -(-T // rows)
+        size = -(-T // pieces)
         for b in range(B):
-            for t in range(0, T, rows):
-                yield slice(b, b + 1), slice(t, t + rows)
+            for t in range(0, T, size):
+                yield slice(b, b + 1), slice(t, min(t + size, T))
 
 
 def _log_softmax(x: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,6 +90,7 @@ class _VocabTerms(torch.autograd.Function):
         return logp, kl
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_kl):
         logits, targets, other, kl = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -132,6 +137,8 @@ def vocab_terms(logits: torch.Tensor, vocab_size: int, targets: torch.Tensor | N
     -> (logp, kl), each [B, T] in float32 (float64 for float64 inputs)."""
     if kind not in ("reverse", "forward"):
         raise ValueError(f"kind must be 'reverse' or 'forward', got {kind!r}")
+    if targets is None and other is None:
+        raise ValueError("vocab_terms needs targets, other logits, or both")
     if targets is not None:
         targets = targets.clamp(0, vocab_size - 1)
     if other is not None:
@@ -146,6 +153,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
     logits [B, T, V'>=V], targets [B, T] (any id < V; padding ids are fine, mask them later)
     -> [B, T] in float32 (float64 for float64 logits). Differentiable w.r.t. logits."""
     return vocab_terms(logits, vocab_size, targets=targets, chunk_size=chunk_size)[0]
+
+
+def _require_teacher(teacher_logits, what: str) -> None:
+    if teacher_logits is None:  # vocab_terms would silently return a zero KL
+        raise ValueError(f"{what} needs teacher logits")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, normalizer: float,
@@ -167,6 +179,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     at that position) and also the `rkl` baseline. The teacher is detached: no gradient reaches it.
     student_logits [B, T, V'], teacher_logits [B, T, V''], mask [B, T], weights [B, T] or None
     (detached per-position weights, e.g. importance weights) -> scalar."""
+    _require_teacher(teacher_logits, "reverse_kl")
     kl = vocab_terms(student_logits, vocab_size, other=teacher_logits, kind="reverse",
                      chunk_size=chunk_size)[1]
     coef = mask.to(kl.dtype)
@@ -181,6 +194,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     """Token-level forward KL (word-level KD),  sum_{b,t} mask * sum_v p_v (log p_v - log q_v)
     / normalizer, teacher detached. Same shapes as `reverse_kl`. (Differs from the reference
     code's -sum p log q by the teacher entropy, a constant: same gradient, but 0 at q = p.)"""
+    _require_teacher(teacher_logits, "forward_kl")
     kl = vocab_terms(student_logits, vocab_size, other=teacher_logits, kind="forward",
                      chunk_size=chunk_size)[1]
     return (kl * mask.to(kl.dtype)).sum() / normalizer
@@ -191,6 +205,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
             chunk_size: int | None = DEFAULT_CHUNK) -> torch.Tensor:
     """(1 - kd_ratio) * CE(targets) + kd_ratio * forward KL, both / normalizer: the reference
     code's KD baseline and its pre-training-loss mixing. Shapes as in `lm_loss`/`forward_kl`."""
+    if kd_ratio > 0.0:
+        _require_teacher(teacher_logits, "kd_loss with kd_ratio > 0")
     logp, kl = vocab_terms(student_logits, vocab_size,
                            targets=targets if kd_ratio < 1.0 else None,
                            other=teacher_logits if kd_ratio > 0.0 else None, kind="forward",

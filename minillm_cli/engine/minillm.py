@@ -224,7 +224,7 @@ def minillm_terms(s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: 
 
 
 def minillm_loss(student, teacher, batch: RolloutBatch, opts: MiniLLMOptions, normalizer: float,
-                 vocab_size: int) -> tuple[torch.Tensor, dict[str, float]]:
+                 vocab_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MiniLLM loss of one micro-batch, `sum / normalizer` (pass the global token count of
     the mini-batch, or the number of sequences for a per-sequence objective).
 
@@ -261,3 +261,28 @@ def minillm_loss(student, teacher, batch: RolloutBatch, opts: MiniLLMOptions, no
         "tokens": n_tok,
     }
     return loss, stats
+
+
+class StatsSum:
+    """The statistics of one optimizer step's micro-batches, summed on the device (`add` never
+    waits for it); `read` is the step's one host read. Per-token means are summed weighted by
+    each micro-batch's token count, `rkl_seq` by its row count, `w_max` as a maximum; the loss
+    terms are plain sums (each micro-batch already divides by the step's normalizer)."""
+
+    TOKEN_MEANS = ("clip_frac", "ratio_mean", "w_mean", "reward_mean")
+    KEYS = ("single_step", "pg", *TOKEN_MEANS, "rkl_seq")
+
+    def __init__(self, device):
+        self.acc = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=device)  # + w_max
+
+    def add(self, stats: dict[str, torch.Tensor], n_rows: int) -> None:
+        parts = [stats["single_step"], stats["pg"]] + [stats[k] * stats["tokens"] for k in self.TOKEN_MEANS]
+        parts.append(stats["rkl_seq"] * n_rows)
+        self.acc[:-1] += torch.stack([p.to(self.acc.dtype) for p in parts])
+        self.acc[-1] = torch.maximum(self.acc[-1], stats["w_max"].to(self.acc.dtype))
+
+    def read(self) -> tuple[dict[str, float], float]:
+        """(sums by key, w_max): divide the token means by the step's token count, `rkl_seq` by
+        its row count, after summing over processes."""
+        values = self.acc.tolist()
+        return dict(zip(self.KEYS, values[:-1])), values[-1]

@@ -327,3 +327,28 @@ def test_select_trims_exactly_the_all_padding_columns(models):
         assert torch.equal(got.attention_mask, batch.attention_mask[rows][:, lead : P + keep])
         assert got.prompt_len == P - lead
         assert torch.equal(got.advantages, batch.advantages[rows][:, :keep])
+
+
+def test_step_statistics_of_micro_batches_equal_the_whole_batch(models):
+    """StatsSum over micro-batches (what distill's update logs) gives the whole mini-batch's
+    per-token means, its maximum sampling ratio and its per-row reverse KL estimate."""
+    from minillm_cli.engine.minillm import StatsSum
+
+    student, teacher = models
+    opts = MiniLLMOptions(clip_ratio=0.01)  # clipping happens at the first step only via w
+    rollout, _ = enumerated_rollout(student, teacher, 0.5)
+    batch = score_rollouts(student, teacher, rollout, opts, vocab_size=V)
+    rows = list(range(0, 80, 3))
+    n_tok = batch.tokens_in(rows)
+    _, whole = minillm_loss(student, teacher, batch.select(rows), opts, float(n_tok), V)
+    acc = StatsSum(torch.device("cpu"))
+    for part in (rows[:2], rows[2:11], rows[11:]):
+        _, st = minillm_loss(student, teacher, batch.select(part), opts, float(n_tok), V)
+        acc.add(st, len(part))
+    sums, w_max = acc.read()
+    for key in StatsSum.TOKEN_MEANS:
+        assert abs(sums[key] / n_tok - float(whole[key])) < 1e-9, key
+    assert float(whole["clip_frac"]) > 0  # the weighting is exercised on a non-trivial value
+    assert abs(sums["rkl_seq"] / len(rows) - float(whole["rkl_seq"])) < 1e-9
+    assert abs(sums["pg"] - float(whole["pg"])) < 1e-9 and abs(sums["single_step"] - float(whole["single_step"])) < 1e-9
+    assert w_max == float(whole["w_max"]) > 1.0

@@ -255,7 +255,7 @@ def test_vocab_terms_autograd_keeps_only_the_inputs():
 
 
 @pytest.mark.parametrize("kind", ["reverse", "forward"])
-@pytest.mark.parametrize("chunk", [None, 1, 3, 5, 8, 100])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 5, 8, 14, 100])  # 14: two rows a block, last alone
 def test_vocab_terms_values_and_gradient_match_autograd_of_the_formula(kind, chunk):
     """Both outputs at once, weighted by arbitrary upstream gradients, against float64 autograd
     of the plain formula; some logits are -inf (banned tokens: 0 probability, no 0 * inf)."""
@@ -301,3 +301,25 @@ def test_vocab_terms_bf16_gradient_close_to_float64():
     torch.testing.assert_close(lp.double(), lp64, rtol=0, atol=1e-5)
     torch.testing.assert_close(kl.double(), kl64, rtol=0, atol=1e-5)
     torch.testing.assert_close(s16.grad.double(), s64.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_blocks_cover_every_position_once():
+    for B, T in ((5, 3), (3, 7), (2, 257), (1, 1)):
+        for rows in (None, 0, 1, 2, 4, 6, 7, 14, 128, 256, 1000):
+            seen = torch.zeros(B, T, dtype=torch.long)
+            for bs, ts in L._blocks(B, T, rows):
+                seen[bs, ts] += 1
+                if rows:
+                    assert seen[bs, ts].numel() <= max(rows, 1)
+            assert (seen == 1).all(), (B, T, rows)
+    assert [ts.stop - ts.start for _, ts in L._blocks(1, 257, 256)] == [129, 128]
+
+
+def test_missing_teacher_logits_is_an_error_not_a_zero_kl():
+    s, _, targets, mask, _ = _inputs()
+    for fn in (lambda: L.reverse_kl(s, None, mask, 1.0, V), lambda: L.forward_kl(s, None, mask, 1.0, V),
+               lambda: L.kd_loss(s, None, targets, mask, 1.0, V, kd_ratio=0.5),
+               lambda: L.vocab_terms(s, V)):
+        with pytest.raises(ValueError):
+            fn()
+    L.kd_loss(s, None, targets, mask, 1.0, V, kd_ratio=0.0)  # plain CE needs no teacher
