@@ -88,6 +88,8 @@ def main() -> int:
                                   pad_id=eos, generators=gens, vocab_size=V, engine="auto" if cuda else "static")
                 sync(args.device)
                 t_roll += time.perf_counter() - r0
+                if s == 0:  # the first batch of an iteration builds (captures) the decoder
+                    times["first_rollout_batch_s"] = time.perf_counter() - r0
                 parts.append(score_rollouts(student, teacher, roll, opts, V))
             n_tok += int(roll.response_mask.sum())
         if not naive:
@@ -122,6 +124,9 @@ def main() -> int:
         times["optimizer_steps"] = steps
         times["rollout_tokens"] = n_tok
         times["rollout_tokens_per_s"] = n_tok / max(t_roll, 1e-9)
+        n_batches = -(-n_rows // RB)
+        if n_batches > 1:  # what a batch costs once the decoder exists, to see the capture's share
+            times["later_rollout_batch_s"] = (t_roll - times["first_rollout_batch_s"]) / (n_batches - 1)
         return times
 
     rows = []
