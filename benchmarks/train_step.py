@@ -12,7 +12,9 @@ the response positions reach the LM head; the vocabulary-wide terms in one fused
 over blocks of positions with a closed-form backward, losses.vocab_terms). ours+cached: the same with the teacher logits kept from
 score_rollouts (opts.cache_teacher_logits), i.e. no teacher forward in the PPO epochs. "ours"
 variants run GPT-2's gelu_new as one fused kernel, as the engine does on CUDA (engine/fused.py);
-a "+gelu_new" suffix keeps the composed activation (what was measured on 2026-11-28).
+a "+gelu_new" suffix keeps the composed activation (what was measured on 2026-11-28), a "+ckpt"
+suffix checkpoints the student's blocks (`--gradient-checkpointing`; the MFU formula does not
+count the recomputed forward).
 Reports seconds/step, tokens/s (batch x length), peak GiB and MFU = (6 N_s + 2 N_t) tokens/s over
 the dense matmul FLOP/s measured in this run (the formula counts the teacher forward even for
 ours+cached, so that row's MFU is "useful work per second", above the hardware's true MFU, which
@@ -30,11 +32,12 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--response-len", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--variants", default="naive,ours,ours+cached,ours+cached+gelu_new")
+    ap.add_argument("--variants", default="naive,ours,ours+cached,ours+cached+gelu_new,ours+cached+ckpt")
     args = setup(ap.parse_args(), "train_step")
     import torch
 
     from minillm_cli.engine.fused import fused_activations
+    from minillm_cli.engine.recompute import recompute_blocks
     from minillm_cli.engine.minillm import MiniLLMOptions, RolloutBatch, minillm_loss, response_logits
     from minillm_cli.engine.runtime import autocast
 
@@ -76,6 +79,8 @@ def main() -> int:
         opt = torch.optim.AdamW(student.parameters(), lr=1e-6,
                                 **({"fused": True} if (cuda and not naive) else {}))
         cached = variant.startswith("ours+cached")
+        if "ckpt" in variant:  # --gradient-checkpointing: the student's blocks recompute in the backward
+            recompute_blocks(student)
         opts = MiniLLMOptions(cache_teacher_logits=cached)
         b = batch
         if cached:

@@ -84,6 +84,7 @@ class ModelOptions:
     save_adapter: bool = False
     trust_remote_code: bool = False
     dtype: str = "auto"
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward
 
     def __post_init__(self):
         require(self.lora_r >= 0, f"--lora-r must be >= 0, got {self.lora_r}")

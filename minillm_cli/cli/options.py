@@ -35,6 +35,7 @@ SaveAdapter = Annotated[bool, typer.Option("--save-adapter", help="Save the LoRA
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the Hub (off by default).")]
 Fsdp = Annotated[bool, typer.Option("--fsdp", help="Shard student and teacher with FSDP2 over the processes (also on when accelerate's FSDP config is used).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 for loaded weights.")]
+GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute each transformer block's activations in the backward: much less memory for the trained model, about one more forward of compute.")]
 
 
 def split_targets(s: Optional[str]):
@@ -57,5 +58,6 @@ def configs(a: dict):
                          schedule=a["schedule"], max_grad_norm=a["max_grad_norm"])
     model = ModelOptions(lora_r=a["lora_r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
                          lora_targets=split_targets(a["lora_targets"]), save_adapter=a["save_adapter"],
-                         trust_remote_code=a["trust_remote_code"], dtype=a["dtype"])
+                         trust_remote_code=a["trust_remote_code"], dtype=a["dtype"],
+                         gradient_checkpointing=a.get("gradient_checkpointing", False))
     return data, run, optim, model

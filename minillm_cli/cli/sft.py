@@ -44,6 +44,7 @@ def command(
     resume: o.Resume = False,
     trust_remote_code: o.TrustRemote = False,
     dtype: o.Dtype = "auto",
+    gradient_checkpointing: o.GradCkpt = False,
     device: Device = "auto",
     fsdp: o.Fsdp = False,
     seed: Seed = 0,

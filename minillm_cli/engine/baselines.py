@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from minillm_cli.engine.losses import kd_loss, reverse_kl
+from minillm_cli.engine.sampler import model_kwargs
 
 
 def _aligned(model, batch, device):
@@ -24,7 +25,7 @@ def teacher_forced_objective(teacher, method: str, kd_ratio: float):
 
     def objective(model, batch, vocab, device):
         ids, att, mask = _aligned(model, batch, device)
-        s_logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+        s_logits = model(input_ids=ids, attention_mask=att, **model_kwargs(model, use_cache=False)).logits[:, :-1]
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=att).logits[:, :-1]
         if method == "kd":

@@ -21,10 +21,11 @@ import torch
 from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import MiniLLMOptions, StatsSum, minillm_loss, score_rollouts
+from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
 from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, run_entry, to_device,
                                         scaling_warnings, seed_everything)
-from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
+from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_engine, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)
 from minillm_cli.errors import InputError, RunError
@@ -148,6 +149,8 @@ class MiniLLMRun:
         # Dropout off for the whole run (as the reference code): rollouts, scoring and updates
         # must see the same policy for the PPO ratio to mean anything.
         self.student.eval()
+        # works in eval mode too (engine/recompute.py)
+        self.recomputed = recompute_blocks(self.student) if cfg.model_opts.gradient_checkpointing else 0
         if rt.fsdp:  # before the optimizer: sharding replaces the parameters
             from minillm_cli.engine import fsdp
 
@@ -250,7 +253,7 @@ class MiniLLMRun:
             ids = to_device(self.pt.batch(micro), rt.device)
             mask = torch.ones(ids.shape[0], seq - 1, dtype=torch.bool, device=rt.device)
             with autocast(rt.device, self.amp):
-                logits = self.student(input_ids=ids).logits[:, :-1]
+                logits = self.student(input_ids=ids, **model_kwargs(self.student, use_cache=False)).logits[:, :-1]
                 t_logits = None
                 if cfg.pt_kd_ratio > 0:
                     with torch.no_grad():
@@ -311,6 +314,8 @@ class MiniLLMRun:
         progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
                      f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}"
                      + (", student and teacher sharded (FSDP)" if rt.fsdp else ""))
+        if self.recomputed:
+            progress.log(f"gradient checkpointing: {self.recomputed} student blocks recompute their activations")
         for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp):
             progress.log(line)
         step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []

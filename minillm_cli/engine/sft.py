@@ -17,6 +17,8 @@ from minillm_cli.config import SFTConfig, prepare_out_dir, save_run_config
 from minillm_cli.data.tokenize import Encoded, collate_sft, encode_sft
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.losses import lm_loss
+from minillm_cli.engine.recompute import recompute_blocks
+from minillm_cli.engine.sampler import model_kwargs
 from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, run_entry, scaling_warnings,
                                         seed_everything)
 from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
@@ -30,7 +32,7 @@ def response_ce_sum(model, batch: dict, vocab_size: int, device) -> tuple[torch.
     ids = batch["input_ids"].to(device)
     att = batch["attention_mask"].to(device)
     mask = batch["loss_mask"].to(device)[:, 1:]
-    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=att, **model_kwargs(model, use_cache=False)).logits[:, :-1]
     # fused, chunked over positions: no float32 copy of the [B, T, V] logits (losses.vocab_terms)
     ce = lm_loss(logits, ids[:, 1:], mask, 1.0, vocab_size)
     return ce, int(mask.sum())
@@ -108,6 +110,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     model = load_model(cfg.model, tokenizer=tok, device=rt.device,
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                        lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
+    if cfg.model_opts.gradient_checkpointing:
+        progress.log(f"gradient checkpointing: {recompute_blocks(model)} blocks recompute their activations")
     if rt.fsdp:
         fsdp.shard(model, rt, trainable=True)
         progress.log(f"FSDP: model sharded over {rt.world_size} process(es)")

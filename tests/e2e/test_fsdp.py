@@ -178,3 +178,16 @@ def test_the_process_group_is_left_at_exit(mode, destroyed):
     assert ("destroyed" in lines) == destroyed, out.stdout
     if destroyed:
         assert out.stdout.index("end of script") < out.stdout.index("destroyed")  # at exit, not before
+
+
+def test_fsdp_with_gradient_checkpointing_equals_plain_one_process(tmp_path, tiny_dir, dolly_like):
+    """Checkpointed blocks under FSDP2: the recompute in the backward finds its weights gathered
+    (FSDP's hooks stay outside the checkpoint), and the student is the plain run's."""
+    args = distill_args(tiny_dir, dolly_like)
+    args[args.index("--steps") + 1] = 2
+    ref = tmp_path / "ref"
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", ref]])
+    assert res.exit_code == 0, res.output
+    two = tmp_path / "two"
+    run(torchrun(2, *args, "--fsdp", "--gradient-checkpointing", "--out", two), tmp_path / "two.log")
+    assert max_diff(ref, two) <= 1e-5
