@@ -111,7 +111,9 @@ class _VocabTerms(torch.autograd.Function):
                     g, _, q = _block_kl(lq, other[bs, ts], ctx.kind, V)
                     q = lq.exp_() if q is None else q
                     if ctx.kind == "reverse":  # d/dz KL(q||p) = q (log q - log p) - q KL
-                        g.addcmul_(q, kl[bs, ts, None], value=-1.0).mul_(gk)
+                        # rows without a gradient (padding) are zeroed, not inf * 0: there the
+                        # teacher may give a sampled token zero probability (KL = inf)
+                        g.addcmul_(q, kl[bs, ts, None], value=-1.0).mul_(gk).masked_fill_(gk == 0, 0.0)
                     else:  # d/dz KL(p||q) = q - p
                         g.neg_().add_(q).mul_(gk)
                     if gl is not None:
@@ -155,6 +157,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
     return vocab_terms(logits, vocab_size, targets=targets, chunk_size=chunk_size)[0]
 
 
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over mask of values (* detached weights). Selects rather than multiplies, so a
+    non-finite value at a padding position (e.g. an inf KL where the teacher gives a padding
+    token zero probability) never reaches the sum or the gradient."""
+    if weights is not None:
+        values = values * weights.detach().to(values.dtype)
+    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
+
+
 def _require_teacher(teacher_logits, what: str) -> None:
     if teacher_logits is None:  # vocab_terms would silently return a zero KL
         raise ValueError(f"{what} needs teacher logits")
@@ -166,7 +177,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, nor
 
     logits [B, T, V'], targets [B, T], mask [B, T] bool -> scalar."""
     lp = token_logprobs(logits, targets, vocab_size, chunk_size)
-    return -(lp * mask.to(lp.dtype)).sum() / normalizer
+    return -masked_sum(lp, mask) / normalizer
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -182,10 +193,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     _require_teacher(teacher_logits, "reverse_kl")
     kl = vocab_terms(student_logits, vocab_size, other=teacher_logits, kind="reverse",
                      chunk_size=chunk_size)[1]
-    coef = mask.to(kl.dtype)
-    if weights is not None:
-        coef = coef * weights.detach().to(kl.dtype)
-    return (kl * coef).sum() / normalizer
+    return masked_sum(kl, mask, weights) / normalizer
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -197,7 +205,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     _require_teacher(teacher_logits, "forward_kl")
     kl = vocab_terms(student_logits, vocab_size, other=teacher_logits, kind="forward",
                      chunk_size=chunk_size)[1]
-    return (kl * mask.to(kl.dtype)).sum() / normalizer
+    return masked_sum(kl, mask) / normalizer
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -211,8 +219,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
                            targets=targets if kd_ratio < 1.0 else None,
                            other=teacher_logits if kd_ratio > 0.0 else None, kind="forward",
                            chunk_size=chunk_size)  # one pass over the vocabulary for both terms
-    m = mask.to(logp.dtype)
-    return ((kd_ratio - 1.0) * logp + kd_ratio * kl).mul(m).sum() / normalizer
+    return masked_sum((kd_ratio - 1.0) * logp + kd_ratio * kl, mask) / normalizer
 
 
 def policy_gradient_loss(logp_new: torch.Tensor, logp_old: torch.Tensor,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from minillm_cli.engine.advantages import importance_weights, long_term_advantages, token_rewards
-from minillm_cli.engine.losses import DEFAULT_CHUNK, policy_gradient_loss, token_logprobs, vocab_terms
+from minillm_cli.engine.losses import DEFAULT_CHUNK, masked_sum, policy_gradient_loss, token_logprobs, vocab_terms
 from minillm_cli.engine.runtime import to_device
 from minillm_cli.engine.sampler import Rollout, model_kwargs, positions_from_mask
 from minillm_cli.errors import require
@@ -219,8 +219,7 @@ def minillm_terms(s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: 
                                         batch.pg_weights, mask, opts.clip_ratio, normalizer)
     if not opts.single_step:
         return pg, None, pg_stats
-    coef = mask.to(kl.dtype) * batch.ss_weights.detach().to(kl.dtype)
-    return pg, (kl * coef).sum() / normalizer, pg_stats
+    return pg, masked_sum(kl, mask, batch.ss_weights) / normalizer, pg_stats
 
 
 def minillm_loss(student, teacher, batch: RolloutBatch, opts: MiniLLMOptions, normalizer: float,

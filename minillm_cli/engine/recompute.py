@@ -4,7 +4,7 @@
 its forward again when the backward reaches it: the activation memory of the student's update
 step falls from all blocks' intermediates to one block's plus the residual stream at each block
 boundary, for about one more forward of compute. Wanted when the batch or the model no longer
-fits (e.g. a larger student, or `--micro-batch-size` raised for speed).
+fits (a larger student, longer sequences, or fewer `--grad-accum` micro-batches for speed).
 
 Why our own wrapper rather than transformers' `gradient_checkpointing_enable`: transformers
 checkpoints only in training mode, while the MiniLLM update keeps the student in eval mode
@@ -18,42 +18,53 @@ recompute would write it twice; the engine's training forwards pass it.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from minillm_cli.errors import InputError
+
+
+class _Recompute:
+    """A block's `forward` that runs its class's forward under checkpoint when gradients are on.
+    An object (not a closure) so that `copy.deepcopy` binds the copy to the copied block and
+    pickling works; it calls `type(block).forward`, which FSDP2's class swap keeps."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.block = block
+
+    def __call__(self, *args, **kwargs):
+        forward = type(self.block).forward
+        if torch.is_grad_enabled():
+            return checkpoint(forward, self.block, *args, use_reentrant=False, **kwargs)
+        return forward(self.block, *args, **kwargs)
+
 
 def _blocks(model) -> list[torch.nn.Module]:
-    """The model's decoder blocks: transformers' checkpointable layers (every decoder-only
-    architecture in transformers 5), else the modules of its longest ModuleList."""
+    """The model's decoder blocks: transformers' outermost checkpointable layers (every
+    decoder-only architecture in transformers 5), else the ModuleList holding the most parameters
+    (the rule FSDP sharding uses, `fsdp.blocks_of`; not the longest list, which in a
+    mixture-of-experts model would be one layer's experts)."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
-
-        found = [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
-        outer = [m for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
-        if outer:
-            return outer
     except ImportError:  # pragma: no cover - older transformers
-        pass
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+        GradientCheckpointingLayer = ()
+    found = [(n, m) for n, m in model.named_modules() if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)]
+    outer = [m for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+    if outer:
+        return outer
+    from minillm_cli.engine.fsdp import blocks_of
+
+    best = blocks_of(model)
+    return list(best) if best is not None else []
 
 
 def recompute_blocks(model) -> int:
-    """Checkpoint each decoder block of `model` in place; returns how many. Idempotent."""
+    """Checkpoint each decoder block of `model` in place; returns how many (idempotent). Raises
+    InputError when the model has no recognisable blocks, rather than silently saving nothing."""
     blocks = _blocks(model)
+    if not blocks:
+        raise InputError(f"--gradient-checkpointing: no transformer blocks found in a {type(model).__name__}")
     for block in blocks:
-        if getattr(block, "_minillm_recompute", False):
-            continue
-        plain = block.forward
-
-        @functools.wraps(plain)
-        def forward(*args, _plain=plain, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-            return _plain(*args, **kwargs)
-
-        block.forward = forward
-        block._minillm_recompute = True
+        if not isinstance(block.__dict__.get("forward"), _Recompute):
+            block.forward = _Recompute(block)
     return len(blocks)

@@ -180,14 +180,31 @@ def test_the_process_group_is_left_at_exit(mode, destroyed):
         assert out.stdout.index("end of script") < out.stdout.index("destroyed")  # at exit, not before
 
 
-def test_fsdp_with_gradient_checkpointing_equals_plain_one_process(tmp_path, tiny_dir, dolly_like):
-    """Checkpointed blocks under FSDP2: the recompute in the backward finds its weights gathered
-    (FSDP's hooks stay outside the checkpoint), and the student is the plain run's."""
+def test_fsdp_with_gradient_checkpointing_equals_plain_one_process(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    """Checkpointed blocks under FSDP2: the wrapper survives sharding (counted in-process, FSDP at
+    world size 1), the recompute in the backward finds its weights gathered (FSDP's hooks stay
+    outside the checkpoint), and 2 sharded processes give the plain run's student."""
+    import torch.distributed as dist
+
+    import minillm_cli.engine.recompute as recompute
+    from minillm_cli.engine import runtime
+
     args = distill_args(tiny_dir, dolly_like)
     args[args.index("--steps") + 1] = 2
     ref = tmp_path / "ref"
     res = runner.invoke(app, [str(a) for a in [*args, "--out", ref]])
     assert res.exit_code == 0, res.output
+    calls = []
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert not dist.is_initialized()
+    try:
+        one = tmp_path / "one"
+        res = runner.invoke(app, [str(a) for a in [*args, "--fsdp", "--gradient-checkpointing", "--out", one]])
+        assert res.exit_code == 0, res.output
+    finally:
+        runtime._leave_at_exit()  # what the exit hook runs
+    assert calls and max_diff(ref, one) <= 1e-5
     two = tmp_path / "two"
     run(torchrun(2, *args, "--fsdp", "--gradient-checkpointing", "--out", two), tmp_path / "two.log")
     assert max_diff(ref, two) <= 1e-5

@@ -323,3 +323,20 @@ def test_missing_teacher_logits_is_an_error_not_a_zero_kl():
         with pytest.raises(ValueError):
             fn()
     L.kd_loss(s, None, targets, mask, 1.0, V, kd_ratio=0.0)  # plain CE needs no teacher
+
+
+def test_padding_never_counts_even_when_not_finite():
+    """A teacher that gives a padding position's tokens zero probability (-inf logits) makes that
+    position's KL infinite: selected out, it changes neither the loss nor the gradient."""
+    s, t, targets, mask, w = _inputs(9)
+    bad = t.clone()
+    bad[~mask] = float("-inf")
+    bad[~mask, 0] = 0.0  # one token left possible: a valid, degenerate distribution
+    for fn in (lambda tt: L.reverse_kl(s, tt, mask, 2.0, V, weights=w), lambda tt: L.forward_kl(s, tt, mask, 2.0, V),
+               lambda tt: L.kd_loss(s, tt, targets, mask, 2.0, V, kd_ratio=0.5)):
+        want, = torch.autograd.grad(fn(t), [s])
+        got_loss = fn(bad)
+        got, = torch.autograd.grad(got_loss, [s])
+        assert torch.isfinite(got_loss)
+        torch.testing.assert_close(got[mask], want[mask], rtol=0, atol=1e-12)
+        assert torch.isfinite(got).all() and got[~mask].abs().max() == 0

@@ -104,3 +104,55 @@ def test_lora_student_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_copies_and_pickles_stay_bound_to_their_own_blocks():
+    import copy
+    import pickle
+
+    ids = torch.randint(0, 40, (1, 8))
+    model = _model("gpt2")
+    recompute_blocks(model)
+    want = model(input_ids=ids, use_cache=False).logits.detach()
+    twin = copy.deepcopy(model)
+    thawed = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        for p in model.transformer.h[0].parameters():
+            p.zero_()  # changes the original only
+    for other in (twin, thawed):
+        torch.testing.assert_close(other(input_ids=ids, use_cache=False).logits.detach(), want)
+        assert other.transformer.h[0].forward.block is other.transformer.h[0]
+    assert recompute_blocks(twin) == 3
+
+
+class _Expert(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(8))
+
+    def forward(self, x):
+        return x + sum(e(x) for e in self.experts)
+
+
+class _Moe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Expert() for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_without_transformers_layers_the_decoder_blocks_are_picked_not_the_experts():
+    from minillm_cli.errors import InputError
+
+    model = _Moe()
+    assert recompute_blocks(model) == 3
+    assert all("forward" in layer.__dict__ for layer in model.layers)
+    assert not any("forward" in e.__dict__ for layer in model.layers for e in layer.experts)
+    x = torch.randn(2, 4, requires_grad=True)
+    model(x).sum().backward()
+    with pytest.raises(InputError, match="no transformer blocks"):
+        recompute_blocks(torch.nn.Linear(3, 3))
