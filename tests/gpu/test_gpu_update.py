@@ -1,0 +1,89 @@
+"""GPU checks of the update step's pieces (skipped without CUDA): the fused vocabulary pass in
+bf16 against a float64 reference, its peak memory at the update step's shapes (measured by the
+caching allocator, which the CPU tests can only approximate), and no host synchronisation in the
+pieces of a micro-step that are ours (select, the loss pass, the step statistics)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from minillm_cli.engine import losses as L  # noqa: E402
+
+
+def _logits(B, T, V, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    leaf = (torch.randn(B, T + 1, V, device="cuda", generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    teacher = (torch.randn(B, T, V, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    targets = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    return leaf, teacher, targets
+
+
+def test_fused_pass_in_bf16_matches_float64():
+    leaf, teacher, targets = _logits(2, 40, 1000)
+    a = torch.randn(2, 40, device="cuda", dtype=torch.float64)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lp, kl = L.vocab_terms(leaf[:, :-1], 1000, targets=targets, other=teacher, chunk_size=16)
+    (a * (lp - kl)).sum().backward()
+    ref_leaf = leaf.detach().double().requires_grad_()
+    lp64, kl64 = L.vocab_terms(ref_leaf[:, :-1], 1000, targets=targets, other=teacher.double(), chunk_size=None)
+    (a * (lp64 - kl64)).sum().backward()
+    torch.testing.assert_close(lp.double(), lp64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl.double(), kl64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_peak_memory_is_the_gradient_plus_a_few_blocks():
+    """At 8 x 256 x 50,257 (the update step's response logits): beyond the inputs, the peak is
+    the logits' gradient (view and leaf) plus a handful of float32 blocks of 256 x V."""
+    B, T, V = 8, 256, 50257
+    leaf, teacher, targets = _logits(B, T, V)
+    w = torch.rand(B, T, device="cuda")
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    lp, kl = L.vocab_terms(leaf[:, :-1], V, targets=targets, other=teacher)
+    (L.masked_sum(lp, mask) + L.masked_sum(kl, mask, w)).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = 2 * leaf.numel() * leaf.element_size()
+    block = L.DEFAULT_CHUNK * V * 4
+    print(f"\nfused pass at {B}x{T}x{V} bf16: {extra / 2**30:.3f} GiB beyond the inputs "
+          f"(gradients {grads / 2**30:.3f} GiB, block {block / 2**20:.0f} MiB)")
+    assert extra <= grads + 6 * block
+
+
+def test_micro_step_pieces_never_synchronise():
+    from minillm_cli.engine.minillm import MiniLLMOptions, RolloutBatch, StatsSum, minillm_terms
+
+    B, P, T, V = 6, 5, 7, 50
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        mask[b, T - b:] = False
+    att = torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], 1)
+    att[0, :2] = 0
+    f = lambda: torch.randn(B, T, generator=g).cuda()  # noqa: E731
+    batch = RolloutBatch(input_ids=torch.randint(0, V, (B, P + T), generator=g).cuda(), attention_mask=att.cuda(),
+                         prompt_len=P, response_mask=mask.cuda(), old_logp=-f().abs(), teacher_logp=f(), rewards=f(),
+                         advantages=f(), pg_weights=f().abs(), ss_weights=f().abs(), w=f().abs())
+    batch.row_extents()  # the one read per buffer
+    s_leaf = torch.randn(3, T + 1, V, device="cuda", requires_grad=True)
+    t_logits = torch.randn(3, T, V, device="cuda")
+    acc = StatsSum(torch.device("cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        micro = batch.select([4, 0, 2])
+        s = s_leaf[:, -micro.response_mask.shape[1] - 1 : -1]
+        pg, ss, st = minillm_terms(s, t_logits[:, : micro.response_mask.shape[1]], micro, MiniLLMOptions(), 10.0, V)
+        (pg + ss).backward()
+        acc.add({**st, "single_step": ss.detach(), "pg": pg.detach(), "w_mean": ss.detach(), "w_max": ss.detach(),
+                 "reward_mean": ss.detach(), "rkl_seq": ss.detach()}, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    sums, _ = acc.read()
+    assert all(v == v for v in sums.values())
