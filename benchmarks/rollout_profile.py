@@ -15,6 +15,11 @@ the top kernels by device time, kernels per step, and device time per step. Vari
   efficient     SDPA forced to the memory-efficient kernel
   cudnn         SDPA forced to cuDNN attention
   bool_mask     a boolean mask (SDPA converts it in every layer)
+  fp32_student  the student as `distill` holds it: float32 master weights sampled under bf16
+                autocast (bf16 copies of its matmul weights cast once per call,
+                engine/sampling_weights.py)
+  per_step_casts  no such copies: autocast casts the float32 weights in every decode step (the
+                engine before them; use with fp32_student)
 Variants combine with "+" (e.g. gelu_new+efficient). The 2026-11-28 H200 run predates both
 defaults: its "base" was today's gelu_new+bool_mask, its "gelu_tanh" today's bool_mask, and its
 "float_mask" today's gelu_new.
@@ -23,9 +28,10 @@ Failures are reported and skipped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
-from _common import base_parser, build_pair, emit, machine, random_prompts, setup, sync
+from _common import base_parser, build_pair, emit, low_dtype, machine, random_prompts, setup, sync
 
 
 @contextlib.contextmanager
@@ -44,7 +50,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--alpha", type=float, default=0.2)
-    ap.add_argument("--variants", default="base,gelu_new,math_bf16,efficient,cudnn,bool_mask")
+    ap.add_argument("--variants", default="base,gelu_new,math_bf16,efficient,cudnn,bool_mask,fp32_student,"
+                                           "fp32_student+per_step_casts")
     ap.add_argument("--profile-steps", type=int, default=4)
     args = setup(ap.parse_args(), "rollout_profile")
     import torch
@@ -123,11 +130,17 @@ def main() -> int:
                 ctx.enter_context(sdpa_only("CUDNN_ATTENTION"))
             if "bool_mask" in parts:
                 ctx.enter_context(_patched(fs._StaticModel, "mask", lambda self, allow: allow))
+            if "per_step_casts" in parts:
+                ctx.enter_context(_patched(fs, "SAMPLING_WEIGHTS", False))
+            s_model = student
+            if "fp32_student" in parts:
+                s_model = copy.deepcopy(student).float()
+                ctx.enter_context(torch.autocast(args.device.type, dtype=low_dtype(args)))
             fs._CHECKED.clear()
 
             def run():
                 gens = [torch.Generator().manual_seed(b) for b in range(B)]
-                return sample(student, teacher, ids, mask, params=SamplingParams(T), alpha=args.alpha, eos_id=eos,
+                return sample(s_model, teacher, ids, mask, params=SamplingParams(T), alpha=args.alpha, eos_id=eos,
                               pad_id=eos, generators=gens, vocab_size=V, engine="graph")
             sync(args.device)
             t0 = time.perf_counter()

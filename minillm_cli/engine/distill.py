@@ -225,7 +225,7 @@ class MiniLLMRun:
         sums, w_max = step_stats.read()  # after all of the step's work is queued
         if pt_loss is not None:
             sums["pt_loss"] = pt_loss
-        total = {k: rt.sum_scalar(v) for k, v in sums.items()}
+        total = rt.sum_scalars(sums)  # one collective for every statistic
         row = {"single_step": total["single_step"], "pg": total["pg"],
                "clip_frac": total["clip_frac"] / max(n_tok, 1), "ratio_mean": total["ratio_mean"] / max(n_tok, 1),
                "w_mean": total["w_mean"] / max(n_tok, 1), "w_max": rt.max_scalar(w_max),

@@ -38,6 +38,7 @@ layers that keep a device `cumulative_length` (5.2x) are rewound in place, never
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 import weakref
@@ -49,9 +50,13 @@ from minillm_cli.engine.sampler import (
     Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, mix_and_sample, model_kwargs,
     positions_from_mask, sample as eager_sample)
 from minillm_cli.engine.fused import fused_activations
+from minillm_cli.engine.sampling_weights import sampling_weights
 from minillm_cli.errors import require
 
 ENGINES = ("auto", "eager", "static", "graph", "compile")
+# float32 weights under autocast are cast once per call into copies the decoder owns, not in
+# every step (engine/sampling_weights.py); a switch for benchmarks/rollout_profile.py
+SAMPLING_WEIGHTS = True
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
 
@@ -147,13 +152,24 @@ class _StaticModel:
         self.dtype = _param_dtype(model)
         # where attention runs: a teacher behind TeacherOnDevice runs on its own device, outside the
         # student device's autocast (its mask must then be in its weights' dtype)
-        self.mask_dtype = _autocast_dtype(_param_device(model)) or self.dtype
+        amp = _autocast_dtype(_param_device(model))
+        self.mask_dtype = amp or self.dtype
+        # float32 matmul weights cast once per call instead of in every step
+        self.weights = sampling_weights(model, amp) if SAMPLING_WEIGHTS else None
         try:
             self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
         except Exception as e:  # a model family without static-cache support
             raise _Unsupported(f"StaticCache: {e}") from e
         self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
         self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
+
+    def sampling_weights(self):
+        """Inside: the model reads low-precision copies of its float32 matmul weights, cast now
+        from the current masters (an optimizer step may have run since the last call)."""
+        if self.weights is None:
+            return contextlib.nullcontext()
+        self.weights.refresh()
+        return self.weights.installed()
 
     def mask(self, allow: torch.Tensor) -> torch.Tensor:
         """Additive, in the dtype attention runs in (autocast's, else the weights'): eager attention
@@ -228,14 +244,15 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
         key_valid = torch.cat([mask[:, :P].bool(), torch.ones(2, 16 - P, dtype=torch.bool,
                                                               device=device)], 1)
         pos = positions_from_mask(mask)
-        got = [sm.forward(ids[:, :P], _prefill_allow(key_valid, P), pos[:, :P],
-                          torch.arange(P, device=device)).float()]
-        ar = torch.arange(16, device=device)
-        for k in range(n_dec):
-            col = torch.tensor([P + k], device=device)
-            allow = (key_valid & (ar <= col))[:, None, None, :]
-            got.append(sm.forward(ids[:, P + k : P + k + 1], allow, pos[:, P + k : P + k + 1],
-                                  col).float())
+        with sm.sampling_weights():  # as fast_sample runs the model
+            got = [sm.forward(ids[:, :P], _prefill_allow(key_valid, P), pos[:, :P],
+                              torch.arange(P, device=device)).float()]
+            ar = torch.arange(16, device=device)
+            for k in range(n_dec):
+                col = torch.tensor([P + k], device=device)
+                allow = (key_valid & (ar <= col))[:, None, None, :]
+                got.append(sm.forward(ids[:, P + k : P + k + 1], allow, pos[:, P + k : P + k + 1],
+                                      col).float())
         got = torch.stack(got, 1)
         want = ref[:, P - 1 : P + n_dec]
         # the noise floor: how far the eager sampler's own cached decode is from the full forward
@@ -500,7 +517,11 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 reason = self_check(m, vocab_size, device, eos_id)
                 if reason is not None:
                     return _fallback(f"{name}: {reason}", states, **common)
-        key = (tuple((n, id(m)) for n, m in run.items()), B, P, T, L, alpha, astuple(params),
+        # a kept decoder (its captured graph, its weight copies) reads the parameters' storage:
+        # a model whose parameters were replaced since (load_state_dict(assign=True), .to())
+        # needs a new one
+        key = (tuple((n, id(m), tuple(p.data_ptr() for p in m.parameters())) for n, m in run.items()),
+               B, P, T, L, alpha, astuple(params),
                eos_id, pad_id, vocab_size, mode, str(device), _autocast_dtype(device))
         dec = _KEPT.get(key)
         fresh = dec is None
@@ -512,7 +533,10 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 return _fallback(str(e), states, **common)
             dec = _Decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
                            pad_id=pad_id, vocab_size=vocab_size, device=device)
-        with fused_activations(run.values()):  # gelu_new as one kernel (engine/fused.py)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(fused_activations(run.values()))  # gelu_new as one kernel (engine/fused.py)
+            for m in dec.models.values():  # low-precision copies of float32 weights (sampling_weights.py)
+                stack.enter_context(m.sampling_weights())
             dec.load(ids, pm, uniforms)
             if fresh and T > 1:
                 if mode == "compile":

@@ -48,6 +48,14 @@ class Runtime:
         self.all_reduce_sum(t)
         return float(t.item())
 
+    def sum_scalars(self, values: dict[str, float]) -> dict[str, float]:
+        """`sum_scalar` of every value in one collective (one host read instead of one each)."""
+        if not self.distributed:
+            return {k: float(v) for k, v in values.items()}
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.comm_device)
+        self.all_reduce_sum(t)
+        return dict(zip(values, t.tolist()))
+
     def max_scalar(self, x: float) -> float:
         if not self.distributed:
             return float(x)

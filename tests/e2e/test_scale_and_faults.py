@@ -125,6 +125,14 @@ def test_distill_two_processes_equal_one(tmp_path, tiny_dir, dolly_like, referen
     # Rank 0 alone writes: the same files as the 1-process run, each metrics row once.
     assert files(out) == files(reference)
     assert steps_logged(out) == list(range(1, STEPS + 1))
+    # The step statistics are summed over the processes (one collective) into the 1-process values.
+    rows = {}
+    for run in (reference, out):
+        rows[run] = [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    for one, two in zip(rows[reference], rows[out]):
+        for key in ("single_step", "pg", "clip_frac", "ratio_mean", "w_mean", "w_max", "reward_mean",
+                    "reverse_kl"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (one["step"], key)
 
 
 @pytest.fixture(scope="module")

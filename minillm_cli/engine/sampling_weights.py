@@ -1,0 +1,102 @@
+"""Low-precision copies of a float32 model's matmul weights, installed only while sampling.
+
+`distill` trains a float32 student under bf16/fp16 autocast. Autocast casts a float32 weight to
+bf16 every time a matmul reads it; the eager sampler keeps autocast's cache, but the fast
+sampler's decode step must not (a CUDA graph captured over that cache reads freed memory once the
+autocast region exits, see `fast_sampler._fresh_casts`), so every decode step cast the whole
+student again: per step it read 4 bytes and wrote 2 per matmul parameter before the matmuls read
+the 2-byte copy (gpt2: ~0.75 GB a step, ~50 extra kernels; a 7B student: ~42 GB a step, more
+than its own bf16 weights).
+
+Here the casts happen once per `fast_sample` call (`refresh`), into copies the decoder owns (a
+captured graph reads them in every replay; refreshing writes them in place). The copies are the
+values autocast would produce (the same rounding of the same float32 numbers), and autocast's own
+cast of a tensor that already has its dtype is a no-op, so the sampled tokens and log-probs are
+bitwise the same. Only modules whose forward hands their parameters to an autocast matmul op are
+covered -- `nn.Linear` (`linear`) and transformers' `Conv1D` (`addmm`); LayerNorm / RMSNorm
+weights and embeddings stay float32, because autocast keeps those ops in float32 (a bf16 copy
+would round them). A weight tied to an embedding (GPT-2's LM head) gets its own copy for the
+head while the embedding keeps reading the float32 master.
+
+Cost: 2 bytes per covered parameter while the decoder is kept (what autocast's cache holds in
+the eager sampler anyway)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+def _matmul_modules() -> tuple[type, ...]:
+    kinds: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds += (Conv1D,)
+    except ImportError:  # pragma: no cover - transformers always has it
+        pass
+    return kinds
+
+
+class SamplingWeights:
+    """`dtype` copies of `model`'s float32 matmul parameters. `refresh()` re-casts the current
+    master values into them in place; `installed()` makes the modules read the copies."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        if dtype not in LOW:
+            raise ValueError(f"sampling weights are a low-precision copy, got {dtype}")
+        kinds = _matmul_modules()
+        copies: dict[int, torch.Tensor] = {}  # one copy per master, also where it is shared
+        self.slots: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        for mod in model.modules():
+            if not isinstance(mod, kinds):
+                continue
+            for name in ("weight", "bias"):
+                p = mod._parameters.get(name)
+                if p is None or p.dtype != torch.float32:
+                    continue
+                if id(p) not in copies:
+                    copies[id(p)] = torch.empty_like(p, dtype=dtype, requires_grad=False)
+                self.slots.append((mod, name, p, copies[id(p)]))
+        unique: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for _, _, p, c in self.slots:
+            unique.setdefault(id(c), (p, c))
+        self._pairs = list(unique.values())
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for _, c in self._pairs)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Cast the masters' current values (after any optimizer step) into the copies."""
+        for p, c in self._pairs:
+            c.copy_(p)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The covered modules read the copies inside; the masters are back afterwards (also on
+        errors). Set in `_parameters` directly: the copies are plain tensors, not Parameters."""
+        done = []
+        try:
+            for mod, name, _, c in self.slots:
+                done.append((mod, name, mod._parameters[name]))  # put back what is there now
+                mod._parameters[name] = c
+            yield
+        finally:
+            for mod, name, p in reversed(done):
+                mod._parameters[name] = p
+
+
+def sampling_weights(model, dtype) -> SamplingWeights | None:
+    """Copies for `model` when it would be cast by autocast of `dtype` on every step (dtype is
+    autocast's on the model's device, or None when autocast is off); None when there is nothing
+    to copy."""
+    if dtype not in LOW:
+        return None
+    w = SamplingWeights(model, dtype)
+    return w if len(w) else None
