@@ -4,8 +4,9 @@
 #          graph), the experimental compile engine at batch 64 on its own (its compile time is
 #          unknown at these shapes), the vocabulary-wide loss on its own, the train step, the GPU
 #          tests (62 s on the H200 in run 2);
-#   part 2 (6.5 min): one MiniLLM iteration at the paper's settings, the CLI on the GPU
-#          (benchmarks/gpu_cli_check.sh).
+#   part 2 (7.5 min): one MiniLLM iteration at the paper's settings, the CLI on the GPU
+#          (benchmarks/gpu_cli_check.sh), a float32 student's rollouts with and without the
+#          sampler's bf16 weight copies (rollout_profile.py).
 # JSON lines and a log go to $OUT (or ./gpu-results/).
 #   bash benchmarks/gpu_check.sh [1|2|all]   (from the repository root; runs from a checkout:
 #                                            PYTHONPATH is set, no install needed; default all)
@@ -23,6 +24,7 @@ fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   run 240 "$PY" benchmarks/iteration.py
   run 150 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
+  run 60  "$PY" benchmarks/rollout_profile.py --variants base,fp32_student,fp32_student+per_step_casts
 fi
 fallbacks
 log done
