@@ -142,3 +142,35 @@ def test_graph_under_autocast_across_regions_matches_eager():
         assert torch.isfinite(got.mix_logp).all() and torch.isfinite(got.student_logp).all()
         same = (ref.response_ids == got.response_ids).all(1).float().mean().item()
         assert same >= 0.5, same  # bf16 rounding may flip a token now and then; garbage flips all
+
+
+def test_graph_weight_copies_are_the_per_step_casts_and_follow_updates(monkeypatch):
+    """A float32 student under bf16 autocast samples through bf16 copies of its matmul weights
+    (engine/sampling_weights.py) captured in the graph: the same tokens and log-probs as casting
+    in every step, and a kept graph replays the weights of a later (in-place) optimizer step."""
+    V = 50
+    student = _gpt2(7, V, torch.float32, n_layer=2, n_embd=64, n_head=2)
+    teacher = _gpt2(8, V, torch.bfloat16, n_layer=2, n_embd=128, n_head=4)
+
+    def run(seed0):
+        with torch.autocast("cuda", dtype=torch.bfloat16), warnings.catch_warnings():
+            _fail_on_fallback()
+            return sample(student, teacher, engine="graph", **_args(16, 12, V, T=16, alpha=0.2, seed0=seed0))
+
+    outs = {}
+    for copies in (True, False):
+        monkeypatch.setattr(fast_sampler, "SAMPLING_WEIGHTS", copies)
+        fast_sampler.release()
+        first = run(0)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(-1.0)  # an "optimizer step" between two calls of the kept graph
+        outs[copies] = (first, run(1))
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(-1.0)
+    fast_sampler.release()
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.equal(a.response_ids, b.response_ids)
+        torch.testing.assert_close(a.mix_logp, b.mix_logp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.student_logp, b.student_logp, rtol=0, atol=1e-5)
