@@ -105,9 +105,16 @@ def build_gpt2(shape: dict, vocab: int, device, dtype, seed: int, n_positions: i
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
-    with torch.device(device):
-        model = GPT2LMHeadModel(cfg)
-    return model.to(dtype).eval()
+    # initialised in `dtype` on the device (no float32 copy first; works over fake tensors too,
+    # where .to(dtype) cannot swap the tied embedding)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = GPT2LMHeadModel(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
 def build_pair(args, *, student_dtype=None, teacher_dtype=None):

@@ -1,0 +1,32 @@
+"""benchmarks/train_step.py --estimate-memory: the CPU-side memory estimate of the update step
+(fake tensors, torch's MemTracker; private torch API, so a torch upgrade could break it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_update_step_memory_estimate(tmp_path):
+    out = tmp_path / "est.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--estimate-memory", "--tiny",
+                          "--batch", "4", "--prompt-len", "64", "--response-len", "64",
+                          "--variants", "naive,ours+cached,ours+cached+ckpt", "--json-out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines()) if r["kind"] == "memory_estimate"}
+    assert set(rows) == {"naive", "ours+cached", "ours+cached+ckpt"}
+    naive, ours, ckpt = rows["naive"], rows["ours+cached"], rows["ours+cached+ckpt"]
+    # AdamW's two moments in the student's dtype: float32 (ours) vs bf16 (naive), and the weights
+    assert ours["optimizer_gib"] == pytest.approx(2 * naive["optimizer_gib"], rel=0.01)
+    assert naive["optimizer_gib"] > 0
+    assert ours["parameters_gib"] > naive["parameters_gib"] > 0
+    # checkpointing keeps only the blocks' inputs; every variant's peak holds its weights and state
+    assert 0 < ckpt["activations_gib"] < ours["activations_gib"]
+    for r in rows.values():
+        assert r["peak_gib"] >= r["parameters_gib"] + r["optimizer_gib"] + r["activations_gib"] - 1e-9
