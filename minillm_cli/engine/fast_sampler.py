@@ -538,7 +538,9 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             for m in dec.models.values():  # low-precision copies of float32 weights (sampling_weights.py)
                 stack.enter_context(m.sampling_weights())
             dec.load(ids, pm, uniforms)
-            if fresh and T > 1:
+            # capture's two warm-up steps write token columns 1 and 2: with T = 2 (one decode step)
+            # the second is out of range, a device-side assert on CUDA; that one step runs eagerly
+            if fresh and T > 2:
                 if mode == "compile":
                     dec.compile()
                 if captured:

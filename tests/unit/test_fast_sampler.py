@@ -359,3 +359,30 @@ def _recording(forward, seen):
         seen.append((ids.shape[1], torch.compiler.is_compiling()))
         return forward(self, ids, *args)
     return wrapped
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_capture_warm_up_stays_inside_the_buffers(models, monkeypatch, T):
+    """A captured engine's warm-up steps (what `capture` runs before recording, here on the CPU)
+    must stay inside the [B, T] buffers: with T = 2 the second warm-up step indexed column 2 (a
+    device-side assert on CUDA). Short rollouts decode without a graph instead."""
+    student, teacher = models
+    captured = []
+
+    def capture(self):  # capture's warm-up, without CUDA: two steps, undone
+        snap = self._snapshot()
+        try:
+            for _ in range(2):
+                self.step()
+        finally:
+            self._restore(snap)
+        captured.append(1)
+
+    monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "graph")
+    monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "capture failed", no fallback
+        got = fast_sample(student, teacher, engine="graph", keep=False, check_every=1,
+                          **_args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=T))
+    assert len(captured) == (T > 2)
+    _assert_same(sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=T)), got)
