@@ -34,15 +34,21 @@ for _module, _name in COMMANDS:
     app.command(name=_name, help=_mod.__doc__, no_args_is_help=_name not in RUNS_BARE)(_mod.command)
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from minillm_cli import __version__
 
         typer.echo(__version__)
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    # eager, with its own callback: runs while parsing, before Click asks for a command
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    pass
 
 
 def main() -> None:

@@ -34,6 +34,15 @@ def test_help_is_fast_and_lists_commands():
     assert probe.stdout.split() == ["False", "False"]
 
 
+def test_version():
+    from minillm_cli import __version__
+
+    for args in (["--version"], ["--version", "sft"]):
+        res = invoke(*args)
+        assert res.exit_code == 0, res.output
+        assert res.output.strip() == __version__
+
+
 def test_every_command_help():
     from minillm_cli.cli.app import COMMANDS
 
