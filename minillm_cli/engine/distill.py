@@ -348,8 +348,9 @@ class MiniLLMRun:
                 t_up = time.perf_counter()
                 row = self.update(buffer, plan[plan_pos], step)
                 plan_pos += 1
+                lr = self.opt.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on)
                 row["grad_norm"] = self.step_optimizer(step)
-                row.update(step=step, iteration=iteration, lr=self.sched.get_last_lr()[0],
+                row.update(step=step, iteration=iteration, lr=lr,
                            update_tokens_per_s=row.pop("update_tokens") / max(time.perf_counter() - t_up, 1e-9),
                            **roll_stats)
                 roll_stats = {}

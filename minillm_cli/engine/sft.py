@@ -174,9 +174,10 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                 rt.reduce_gradients([p for p in model.parameters() if p.requires_grad])
             loss = rt.sum_scalar(loss_sum) / normalizer
             check_finite(loss, step=step, term="training loss")
+            lr = opt.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on in clip_and_step)
             gnorm = clip_and_step(model, opt, sched, cfg.optim.max_grad_norm, step=step)
             tokens_seen += sum(len(train[i].input_ids) for i in idx)
-            row = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
             if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == steps:
                 row["valid_loss"] = evaluate_and_keep_best(step)

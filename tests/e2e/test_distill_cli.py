@@ -36,6 +36,8 @@ def test_each_method_runs_and_saves_a_loadable_student(tmp_path, tiny_dir, dolly
     AutoTokenizer.from_pretrained(str(out))
     r = rows(out)
     assert [x["step"] for x in r] == [1, 2]
+    # the rate each step trained with: warm-up 1 step of 2 (lr / 2), then the peak
+    assert [x["lr"] for x in r] == pytest.approx([5e-4, 1e-3])
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["config"]["method"] == method
     if method == "minillm":

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
@@ -66,6 +68,8 @@ def test_sft_end_to_end(tmp_path, tiny_dir, dolly_like):
     assert tok.pad_token_id != tok.eos_token_id
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
+    # the rate each step trained with (cosine from the peak, no warm-up)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)])
     assert rows[2]["valid_loss"] is not None and rows[5]["valid_loss"] is not None
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["command"] == "sft" and "torch" in cfg["versions"] and cfg["config"]["optim"]["lr"] == 1e-3
