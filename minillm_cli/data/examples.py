@@ -116,8 +116,9 @@ def _layout_hint() -> str:
 # ---------------------------------------------------------------------------------------------
 # Readers: yield (where, record) so that errors can say file and line.
 # ---------------------------------------------------------------------------------------------
+# utf-8-sig: a byte-order mark (Windows / spreadsheet exports) is skipped, plain UTF-8 read as is
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -131,9 +132,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
+    text = path.read_text(encoding="utf-8-sig")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            # one object per line under a .json name (what `datasets.Dataset.to_json` writes)
+            yield from _read_jsonl(path)
+            return
         raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(obj, dict):
         for key in ("data", "examples", "rows", "train"):
@@ -151,7 +157,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
         for i, rec in enumerate(csv.DictReader(fh), 2):
             yield f"{path}:{i}", rec
 

@@ -119,7 +119,7 @@ class Source:
 
     def _txt_jobs(self, path: Path) -> Iterator[tuple]:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except OSError as e:

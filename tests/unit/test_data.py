@@ -53,6 +53,28 @@ def test_json_csv_parquet(tmp_path):
         assert ex[2].references == ["R2"]
 
 
+def test_byte_order_mark_and_json_lines_named_json(tmp_path):
+    """Exports users bring: a UTF-8 byte-order mark (Windows, spreadsheets) in .jsonl/.json/.csv,
+    and one object per line under a .json name (`datasets.Dataset.to_json`'s default)."""
+    rows = [{"instruction": f"I{i} é", "context": "", "response": f"R{i}"} for i in range(3)]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
+    (tmp_path / "bom.json").write_text("\ufeff" + json.dumps(rows), encoding="utf-8")
+    (tmp_path / "bom.csv").write_text("\ufeffinstruction,context,response\n" +
+                                      "".join(f"I{i} é,,R{i}\n" for i in range(3)), encoding="utf-8")
+    (tmp_path / "lines.json").write_text(lines, encoding="utf-8")
+    for name in ("bom.jsonl", "bom.json", "bom.csv", "lines.json"):
+        ex = load_examples(str(tmp_path / name))
+        assert [e.instruction for e in ex] == ["I0 é", "I1 é", "I2 é"], name
+        assert ex[2].references == ["R2"], name
+    (tmp_path / "broken.json").write_text(lines + "{oops\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"broken\.json:4: malformed JSON line"):
+        load_examples(str(tmp_path / "broken.json"))
+    (tmp_path / "bad.json").write_text('[{"instruction": "a"}] [1]', encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad\.json:1: malformed JSON \(Extra data"):
+        load_examples(str(tmp_path / "bad.json"))
+
+
 def test_field_overrides(tmp_path):
     p = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q", "answer_text": "A", "ctx": "C"}])
     ex = load_examples(str(p), prompt_field="question", response_field="answer_text", input_field="ctx")

@@ -157,6 +157,19 @@ def test_txt_blank_line_documents_and_parquet(tmp_path, tok):
     assert np.array_equal(ids, expected[: len(ids)])
 
 
+def test_byte_order_marks_are_not_text(tmp_path, tok):
+    """A UTF-8 byte-order mark opening a .jsonl (json refuses it) or a .txt (it would become the
+    first document's first token) is skipped."""
+    a, b = docs(5, 10, "A"), docs(5, 11, "B")
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in a).encode())
+    (tmp_path / "b.txt").write_text("\ufeff" + b[0], encoding="utf-8")
+    build_mixture(cfg(tmp_path, [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], tok))
+    for source, texts in ((0, a), (1, b[:1])):
+        expected = np.concatenate([tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts])
+        ids = stream_of(tmp_path / "pt", source)
+        assert np.array_equal(ids, expected[: len(ids)]) and len(ids) > 0
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"no such file or folder"),
