@@ -149,6 +149,58 @@ def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None
     tmp.replace(out / "run_config.json")
 
 
+# What a resumed run may change: how long it runs, what it prints, evaluates and saves, where and
+# how fast it runs (the sampler engines draw the same distribution; cached teacher logits and
+# checkpointed blocks give the same numbers). Anything else would continue the checkpoint as a
+# different run than the one run_config.json describes.
+RESUMABLE = frozenset({
+    "steps", "epochs", "run.out", "run.resume", "run.overwrite", "run.quiet", "run.json", "run.eval_every",
+    "run.save_every", "run.log_every", "run.device", "eval_prompts", "sampler", "cache_teacher_logits",
+    "teacher_device", "model_opts.gradient_checkpointing",
+})
+_PATHS = frozenset({"model", "teacher", "student", "data.data", "data.valid_data", "pt_data", "teacher_peft"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same_path(a, b) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_resume(cfg: Any, out: Path, command: str) -> None:
+    """Refuse --resume when the settings differ from those the run in OUT was started with
+    (its run_config.json), except the RESUMABLE ones: the checkpoint's optimizer, scheduler and
+    buffers would otherwise continue under settings the record does not show."""
+    path = Path(out) / "run_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no record to compare with (the checkpoint loader says what is missing)
+    if saved.get("command") != command:
+        raise InputError(f"--resume: {out} holds a {saved.get('command')!r} run, this is {command!r} "
+                         f"(--method differs?); start a new --out")
+    old = _flat(saved.get("config") or {})
+    new = _flat(json.loads(json.dumps(to_dict(cfg), default=str)))
+    changed = [k for k in sorted(new) if k in old and k not in RESUMABLE and old[k] != new[k]
+               and not (k in _PATHS and _same_path(old[k], new[k]))]
+    if changed:
+        what = ", ".join(f"--{k.split('.')[-1].replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise InputError(f"--resume: {out} was started with other settings ({what}); resume with the same ones "
+                         f"(--steps/--epochs, logging, evaluation, saving, device and speed options may change) "
+                         f"or start a new --out")
+
+
 def prepare_out_dir(out: str, *, overwrite: bool, resume: bool) -> Path:
     """Refuse a non-empty --out unless --overwrite (we then clear only what a run writes) or
     --resume. Nothing else the user gave is touched."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from minillm_cli.config import DistillConfig, prepare_out_dir, save_run_config
+from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import MiniLLMOptions, StatsSum, minillm_loss, score_rollouts
 from minillm_cli.engine.recompute import recompute_blocks
@@ -308,6 +308,8 @@ class MiniLLMRun:
         cfg = self.cfg  # (FSDP support was checked by run_distill)
         rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
         out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
+        if cfg.run.resume and rt.is_main:
+            check_resume(cfg, out, "distill")
         rt.barrier()
         self.setup(rt)
         progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
@@ -325,6 +327,9 @@ class MiniLLMRun:
                 raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
             state = ckpt.load_checkpoint(last, model=self.student, optimizer=self.opt, scheduler=self.sched)
             step, extra = state["step"], state["extra"]
+            if step > self.steps:
+                raise InputError(f"--resume: the run in {out} is at step {step} already, past the {self.steps} steps "
+                                 f"asked for; give more --steps (or --epochs)")
             iteration, plan_pos = extra["iteration"], extra["plan_pos"]
             if extra.get("buffer") is not None:
                 buffer = from_state(extra["buffer"], rt.device)

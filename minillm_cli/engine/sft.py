@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minillm_cli.config import SFTConfig, prepare_out_dir, save_run_config
+from minillm_cli.config import SFTConfig, check_resume, prepare_out_dir, save_run_config
 from minillm_cli.data.tokenize import Encoded, collate_sft, encode_sft
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.losses import lm_loss
@@ -79,6 +79,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
     seed_everything(cfg.run.seed)
     out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
+    if cfg.run.resume and rt.is_main:
+        check_resume(record or cfg, out, command)
     rt.barrier()
     progress = Progress(command, quiet=cfg.run.quiet, is_main=rt.is_main)
 
@@ -129,6 +131,9 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
         state = ckpt.load_checkpoint(last, model=model, optimizer=opt, scheduler=sched)
         start, best = state["step"], state["extra"].get("best", best)
+        if start > steps:
+            raise InputError(f"--resume: the run in {out} is at step {start} already, past the {steps} steps asked "
+                             f"for; give more --steps (or --epochs)")
         if rt.is_main:
             ckpt.truncate_metrics(out / "metrics.jsonl", start)
         progress.log(f"resumed from {last.name}")

@@ -64,6 +64,41 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_dir, dolly_li
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
 
 
+def test_resume_refuses_other_settings_and_a_finished_count(tmp_path, tiny_dir, dolly_like):
+    """--resume continues the run run_config.json describes: another learning rate, method or
+    rollout setting is refused (exit 2, naming each), nothing is rewritten; the step count, the
+    sampler engine, the teacher-logit cache, evaluation and logging may change; asking for fewer
+    steps than the checkpoint has is an error, not a silent no-op."""
+    args = [*common(tiny_dir, dolly_like), "--save-every", 1, "--eval-prompts", 0]
+    out = tmp_path / "run"
+    assert invoke("distill", *args, "--out", out, "--steps", 2).exit_code == 0
+    before = (out / "run_config.json").read_text()
+    for extra, needles in ((["--lr", 5e-3], ["--lr 0.001 -> 0.005"]),
+                           (["--num-rollouts", 6, "--teacher-mix-alpha", 0.5],
+                            ["--num-rollouts 4 -> 6", "--teacher-mix-alpha 0.2 -> 0.5"]),
+                           (["--method", "kd"], ["'distill' run, this is 'distill-kd'"])):
+        res = invoke("distill", *args, *extra, "--out", out, "--steps", 3, "--resume")
+        assert res.exit_code == 2, (extra, res.output)
+        assert all(n in res.output for n in needles), res.output
+        assert (out / "run_config.json").read_text() == before and len(rows(out)) == 2
+    res = invoke("distill", *args, "--out", out, "--steps", 1, "--resume")
+    assert res.exit_code == 2 and "at step 2 already" in res.output, res.output
+    res = invoke("distill", *args, "--out", out, "--steps", 3, "--resume", "--sampler", "static",
+                 "--cache-teacher-logits", "--eval-every", 5)
+    assert res.exit_code == 0, res.output
+    assert [x["step"] for x in rows(out)] == [1, 2, 3]
+    assert json.loads((out / "run_config.json").read_text())["config"]["sampler"] == "static"
+
+
+def test_sft_resume_refuses_another_batch_size(tmp_path, tiny_dir, dolly_like):
+    base = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--lr", 1e-3, "--quiet", "--device", "cpu",
+            "--save-every", 1, "--out", tmp_path / "s"]
+    assert invoke(*base, "--steps", 2, "--batch-size", 4).exit_code == 0
+    res = invoke(*base, "--steps", 3, "--batch-size", 2, "--resume")
+    assert res.exit_code == 2 and "--batch-size 4 -> 2" in res.output, res.output
+    assert invoke(*base, "--steps", 3, "--batch-size", 4, "--resume").exit_code == 0
+
+
 def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     base = [*common(tiny_dir, dolly_like), "--steps", 1, "--eval-prompts", 0]
     outs = {}
