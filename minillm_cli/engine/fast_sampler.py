@@ -154,8 +154,10 @@ class _StaticModel:
         # student device's autocast (its mask must then be in its weights' dtype)
         amp = _autocast_dtype(_param_device(model))
         self.mask_dtype = amp or self.dtype
-        # float32 matmul weights cast once per call instead of in every step
+        # float32 matmul weights cast once per call instead of in every step, where that is exact
         self.weights = sampling_weights(model, amp) if SAMPLING_WEIGHTS else None
+        if self.weights is not None and not _copies_exact(model, self.weights, vocab_size, device):
+            self.weights = None
         try:
             self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
         except Exception as e:  # a model family without static-cache support
@@ -216,6 +218,32 @@ def _prefill_allow(key_valid: torch.Tensor, P: int) -> torch.Tensor:
 
 
 # -- self-check: the static path reproduces a full forward on this transformers version ------
+
+_COPIES_EXACT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _copies_exact(model, weights, vocab_size: int, device) -> bool:
+    """Whether `model` gives bit for bit the same logits reading the low-precision copies as
+    reading its float32 masters under this autocast (code around a covered module may read the
+    weight's dtype: peft's DoRA does). Once per model, autocast dtype and device."""
+    key = (_autocast_dtype(_param_device(model)), str(device))
+    done = _COPIES_EXACT.setdefault(model, {})
+    if key not in done:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, vocab_size, (2, 8), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                  **model_kwargs(model, use_cache=False))
+        with _fresh_casts(device):  # as the decode step runs
+            ref = model(**kw).logits
+            weights.refresh()
+            with weights.installed():
+                got = model(**kw).logits
+        done[key] = torch.equal(ref, got)
+    return done[key]
+
 
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

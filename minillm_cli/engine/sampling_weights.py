@@ -1,25 +1,31 @@
 """Low-precision copies of a float32 model's matmul weights, installed only while sampling.
 
 `distill` trains a float32 student under bf16/fp16 autocast. Autocast casts a float32 weight to
-bf16 every time a matmul reads it; the eager sampler keeps autocast's cache, but the fast
-sampler's decode step must not (a CUDA graph captured over that cache reads freed memory once the
-autocast region exits, see `fast_sampler._fresh_casts`), so every decode step cast the whole
-student again: per step it read 4 bytes and wrote 2 per matmul parameter before the matmuls read
-the 2-byte copy (gpt2: ~0.75 GB a step, ~50 extra kernels; a 7B student: ~42 GB a step, more
-than its own bf16 weights).
+bf16 every time a matmul reads it (it caches the cast only for trainable leaf tensors, within one
+autocast region). The fast sampler's decode step must not use that cache (a CUDA graph captured
+over it reads freed memory once the autocast region exits, see `fast_sampler._fresh_casts`), so
+every decode step cast the whole model again: per matmul parameter it read 4 bytes and wrote 2
+before the matmul read the copy (gpt2: ~0.75 GB and ~100 small kernels a step, one per weight and
+bias; a 7B student: ~42 GB a step, more than its own bf16 weights).
 
 Here the casts happen once per `fast_sample` call (`refresh`), into copies the decoder owns (a
 captured graph reads them in every replay; refreshing writes them in place). The copies are the
 values autocast would produce (the same rounding of the same float32 numbers), and autocast's own
-cast of a tensor that already has its dtype is a no-op, so the sampled tokens and log-probs are
-bitwise the same. Only modules whose forward hands their parameters to an autocast matmul op are
-covered -- `nn.Linear` (`linear`) and transformers' `Conv1D` (`addmm`); LayerNorm / RMSNorm
-weights and embeddings stay float32, because autocast keeps those ops in float32 (a bf16 copy
-would round them). A weight tied to an embedding (GPT-2's LM head) gets its own copy for the
-head while the embedding keeps reading the float32 master.
+cast of a tensor that already has its dtype is a no-op, so for the covered modules the sampled
+tokens and log-probs are bitwise the same. Covered: modules whose forward is exactly
+`nn.Linear.forward` (`linear`) or transformers' `Conv1D.forward` (`addmm`), so autocast casts
+their weight and bias together; a subclass with its own forward (Falcon's `FalconLinear` adds its
+bias outside the matmul, in float32) is not. LayerNorm / RMSNorm weights and embeddings stay
+float32, because autocast keeps those ops in float32 (a bf16 copy would round them). A weight tied
+to an embedding (GPT-2's LM head) gets its own copy for the head while the embedding keeps reading
+the float32 master. Code around a covered module may still read its weight's dtype (peft's DoRA
+does), so `fast_sampler` checks each model once: a forward with the copies must equal one without,
+bit for bit, or the model samples without copies.
 
-Cost: 2 bytes per covered parameter while the decoder is kept (what autocast's cache holds in
-the eager sampler anyway)."""
+Cost: 2 bytes per covered parameter while the decoder is kept (until `fast_sampler.release()`,
+which `distill` calls before its updates). For trainable weights the eager sampler's autocast cache
+holds the same; for frozen float32 weights (a LoRA student's base, a float32 teacher) it is new
+memory: autocast casts those afresh at every use and keeps nothing."""
 from __future__ import annotations
 
 import contextlib
@@ -29,15 +35,16 @@ import torch
 LOW = (torch.bfloat16, torch.float16)
 
 
-def _matmul_modules() -> tuple[type, ...]:
-    kinds: tuple[type, ...] = (torch.nn.Linear,)
+def _matmul_forwards() -> tuple:
+    """The forwards that hand weight and bias to one autocast matmul op (linear / addmm)."""
+    forwards: tuple = (torch.nn.Linear.forward,)
     try:
         from transformers.pytorch_utils import Conv1D
 
-        kinds += (Conv1D,)
+        forwards += (Conv1D.forward,)
     except ImportError:  # pragma: no cover - transformers always has it
         pass
-    return kinds
+    return forwards
 
 
 class SamplingWeights:
@@ -47,11 +54,11 @@ class SamplingWeights:
     def __init__(self, model, dtype: torch.dtype):
         if dtype not in LOW:
             raise ValueError(f"sampling weights are a low-precision copy, got {dtype}")
-        kinds = _matmul_modules()
+        forwards = _matmul_forwards()
         copies: dict[int, torch.Tensor] = {}  # one copy per master, also where it is shared
         self.slots: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
         for mod in model.modules():
-            if not isinstance(mod, kinds):
+            if type(mod).forward not in forwards:  # (a subclass with its own forward: not covered)
                 continue
             for name in ("weight", "bias"):
                 p = mod._parameters.get(name)

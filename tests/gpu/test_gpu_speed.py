@@ -162,6 +162,8 @@ def test_graph_weight_copies_are_the_per_step_casts_and_follow_updates(monkeypat
         monkeypatch.setattr(fast_sampler, "SAMPLING_WEIGHTS", copies)
         fast_sampler.release()
         first = run(0)
+        (dec,) = fast_sampler._KEPT.values()
+        assert (dec.models["student"].weights is not None) == copies  # (the exactness check passed on CUDA)
         with torch.no_grad():
             for p in student.parameters():
                 p.mul_(-1.0)  # an "optimizer step" between two calls of the kept graph
@@ -170,7 +172,6 @@ def test_graph_weight_copies_are_the_per_step_casts_and_follow_updates(monkeypat
             for p in student.parameters():
                 p.mul_(-1.0)
     fast_sampler.release()
-    for a, b in zip(outs[True], outs[False]):
+    for a, b in zip(outs[True], outs[False]):  # bitwise: the same kernels on the same bf16 values
         assert torch.equal(a.response_ids, b.response_ids)
-        torch.testing.assert_close(a.mix_logp, b.mix_logp, rtol=0, atol=1e-5)
-        torch.testing.assert_close(a.student_logp, b.student_logp, rtol=0, atol=1e-5)
+        assert torch.equal(a.mix_logp, b.mix_logp) and torch.equal(a.student_logp, b.student_logp)

@@ -49,16 +49,54 @@ def _lora(seed):
     return model.eval()
 
 
+def _falcon_with_biases(seed):
+    """FalconLinear subclasses nn.Linear with its own forward: matmul, then `+ bias` outside
+    autocast (float32 with the master bias, bf16 with a copy): must not be covered."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = FalconConfig(vocab_size=V + 1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, bias=True,
+                       new_decoder_architecture=False, multi_query=False, alibi=False, parallel_attn=True,
+                       initializer_range=0.4, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
+    cfg._attn_implementation = "sdpa"
+    model = FalconForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 1)
+    return model
+
+
+def _dora(seed):
+    """peft's DoRA casts the layer input to lora_A's weight dtype and takes the weight norm
+    outside autocast: covered modules, but a copy changes the numbers; the check drops them."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(gpt2_numbers(seed, vocab=V, pad=PAD, eos=EOS, n_layer=2),
+                           LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["c_attn", "c_fc"],
+                                      fan_in_fan_out=True, use_dora=True))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    return model.eval()
+
+
 STUDENTS = {
     "gpt2": lambda: gpt2_numbers(1, vocab=V, pad=PAD, eos=EOS, n_layer=2),
     "llama": lambda: _llama(3),
     "gpt2-lora": lambda: _lora(4),
+    "falcon-biases": lambda: _falcon_with_biases(5),
+    "gpt2-dora": lambda: _dora(6),
 }
+# whether the student samples through copies (the DoRA model fails the exactness check)
+USES_COPIES = {"gpt2": True, "llama": True, "gpt2-lora": True, "falcon-biases": True, "gpt2-dora": False}
 
 
-def _sample(student, teacher, seeds=(1, 2, 3, 4), **kw):
+def _sample(student, teacher, seeds=(1, 2, 3, 4), dtype=torch.bfloat16, **kw):
     ids, mask = left_pad(PROMPTS, PAD)
-    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+    with torch.autocast("cpu", dtype=dtype), warnings.catch_warnings():
         warnings.filterwarnings("error", message="fast sampler unavailable")  # the static path ran
         return fast_sample(student, teacher, prompt_ids=ids, prompt_mask=mask, params=SamplingParams(10),
                            alpha=0.3, eos_id=EOS, pad_id=PAD,
@@ -73,12 +111,17 @@ def _bitwise(a, b):
     assert torch.equal(a.student_logp, b.student_logp)
 
 
-@pytest.mark.parametrize("kind", sorted(STUDENTS))
-def test_rollouts_are_bitwise_those_of_per_step_casts(kind, monkeypatch):
+@pytest.mark.parametrize("kind,dtype", [(k, torch.bfloat16) for k in sorted(STUDENTS)]
+                         + [("gpt2", torch.float16), ("llama", torch.float16)])
+def test_rollouts_are_bitwise_those_of_per_step_casts(kind, dtype, monkeypatch):
     student, teacher = STUDENTS[kind](), gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
-    with_copies = _sample(student, teacher, keep=False)
+    with_copies = _sample(student, teacher, dtype=dtype, keep=True)
+    (dec,) = fast_sampler._KEPT.values()
+    assert (dec.models["student"].weights is not None) == USES_COPIES[kind]
+    assert dec.models["teacher"].weights is not None  # (a float32 teacher here)
+    fast_sampler.release()
     monkeypatch.setattr(fast_sampler, "SAMPLING_WEIGHTS", False)
-    per_step = _sample(student, teacher, keep=False)
+    per_step = _sample(student, teacher, dtype=dtype, keep=False)
     _bitwise(with_copies, per_step)
     assert with_copies.response_ids.shape[1] >= 5
 
