@@ -168,6 +168,31 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
     return model
 
 
+_CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_limit(model) -> tuple[int, str] | None:
+    """(positions, config key) the model was built for, or None when its config does not say."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:  # a wrapper (TeacherOnDevice) around the model
+        cfg = getattr(getattr(model, "model", None), "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, key
+    return None
+
+
+def check_context(model, length: int, flags: str, who: str) -> None:
+    """Refuse (exit 2) sequences longer than the model's positions: learned position tables
+    (GPT-2, OPT) fail deep inside with an index error, rotary models degrade past what they were
+    trained on."""
+    limit = context_limit(model)
+    if limit is not None and length > limit[0]:
+        raise InputError(f"{flags} ({length} tokens) exceeds the {who}'s context of {limit[0]} positions "
+                         f"(config.{limit[1]}); lower it")
+
+
 def lora_targets(model, requested: Sequence[str] | None) -> list[str]:
     if requested:
         return list(requested)

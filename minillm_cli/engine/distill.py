@@ -57,7 +57,8 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
     def setup(rt, tok):
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
-                                  trust_remote_code=cfg.model_opts.trust_remote_code)
+                                  trust_remote_code=cfg.model_opts.trust_remote_code,
+                                  context=(cfg.data.max_length, "--max-length"))
         if rt.fsdp:
             from minillm_cli.engine import fsdp
 
@@ -81,7 +82,9 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
         # on those answers by the same loop as `sft`.
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
-                                  trust_remote_code=cfg.model_opts.trust_remote_code)
+                                  trust_remote_code=cfg.model_opts.trust_remote_code,
+                                  context=(cfg.data.max_prompt_length + cfg.max_new_tokens,
+                                           "--max-prompt-length + --max-new-tokens"))
         if rt.fsdp:
             from minillm_cli.engine import fsdp
 
@@ -116,21 +119,23 @@ class MiniLLMRun:
         from minillm_cli.data.prepare import load_splits
         from minillm_cli.data.tokenize import encode_prompts
         from minillm_cli.engine.teacher import load_teacher
-        from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype
+        from minillm_cli.models import check_context, compute_dtype, load_model, load_tokenizer, pick_dtype
 
         cfg = self.cfg
         self.rt = rt
         seed_everything(cfg.run.seed)
         self.tok = tok = load_tokenizer(cfg.student, trust_remote_code=cfg.model_opts.trust_remote_code, what="student")
+        rollout = (cfg.data.max_prompt_length + cfg.max_new_tokens, "--max-prompt-length + --max-new-tokens")
         self.teacher, self.vocab = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                                 teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
-                                                trust_remote_code=cfg.model_opts.trust_remote_code)
+                                                trust_remote_code=cfg.model_opts.trust_remote_code, context=rollout)
         self.pt = None
         if cfg.pt_data:
             from minillm_cli.data.pretrain_read import PretrainData
 
             self.pt = PretrainData(cfg.pt_data)
             self.pt.check_tokenizer(tok)
+            check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher")
         splits = load_splits(cfg.data)
         self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
         self.valid_prompts, _, _ = encode_prompts(tok, splits["valid"][: cfg.eval_prompts], cfg.data.template,
@@ -142,10 +147,9 @@ class MiniLLMRun:
                                   dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                                   lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
                                   what="student")
-        limit = getattr(self.student.config, "max_position_embeddings", None) or getattr(self.student.config, "n_positions", None)
-        if limit and cfg.data.max_prompt_length + cfg.max_new_tokens > limit:
-            raise InputError(f"--max-prompt-length {cfg.data.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} "
-                             f"exceeds the student's {limit} positions")
+        check_context(self.student, *rollout, "student")
+        if self.pt is not None:
+            check_context(self.student, self.pt.seq_len, "--pt-data's sequence length", "student")
         # Dropout off for the whole run (as the reference code): rollouts, scoring and updates
         # must see the same policy for the PPO ratio to mean anything.
         self.student.eval()

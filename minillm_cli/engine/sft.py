@@ -70,7 +70,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     `keep_best`: OUT holds the best model by validation loss (sft); otherwise the final one
     (distillation, where every method is compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
-    from minillm_cli.models import compute_dtype, load_model, load_tokenizer, pick_dtype
+    from minillm_cli.models import check_context, compute_dtype, load_model, load_tokenizer, pick_dtype
 
     from minillm_cli.engine import fsdp
 
@@ -112,6 +112,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     model = load_model(cfg.model, tokenizer=tok, device=rt.device,
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                        lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
+    check_context(model, cfg.data.max_length, "--max-length", "model" if command == "sft" else "student")
     if cfg.model_opts.gradient_checkpointing:
         progress.log(f"gradient checkpointing: {recompute_blocks(model)} blocks recompute their activations")
     if rt.fsdp:

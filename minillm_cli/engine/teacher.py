@@ -33,9 +33,11 @@ class TeacherOnDevice(torch.nn.Module):
 
 
 def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_device: str | None = None,
-                 peft: str | None = None, trust_remote_code: bool = False, dtype: str = "auto"):
-    """Load the teacher frozen; returns (teacher, vocab_size shared with the student)."""
-    from minillm_cli.models import check_same_tokenizer, load_model, load_tokenizer, pick_dtype
+                 peft: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
+                 context: tuple[int, str] | None = None):
+    """Load the teacher frozen; returns (teacher, vocab_size shared with the student).
+    context: (longest sequence it will see, the flags that set it), checked against its positions."""
+    from minillm_cli.models import check_context, check_same_tokenizer, load_model, load_tokenizer, pick_dtype
 
     t_tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="teacher")
     vocab = check_same_tokenizer(t_tok, student_tokenizer)
@@ -53,6 +55,8 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
     if model.get_output_embeddings() is not None and model.get_output_embeddings().weight.shape[0] < vocab:
         raise InputError(f"teacher {name!r}: output layer has {model.get_output_embeddings().weight.shape[0]} rows "
                          f"for a {vocab}-token vocabulary")
+    if context is not None:
+        check_context(model, *context, who="teacher")
     if where != device:
         model = TeacherOnDevice(model, device)
     return model, vocab

@@ -234,7 +234,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     from minillm_cli.eval.metrics import aggregate, aggregate_by_length, length_buckets, score_generations
     from minillm_cli.eval.metrics import exact_match, rouge_l
     from minillm_cli.eval.results import make_result, write_predictions, write_result
-    from minillm_cli.models import load_model, load_tokenizer, pick_dtype
+    from minillm_cli.models import check_context, load_model, load_tokenizer, pick_dtype
     from minillm_cli.progress import Progress
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -252,9 +252,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         from minillm_cli.engine.teacher import load_teacher
 
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
-                                  trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+                                  trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
+                                  context=(cfg.max_length, "--max-length"))
     model = load_model(cfg.model, tokenizer=tok, device=rt.device, dtype=pick_dtype(rt.device, cfg.dtype),
                        trust_remote_code=cfg.trust_remote_code, trainable=False)
+    check_context(model, cfg.max_length, "--max-length", "model")
     V = len(tok)
 
     prompts, kept, n_dropped = encode_prompts(tok, examples, cfg.template, cfg.max_prompt_length)

@@ -146,3 +146,38 @@ def test_sft_refuses_data_without_responses(tmp_path, tiny_dir):
     vicuna = write_jsonl(tmp_path / "v.jsonl", [{"question_id": i, "turns": [f"Question {i}?"]} for i in range(10)])
     res = invoke("sft", "--model", tiny_dir / "student", "--data", vicuna, "--out", tmp_path / "o", "--steps", 1)
     assert res.exit_code == 2 and "have no reference response" in res.output and "--response-field" in res.output
+
+
+def test_sequences_longer_than_the_model_are_refused(tmp_path, tiny_dir, dolly_like):
+    """A model with fewer positions than --max-length (GPT-2's learned position table) failed deep
+    inside with an IndexError and exit 1; every command now says which flag and which model (exit 2)."""
+    from minillm_cli.models import load_tokenizer
+    from minillm_cli.toy.tiny import make_gpt2
+
+    short = tmp_path / "short"
+    make_gpt2(load_tokenizer(str(tiny_dir / "tokenizer")), short, n_layer=1, n_embd=32, n_head=2, n_positions=128)
+    res = invoke("sft", "--model", short, "--data", dolly_like, "--out", tmp_path / "a", "--steps", 1, "--quiet")
+    assert res.exit_code == 2, res.output
+    assert "--max-length (512 tokens) exceeds the model's context of 128 positions (config.n_positions)" in res.output
+    res = invoke("sft", "--model", short, "--data", dolly_like, "--out", tmp_path / "b", "--steps", 1, "--quiet",
+                 "--max-length", 128, "--max-prompt-length", 96, "--batch-size", 2)
+    assert res.exit_code == 0, res.output
+    res = invoke("evaluate", "--model", short, "--data", dolly_like, "--limit", 2, "--seeds", 1, "--quiet")
+    assert res.exit_code == 2 and "the model's context of 128" in res.output, res.output
+    res = invoke("distill", "--teacher", short, "--student", tiny_dir / "student", "--data", dolly_like,
+                 "--out", tmp_path / "c", "--steps", 1, "--quiet", "--max-new-tokens", 16)
+    assert res.exit_code == 2, res.output
+    assert "--max-prompt-length + --max-new-tokens (272 tokens) exceeds the teacher's context of 128" in res.output
+    res = invoke("distill", "--method", "kd", "--teacher", short, "--student", tiny_dir / "student",
+                 "--data", dolly_like, "--out", tmp_path / "d", "--steps", 1, "--quiet")
+    assert res.exit_code == 2 and "--max-length (512 tokens) exceeds the teacher's context of 128" in res.output
+    assert "Traceback" not in res.output
+    text = tmp_path / "pt.txt"
+    text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." for i in range(200)))
+    assert invoke("pretrain-mix", "--source", text, "--tokenizer", tiny_dir / "student", "--seq-len", 200,
+                  "--split-blank-lines", "--out", tmp_path / "pt", "--quiet", "--workers", 0).exit_code == 0
+    res = invoke("distill", "--teacher", tiny_dir / "teacher", "--student", short, "--data", dolly_like,
+                 "--pt-data", tmp_path / "pt", "--max-prompt-length", 96, "--max-new-tokens", 16,
+                 "--out", tmp_path / "e", "--steps", 1, "--quiet")
+    assert res.exit_code == 2, res.output
+    assert "--pt-data's sequence length (200 tokens) exceeds the student's context of 128" in res.output
