@@ -221,7 +221,10 @@ def prepare_out_dir(out: str, *, overwrite: bool, resume: bool) -> Path:
         shutil.rmtree(path)
     elif resume:
         raise InputError(f"--resume: {out} has no run to resume")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     return path
 
 

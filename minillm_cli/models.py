@@ -150,7 +150,11 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
     if base is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, name, is_trainable=trainable and lora is None)
+        try:
+            model = PeftModel.from_pretrained(model, name, is_trainable=trainable and lora is None)
+        except RuntimeError as e:  # shapes of another base model than the one its config names
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
+            raise InputError(f"{what} {name}: cannot load the adapter on its base {base} ({detail[:300]})") from None
         if not trainable or lora is not None:
             model = model.merge_and_unload()
     if lora is not None and trainable:

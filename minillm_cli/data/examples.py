@@ -230,10 +230,13 @@ def load_examples(spec: str, *, prompt_field: str | None = None, response_field:
         if builder is None:
             layout, builder = _choose_builder(where, rec, prompt_field, response_field, input_field)
         try:
-            examples.extend(builder(rec))
+            built = builder(rec)
         except KeyError as e:
             raise InputError(f"{where}: missing field {e.args[0]!r} (layout {layout}; found: "
                              f"{', '.join(sorted(rec)) or 'none'})") from None
+        for e in built:
+            e.meta["where"] = where  # file:line (or record n), for messages about this example
+        examples.extend(built)
         if limit is not None and len(examples) >= limit:
             examples = examples[:limit]
             break

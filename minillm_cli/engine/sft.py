@@ -94,11 +94,15 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         splits = load_splits(cfg.data)
         train_examples, valid_examples = splits["train"], splits["valid"]
     # refuse before tokenising anything
-    if responses is None and not all(e.references for e in train_examples):
-        missing = sum(not e.references for e in train_examples)
-        raise InputError(f"{cfg.data.data}: {missing} of {len(train_examples)} training examples have no reference "
-                         f"response (layout {train_examples[0].meta.get('layout', '?')}); training needs one: "
-                         f"name it with --response-field")
+    if responses is None:  # every example trains (and validates) on its reference response
+        for what, exs in (("training", train_examples), ("validation", valid_examples or [])):
+            missing = [e for e in exs if not e.references]
+            if missing:
+                raise InputError(f"{cfg.data.data if what == 'training' else cfg.data.valid_data or cfg.data.data}: "
+                                 f"{len(missing)} of {len(exs)} {what} examples have no reference response (the "
+                                 f"first: {missing[0].meta.get('where', '?')}; layout "
+                                 f"{missing[0].meta.get('layout', '?')}): each needs one; if the answers are in "
+                                 f"another field, name it with --response-field")
     train, dropped = encode_sft(tok, train_examples, cfg.data.template, cfg.data.max_prompt_length,
                                 cfg.data.max_length, responses=responses)
     valid, vdropped = encode_sft(tok, valid_examples or [], cfg.data.template, cfg.data.max_prompt_length,

@@ -49,8 +49,9 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
 
         try:
             model = PeftModel.from_pretrained(model, peft).merge_and_unload()
-        except (OSError, ValueError) as e:
-            raise InputError(f"--teacher-peft {peft}: cannot load the adapter ({str(e).splitlines()[0]})") from None
+        except (OSError, ValueError, RuntimeError) as e:  # (RuntimeError: shapes of another base model)
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
+            raise InputError(f"--teacher-peft {peft}: cannot load the adapter on teacher {name} ({detail[:300]})") from None
         model.eval().requires_grad_(False)
     if model.get_output_embeddings() is not None and model.get_output_embeddings().weight.shape[0] < vocab:
         raise InputError(f"teacher {name!r}: output layer has {model.get_output_embeddings().weight.shape[0]} rows "

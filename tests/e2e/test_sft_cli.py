@@ -122,6 +122,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_dir, dolly_like):
         assert len([l for l in res.stderr.splitlines() if l.startswith("error:")]) == 1
 
 
+def test_out_that_cannot_be_created_and_adapter_of_another_model(tmp_path, tiny_dir, dolly_like):
+    (tmp_path / "file.txt").write_text("x")
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", tmp_path / "file.txt" / "run",
+                 "--steps", 1)
+    assert res.exit_code == 2 and "cannot create the folder" in res.output, res.output
+    adapter = tmp_path / "adapter"
+    assert invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", adapter, "--steps", 1,
+                  "--lora-r", 2, "--save-adapter", "--quiet").exit_code == 0
+    res = invoke("distill", "--method", "kd", "--teacher", tiny_dir / "teacher", "--teacher-peft", adapter,
+                 "--student", tiny_dir / "student", "--data", dolly_like, "--out", tmp_path / "kd", "--steps", 1)
+    assert res.exit_code == 2, res.output  # the student's adapter on the (wider) teacher
+    assert f"--teacher-peft {adapter}: cannot load the adapter on teacher" in res.output
+    assert "size mismatch" in res.output and "Traceback" not in res.output
+
+
 def test_existing_out_refused_and_user_files_untouched(tmp_path, tiny_dir, dolly_like):
     out = tmp_path / "mine"
     out.mkdir()
@@ -146,6 +161,18 @@ def test_sft_refuses_data_without_responses(tmp_path, tiny_dir):
     vicuna = write_jsonl(tmp_path / "v.jsonl", [{"question_id": i, "turns": [f"Question {i}?"]} for i in range(10)])
     res = invoke("sft", "--model", tiny_dir / "student", "--data", vicuna, "--out", tmp_path / "o", "--steps", 1)
     assert res.exit_code == 2 and "have no reference response" in res.output and "--response-field" in res.output
+    # one empty answer: the message says where it is
+    rows = [{"instruction": f"Q{i}", "context": "", "response": "" if i == 7 else f"A{i}"} for i in range(30)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", data, "--out", tmp_path / "p", "--steps", 1,
+                 "--valid-size", 0)
+    assert res.exit_code == 2 and f"the first: {data}:8" in res.output, res.output
+    # validation data without answers (Vicuna) would rank checkpoints by the EOS token alone
+    good = write_jsonl(tmp_path / "g.jsonl", [{"instruction": f"Q{i}", "response": f"A{i}"} for i in range(30)])
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", good, "--valid-data", vicuna,
+                 "--out", tmp_path / "q", "--steps", 1)
+    assert res.exit_code == 2, res.output
+    assert f"{vicuna}: 10 of 10 validation examples have no reference response" in res.output
 
 
 def test_sequences_longer_than_the_model_are_refused(tmp_path, tiny_dir, dolly_like):
