@@ -229,6 +229,12 @@ def prepare_out_dir(out: str, *, overwrite: bool, resume: bool) -> Path:
 
 
 METHODS = ("minillm", "kd", "seqkd", "rkl")
+# options only some methods read (DistillConfig.unused_options warns about the others)
+_MINILLM_OPTIONS = ("num_rollouts", "rollout_batch_size", "ppo_epochs", "teacher_mix_alpha", "clip_ratio",
+                    "single_step", "length_norm", "importance_weight", "gamma", "include_current_reward", "whiten",
+                    "reward_scale", "reward_clip", "loss_normalizer", "pt_data", "pt_coef", "pt_batch_size",
+                    "pt_kd_ratio", "cache_teacher_logits", "eval_prompts")
+_SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "sampler")  # minillm, seqkd
 
 
 @dataclass
@@ -322,6 +328,23 @@ class DistillConfig:
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
+
+    def unused_options(self) -> list[str]:
+        """The flags given (away from their defaults) that this --method does not read."""
+        used = set(_SAMPLING_OPTIONS) if self.method == "seqkd" else set()
+        if self.method == "minillm":
+            used |= set(_MINILLM_OPTIONS) | set(_SAMPLING_OPTIONS)
+        if self.method == "kd":
+            used.add("kd_ratio")
+        out = []
+        for f in dataclasses.fields(self):
+            if f.name not in _MINILLM_OPTIONS + _SAMPLING_OPTIONS + ("kd_ratio",) or f.name in used:
+                continue
+            value = getattr(self, f.name)
+            if value != f.default:
+                flag = f.name.replace("_", "-")
+                out.append(f"--no-{flag}" if value is False and f.default is True else f"--{flag}")
+        return out
 
     def as_sft(self, model: str) -> SFTConfig:
         """The supervised loop's view of this run (kd, rkl and seqkd train the student with it)."""

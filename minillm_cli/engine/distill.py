@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.run.fsdp or fsdp.fsdp_from_env():
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, teacher_device=cfg.teacher_device,
                              save_adapter=cfg.model_opts.save_adapter)
+    unused = cfg.unused_options()
+    if unused:  # (a PT loss or a teacher mix a baseline never applied must not look applied)
+        Progress("distill", quiet=cfg.run.quiet, is_main=os.environ.get("RANK", "0") == "0").log(
+            f"note: --method {cfg.method} does not use {', '.join(unused)}")
     if cfg.method in ("kd", "rkl"):
         return _run_teacher_forced(cfg)
     if cfg.method == "seqkd":

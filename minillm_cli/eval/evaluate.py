@@ -248,6 +248,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     teacher = None
     if cfg.teacher is not None and not any(m in KL_METRICS for m in metrics):
         Progress("evaluate", quiet=cfg.quiet).log(f"note: --teacher {cfg.teacher} is unused by {', '.join(metrics)}")
+    if cfg.greedy:
+        moved = [f for f, v, d in (("--temperature", cfg.temperature, 1.0), ("--top-k", cfg.top_k, 0),
+                                   ("--top-p", cfg.top_p, 1.0)) if v != d]
+        if moved:
+            Progress("evaluate", quiet=cfg.quiet).log(f"note: --greedy takes the most likely token; "
+                                                      f"{', '.join(moved)} change nothing")
     elif cfg.teacher is not None:
         from minillm_cli.engine.teacher import load_teacher
 

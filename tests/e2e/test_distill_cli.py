@@ -99,6 +99,20 @@ def test_sft_resume_refuses_another_batch_size(tmp_path, tiny_dir, dolly_like):
     assert invoke(*base, "--steps", 3, "--batch-size", 4, "--resume").exit_code == 0
 
 
+def test_options_a_method_ignores_are_named(tmp_path, tiny_dir, dolly_like):
+    args = [a for a in common(tiny_dir, dolly_like) if a != "--quiet"]
+    res = invoke("distill", *args, "--method", "kd", "--teacher-mix-alpha", 0.5, "--no-single-step", "--ppo-epochs", 2,
+                 "--out", tmp_path / "kd", "--steps", 1)
+    assert res.exit_code == 0, res.output
+    # (common() sets --num-rollouts, --max-new-tokens and --eval-prompts too)
+    assert "note: --method kd does not use --num-rollouts, --ppo-epochs, --max-new-tokens, --teacher-mix-alpha, " \
+           "--no-single-step, --eval-prompts\n" in res.output
+    res = invoke("distill", *args, "--kd-ratio", 0.3, "--out", tmp_path / "m", "--steps", 1)
+    assert res.exit_code == 0 and "note: --method minillm does not use --kd-ratio" in res.output, res.output
+    res = invoke("distill", *args, "--out", tmp_path / "plain", "--steps", 1)
+    assert "does not use" not in res.output
+
+
 def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     base = [*common(tiny_dir, dolly_like), "--steps", 1, "--eval-prompts", 0]
     outs = {}

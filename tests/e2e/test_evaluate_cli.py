@@ -71,6 +71,16 @@ def test_teacher_adds_both_kls_by_default(tiny_dir, dolly_like):
     assert list(json.loads(res.stdout)["metrics"]) == ["rougeL", "reverse-kl", "forward-kl"]
 
 
+def test_greedy_names_the_sampling_options_it_ignores(tiny_dir, vicuna_like):
+    res = invoke("--model", tiny_dir / "student", "--data", vicuna_like, "--seeds", 1, "--max-new-tokens", 4,
+                 "--greedy", "--temperature", 0.5, "--top-p", 0.9, "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: --greedy takes the most likely token; --temperature, --top-p change nothing" in res.stderr
+    res = invoke("--model", tiny_dir / "student", "--data", vicuna_like, "--seeds", 1, "--max-new-tokens", 4,
+                 "--greedy", "--json", "--device", "cpu")
+    assert "note:" not in res.stderr
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, dolly_like, vicuna_like, tmp_path):
     base = ["--model", tiny_dir / "student", "--max-new-tokens", 4, "--seeds", 1, "--limit", 2, "--device", "cpu"]
     one_error_line(invoke(*base, "--data", vicuna_like, "--metric", "rougeL"), "no reference answers")
