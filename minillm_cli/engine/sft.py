@@ -112,6 +112,9 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                          f"--max-prompt-length {cfg.data.max_prompt_length}")
     progress.log(f"data: {len(train)} train, {len(valid)} valid examples; dropped {dropped + vdropped} "
                  f"over --max-prompt-length {cfg.data.max_prompt_length}")
+    if cfg.batch_size > len(train):
+        progress.log(f"note: --batch-size {cfg.batch_size} is more than the {len(train)} training examples: "
+                     f"every batch repeats examples")
 
     model = load_model(cfg.model, tokenizer=tok, device=rt.device,
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),

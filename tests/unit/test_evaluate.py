@@ -337,3 +337,19 @@ def test_lm_loss_alone_samples_nothing(tiny_dir, dolly_like, tmp_path):
     res = run_evaluate(_cfg(tiny_dir, dolly_like, metrics=["lm-loss"], out=str(tmp_path / "l.json")))
     assert "predictions" not in res and not (tmp_path / "l.jsonl").exists()
     assert json.loads((tmp_path / "l.json").read_text())["metrics"]["lm-loss"]["per_seed"] == res["metrics"]["lm-loss"]["per_seed"]
+
+
+def test_result_files_get_the_usual_file_mode(tmp_path):
+    """Written through a private temporary file and renamed, a result must not stay 0600: CI
+    artefacts and other users read it."""
+    import os
+    import stat
+
+    from minillm_cli.eval.results import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
