@@ -208,3 +208,10 @@ def test_sequences_longer_than_the_model_are_refused(tmp_path, tiny_dir, dolly_l
                  "--out", tmp_path / "e", "--steps", 1, "--quiet")
     assert res.exit_code == 2, res.output
     assert "--pt-data's sequence length (200 tokens) exceeds the student's context of 128" in res.output
+
+
+def test_batch_larger_than_the_data_is_noted(tmp_path, tiny_dir, dolly_like):
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", tmp_path / "o", "--steps", 1,
+                 "--batch-size", 64, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: --batch-size 64 is more than the 38 training examples" in res.output
