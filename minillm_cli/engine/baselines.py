@@ -39,7 +39,10 @@ def teacher_forced_objective(teacher, method: str, kd_ratio: float):
 
 def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, progress=None) -> list[str]:
     """Teacher-only generation for every training prompt (the paper's decoding settings), written
-    once to `path` (jsonl) and reused on --resume. Rows are sharded over processes and gathered."""
+    once to `path` (jsonl: one row per generated answer, with the example's `index`; prompts over
+    --max-prompt-length get no row and the answer "", which the SFT encoding drops anyway) and
+    reused on --resume (whose settings check_resume holds to the first run's). Rows are sharded
+    over processes and gathered."""
     from minillm_cli.data.tokenize import encode_prompts, left_pad
     from minillm_cli.engine.runtime import example_generator
     from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
@@ -47,7 +50,12 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
 
     if path.is_file():
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-        if len(rows) == len(examples):
+        if rows and all("index" in r for r in rows) and max(r["index"] for r in rows) < len(examples):
+            out = [""] * len(examples)
+            for r in rows:
+                out[r["index"]] = r["response"]
+            return out
+        if len(rows) == len(examples):  # (a file without indices: one row per example)
             return [r["response"] for r in rows]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p)
@@ -58,7 +66,9 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     todo = kept
     chunks = micro_batches(todo, max(cfg.rollout_batch_size or cfg.batch_size, 1))
     engine = rt.sampling_engine(cfg.sampler)
-    for k, chunk, real in rt.lockstep(chunks):  # FSDP: every process runs as many chunks
+    work = rt.lockstep(chunks)  # FSDP: every process runs as many chunks
+    total, done = sum(len(c) for _, c, real in work if real), 0
+    for k, chunk, real in work:
         ids, att = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -71,8 +81,10 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
             if toks and toks[-1] == tokenizer.eos_token_id:
                 toks = toks[:-1]
             mine[i] = tokenizer.decode(toks, skip_special_tokens=True)
+        done += len(chunk)
         if progress is not None:
-            progress.log(f"seqkd: teacher generated {min((k + 1) * len(chunk), len(todo))}/{len(todo)}")
+            progress.log(f"seqkd: teacher generated {done}/{total}"
+                         + (f" (this process's share of {len(todo)})" if rt.distributed else ""))
     release_engine(engine)  # (the kept decoder holds the teacher, too)
     if rt.distributed:
         parts = [None] * rt.world_size
@@ -83,7 +95,9 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     if rt.is_main:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
-            for e, r in zip(examples, responses):
-                fh.write(json.dumps({"instruction": e.instruction, "input": e.input, "response": r}) + "\n")
+            for i in sorted(prompts):  # the generated answers only: no empty rows to train on by mistake
+                e = examples[i]
+                fh.write(json.dumps({"index": i, "instruction": e.instruction, "input": e.input,
+                                     "response": responses[i]}) + "\n")
         tmp.replace(path)
     return responses

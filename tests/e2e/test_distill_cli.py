@@ -113,6 +113,29 @@ def test_options_a_method_ignores_are_named(tmp_path, tiny_dir, dolly_like):
     assert "does not use" not in res.output
 
 
+def test_seqkd_file_holds_the_generated_answers_only(tmp_path, tiny_dir):
+    """Prompts over --max-prompt-length get no teacher answer: seqkd_data.jsonl must not hold
+    empty answers for them (someone reusing the file would train on empty responses); the
+    progress count ends at the number generated; --resume reuses the file."""
+    from conftest import write_jsonl
+
+    rows = [{"instruction": ("Describe everything about item %d. " % i) * (20 if i % 3 == 0 else 1),
+             "context": "", "response": f"Item {i}."} for i in range(30)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    args = [*[a for a in common(tiny_dir, data) if a != "--quiet"], "--method", "seqkd", "--max-prompt-length", 120,
+            "--valid-size", 0, "--save-every", 1, "--out", tmp_path / "s"]
+    res = invoke("distill", *args, "--steps", 1)
+    assert res.exit_code == 0, res.output
+    gen = [json.loads(l) for l in (tmp_path / "s" / "seqkd_data.jsonl").read_text().splitlines()]
+    assert 0 < len(gen) < 30 and all("index" in g for g in gen)
+    assert all(rows[g["index"]]["instruction"] == g["instruction"] for g in gen)
+    assert all(g["index"] % 3 != 0 for g in gen)  # the long prompts have no row
+    assert f"seqkd: teacher generated {len(gen)}/{len(gen)}" in res.output
+    res = invoke("distill", *args, "--steps", 2, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "teacher generated" not in res.output  # answers reused
+
+
 def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     base = [*common(tiny_dir, dolly_like), "--steps", 1, "--eval-prompts", 0]
     outs = {}
