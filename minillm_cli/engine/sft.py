@@ -208,7 +208,10 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     if best["step"] is None or not keep_best:  # the final weights are the result
         fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                           trust_remote_code=cfg.model_opts.trust_remote_code)
-    summary = {"command": command, "out": str(out), "steps": steps, "final_loss": loss,
+    # distill's baselines report as `distill` with their method, like MiniLLM runs
+    name, _, method = command.partition("-")
+    summary = {"command": name, **({"method": method} if method else {}), "out": str(out), "steps": steps,
+               "final_loss": loss,
                "best_valid_loss": best["valid_loss"] if best["step"] else None, "best_step": best["step"],
                "saved": "best" if keep_best and best["step"] is not None else "final",
                "train_examples": len(train), "valid_examples": len(valid), "dropped": dropped + vdropped,

@@ -28,8 +28,10 @@ def rows(out):
 @pytest.mark.parametrize("method", ["minillm", "kd", "seqkd", "rkl"])
 def test_each_method_runs_and_saves_a_loadable_student(tmp_path, tiny_dir, dolly_like, method):
     out = tmp_path / method
-    res = invoke("distill", *common(tiny_dir, dolly_like), "--method", method, "--out", out, "--steps", 2)
+    res = invoke("distill", *common(tiny_dir, dolly_like), "--method", method, "--out", out, "--steps", 2, "--json")
     assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["command"], summary["method"]) == ("distill", method)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(str(out))
