@@ -347,8 +347,14 @@ class MiniLLMRun:
                 ckpt.truncate_metrics(out / "metrics.jsonl", step)
             progress.log(f"resumed from {last.name} (step {step})")
         if rt.is_main:
-            save_run_config(cfg, out, "distill", {"steps": self.steps, "train_prompts": len(self.prompts),
-                                                  "world_size": rt.world_size, "sharded": rt.fsdp})
+            from minillm_cli.engine.fast_sampler import resolve_engine
+
+            save_run_config(cfg, out, "distill", {
+                "steps": self.steps, "train_prompts": len(self.prompts), "world_size": rt.world_size,
+                "sharded": rt.fsdp,
+                "resolved": {"device": str(rt.device), "sampler": resolve_engine(self.engine, rt.device),
+                             "dtype": str(next(self.student.parameters()).dtype).replace("torch.", ""),
+                             "autocast": str(self.amp).replace("torch.", "")}})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}

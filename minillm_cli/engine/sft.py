@@ -148,7 +148,10 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     if rt.is_main:
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
                                             "dropped_long_prompts": dropped + vdropped, "steps": steps,
-                                                     "world_size": rt.world_size, "sharded": rt.fsdp})
+                                                     "world_size": rt.world_size, "sharded": rt.fsdp,
+                                                     "resolved": {"device": str(rt.device), "dtype": str(
+                                                         next(model.parameters()).dtype).replace("torch.", ""),
+                                                         "autocast": str(amp).replace("torch.", "")}})
     metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
 
     def evaluate_and_keep_best(step: int) -> float | None:

@@ -43,6 +43,7 @@ def test_each_method_runs_and_saves_a_loadable_student(tmp_path, tiny_dir, dolly
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["config"]["method"] == method
     if method == "minillm":
+        assert cfg["resolved"]["sampler"] == "eager" and cfg["resolved"]["device"] == "cpu"  # --sampler auto on CPU
         for key in ("reverse_kl", "single_step", "pg", "clip_frac", "w_mean", "w_max", "reward_mean",
                     "rollout_tokens_per_s", "update_tokens_per_s", "response_len"):
             assert key in r[0] or key in r[-1], key

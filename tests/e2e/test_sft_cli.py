@@ -73,6 +73,7 @@ def test_sft_end_to_end(tmp_path, tiny_dir, dolly_like):
     assert rows[2]["valid_loss"] is not None and rows[5]["valid_loss"] is not None
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["command"] == "sft" and "torch" in cfg["versions"] and cfg["config"]["optim"]["lr"] == 1e-3
+    assert cfg["resolved"] == {"device": "cpu", "dtype": "float32", "autocast": "None"}  # what "auto" became
 
 
 def test_sft_lowers_validation_loss(tmp_path, tiny_dir, dolly_like):
