@@ -248,6 +248,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     teacher = None
     if cfg.teacher is not None and not any(m in KL_METRICS for m in metrics):
         Progress("evaluate", quiet=cfg.quiet).log(f"note: --teacher {cfg.teacher} is unused by {', '.join(metrics)}")
+    if "rougeL" in metrics:
+        from minillm_cli.eval.metrics import rouge_scorable
+
+        blind = sum(not any(rouge_scorable(r) for r in e.references) for e in examples)
+        if blind:
+            Progress("evaluate", quiet=cfg.quiet).log(
+                f"note: {blind} of {len(examples)} examples have references without a word ROUGE-L can score "
+                f"(rouge_score keeps a-z and 0-9 only): their ROUGE-L is 0 whatever the answer")
     if cfg.greedy:
         moved = [f for f, v, d in (("--temperature", cfg.temperature, 1.0), ("--top-k", cfg.top_k, 0),
                                    ("--top-p", cfg.top_p, 1.0)) if v != d]

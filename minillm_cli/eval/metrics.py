@@ -121,6 +121,14 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     return max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references) * 100.0
 
 
+def rouge_scorable(text: str) -> bool:
+    """Whether ROUGE-L sees any word in `text`: rouge_score's tokenizer (the paper's protocol)
+    lowercases and keeps only a-z and 0-9, so Chinese, Japanese, Cyrillic... text scores 0."""
+    from rouge_score import tokenize
+
+    return bool(tokenize.tokenize(text, None))
+
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 

@@ -81,6 +81,15 @@ def test_greedy_names_the_sampling_options_it_ignores(tiny_dir, vicuna_like):
     assert "note:" not in res.stderr
 
 
+def test_references_rouge_cannot_read_are_noted(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "ja.jsonl", [{"instruction": f"Say hello {i}", "response": r}
+                                               for i, r in enumerate(["こんにちは", "Привет мир", "hello 1"])])
+    res = invoke("--model", tiny_dir / "student", "--data", data, "--seeds", 1, "--max-new-tokens", 4, "--json",
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: 2 of 3 examples have references without a word ROUGE-L can score" in res.stderr
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, dolly_like, vicuna_like, tmp_path):
     base = ["--model", tiny_dir / "student", "--max-new-tokens", 4, "--seeds", 1, "--limit", 2, "--device", "cpu"]
     one_error_line(invoke(*base, "--data", vicuna_like, "--metric", "rougeL"), "no reference answers")
