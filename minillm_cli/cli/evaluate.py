@@ -1,6 +1,8 @@
 """Generate with a model by the paper's protocol (sampling, 5 seeds) and score it: ROUGE-L, exact match, distinct-4, reference LM loss, and KL to a teacher."""
 from __future__ import annotations
 
+import sys
+
 from typing import Annotated, Optional
 
 import typer
@@ -85,4 +87,4 @@ def _print_table(result: dict) -> None:
     for name, buckets in (result.get("by_length") or {}).items():
         for b, m in buckets.items():
             table.add_row(f"  {name} [{b}] (n={m['n']})", f"{m['mean']:.4g}", f"{m['std']:.2g}", "")
-    Console(stderr=True).print(table)
+    Console(stderr=True, width=None if sys.stderr.isatty() else 240).print(table)  # (no 80-column cut in logs)

@@ -8,6 +8,8 @@ learning rate), is the MiniLLM student better than the SFT, KD and SeqKD student
 """
 from __future__ import annotations
 
+import sys
+
 import json
 import shutil
 import time
@@ -263,5 +265,5 @@ def write_comparison(cfg: QuickstartConfig, out: Path, results: dict[str, list[d
     if not cfg.quiet:
         from rich.console import Console
 
-        Console(stderr=True).print(rich_table(comp))
+        Console(stderr=True, width=None if sys.stderr.isatty() else 240).print(rich_table(comp))  # (no 80-column cut in logs)
     return md

@@ -69,6 +69,15 @@ def test_every_format_parses(files):
     assert "SFT" in table and "MiniLLM" in table and "24.60 ± 0.28 *" in table
 
 
+def test_results_on_different_data_are_noted(files, tmp_path):
+    p = tmp_path / "selfinst.json"
+    write_result(p, make_result(model="x", data="self-inst", n=8, protocol={"seeds": [1]},
+                                metrics={"rougeL": aggregate([10.0])}))
+    res = invoke(files["sft"], p)
+    assert res.exit_code == 0 and "note: these results are on 2 different data sets (dolly, self-inst)" in res.stderr
+    assert "note:" not in invoke(files["sft"], files["minillm"]).stderr
+
+
 def test_baseline_by_name_or_path(files):
     by_name = json.loads(invoke(files["sft"], files["minillm"], "--baseline", "sft", "-f", "json").stdout)
     by_path = json.loads(invoke(files["sft"], files["minillm"], "--baseline", files["sft"], "-f", "json").stdout)
