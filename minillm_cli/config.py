@@ -34,6 +34,9 @@ class DataOptions:
         require(self.max_prompt_length < self.max_length,
                 f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length ({self.max_length})")
         require(self.valid_size >= 0 and self.test_size >= 0, "--valid-size/--test-size must be >= 0")
+        for flag, v in (("--valid-size", self.valid_size), ("--test-size", self.test_size)):
+            require(v < 1 or float(v).is_integer(),
+                    f"{flag} {v}: a fraction below 1, or a whole number of examples")
         require(self.limit is None or self.limit > 0, f"--limit must be > 0, got {self.limit}")
 
 
@@ -150,12 +153,12 @@ def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None
 
 
 # What a resumed run may change: how long it runs, what it prints, evaluates and saves, where and
-# how fast it runs (the sampler engines draw the same distribution; cached teacher logits and
-# checkpointed blocks give the same numbers). Anything else would continue the checkpoint as a
+# how fast it runs (the sampler engines draw the same distribution; cached teacher logits,
+# checkpointed blocks and FSDP sharding give the same numbers, tests/e2e/test_fsdp.py resumes across it). Anything else would continue the checkpoint as a
 # different run than the one run_config.json describes.
 RESUMABLE = frozenset({
     "steps", "epochs", "run.out", "run.resume", "run.overwrite", "run.quiet", "run.json", "run.eval_every",
-    "run.save_every", "run.log_every", "run.device", "eval_prompts", "sampler", "cache_teacher_logits",
+    "run.save_every", "run.log_every", "run.device", "run.fsdp", "eval_prompts", "sampler", "cache_teacher_logits",
     "teacher_device", "model_opts.gradient_checkpointing",
 })
 _PATHS = frozenset({"model", "teacher", "student", "data.data", "data.valid_data", "pt_data", "teacher_peft"})

@@ -54,6 +54,10 @@ class PretrainMixConfig:
     def __post_init__(self):
         require(len(self.sources) > 0, "--source: give at least one source")
         self.specs = [parse_source(s) for s in self.sources]
+        names = [spec.name for spec in self.specs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        require(not twice, f"--source {', '.join(twice)}: given more than once (its documents would be read "
+                           f"twice); give it once, with a weight")
         require(self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}")
         require(self.max_tokens is None or self.max_tokens >= self.seq_len,
                 f"--max-tokens ({self.max_tokens}) must be at least --seq-len ({self.seq_len})")

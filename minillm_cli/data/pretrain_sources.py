@@ -37,8 +37,9 @@ def parse_source(text: str) -> SourceSpec:
         try:
             weight = float(tail)
             name = head
-        except ValueError:
-            pass
+        except ValueError:  # a path with ':' in it -- or a typo in the weight of an existing file
+            if Path(head).expanduser().exists() and not Path(text).expanduser().exists():
+                raise InputError(f"--source {text!r}: weight must be a number > 0, got {tail!r}") from None
     if not name:
         raise InputError(f"--source {text!r}: empty source")
     if not math.isfinite(weight) or weight <= 0:

@@ -89,6 +89,9 @@ class EvaluateConfig:
         require(self.template in ("dolly", "chat", "raw"), f"--template {self.template!r}: expected dolly, chat or raw")
         require(self.split in SPLITS, f"--split {self.split!r}: expected one of {', '.join(SPLITS)}")
         require(self.valid_size >= 0 and self.test_size >= 0, "--valid-size/--test-size must be >= 0")
+        for flag, v in (("--valid-size", self.valid_size), ("--test-size", self.test_size)):
+            require(v < 1 or float(v).is_integer(),
+                    f"{flag} {v}: a fraction below 1, or a whole number of examples")
         if self.metrics is not None:
             names = [n for raw in self.metrics for n in str(raw).split(",") if n.strip()]
             require(bool(names), "--metric: no metric named")

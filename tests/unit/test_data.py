@@ -244,3 +244,11 @@ def test_sft_loss_is_the_cross_entropy_of_response_tokens(tiny_dir):
     assert n == int(mask.sum()) > 0
     torch.testing.assert_close(ce, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
+
+
+def test_split_sizes_are_fractions_or_counts():
+    from minillm_cli.config import DataOptions
+
+    assert DataOptions(data="x", valid_size=3).valid_size == 3
+    with pytest.raises(InputError, match="--valid-size 2.5: a fraction below 1, or a whole number"):
+        DataOptions(data="x", valid_size=2.5)

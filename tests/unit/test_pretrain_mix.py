@@ -210,6 +210,10 @@ def test_config_validation(tmp_path, tok):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(InputError, match="weight must be"):
         cfg(tmp_path, [f"{tmp_path}/a.txt:0"], tok)
+    with pytest.raises(InputError, match="weight must be a number > 0, got 'abc'"):  # not "no such file"
+        cfg(tmp_path, [f"{tmp_path}/a.txt:abc"], tok)
+    with pytest.raises(InputError, match="given more than once"):
+        cfg(tmp_path, [f"{tmp_path}/a.txt", f"{tmp_path}/a.txt:2"], tok)
     with pytest.raises(InputError, match="--max-tokens"):
         cfg(tmp_path, [f"{tmp_path}/a.txt"], tok, max_tokens=10)
     with pytest.raises(InputError, match="--valid-fraction"):
