@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -144,7 +145,8 @@ def package_versions() -> dict[str, str]:
 
 
 def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None) -> None:
-    body = {"command": command, "config": to_dict(cfg), "versions": package_versions()}
+    # cwd: what relative paths in the config were relative to (check_resume resolves them)
+    body = {"command": command, "config": to_dict(cfg), "versions": package_versions(), "cwd": os.getcwd()}
     if extra:
         body.update(extra)
     tmp = out / "run_config.json.tmp"
@@ -160,7 +162,7 @@ def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None
 RESUMABLE = frozenset({
     "steps", "epochs", "run.out", "run.resume", "run.overwrite", "run.quiet", "run.json", "run.eval_every",
     "run.save_every", "run.log_every", "run.device", "run.fsdp", "eval_prompts", "sampler", "cache_teacher_logits",
-    "teacher_device", "model_opts.gradient_checkpointing",
+    "teacher_device", "model_opts.gradient_checkpointing", "grad_accum", "model_opts.save_adapter",
 })
 _PATHS = frozenset({"model", "teacher", "student", "data.data", "data.valid_data", "pt_data", "teacher_peft"})
 
@@ -175,34 +177,55 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _same_path(a, b) -> bool:
-    if not (isinstance(a, str) and isinstance(b, str)):
-        return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+def _same_path(old, new, old_cwd: str | None) -> bool:
+    """Whether two spellings of --data/--model... name the same local file or folder (the old one
+    relative to the directory the run started in, when the record says)."""
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return old == new
+    pn = Path(new).expanduser()
+    if not pn.exists():  # a Hub id or alias: the name is all there is
+        return old == new
+    po = Path(old).expanduser()
+    if not po.is_absolute() and old_cwd:
+        po = Path(old_cwd) / po
+    return po.exists() and po.resolve() == pn.resolve()
 
 
-def check_resume(cfg: Any, out: Path, command: str) -> None:
+def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     """Refuse --resume when the settings differ from those the run in OUT was started with
     (its run_config.json), except the RESUMABLE ones: the checkpoint's optimizer, scheduler and
-    buffers would otherwise continue under settings the record does not show."""
+    buffers would otherwise continue under settings the record does not show. Returns notes."""
     path = Path(out) / "run_config.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        return  # no record to compare with (the checkpoint loader says what is missing)
+        return []  # no record to compare with (the checkpoint loader says what is missing)
     if saved.get("command") != command:
         raise InputError(f"--resume: {out} holds a {saved.get('command')!r} run, this is {command!r} "
                          f"(--method differs?); start a new --out")
     old = _flat(saved.get("config") or {})
     new = _flat(json.loads(json.dumps(to_dict(cfg), default=str)))
-    changed = [k for k in sorted(new) if k in old and k not in RESUMABLE and old[k] != new[k]
-               and not (k in _PATHS and _same_path(old[k], new[k]))]
+    allowed = set(RESUMABLE)
+    if not new.get("whiten"):  # rollout micro-batches only change what runs together, unless whitened per batch
+        allowed.add("rollout_batch_size")
+    changed = []
+    for k in sorted(new):
+        if k not in old or k in allowed:
+            continue
+        same = _same_path(old[k], new[k], saved.get("cwd")) if k in _PATHS else old[k] == new[k]
+        if not same:
+            changed.append(k)
     if changed:
         what = ", ".join(f"--{k.split('.')[-1].replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
         raise InputError(f"--resume: {out} was started with other settings ({what}); resume with the same ones "
                          f"(--steps/--epochs, logging, evaluation, saving, device and speed options may change) "
                          f"or start a new --out")
+    notes = []
+    length = [k for k in ("steps", "epochs") if k in old and old[k] != new.get(k)]
+    if length and new.get("optim.schedule") != "constant":
+        notes.append(f"note: the {new.get('optim.schedule')} learning-rate schedule is laid out again over the new "
+                     f"length; the resumed steps follow the new curve")
+    return notes
 
 
 def prepare_out_dir(out: str, *, overwrite: bool, resume: bool) -> Path:
@@ -302,7 +325,7 @@ class DistillConfig:
         require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         require(self.num_rollouts > 0, f"--num-rollouts must be > 0, got {self.num_rollouts}")
-        require(self.num_rollouts >= self.batch_size,
+        require(self.num_rollouts >= self.batch_size or self.method != "minillm",
                 f"--num-rollouts ({self.num_rollouts}) must be at least --batch-size ({self.batch_size})")
         require(self.rollout_batch_size >= 0, f"--rollout-batch-size must be >= 0, got {self.rollout_batch_size}")
         require(self.ppo_epochs > 0, f"--ppo-epochs must be > 0, got {self.ppo_epochs}")
@@ -335,7 +358,7 @@ class DistillConfig:
 
     def unused_options(self) -> list[str]:
         """The flags given (away from their defaults) that this --method does not read."""
-        used = set(_SAMPLING_OPTIONS) if self.method == "seqkd" else set()
+        used = set(_SAMPLING_OPTIONS) | {"rollout_batch_size"} if self.method == "seqkd" else set()
         if self.method == "minillm":
             used |= set(_MINILLM_OPTIONS) | set(_SAMPLING_OPTIONS)
         if self.method == "kd":

@@ -156,6 +156,8 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
         try:
             model = PeftModel.from_pretrained(model, name, is_trainable=trainable and lora is None)
         except RuntimeError as e:  # shapes of another base model than the one its config names
+            if "size mismatch" not in str(e):
+                raise
             detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
             raise InputError(f"{what} {name}: cannot load the adapter on its base {base} ({detail[:300]})") from None
         if not trainable or lora is not None:
@@ -190,14 +192,30 @@ def context_limit(model) -> tuple[int, str] | None:
     return None
 
 
-def check_context(model, length: int, flags: str, who: str) -> None:
-    """Refuse (exit 2) sequences longer than the model's positions: learned position tables
-    (GPT-2, OPT) fail deep inside with an index error, rotary models degrade past what they were
-    trained on."""
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _learned_positions(model) -> bool:
+    """A table of learned absolute positions (GPT-2's `wpe`, OPT's `embed_positions`): past its
+    last row there is nothing to look up."""
+    import torch
+
+    return any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+               for name, m in model.named_modules())
+
+
+def check_context(model, length: int, flags: str, who: str, note=None) -> None:
+    """Sequences longer than the model's positions: refused (exit 2) for a learned position table,
+    which fails deep inside with an index error; for rotary / ALiBi models (whose configured
+    length rope scaling may extend) a note through `note`, as they only degrade past it."""
     limit = context_limit(model)
-    if limit is not None and length > limit[0]:
-        raise InputError(f"{flags} ({length} tokens) exceeds the {who}'s context of {limit[0]} positions "
-                         f"(config.{limit[1]}); lower it")
+    if limit is None or length <= limit[0]:
+        return
+    what = f"{flags} ({length} tokens) exceeds the {who}'s context of {limit[0]} positions (config.{limit[1]})"
+    if _learned_positions(model):
+        raise InputError(f"{what}; lower it")
+    if note is not None:
+        note(f"note: {what}; past it a model without learned positions works but may degrade")
 
 
 def lora_targets(model, requested: Sequence[str] | None) -> list[str]:

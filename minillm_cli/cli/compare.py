@@ -60,7 +60,7 @@ def command(
         gate = parse_gate(fail_if) if fail_if is not None else None  # syntax errors before any loading
         name_list = [n.strip() for n in names.split(",")] if names else None
         entries = load_entries(results, name_list)
-        datas = sorted({e.data for e in entries if e.data})
+        datas = sorted({os.path.abspath(e.data) if os.path.exists(e.data) else e.data for e in entries if e.data})
         if len(datas) > 1 and not quiet:  # a "best" across data sets means nothing
             print(f"note: these results are on {len(datas)} different data sets ({', '.join(datas)})",
                   file=sys.stderr)

@@ -131,13 +131,24 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{i}", rec
 
 
+def _looks_like_json_lines(text: str) -> bool:
+    """The first two non-blank lines are JSON objects each (a JSON document that is merely
+    broken is not)."""
+    lines = [line for line in text.splitlines()[:1000] if line.strip()][:2]
+    try:
+        return len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
+    except json.JSONDecodeError:
+        return False
+
+
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
     text = path.read_text(encoding="utf-8-sig")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            # one object per line under a .json name (what `datasets.Dataset.to_json` writes)
+        if e.msg == "Extra data" and _looks_like_json_lines(text):
+            # one object per line under a .json name (what `datasets.Dataset.to_json` writes): read
+            # as JSON Lines, whose errors then name the line
             yield from _read_jsonl(path)
             return
         raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None

@@ -54,8 +54,9 @@ class PretrainMixConfig:
     def __post_init__(self):
         require(len(self.sources) > 0, "--source: give at least one source")
         self.specs = [parse_source(s) for s in self.sources]
-        names = [spec.name for spec in self.specs]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        names = [str(Path(spec.name).expanduser().resolve()) if Path(spec.name).expanduser().exists() else spec.name
+                 for spec in self.specs]
+        twice = sorted({spec.name for spec, n in zip(self.specs, names) if names.count(n) > 1})
         require(not twice, f"--source {', '.join(twice)}: given more than once (its documents would be read "
                            f"twice); give it once, with a weight")
         require(self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}")
@@ -149,7 +150,10 @@ def build_mixture(cfg: PretrainMixConfig, *, progress=None) -> dict:
     out = Path(cfg.out).resolve()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(f"--out {cfg.out}: cannot create the folder ({e.strerror or e})") from None
     try:
         meta = _build_into(tmp, cfg, tokenizer, sources, dtype, progress)
         if out.exists():

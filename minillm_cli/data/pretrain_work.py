@@ -50,10 +50,10 @@ def job_texts(job: tuple) -> list[str]:
     _, path, first, lines, field = job
     texts = []
     for n, raw in enumerate(lines, start=first):
-        if not raw.strip():
-            continue
         if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (spreadsheet exports)
             raw = raw[3:]
+        if not raw.strip():
+            continue
         try:
             row = json.loads(raw)
         except ValueError as e:

@@ -28,7 +28,7 @@ from minillm_cli.engine.runtime import (autocast, example_generator, init_runtim
                                         scaling_warnings, seed_everything)
 from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_engine, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
-                                            make_scheduler, micro_batches)
+                                            make_scheduler, micro_batches, sync_scheduled_lr)
 from minillm_cli.errors import InputError, RunError
 from minillm_cli.progress import MetricsWriter, Progress
 
@@ -63,7 +63,8 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code,
-                                  context=(cfg.data.max_length, "--max-length"))
+                                  context=(cfg.data.max_length, "--max-length"),
+                                  note=Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main).log)
         if rt.fsdp:
             from minillm_cli.engine import fsdp
 
@@ -89,7 +90,8 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code,
                                   context=(cfg.data.max_prompt_length + cfg.max_new_tokens,
-                                           "--max-prompt-length + --max-new-tokens"))
+                                           "--max-prompt-length + --max-new-tokens"),
+                                  note=Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main).log)
         if rt.fsdp:
             from minillm_cli.engine import fsdp
 
@@ -131,16 +133,19 @@ class MiniLLMRun:
         seed_everything(cfg.run.seed)
         self.tok = tok = load_tokenizer(cfg.student, trust_remote_code=cfg.model_opts.trust_remote_code, what="student")
         rollout = (cfg.data.max_prompt_length + cfg.max_new_tokens, "--max-prompt-length + --max-new-tokens")
+        note = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main).log
         self.teacher, self.vocab = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                                 teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
-                                                trust_remote_code=cfg.model_opts.trust_remote_code, context=rollout)
+                                                trust_remote_code=cfg.model_opts.trust_remote_code, context=rollout,
+                                                note=note)
         self.pt = None
         if cfg.pt_data:
             from minillm_cli.data.pretrain_read import PretrainData
 
             self.pt = PretrainData(cfg.pt_data)
             self.pt.check_tokenizer(tok)
-            check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher")
+            if cfg.pt_coef > 0 and cfg.pt_kd_ratio > 0:  # (the teacher sees PT chunks only for their KD term)
+                check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher", note)
         splits = load_splits(cfg.data)
         self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
         self.valid_prompts, _, _ = encode_prompts(tok, splits["valid"][: cfg.eval_prompts], cfg.data.template,
@@ -152,9 +157,9 @@ class MiniLLMRun:
                                   dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                                   lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
                                   what="student")
-        check_context(self.student, *rollout, "student")
-        if self.pt is not None:
-            check_context(self.student, self.pt.seq_len, "--pt-data's sequence length", "student")
+        check_context(self.student, *rollout, "student", note)
+        if self.pt is not None and cfg.pt_coef > 0:
+            check_context(self.student, self.pt.seq_len, "--pt-data's sequence length", "student", note)
         # Dropout off for the whole run (as the reference code): rollouts, scoring and updates
         # must see the same policy for the PPO ratio to mean anything.
         self.student.eval()
@@ -317,11 +322,12 @@ class MiniLLMRun:
         cfg = self.cfg  # (FSDP support was checked by run_distill)
         rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
         out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
-        if cfg.run.resume and rt.is_main:
-            check_resume(cfg, out, "distill")
+        notes = check_resume(cfg, out, "distill") if cfg.run.resume and rt.is_main else []
         rt.barrier()
         self.setup(rt)
         progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
+        for line in notes:
+            progress.log(line)
         progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
                      f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}"
                      + (", student and teacher sharded (FSDP)" if rt.fsdp else ""))
@@ -335,6 +341,7 @@ class MiniLLMRun:
             if last is None:
                 raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
             state = ckpt.load_checkpoint(last, model=self.student, optimizer=self.opt, scheduler=self.sched)
+            sync_scheduled_lr(self.opt, self.sched)
             step, extra = state["step"], state["extra"]
             if step > self.steps:
                 raise InputError(f"--resume: the run in {out} is at step {step} already, past the {self.steps} steps "

@@ -22,7 +22,8 @@ from minillm_cli.engine.sampler import model_kwargs
 from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, run_entry, scaling_warnings,
                                         seed_everything)
 from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
-                                            make_optimizer, make_scheduler, micro_batches, micro_seed)
+                                            make_optimizer, make_scheduler, micro_batches, micro_seed,
+                                            sync_scheduled_lr)
 from minillm_cli.errors import InputError, RunError
 from minillm_cli.progress import MetricsWriter, Progress
 
@@ -79,10 +80,11 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
     seed_everything(cfg.run.seed)
     out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
-    if cfg.run.resume and rt.is_main:
-        check_resume(record or cfg, out, command)
+    notes = check_resume(record or cfg, out, command) if cfg.run.resume and rt.is_main else []
     rt.barrier()
     progress = Progress(command, quiet=cfg.run.quiet, is_main=rt.is_main)
+    for line in notes:
+        progress.log(line)
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.model_opts.trust_remote_code, what="model")
     if setup is not None:
@@ -119,7 +121,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     model = load_model(cfg.model, tokenizer=tok, device=rt.device,
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                        lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
-    check_context(model, cfg.data.max_length, "--max-length", "model" if command == "sft" else "student")
+    check_context(model, cfg.data.max_length, "--max-length", "model" if command == "sft" else "student", progress.log)
     if cfg.model_opts.gradient_checkpointing:
         progress.log(f"gradient checkpointing: {recompute_blocks(model)} blocks recompute their activations")
     if rt.fsdp:
@@ -139,6 +141,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
         state = ckpt.load_checkpoint(last, model=model, optimizer=opt, scheduler=sched)
         start, best = state["step"], state["extra"].get("best", best)
+        sync_scheduled_lr(opt, sched)
         if start > steps:
             raise InputError(f"--resume: the run in {out} is at step {start} already, past the {steps} steps asked "
                              f"for; give more --steps (or --epochs)")

@@ -34,9 +34,10 @@ class TeacherOnDevice(torch.nn.Module):
 
 def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_device: str | None = None,
                  peft: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
-                 context: tuple[int, str] | None = None):
+                 context: tuple[int, str] | None = None, note=None):
     """Load the teacher frozen; returns (teacher, vocab_size shared with the student).
-    context: (longest sequence it will see, the flags that set it), checked against its positions."""
+    context: (longest sequence it will see, the flags that set it), checked against its positions
+    (models.check_context; `note` logs what is not refused)."""
     from minillm_cli.models import check_context, check_same_tokenizer, load_model, load_tokenizer, pick_dtype
 
     t_tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="teacher")
@@ -50,6 +51,8 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
         try:
             model = PeftModel.from_pretrained(model, peft).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as e:  # (RuntimeError: shapes of another base model)
+            if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
+                raise  # (out of memory, a CUDA error: not a property of the adapter)
             detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
             raise InputError(f"--teacher-peft {peft}: cannot load the adapter on teacher {name} ({detail[:300]})") from None
         model.eval().requires_grad_(False)
@@ -57,7 +60,7 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
         raise InputError(f"teacher {name!r}: output layer has {model.get_output_embeddings().weight.shape[0]} rows "
                          f"for a {vocab}-token vocabulary")
     if context is not None:
-        check_context(model, *context, who="teacher")
+        check_context(model, *context, who="teacher", note=note)
     if where != device:
         model = TeacherOnDevice(model, device)
     return model, vocab

@@ -242,6 +242,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("evaluate runs in one process; launch it without torchrun/accelerate")
+    for flag, target in (("--out", cfg.out), ("--predictions", cfg.predictions_file())):
+        if target is not None:  # before hours of generation, not after
+            try:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"{flag} {target}: cannot create its folder ({e.strerror or e})") from None
     t0 = time.perf_counter()
     examples = load_eval_examples(cfg)
     n_read = len(examples)
@@ -249,8 +255,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     rt = init_runtime(cfg.device)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, what="model")
     teacher = None
-    if cfg.teacher is not None and not any(m in KL_METRICS for m in metrics):
-        Progress("evaluate", quiet=cfg.quiet).log(f"note: --teacher {cfg.teacher} is unused by {', '.join(metrics)}")
     if "rougeL" in metrics:
         from minillm_cli.eval.metrics import rouge_scorable
 
@@ -265,15 +269,18 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         if moved:
             Progress("evaluate", quiet=cfg.quiet).log(f"note: --greedy takes the most likely token; "
                                                       f"{', '.join(moved)} change nothing")
+    if cfg.teacher is not None and not any(m in KL_METRICS for m in metrics):
+        Progress("evaluate", quiet=cfg.quiet).log(f"note: --teacher {cfg.teacher} is unused by {', '.join(metrics)}")
     elif cfg.teacher is not None:
         from minillm_cli.engine.teacher import load_teacher
 
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
-                                  context=(cfg.max_length, "--max-length"))
+                                  context=(cfg.max_length, "--max-length"),
+                                  note=Progress("evaluate", quiet=cfg.quiet).log)
     model = load_model(cfg.model, tokenizer=tok, device=rt.device, dtype=pick_dtype(rt.device, cfg.dtype),
                        trust_remote_code=cfg.trust_remote_code, trainable=False)
-    check_context(model, cfg.max_length, "--max-length", "model")
+    check_context(model, cfg.max_length, "--max-length", "model", Progress("evaluate", quiet=cfg.quiet).log)
     V = len(tok)
 
     prompts, kept, n_dropped = encode_prompts(tok, examples, cfg.template, cfg.max_prompt_length)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -93,13 +95,33 @@ def test_resume_refuses_other_settings_and_a_finished_count(tmp_path, tiny_dir, 
     assert json.loads((out / "run_config.json").read_text())["config"]["sampler"] == "static"
 
 
-def test_sft_resume_refuses_another_batch_size(tmp_path, tiny_dir, dolly_like):
+def test_sft_resume_refuses_another_batch_size(tmp_path, tiny_dir, dolly_like, monkeypatch):
     base = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--lr", 1e-3, "--quiet", "--device", "cpu",
             "--save-every", 1, "--out", tmp_path / "s"]
     assert invoke(*base, "--steps", 2, "--batch-size", 4).exit_code == 0
     res = invoke(*base, "--steps", 3, "--batch-size", 2, "--resume")
     assert res.exit_code == 2 and "--batch-size 4 -> 2" in res.output, res.output
-    assert invoke(*base, "--steps", 3, "--batch-size", 4, "--resume").exit_code == 0
+    # --grad-accum changes how a batch is split, not the result; the schedule is laid out again
+    # over the new length and the first resumed step trains at the new curve's rate
+    res = invoke(*[a for a in base if a != "--quiet"], "--steps", 4, "--batch-size", 4, "--grad-accum", 2, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "cosine learning-rate schedule is laid out again" in res.output
+    lr = [json.loads(l)["lr"] for l in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert lr[2:] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (2, 3)])
+    # the same files from another directory: relative paths are read against where the run started
+    monkeypatch.chdir(tmp_path)
+    rel = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--lr", 1e-3, "--quiet", "--device", "cpu",
+           "--save-every", 1, "--batch-size", 4]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data.jsonl").write_text(Path(dolly_like).read_text())
+    monkeypatch.chdir(tmp_path / "d")
+    assert invoke(*rel, "--data", "data.jsonl", "--out", "../r", "--steps", 1).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text(Path(dolly_like).read_text())  # the same name, another file
+    res = invoke(*rel, "--data", "data.jsonl", "--out", "r", "--steps", 2, "--resume")
+    assert res.exit_code == 2 and "--data 'data.jsonl' -> 'data.jsonl'" in res.output, res.output
+    res = invoke(*rel, "--data", "d/data.jsonl", "--out", "r", "--steps", 2, "--resume")
+    assert res.exit_code == 0, res.output
 
 
 def test_options_a_method_ignores_are_named(tmp_path, tiny_dir, dolly_like):
@@ -114,6 +136,11 @@ def test_options_a_method_ignores_are_named(tmp_path, tiny_dir, dolly_like):
     assert res.exit_code == 0 and "note: --method minillm does not use --kd-ratio" in res.output, res.output
     res = invoke("distill", *args, "--out", tmp_path / "plain", "--steps", 1)
     assert "does not use" not in res.output
+    # seqkd generates in --rollout-batch-size chunks; a baseline may take a batch over --num-rollouts
+    res = invoke("distill", *args, "--method", "seqkd", "--rollout-batch-size", 3, "--out", tmp_path / "sq", "--steps", 1)
+    assert res.exit_code == 0 and "--rollout-batch-size" not in res.output.split("note:")[-1].split("\n")[0]
+    res = invoke("distill", *args, "--method", "kd", "--batch-size", 6, "--out", tmp_path / "kd6", "--steps", 1)
+    assert res.exit_code == 0, res.output
 
 
 def test_seqkd_file_holds_the_generated_answers_only(tmp_path, tiny_dir):

@@ -81,6 +81,24 @@ def test_greedy_names_the_sampling_options_it_ignores(tiny_dir, vicuna_like):
     assert "note:" not in res.stderr
 
 
+def test_greedy_with_a_teacher_and_a_teacher_no_metric_uses(tiny_dir, dolly_like, tmp_path):
+    res = invoke("--model", tiny_dir / "student", "--teacher", tiny_dir / "teacher", "--data", dolly_like, "--seeds", 1,
+                 "--limit", 3, "--max-new-tokens", 4, "--greedy", "--json", "--quiet", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(res.stdout)["metrics"]) == ["rougeL", "reverse-kl", "forward-kl"]
+    # a teacher no metric needs is not loaded (a missing folder would otherwise be an error)
+    res = invoke("--model", tiny_dir / "student", "--teacher", tmp_path / "absent", "--metric", "rougeL",
+                 "--data", dolly_like, "--seeds", 1, "--limit", 2, "--max-new-tokens", 4, "--device", "cpu")
+    assert res.exit_code == 0 and "is unused by rougeL" in res.stderr, res.output
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_generating(tiny_dir, dolly_like, tmp_path):
+    (tmp_path / "f").write_text("x")
+    res = invoke("--model", tiny_dir / "student", "--data", dolly_like, "--out", tmp_path / "f" / "r.json",
+                 "--seeds", 1, "--limit", 2, "--max-new-tokens", 4, "--device", "cpu")
+    one_error_line(res, "--out", "cannot create its folder")
+
+
 def test_references_rouge_cannot_read_are_noted(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "ja.jsonl", [{"instruction": f"Say hello {i}", "response": r}
                                                for i, r in enumerate(["こんにちは", "Привет мир", "hello 1"])])

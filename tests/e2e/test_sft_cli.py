@@ -209,6 +209,20 @@ def test_sequences_longer_than_the_model_are_refused(tmp_path, tiny_dir, dolly_l
                  "--out", tmp_path / "e", "--steps", 1, "--quiet")
     assert res.exit_code == 2, res.output
     assert "--pt-data's sequence length (200 tokens) exceeds the student's context of 128" in res.output
+    # a rotary model has no table to run out of: a note, not a refusal
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(str(tiny_dir / "tokenizer"))
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=128,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(llama)
+    tok.save_pretrained(llama)
+    res = invoke("sft", "--model", llama, "--data", dolly_like, "--out", tmp_path / "f", "--steps", 1,
+                 "--max-length", 160, "--max-prompt-length", 120, "--batch-size", 2, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: --max-length (160 tokens) exceeds the model's context of 128 positions " \
+           "(config.max_position_embeddings); past it" in res.output
 
 
 def test_batch_larger_than_the_data_is_noted(tmp_path, tiny_dir, dolly_like):

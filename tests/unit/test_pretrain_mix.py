@@ -161,7 +161,7 @@ def test_byte_order_marks_are_not_text(tmp_path, tok):
     """A UTF-8 byte-order mark opening a .jsonl (json refuses it) or a .txt (it would become the
     first document's first token) is skipped."""
     a, b = docs(5, 10, "A"), docs(5, 11, "B")
-    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in a).encode())
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf\n" + "".join(json.dumps({"text": t}) + "\n" for t in a).encode())
     (tmp_path / "b.txt").write_text("\ufeff" + b[0], encoding="utf-8")
     build_mixture(cfg(tmp_path, [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], tok))
     for source, texts in ((0, a), (1, b[:1])):
@@ -213,7 +213,10 @@ def test_config_validation(tmp_path, tok):
     with pytest.raises(InputError, match="weight must be a number > 0, got 'abc'"):  # not "no such file"
         cfg(tmp_path, [f"{tmp_path}/a.txt:abc"], tok)
     with pytest.raises(InputError, match="given more than once"):
-        cfg(tmp_path, [f"{tmp_path}/a.txt", f"{tmp_path}/a.txt:2"], tok)
+        cfg(tmp_path, [f"{tmp_path}/a.txt", f"{tmp_path}/./a.txt:2"], tok)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="cannot create the folder"):
+        build_mixture(cfg(tmp_path, [f"{tmp_path}/a.txt"], tok, out=tmp_path / "file" / "pt"))
     with pytest.raises(InputError, match="--max-tokens"):
         cfg(tmp_path, [f"{tmp_path}/a.txt"], tok, max_tokens=10)
     with pytest.raises(InputError, match="--valid-fraction"):
