@@ -105,6 +105,12 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                  f"first: {missing[0].meta.get('where', '?')}; layout "
                                  f"{missing[0].meta.get('layout', '?')}): each needs one; if the answers are in "
                                  f"another field, name it with --response-field")
+    else:  # seqkd: the teacher answers the training prompts; validation needs gold answers
+        unanswered = sum(not e.references for e in valid_examples or [])
+        if unanswered:
+            valid_examples = [e for e in valid_examples if e.references]
+            progress.log(f"note: {unanswered} validation examples have no reference answer: validated without "
+                         f"them" + ("" if valid_examples else " (no validation loss)"))
     train, dropped = encode_sft(tok, train_examples, cfg.data.template, cfg.data.max_prompt_length,
                                 cfg.data.max_length, responses=responses)
     valid, vdropped = encode_sft(tok, valid_examples or [], cfg.data.template, cfg.data.max_prompt_length,

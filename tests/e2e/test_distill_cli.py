@@ -166,6 +166,21 @@ def test_seqkd_file_holds_the_generated_answers_only(tmp_path, tiny_dir):
     assert "teacher generated" not in res.output  # answers reused
 
 
+def test_seqkd_on_prompts_without_answers(tmp_path, tiny_dir):
+    """SeqKD needs prompts only (the teacher answers them); its validation loss needs gold answers,
+    so reference-free validation examples are left out (a loss on EOS alone would mean nothing)."""
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "v.jsonl", [{"question_id": i, "turns": [f"How do I fix item {i}?"]}
+                                              for i in range(30)])
+    args = [a for a in common(tiny_dir, data) if a != "--quiet"]
+    res = invoke("distill", *args, "--method", "seqkd", "--valid-size", 4, "--out", tmp_path / "s", "--steps", 1)
+    assert res.exit_code == 0, res.output
+    assert "note: 4 validation examples have no reference answer: validated without them (no validation loss)" \
+        in res.output
+    assert all(r.get("valid_loss") is None for r in rows(tmp_path / "s"))
+
+
 def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     base = [*common(tiny_dir, dolly_like), "--steps", 1, "--eval-prompts", 0]
     outs = {}
