@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from minillm_cli.errors import RunError
+from minillm_cli.errors import InputError, RunError
 
 LATEST = "LATEST"
 
@@ -180,6 +180,26 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
                   and (p / "meta.json").is_file() and (p / "state.pt").is_file())
     return done[-1] if done else None
+
+
+def resume_run(out: Path, *, model, optimizer, scheduler, steps: int, is_main: bool) -> dict:
+    """--resume: restore OUT's newest checkpoint; returns load_checkpoint's {"step", "extra"} plus
+    "path". The optimizer then holds the rate this run's schedule sets for the next step (its saved
+    rate came from the first run's schedule, whose length --steps may have changed: a finished
+    cosine run would otherwise resume at 0); a step count below the checkpoint's is refused; rows
+    metrics.jsonl holds past the checkpoint are dropped (rank 0)."""
+    last = latest_checkpoint(out)
+    if last is None:
+        raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
+    state = load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    if state["step"] > steps:
+        raise InputError(f"--resume: the run in {out} is at step {state['step']} already, past the {steps} steps "
+                         f"asked for; give more --steps (or --epochs)")
+    if is_main:
+        truncate_metrics(Path(out) / "metrics.jsonl", state["step"])
+    return {**state, "path": last}
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:

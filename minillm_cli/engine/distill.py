@@ -24,11 +24,11 @@ from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import MiniLLMOptions, StatsSum, minillm_loss, score_rollouts
 from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
-from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, run_entry, to_device,
-                                        scaling_warnings, seed_everything)
+from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, resolved_settings,
+                                        run_entry, scaling_warnings, seed_everything, to_device)
 from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_engine, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
-                                            make_scheduler, micro_batches, sync_scheduled_lr)
+                                            make_scheduler, micro_batches)
 from minillm_cli.errors import InputError, RunError
 from minillm_cli.progress import MetricsWriter, Progress
 
@@ -337,31 +337,22 @@ class MiniLLMRun:
             progress.log(line)
         step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []
         if cfg.run.resume:
-            last = ckpt.latest_checkpoint(out)
-            if last is None:
-                raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
-            state = ckpt.load_checkpoint(last, model=self.student, optimizer=self.opt, scheduler=self.sched)
-            sync_scheduled_lr(self.opt, self.sched)
+            state = ckpt.resume_run(out, model=self.student, optimizer=self.opt, scheduler=self.sched,
+                                    steps=self.steps, is_main=rt.is_main)
             step, extra = state["step"], state["extra"]
-            if step > self.steps:
-                raise InputError(f"--resume: the run in {out} is at step {step} already, past the {self.steps} steps "
-                                 f"asked for; give more --steps (or --epochs)")
             iteration, plan_pos = extra["iteration"], extra["plan_pos"]
             if extra.get("buffer") is not None:
                 buffer = from_state(extra["buffer"], rt.device)
                 plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration - 1)
-            if rt.is_main:
-                ckpt.truncate_metrics(out / "metrics.jsonl", step)
-            progress.log(f"resumed from {last.name} (step {step})")
+            progress.log(f"resumed from {state['path'].name} (step {step})")
         if rt.is_main:
             from minillm_cli.engine.fast_sampler import resolve_engine
 
             save_run_config(cfg, out, "distill", {
                 "steps": self.steps, "train_prompts": len(self.prompts), "world_size": rt.world_size,
                 "sharded": rt.fsdp,
-                "resolved": {"device": str(rt.device), "sampler": resolve_engine(self.engine, rt.device),
-                             "dtype": str(next(self.student.parameters()).dtype).replace("torch.", ""),
-                             "autocast": str(self.amp).replace("torch.", "")}})
+                "resolved": resolved_settings(rt, self.student, self.amp,
+                                              sampler=resolve_engine(self.engine, rt.device))})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}

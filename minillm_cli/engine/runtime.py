@@ -274,6 +274,15 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def resolved_settings(rt: Runtime, model, amp, **extra) -> dict:
+    """What the run's "auto" settings became (device, weights' and autocast dtypes), for
+    run_config.json."""
+    def name(dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    return {"device": str(rt.device), "dtype": name(next(model.parameters()).dtype), "autocast": name(amp), **extra}
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """bf16/fp16 autocast on CUDA (float32 master weights); a no-op context elsewhere."""
     import contextlib

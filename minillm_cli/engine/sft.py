@@ -19,11 +19,10 @@ from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.losses import lm_loss
 from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.sampler import model_kwargs
-from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, run_entry, scaling_warnings,
-                                        seed_everything)
+from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, resolved_settings, run_entry,
+                                        scaling_warnings, seed_everything)
 from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
-                                            make_optimizer, make_scheduler, micro_batches, micro_seed,
-                                            sync_scheduled_lr)
+                                            make_optimizer, make_scheduler, micro_batches, micro_seed)
 from minillm_cli.errors import InputError, RunError
 from minillm_cli.progress import MetricsWriter, Progress
 
@@ -142,25 +141,14 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
 
     start, best = 0, {"valid_loss": float("inf"), "step": None}
     if cfg.run.resume:
-        last = ckpt.latest_checkpoint(out)
-        if last is None:
-            raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
-        state = ckpt.load_checkpoint(last, model=model, optimizer=opt, scheduler=sched)
+        state = ckpt.resume_run(out, model=model, optimizer=opt, scheduler=sched, steps=steps, is_main=rt.is_main)
         start, best = state["step"], state["extra"].get("best", best)
-        sync_scheduled_lr(opt, sched)
-        if start > steps:
-            raise InputError(f"--resume: the run in {out} is at step {start} already, past the {steps} steps asked "
-                             f"for; give more --steps (or --epochs)")
-        if rt.is_main:
-            ckpt.truncate_metrics(out / "metrics.jsonl", start)
-        progress.log(f"resumed from {last.name}")
+        progress.log(f"resumed from {state['path'].name}")
     if rt.is_main:
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
                                             "dropped_long_prompts": dropped + vdropped, "steps": steps,
                                                      "world_size": rt.world_size, "sharded": rt.fsdp,
-                                                     "resolved": {"device": str(rt.device), "dtype": str(
-                                                         next(model.parameters()).dtype).replace("torch.", ""),
-                                                         "autocast": str(amp).replace("torch.", "")}})
+                                                     "resolved": resolved_settings(rt, model, amp)})
     metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
 
     def evaluate_and_keep_best(step: int) -> float | None:

@@ -36,15 +36,6 @@ def make_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def sync_scheduled_lr(optimizer, scheduler) -> None:
-    """After loading a checkpoint: the rate of the step about to run, by this run's schedule. The
-    optimizer's state holds the rate the saved run's schedule set, which differs when --steps
-    (the schedule's length) changed on --resume: without this the first resumed step would train
-    at the old curve's rate (0 at the end of a finished cosine schedule)."""
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(scheduler.last_epoch)
-
-
 def check_finite(value: torch.Tensor | float, *, step: int, term: str) -> None:
     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(v):

@@ -255,39 +255,38 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     rt = init_runtime(cfg.device)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, what="model")
     teacher = None
+    progress = Progress("evaluate", quiet=cfg.quiet)
     if "rougeL" in metrics:
         from minillm_cli.eval.metrics import rouge_scorable
 
         blind = sum(not any(rouge_scorable(r) for r in e.references) for e in examples)
         if blind:
-            Progress("evaluate", quiet=cfg.quiet).log(
+            progress.log(
                 f"note: {blind} of {len(examples)} examples have references without a word ROUGE-L can score "
                 f"(rouge_score keeps a-z and 0-9 only): their ROUGE-L is 0 whatever the answer")
     if cfg.greedy:
         moved = [f for f, v, d in (("--temperature", cfg.temperature, 1.0), ("--top-k", cfg.top_k, 0),
                                    ("--top-p", cfg.top_p, 1.0)) if v != d]
         if moved:
-            Progress("evaluate", quiet=cfg.quiet).log(f"note: --greedy takes the most likely token; "
-                                                      f"{', '.join(moved)} change nothing")
+            progress.log(f"note: --greedy takes the most likely token; {', '.join(moved)} change nothing")
     if cfg.teacher is not None and not any(m in KL_METRICS for m in metrics):
-        Progress("evaluate", quiet=cfg.quiet).log(f"note: --teacher {cfg.teacher} is unused by {', '.join(metrics)}")
+        progress.log(f"note: --teacher {cfg.teacher} is unused by {', '.join(metrics)}")
     elif cfg.teacher is not None:
         from minillm_cli.engine.teacher import load_teacher
 
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
                                   context=(cfg.max_length, "--max-length"),
-                                  note=Progress("evaluate", quiet=cfg.quiet).log)
+                                  note=progress.log)
     model = load_model(cfg.model, tokenizer=tok, device=rt.device, dtype=pick_dtype(rt.device, cfg.dtype),
                        trust_remote_code=cfg.trust_remote_code, trainable=False)
-    check_context(model, cfg.max_length, "--max-length", "model", Progress("evaluate", quiet=cfg.quiet).log)
+    check_context(model, cfg.max_length, "--max-length", "model", progress.log)
     V = len(tok)
 
     prompts, kept, n_dropped = encode_prompts(tok, examples, cfg.template, cfg.max_prompt_length)
     if not prompts:
         raise InputError(f"every prompt of {cfg.data} is longer than --max-prompt-length {cfg.max_prompt_length} tokens")
     evald = [examples[i] for i in kept]
-    progress = Progress("evaluate", quiet=cfg.quiet)
     if n_dropped:
         progress.log(f"{n_dropped} of {n_read} prompts are longer than {cfg.max_prompt_length} tokens: dropped")
     want_kl = teacher is not None
