@@ -48,51 +48,53 @@ def _matmul_forwards() -> tuple:
 
 
 class SamplingWeights:
-    """`dtype` copies of `model`'s float32 matmul parameters. `refresh()` re-casts the current
-    master values into them in place; `installed()` makes the modules read the copies."""
+    """`dtype` copies of `model`'s float32 matmul parameters. `refresh()` casts the current master
+    values into them in place (allocating them on the first call, so a model found unsuited
+    before that costs nothing); `installed()` makes the modules read the copies."""
 
     def __init__(self, model, dtype: torch.dtype):
         if dtype not in LOW:
             raise ValueError(f"sampling weights are a low-precision copy, got {dtype}")
         forwards = _matmul_forwards()
-        copies: dict[int, torch.Tensor] = {}  # one copy per master, also where it is shared
-        self.slots: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        self.dtype = dtype
+        self.slots: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+        self.masters: dict[int, torch.Tensor] = {}  # one copy per master, also where it is shared
         for mod in model.modules():
             if type(mod).forward not in forwards:  # (a subclass with its own forward: not covered)
                 continue
             for name in ("weight", "bias"):
                 p = mod._parameters.get(name)
-                if p is None or p.dtype != torch.float32:
-                    continue
-                if id(p) not in copies:
-                    copies[id(p)] = torch.empty_like(p, dtype=dtype, requires_grad=False)
-                self.slots.append((mod, name, p, copies[id(p)]))
-        unique: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for _, _, p, c in self.slots:
-            unique.setdefault(id(c), (p, c))
-        self._pairs = list(unique.values())
+                if p is not None and p.dtype == torch.float32:
+                    self.slots.append((mod, name, p))
+                    self.masters[id(p)] = p
+        self.copies: dict[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.slots)
 
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for _, c in self._pairs)
+        return sum(p.numel() for p in self.masters.values()) * torch.finfo(self.dtype).bits // 8
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Cast the masters' current values (after any optimizer step) into the copies."""
-        for p, c in self._pairs:
-            c.copy_(p)
+        if self.copies is None:
+            self.copies = {k: torch.empty_like(p, dtype=self.dtype, requires_grad=False)
+                           for k, p in self.masters.items()}
+        for k, p in self.masters.items():
+            self.copies[k].copy_(p)
 
     @contextlib.contextmanager
     def installed(self):
-        """The covered modules read the copies inside; the masters are back afterwards (also on
-        errors). Set in `_parameters` directly: the copies are plain tensors, not Parameters."""
+        """The covered modules read the copies inside (after a `refresh`); the masters are back
+        afterwards (also on errors). Set in `_parameters` directly: the copies are plain tensors,
+        not Parameters."""
+        assert self.copies is not None, "refresh() first"
         done = []
         try:
-            for mod, name, _, c in self.slots:
+            for mod, name, p in self.slots:
                 done.append((mod, name, mod._parameters[name]))  # put back what is there now
-                mod._parameters[name] = c
+                mod._parameters[name] = self.copies[id(p)]
             yield
         finally:
             for mod, name, p in reversed(done):
