@@ -358,17 +358,14 @@ class DistillConfig:
 
     def unused_options(self) -> list[str]:
         """The flags given (away from their defaults) that this --method does not read."""
-        used = set(_SAMPLING_OPTIONS) | {"rollout_batch_size"} if self.method == "seqkd" else set()
-        if self.method == "minillm":
-            used |= set(_MINILLM_OPTIONS) | set(_SAMPLING_OPTIONS)
-        if self.method == "kd":
-            used.add("kd_ratio")
+        used = {"minillm": {*_MINILLM_OPTIONS, *_SAMPLING_OPTIONS},
+                "seqkd": {*_SAMPLING_OPTIONS, "rollout_batch_size"},  # (generates in rollout batches)
+                "kd": {"kd_ratio"}, "rkl": set()}[self.method]
+        ignored = {*_MINILLM_OPTIONS, *_SAMPLING_OPTIONS, "kd_ratio"} - used
         out = []
         for f in dataclasses.fields(self):
-            if f.name not in _MINILLM_OPTIONS + _SAMPLING_OPTIONS + ("kd_ratio",) or f.name in used:
-                continue
             value = getattr(self, f.name)
-            if value != f.default:
+            if f.name in ignored and value != f.default:
                 flag = f.name.replace("_", "-")
                 out.append(f"--no-{flag}" if value is False and f.default is True else f"--{flag}")
         return out
