@@ -293,3 +293,33 @@ def naive_minillm_loss(student, teacher, batch, normalizer: float, vocab: int, c
     adv = batch.advantages
     pg = torch.maximum(-adv * rho, -adv * rho.clamp(1 - clip, 1 + clip))
     return ((ss + pg) * mask).sum() / normalizer
+
+
+def kernel_profile(step, n: int, device, top: int = 25) -> dict:
+    """torch.profiler over `n` calls of `step`: kernels per call, device milliseconds per call,
+    the `top` kernels by device time (printed, and returned for JSON). On a CPU there are no
+    kernel events: the counts are 0."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    evs = [e for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
+    dur = lambda e: e.time_range.elapsed_us()  # noqa: E731  (a kernel event's own duration)
+    dev_us = sum(dur(e) for e in evs)
+    by_name: dict = {}
+    for e in evs:
+        k = e.name[:90]
+        c, t = by_name.get(k, (0, 0.0))
+        by_name[k] = (c + 1, t + dur(e))
+    best = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    print(f"\nprofile: {len(evs) / n:.0f} kernels per call, {dev_us / n / 1e3:.3f} ms of kernel time per call")
+    for name, (c, t) in best:
+        print(f"  {t / n / 1e3:8.3f} ms/call  {c / n:6.0f}x  {name}")
+    if cuda and not evs:  # this torch keeps kernels elsewhere: print its own table
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top))
+    return {"kernels_per_step": len(evs) / n, "kernel_ms_per_step": dev_us / n / 1e3,
+            "top": [{"name": k, "per_step": c / n, "ms_per_step": t / n / 1e3} for k, (c, t) in best]}

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check on one H100/H200, in two parts that each fit one 10-minute device call:
-#   part 1 (limits add up to 8.75 min): the rollout benchmark at batch 64 and 256 (naive and
-#          graph), the experimental compile engine at batch 64 on its own (its compile time is
-#          unknown at these shapes), the vocabulary-wide loss on its own, the train step and, next
-#          to its measured peaks, the CPU estimate of them (train_step.py --estimate-memory: fake
-#          tensors, ~45 s on 2 cores), the GPU tests (62 s on the H200 in run 2);
+#   part 1 (limits add up to 7.5 min): the rollout benchmark at batch 64 and 256 (naive and
+#          graph), the decode step's kernel profile and its unmeasured switches at batch 64
+#          (rollout_profile.py: the padded LM head vs the plain one, the student on a second
+#          stream, attention over the used prefix of the caches), the vocabulary-wide loss on its own, the train step and, next to its measured
+#          peaks, the CPU estimate of them (train_step.py --estimate-memory: fake tensors, ~45 s
+#          on 2 cores), the GPU tests (62 s on the H200 in run 2);
 #   part 2 (7.5 min): one MiniLLM iteration at the paper's settings, the CLI on the GPU
 #          (benchmarks/gpu_cli_check.sh), a float32 student's rollouts with and without the
-#          sampler's bf16 weight copies (rollout_profile.py).
+#          sampler's bf16 weight copies and with the second stream (rollout_profile.py);
+#   part 3 (2.5 min): the experimental compile engine at batch 64 on its own (its compile time
+#          is unknown at these shapes).
 # JSON lines and a log go to $OUT (or ./gpu-results/).
-#   bash benchmarks/gpu_check.sh [1|2|all]   (from the repository root; runs from a checkout:
+#   bash benchmarks/gpu_check.sh [1|2|3|all]   (from the repository root; runs from a checkout:
 #                                            PYTHONPATH is set, no install needed; default all)
 PART="${1:-all}"
 LOGNAME_=gpu_check
@@ -17,16 +20,19 @@ source "$(dirname "$0")/_gpu_env.sh"
 machine
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
-  run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile
+  run 75  "$PY" benchmarks/rollout_profile.py --variants base,plain_head,streams,buckets,buckets+streams
   run 45  "$PY" benchmarks/vocab_loss.py
-  run 60  "$PY" benchmarks/train_step.py
+  run 60  "$PY" benchmarks/train_step.py --profile
   run 60  "$PY" benchmarks/train_step.py --estimate-memory
   run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   run 240 "$PY" benchmarks/iteration.py
   run 150 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
-  run 60  "$PY" benchmarks/rollout_profile.py --variants base,fp32_student,fp32_student+per_step_casts
+  run 60  "$PY" benchmarks/rollout_profile.py --variants base,fp32_student,fp32_student+per_step_casts,fp32_student+streams
+fi
+if [ "$PART" = 3 ] || [ "$PART" = all ]; then
+  run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile
 fi
 fallbacks
 log done

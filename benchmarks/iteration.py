@@ -11,7 +11,9 @@ _common.naive_minillm_loss (full-vocabulary float32 log-softmaxes through autogr
 forward repeated in every PPO micro-batch); bf16 student weights.
 ours: sampler.sample(engine="auto": static caches + CUDA graph on CUDA, the static loop on CPU);
 teacher logits kept from scoring (cache_teacher_logits), the fused chunked vocabulary pass, float32 master weights
-with bf16 autocast, fused AdamW, gelu_new as one kernel (engine/fused.py). Each side runs one
+with bf16 autocast, fused AdamW, gelu_new as one kernel (engine/fused.py), the LM heads over
+vocabulary rows padded to a multiple of 64 (engine/aligned_head.py; the sampler's own padded copy
+while sampling). Each side runs one
 untimed warm-up iteration on a reduced batch first (same shapes), then one timed iteration;
 phases are timed separately.
 """
@@ -38,6 +40,7 @@ def main() -> int:
     import torch
 
     from minillm_cli.engine import fast_sampler
+    from minillm_cli.engine.aligned_head import aligned_heads
     from minillm_cli.engine.fused import fused_activations
     from minillm_cli.engine.losses import DEFAULT_CHUNK
     from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
@@ -139,8 +142,10 @@ def main() -> int:
         opt = torch.optim.AdamW(student.parameters(), lr=1e-6, **({"fused": True} if cuda and not naive else {}))
         student.eval()  # dropout off during updates, as the engine does
         try:
-            # ours: gelu_new as one kernel, as the engine loads models on CUDA (engine/fused.py)
-            with fused_activations([] if naive else [student, teacher]):
+            # ours: gelu_new as one kernel and the LM heads over aligned rows, as the engine loads
+            # models on CUDA (engine/fused.py, engine/aligned_head.py)
+            with fused_activations([] if naive else [student, teacher]), \
+                    aligned_heads([] if naive else [student, teacher]):
                 one_iteration(side, student, opt, min(N, max(MB, RB)))  # warm-up: same shapes, fewer rows
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()

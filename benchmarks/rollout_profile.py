@@ -20,6 +20,12 @@ the top kernels by device time, kernels per step, and device time per step. Vari
                 engine/sampling_weights.py)
   per_step_casts  no such copies: autocast casts the float32 weights in every decode step (the
                 engine before them; use with fp32_student)
+  plain_head    the LM heads as they are (odd vocabulary rows: cuBLAS's align1 kernels) instead
+                of the copies padded to 64 rows that ship on CUDA (sampling_weights.PaddedHead)
+  streams       fast_sampler.PARALLEL_MODELS: the student's forward on a second CUDA stream,
+                concurrent with the teacher's, inside the captured step (off by default)
+  buckets       fast_sampler.KV_BUCKETS = 4: attention over the used prefix of the caches, one
+                captured graph per bucket (off by default; first_call_s shows the captures)
 Variants combine with "+" (e.g. gelu_new+efficient). The 2026-11-28 H200 run predates both
 defaults: its "base" was today's gelu_new+bool_mask, its "gelu_tanh" today's bool_mask, and its
 "float_mask" today's gelu_new.
@@ -31,7 +37,8 @@ import contextlib
 import copy
 import time
 
-from _common import base_parser, build_pair, emit, low_dtype, machine, random_prompts, setup, sync
+from _common import (base_parser, build_pair, emit, kernel_profile, low_dtype, machine, random_prompts, setup,
+                     sync)
 
 
 @contextlib.contextmanager
@@ -50,17 +57,15 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--alpha", type=float, default=0.2)
-    ap.add_argument("--variants", default="base,gelu_new,math_bf16,efficient,cudnn,bool_mask,fp32_student,"
-                                           "fp32_student+per_step_casts")
+    ap.add_argument("--variants", default="base,plain_head,streams,buckets,buckets+streams,fp32_student,"
+                                           "fp32_student+per_step_casts,fp32_student+streams,gelu_new,bool_mask")
     ap.add_argument("--profile-steps", type=int, default=4)
     args = setup(ap.parse_args(), "rollout_profile")
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from minillm_cli.engine import fast_sampler as fs
     from minillm_cli.engine.sampler import SamplingParams, sample
 
-    cuda = args.device.type == "cuda"
     B = args.batch or (4 if args.tiny else 64)
     P = args.prompt_len or (16 if args.tiny else 128)
     T = args.new_tokens or (16 if args.tiny else 128)
@@ -77,33 +82,16 @@ def main() -> int:
               "teacher": fs._StaticModel(teacher, V, B, L, args.device)}
     dec = fs._Decoder(models, B=B, P=P, T=T, L=L, alpha=args.alpha, params=SamplingParams(T), eos_id=eos,
                       pad_id=eos, vocab_size=V, device=args.device)
-    with torch.no_grad(), fs.fused_activations([student, teacher]):  # as the sampler runs them
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        stack.enter_context(fs.fused_activations([student, teacher]))  # as the sampler runs them
+        for m in models.values():  # (the padded heads; float32 weights' copies)
+            stack.enter_context(m.sampling_weights())
         dec.load(ids, mask.bool(), torch.rand(B, T).to(args.device))
         for _ in range(2):
             dec.step()
         sync(args.device)
-        n = args.profile_steps
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            for _ in range(n):
-                dec.step()
-            sync(args.device)
-    evs = [e for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
-    dur = lambda e: e.time_range.elapsed_us()  # noqa: E731  (a kernel event's own duration)
-    dev_us = sum(dur(e) for e in evs)
-    by_name: dict = {}
-    for e in evs:
-        k = e.name[:90]
-        c, t = by_name.get(k, (0, 0.0))
-        by_name[k] = (c + 1, t + dur(e))
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
-    print(f"\nprofile: {len(evs) / n:.0f} kernels per step, {dev_us / n / 1e3:.3f} ms of kernel time per step")
-    for name, (c, t) in top:
-        print(f"  {t / n / 1e3:8.3f} ms/step  {c / n:6.0f}x  {name}")
-    if cuda and not evs:  # this torch keeps kernels elsewhere: print its own table
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
-    emit(args, {"kind": "profile", "kernels_per_step": len(evs) / n, "kernel_ms_per_step": dev_us / n / 1e3,
-                "top": [{"name": k, "per_step": c / n, "ms_per_step": t / n / 1e3} for k, (c, t) in top]})
+        prof = kernel_profile(dec.step, args.profile_steps, args.device)
+    emit(args, {"kind": "profile", **prof})
     del dec, models
     fs.release()
 
@@ -132,6 +120,12 @@ def main() -> int:
                 ctx.enter_context(_patched(fs._StaticModel, "mask", lambda self, allow: allow))
             if "per_step_casts" in parts:
                 ctx.enter_context(_patched(fs, "SAMPLING_WEIGHTS", False))
+            if "plain_head" in parts:
+                ctx.enter_context(_patched(fs, "PAD_HEAD_DEVICES", ()))
+            if "streams" in parts:
+                ctx.enter_context(_patched(fs, "PARALLEL_MODELS", True))
+            if "buckets" in parts:
+                ctx.enter_context(_patched(fs, "KV_BUCKETS", 4))
             s_model = student
             if "fp32_student" in parts:
                 s_model = copy.deepcopy(student).float()

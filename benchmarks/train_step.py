@@ -12,9 +12,12 @@ the response positions reach the LM head; the vocabulary-wide terms in one fused
 over blocks of positions with a closed-form backward, losses.vocab_terms). ours+cached: the same with the teacher logits kept from
 score_rollouts (opts.cache_teacher_logits), i.e. no teacher forward in the PPO epochs. "ours"
 variants run GPT-2's gelu_new as one fused kernel, as the engine does on CUDA (engine/fused.py);
+and multiply the LM heads over vocabulary rows padded to a multiple of 64, as the engine does on
+CUDA (engine/aligned_head.py; a "+plain_head" suffix keeps the odd-row heads);
 a "+gelu_new" suffix keeps the composed activation (what was measured on 2026-11-28), a "+ckpt"
 suffix checkpoints the student's blocks (`--gradient-checkpointing`; the MFU formula does not
 count the recomputed forward).
+--profile: after each variant's timing, the top kernels of one more step (torch.profiler).
 Reports seconds/step, tokens/s (batch x length), peak GiB and MFU = (6 N_s + 2 N_t) tokens/s over
 the dense matmul FLOP/s measured in this run (the formula counts the teacher forward even for
 ours+cached, so that row's MFU is "useful work per second", above the hardware's true MFU, which
@@ -31,8 +34,8 @@ autocast: its H200 peak (9.30 GiB, 2026-11-28) against its estimate.
 """
 from __future__ import annotations
 
-from _common import (base_parser, build_gpt2, emit, low_dtype, machine, measure_matmul_flops, n_params,
-                     naive_minillm_loss, setup, sync, table, timed, REAL, TINY)
+from _common import (base_parser, build_gpt2, emit, kernel_profile, low_dtype, machine, measure_matmul_flops,
+                     n_params, naive_minillm_loss, setup, sync, table, timed, REAL, TINY)
 
 
 def main() -> int:
@@ -41,7 +44,10 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--response-len", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--variants", default="naive,ours,ours+cached,ours+cached+gelu_new,ours+cached+ckpt")
+    ap.add_argument("--variants", default="naive,ours,ours+cached,ours+cached+plain_head,ours+cached+gelu_new,"
+                                           "ours+cached+ckpt")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, the top kernels of one step of each variant (CUDA)")
     ap.add_argument("--estimate-memory", action="store_true",
                     help="peak memory of each variant from fake tensors on the CPU (see above)")
     args = ap.parse_args()
@@ -123,6 +129,7 @@ def run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimat
     {peak_gib by category, N_s} (estimate). None after an OOM (reported)."""
     import torch
 
+    from minillm_cli.engine.aligned_head import aligned_heads
     from minillm_cli.engine.fused import fused_activations
     from minillm_cli.engine.minillm import MiniLLMOptions, RolloutBatch, minillm_loss, response_logits
     from minillm_cli.engine.recompute import recompute_blocks
@@ -164,7 +171,8 @@ def run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimat
         return loss.detach()
 
     step = naive_step if naive else our_step
-    with fused_activations([student, teacher] if not naive and "gelu_new" not in variant else []):
+    with fused_activations([student, teacher] if not naive and "gelu_new" not in variant else []), \
+            aligned_heads([student, teacher] if not naive and "plain_head" not in variant else []):
         if estimate:
             from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -186,6 +194,8 @@ def run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimat
                 step()
             sync(args.device)
             _, secs, peak = timed(step, args.device, repeats=reps)
+            if args.profile:
+                emit(args, {"kind": "profile", "variant": variant, **kernel_profile(step, 1, args.device)})
         except torch.cuda.OutOfMemoryError as e:
             emit(args, {"kind": "train_step", "variant": variant, "error": f"OOM: {e}"[:200]})
             return None

@@ -132,7 +132,9 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
     teacher) or kept trainable (a LoRA student). The embedding matrix grows when the tokenizer has
     tokens the model lacks (our pad token); it never shrinks (padded vocabularies stay padded and
     callers slice logits to len(tokenizer)). fuse (default: on CUDA): composed activations such as
-    GPT-2's gelu_new run as one kernel (engine/fused.py; the same function, saved folders unchanged)."""
+    GPT-2's gelu_new run as one kernel (engine/fused.py), and an LM head with misaligned vocabulary
+    rows multiplies over rows padded to a multiple of 64 (engine/aligned_head.py); the same
+    functions, saved folders unchanged."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -168,9 +170,11 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
     if fuse is None:
         fuse = torch.device(device).type == "cuda"
     if fuse:
+        from minillm_cli.engine.aligned_head import align_head
         from minillm_cli.engine.fused import fuse_activations
 
         fuse_activations(model)
+        align_head(model)  # the LM head over rows padded to a multiple of 64 (engine/aligned_head.py)
     if not trainable:
         model.eval()
         model.requires_grad_(False)

@@ -39,7 +39,6 @@ layers that keep a device `cumulative_length` (5.2x) are rewound in place, never
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 import weakref
 from dataclasses import astuple
@@ -50,13 +49,31 @@ from minillm_cli.engine.sampler import (
     Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, mix_and_sample, model_kwargs,
     positions_from_mask, sample as eager_sample)
 from minillm_cli.engine.fused import fused_activations
-from minillm_cli.engine.sampling_weights import sampling_weights
+from minillm_cli.engine.sampling_weights import padded_head, sampling_weights
+from minillm_cli.engine.static_cache import make_static_cache, own_writes, rewind
 from minillm_cli.errors import require
 
 ENGINES = ("auto", "eager", "static", "graph", "compile")
 # float32 weights under autocast are cast once per call into copies the decoder owns, not in
 # every step (engine/sampling_weights.py); a switch for benchmarks/rollout_profile.py
 SAMPLING_WEIGHTS = True
+# device types on which the LM head reads a copy padded to aligned rows while sampling
+# (sampling_weights.PaddedHead: a GPU kernel-selection matter, so CPUs keep the plain head); a
+# switch for benchmarks and tests
+PAD_HEAD_DEVICES: tuple = ("cuda",)
+# On CUDA, run the student's decode forward on a second stream, concurrently with the teacher's
+# (a captured graph keeps them as two branches). At batch 64 the teacher's matmuls fill about
+# 75-100 tiles of 64 on a GPU with 132 SMs, so the student's kernels could use the rest. Off until
+# measured on a GPU (benchmarks/rollout_profile.py, variant "streams"); the tokens cannot change
+# (the same kernels on the same inputs, tests/gpu).
+PARALLEL_MODELS = False
+# Attention reads the cache's used prefix only, rounded up to one of this many buckets over the
+# new tokens (one captured graph per bucket; static_cache.CacheWrites returns the views). A step
+# then reads on average ~(1/2 + 1/(2 x buckets)) of the response's KV columns instead of all
+# of them, for one graph capture per bucket. 1 = always the whole cache. Off until measured on
+# a GPU (benchmarks/rollout_profile.py, variant "buckets"): the captures' cost (decoders are
+# rebuilt per sampling phase in `distill`) against the attention's bytes saved is not known.
+KV_BUCKETS = 1
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
 
@@ -75,32 +92,6 @@ def resolve_engine(engine: str, device) -> str:
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
-
-
-def make_static_cache(model, batch_size: int, max_cache_len: int, device, dtype):
-    """A transformers StaticCache for `model`, built with whatever arguments this version's
-    constructor takes (5.x: config + max_cache_len, lazily allocated; 4.x: also batch size,
-    device and dtype)."""
-    from transformers import StaticCache
-
-    params = inspect.signature(StaticCache.__init__).parameters
-    kw = {"config": _hf_model(model).config, "max_cache_len": max_cache_len}
-    for name, value in (("max_batch_size", batch_size), ("batch_size", batch_size),
-                        ("device", device), ("dtype", dtype)):
-        if name in params:
-            kw[name] = value
-    return StaticCache(**kw)
-
-
-def _rewind(cache, length: int) -> None:
-    """Set a static cache's write position to `length` in place (5.2x StaticLayer keeps a device
-    `cumulative_length`; versions that index by `cache_position` keep no such state)."""
-    for layer in getattr(cache, "layers", ()):
-        cl = getattr(layer, "cumulative_length", None)
-        if isinstance(cl, torch.Tensor):
-            cl.fill_(length)
-        elif isinstance(cl, int):
-            layer.cumulative_length = length
 
 
 def _autocast_dtype(device):
@@ -154,24 +145,33 @@ class _StaticModel:
         # student device's autocast (its mask must then be in its weights' dtype)
         amp = _autocast_dtype(_param_device(model))
         self.mask_dtype = amp or self.dtype
+        # the LM head with its vocabulary rows padded to aligned ones (in the dtype it runs in)
+        self.head = padded_head(model, amp) if _param_device(model).type in PAD_HEAD_DEVICES else None
+        skip = (self.head.head,) if self.head is not None else ()
         # float32 matmul weights cast once per call instead of in every step, where that is exact
-        self.weights = sampling_weights(model, amp) if SAMPLING_WEIGHTS else None
+        self.weights = sampling_weights(model, amp, skip) if SAMPLING_WEIGHTS else None
         if self.weights is not None and not _copies_exact(model, self.weights, vocab_size, device):
             self.weights = None
         try:
             self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
         except Exception as e:  # a model family without static-cache support
             raise _Unsupported(f"StaticCache: {e}") from e
+        # the sampler writes the cache at its own positions (static_cache.CacheWrites), where it can
+        self.writes = own_writes(self.cache)
         self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
         self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
 
+    @contextlib.contextmanager
     def sampling_weights(self):
-        """Inside: the model reads low-precision copies of its float32 matmul weights, cast now
-        from the current masters (an optimizer step may have run since the last call)."""
-        if self.weights is None:
-            return contextlib.nullcontext()
-        self.weights.refresh()
-        return self.weights.installed()
+        """Inside: the model reads low-precision copies of its float32 matmul weights and the
+        padded head, refreshed now from the current masters (an optimizer step may have run since
+        the last call)."""
+        with contextlib.ExitStack() as stack:
+            for copies in (self.weights, self.head):
+                if copies is not None:
+                    copies.refresh()
+                    stack.enter_context(copies.installed())
+            yield
 
     def mask(self, allow: torch.Tensor) -> torch.Tensor:
         """Additive, in the dtype attention runs in (autocast's, else the weights'): eager attention
@@ -180,12 +180,20 @@ class _StaticModel:
         H200, batch 64, 7.98 -> 7.77 ms/step (2026-11-28, benchmarks/rollout_profile.py)."""
         return additive_mask(allow, self.mask_dtype)
 
-    def forward(self, ids, allow, positions, cache_position):
+    def forward(self, ids, allow, positions, cache_position, kv_len: int | None = None):
+        """kv_len: attend over cache columns [0, kv_len) only (`allow` is that wide); needs
+        `self.writes`."""
         kw = dict(self.kw)
         if self.pass_cache_position:
             kw["cache_position"] = cache_position
-        out = self.model(input_ids=ids, attention_mask=self.mask(allow), position_ids=positions,
-                         **kw)
+        if self.writes is not None:
+            self.writes.at, self.writes.kv_len = cache_position, kv_len
+        try:
+            out = self.model(input_ids=ids, attention_mask=self.mask(allow), position_ids=positions,
+                             **kw)
+        finally:
+            if self.writes is not None:
+                self.writes.at = self.writes.kv_len = None
         return out.logits[:, -1, : self.vocab_size]
 
     def compile_decode(self, backend: str = "inductor") -> None:
@@ -199,8 +207,8 @@ class _StaticModel:
                 setattr(dynamo, name, max(getattr(dynamo, name), 64))
         self.decode = torch.compile(self.forward, backend=backend, dynamic=False)
 
-    def decode(self, ids, allow, positions, cache_position):
-        return self.forward(ids, allow, positions, cache_position)
+    def decode(self, ids, allow, positions, cache_position, kv_len=None):
+        return self.forward(ids, allow, positions, cache_position, kv_len)
 
 
 class _Unsupported(Exception):
@@ -278,9 +286,12 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
             ar = torch.arange(16, device=device)
             for k in range(n_dec):
                 col = torch.tensor([P + k], device=device)
-                allow = (key_valid & (ar <= col))[:, None, None, :]
+                # where the sampler owns the cache writes, attention reads the used prefix, as a
+                # step does with KV_BUCKETS (checks the views, too)
+                n = P + k + 1 if sm.writes is not None else None
+                allow = (key_valid & (ar <= col))[:, None, None, :n]
                 got.append(sm.forward(ids[:, P + k : P + k + 1], allow, pos[:, P + k : P + k + 1],
-                                      col).float())
+                                      col, n).float())
         got = torch.stack(got, 1)
         want = ref[:, P - 1 : P + n_dec]
         # the noise floor: how far the eager sampler's own cached decode is from the full forward
@@ -340,7 +351,16 @@ class _Decoder:
         self.tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
         self.alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
         self.lq = self.lm = None  # allocated at step 0 (dtype of mix_and_sample's output)
-        self.graph = None
+        # kv_len -> captured step (None: capture tried, not possible); graphs share one memory pool
+        self.graphs: dict = {}
+        self.pool = None
+        self.capturing = False  # set by fast_sample for the graph / compile engines
+        self.capture_error: Exception | None = None
+        # the width of a bucket of cache columns attention reads (None: the whole cache)
+        bucketed = KV_BUCKETS > 1 and all(m.writes is not None for m in models.values())
+        self.width = _round_up(-(-T // KV_BUCKETS), 16) if bucketed else None
+        parallel = PARALLEL_MODELS and torch.device(device).type == "cuda" and len(models) == 2
+        self.side = torch.cuda.Stream(device) if parallel else None  # the student's stream
 
     # state in, prefill, step 0 ---------------------------------------------------------------
     def load(self, prompt_ids, prompt_mask, uniforms):
@@ -358,7 +378,7 @@ class _Decoder:
         self.t.zero_()
         self.finished.zero_()
         for m in self.models.values():
-            _rewind(m.cache, 0)
+            rewind(m.cache, 0)
         allow = _prefill_allow(self.key_valid, P)
         pos = positions_from_mask(pm.long())
         cp = torch.arange(P, device=self.device)
@@ -405,19 +425,43 @@ class _Decoder:
             self.seq.index_copy_(1, self.P + t, tok[:, None])
         self.t.add_(1)
 
-    def step(self) -> None:
+    def kv_len(self, s: int) -> int | None:
+        """The cache columns step `s` (sampling token s; it feeds column P + s - 1) attends over:
+        the first P + s at least, rounded up to the bucket's end; None: all."""
+        if self.width is None:
+            return None
+        return min(self.L, self.P + _round_up(s, self.width))
+
+    def step(self, kv_len: int | None = None) -> None:
         """Feed the last token (cache column P + t - 1), run the models, sample token t."""
         with _fresh_casts(self.device):
-            self._step()
+            self._step(kv_len)
 
-    def _step(self) -> None:
+    def _step(self, kv_len: int | None) -> None:
         t = self.t
         col = self.P + t - 1
-        allow = (self.key_valid & (self.ar <= col))[:, None, None, :]
+        allow = (self.key_valid[:, :kv_len] & (self.ar[:kv_len] <= col))[:, None, None, :]
         pos = (self.next_pos + t - 1)[:, None]
         ids = self.fed[:, None]
-        logits = {name: m.decode(ids, allow, pos, col) for name, m in self.models.items()}
+        if self.side is None:
+            logits = {name: m.decode(ids, allow, pos, col, kv_len) for name, m in self.models.items()}
+        else:
+            logits = self._decode_in_parallel(ids, allow, pos, col, kv_len)
         self._sample_and_record(logits)
+
+    def _decode_in_parallel(self, *args) -> dict:
+        """The student on the side stream, the teacher on the current one; joined before sampling.
+        The student's outputs are allocated on the side stream and read on the current one after
+        the join; their memory can be handed out again only to side-stream work, which starts
+        only after the next step's fork has waited for everything queued on the current stream
+        (the readers included), so no `record_stream` is needed."""
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)  # the fed tokens, mask and positions are written on `main`
+        with torch.cuda.stream(self.side):
+            student = self.models["student"].decode(*args)
+        teacher = self.models["teacher"].decode(*args)
+        main.wait_stream(self.side)
+        return {"student": student, "teacher": teacher}
 
     # capture ----------------------------------------------------------------------------------
     def _snapshot(self):
@@ -429,23 +473,25 @@ class _Decoder:
         self.finished.copy_(finished)
         self.fed.copy_(fed)
         for m in self.models.values():
-            _rewind(m.cache, self.P + int(t) - 1)
+            rewind(m.cache, self.P + int(t) - 1)
 
-    def capture(self) -> None:
-        """Record `step` in a CUDA graph (after two warm-up steps on a side stream, undone)."""
+    def capture(self, kv_len: int | None = None) -> None:
+        """Record `step(kv_len)` in a CUDA graph (after two warm-up steps on a side stream,
+        undone); the graphs of one decoder share a memory pool (they never run at once)."""
         snap = self._snapshot()
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self.step()
+                    self.step(kv_len)
             torch.cuda.current_stream().wait_stream(stream)
             self._restore(snap)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step()
-            self.graph = graph
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.step(kv_len)
+            self.graphs[kv_len] = graph
+            self.pool = graph.pool()
         finally:
             torch.cuda.synchronize()
             self._restore(snap)  # capture records without running; undo the warm-up steps
@@ -460,13 +506,27 @@ class _Decoder:
     def uncompile(self) -> None:
         for m in self.models.values():
             m.__dict__.pop("decode", None)  # back to the class's eager decode
-        self.graph = None
+        self.graphs.clear()
 
-    def run_step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+    def run_step(self, s: int) -> None:
+        """Step `s` (1 <= s < T): its bucket's graph, captured when first needed, or eagerly.
+        Capture's two warm-up steps write token columns s and s + 1, so a bucket first reached at
+        the last step runs eagerly (with T = 2, s + 1 = T would index past the buffers: a
+        device-side assert on CUDA)."""
+        n = self.kv_len(s)
+        if n not in self.graphs and self.capturing and s + 1 < self.T:
+            try:
+                self.capture(n)  # (for "compile": the warm-up steps compile)
+            except Exception as e:  # not capturable, or (compile) the compiler failed
+                warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3)
+                self.capture_error, self.capturing = e, False
+                self.uncompile()  # else each step would call the failing compiler again
+            self.graphs.setdefault(n, None)
+        graph = self.graphs.get(n)
+        if graph is not None:
+            graph.replay()
         else:
-            self.step()
+            self.step(n)
 
 
 # -- the public entry point -------------------------------------------------------------------
@@ -566,19 +626,10 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             for m in dec.models.values():  # low-precision copies of float32 weights (sampling_weights.py)
                 stack.enter_context(m.sampling_weights())
             dec.load(ids, pm, uniforms)
-            # capture's two warm-up steps write token columns 1 and 2: with T = 2 (one decode step)
-            # the second is out of range, a device-side assert on CUDA; that one step runs eagerly
-            if fresh and T > 2:
+            if fresh and captured:  # each bucket's step is captured when first reached (run_step)
                 if mode == "compile":
                     dec.compile()
-                if captured:
-                    try:
-                        dec.capture()  # (for "compile": the warm-up steps compile)
-                    except Exception as e:  # not capturable, or (compile) the compiler failed
-                        warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=2)
-                        dec.uncompile()  # else each step would call the failing compiler again
-                        if mode == "compile":
-                            _COMPILE_FAILED.append(str(e))
+                dec.capturing = True
             if keep:
                 _KEPT[key] = dec
             every = check_every or (8 if device.type == "cuda" else 1)
@@ -586,8 +637,10 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             while steps < T:
                 if (steps - 1) % every == 0 and bool(dec.finished.all()):
                     break
-                dec.run_step()
+                dec.run_step(steps)
                 steps += 1
+            if dec.capture_error is not None and mode == "compile" and not _COMPILE_FAILED:
+                _COMPILE_FAILED.append(str(dec.capture_error))
         alive = dec.alive[:, :steps].clone()
         width = int(alive.sum(1).max()) if bool(dec.finished.all()) else steps
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),

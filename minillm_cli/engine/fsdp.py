@@ -49,6 +49,9 @@ def shard(model, rt, *, trainable: bool):
     """Shard `model` in place over all processes (a one-process group for world size 1)."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    from minillm_cli.engine.aligned_head import unalign_head
+
+    unalign_head(model)  # (its forward swaps in a padded weight; untested under FSDP's parameter swaps)
     kw = {}
     if trainable and rt.device.type == "cuda":
         from minillm_cli.models import compute_dtype

@@ -33,6 +33,8 @@ import contextlib
 import torch
 
 LOW = (torch.bfloat16, torch.float16)
+# the LM head's rows (the vocabulary) are padded to a multiple of this for sampling
+HEAD_MULTIPLE = 64
 
 
 def _matmul_forwards() -> tuple:
@@ -52,7 +54,7 @@ class SamplingWeights:
     values into them in place (allocating them on the first call, so a model found unsuited
     before that costs nothing); `installed()` makes the modules read the copies."""
 
-    def __init__(self, model, dtype: torch.dtype):
+    def __init__(self, model, dtype: torch.dtype, skip: tuple = ()):
         if dtype not in LOW:
             raise ValueError(f"sampling weights are a low-precision copy, got {dtype}")
         forwards = _matmul_forwards()
@@ -60,7 +62,8 @@ class SamplingWeights:
         self.slots: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
         self.masters: dict[int, torch.Tensor] = {}  # one copy per master, also where it is shared
         for mod in model.modules():
-            if type(mod).forward not in forwards:  # (a subclass with its own forward: not covered)
+            # (a subclass with its own forward: not covered; `skip`: a module with a copy of its own)
+            if type(mod).forward not in forwards or any(mod is m for m in skip):
                 continue
             for name in ("weight", "bias"):
                 p = mod._parameters.get(name)
@@ -101,11 +104,75 @@ class SamplingWeights:
                 mod._parameters[name] = p
 
 
-def sampling_weights(model, dtype) -> SamplingWeights | None:
+def sampling_weights(model, dtype, skip: tuple = ()) -> SamplingWeights | None:
     """Copies for `model` when it would be cast by autocast of `dtype` on every step (dtype is
     autocast's on the model's device, or None when autocast is off); None when there is nothing
-    to copy."""
+    to copy. Modules in `skip` are left out."""
     if dtype not in LOW:
         return None
-    w = SamplingWeights(model, dtype)
+    w = SamplingWeights(model, dtype, skip)
     return w if len(w) else None
+
+
+class PaddedHead:
+    """The LM head's weight (and bias) with its rows -- one per vocabulary entry -- padded with
+    zeros to a multiple of HEAD_MULTIPLE, installed only while sampling; the sampler slices the
+    logits back to the vocabulary, so the extra columns (logit 0) are never read.
+
+    Why: with an odd vocabulary (GPT-2's 50,257) every row of the [batch, vocab] logits starts at
+    an address that is not 16-byte aligned, so cuBLAS runs the head in its slow `align1` kernels:
+    on the H200 (2026-11-28, batch 64, benchmarks/rollout_profile.py) 0.195 ms for gpt2-xl's head
+    and 0.155 ms for gpt2's per decode step, 5-8x the time their weights take to read at the
+    measured bandwidth (0.04 and 0.02 ms). The copy is in the dtype the matmul runs in (autocast's
+    when on, else the weight's), so it also replaces the per-step cast a float32 head under
+    autocast would need (SamplingWeights then skips the head).
+
+    Not bitwise: a different GEMM kernel may sum in another order, so logits can differ in the last
+    bit (the distribution is the same up to rounding, as with any kernel change; self_check
+    compares the static path with its tolerance). Cost: one copy of the head while the decoder is
+    kept (gpt2-xl: 161 MB in bf16)."""
+
+    def __init__(self, head: torch.nn.Linear, dtype: torch.dtype, multiple: int = HEAD_MULTIPLE):
+        self.head, self.dtype = head, dtype
+        self.rows = -(-head.out_features // multiple) * multiple
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        w, b, n = self.head.weight, self.head.bias, self.head.out_features
+        if self.weight is None:  # zero rows past the vocabulary, written once
+            self.weight = w.new_zeros((self.rows, w.shape[1]), dtype=self.dtype, requires_grad=False)
+            if b is not None:
+                self.bias = b.new_zeros((self.rows,), dtype=self.dtype, requires_grad=False)
+        self.weight[:n].copy_(w)
+        if b is not None:
+            self.bias[:n].copy_(b)
+
+    @contextlib.contextmanager
+    def installed(self):
+        assert self.weight is not None, "refresh() first"
+        params = self.head._parameters
+        old = {name: params[name] for name in ("weight", "bias") if name in params}
+        try:
+            params["weight"] = self.weight
+            if self.bias is not None:
+                params["bias"] = self.bias
+            yield
+        finally:
+            params.update(old)
+
+
+def padded_head(model, amp: torch.dtype | None) -> PaddedHead | None:
+    """A PaddedHead for `model`'s output embedding when its row count leaves the logits' rows
+    misaligned (not a multiple of 8) and it is a plain nn.Linear (a module with its own forward,
+    e.g. a peft adapter on the head, is left alone); None otherwise. `amp`: autocast's dtype on
+    the model's device, or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or type(head).forward is not torch.nn.Linear.forward or head.out_features % 8 == 0:
+        return None
+    w = head.weight
+    if not w.is_floating_point():
+        return None
+    return PaddedHead(head, amp if amp is not None else w.dtype)

@@ -175,3 +175,71 @@ def test_graph_weight_copies_are_the_per_step_casts_and_follow_updates(monkeypat
     for a, b in zip(outs[True], outs[False]):  # bitwise: the same kernels on the same bf16 values
         assert torch.equal(a.response_ids, b.response_ids)
         assert torch.equal(a.mix_logp, b.mix_logp) and torch.equal(a.student_logp, b.student_logp)
+
+
+def test_padded_head_draws_what_the_plain_head_draws(tiny, monkeypatch):
+    """The LM head padded to 64 rows (sampling_weights.PaddedHead, on by default on CUDA) runs
+    another GEMM shape: the same tokens, log-probs equal up to rounding."""
+    student, teacher, V = tiny
+    outs = {}
+    for pad in (True, False):
+        monkeypatch.setattr(fast_sampler, "PAD_HEAD_DEVICES", ("cuda",) if pad else ())
+        fast_sampler.release()
+        with warnings.catch_warnings():
+            _fail_on_fallback()
+            outs[pad] = sample(student, teacher, engine="graph", **_args(32, 10, V, T=20, alpha=0.3, seed0=3))
+        (dec,) = fast_sampler._KEPT.values()
+        assert all((m.head is not None) == pad for m in dec.models.values())
+    fast_sampler.release()
+    a, b = outs[True], outs[False]
+    same = (a.response_ids == b.response_ids).all(1).float().mean().item()
+    assert same >= 0.95, same
+    rows = (a.response_ids == b.response_ids).all(1)
+    torch.testing.assert_close(a.mix_logp[rows], b.mix_logp[rows], rtol=0, atol=1e-4)
+
+
+def test_parallel_streams_draw_bitwise_what_one_stream_draws(monkeypatch):
+    """fast_sampler.PARALLEL_MODELS: the student's forward on a side stream inside the captured
+    step: the same kernels on the same inputs, so the same bits; and a kept graph replays it."""
+    V = 50
+    student = _gpt2(7, V, torch.float32, n_layer=2, n_embd=64, n_head=2)
+    teacher = _gpt2(8, V, torch.bfloat16, n_layer=3, n_embd=128, n_head=4)
+    outs = {}
+    for parallel in (True, False):
+        monkeypatch.setattr(fast_sampler, "PARALLEL_MODELS", parallel)
+        fast_sampler.release()
+        runs = []
+        for seed0 in (0, 1):  # the second replays the kept graph
+            with torch.autocast("cuda", dtype=torch.bfloat16), warnings.catch_warnings():
+                _fail_on_fallback()
+                runs.append(sample(student, teacher, engine="graph", **_args(16, 12, V, T=16, alpha=0.2, seed0=seed0)))
+        (dec,) = fast_sampler._KEPT.values()
+        assert (dec.side is not None) == parallel and dec.graphs.get(None) is not None
+        outs[parallel] = runs
+    fast_sampler.release()
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.equal(a.response_ids, b.response_ids)
+        assert torch.equal(a.mix_logp, b.mix_logp) and torch.equal(a.student_logp, b.student_logp)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_bucketed_graphs_match_the_reference_on_cuda(tiny, monkeypatch, alpha):
+    """fast_sampler.KV_BUCKETS: one captured graph per bucket of cache columns, each attending over
+    its prefix of the cache (views, static_cache.CacheWrites); the reference's tokens, and the
+    kept decoder holds one graph per bucket reached."""
+    student, teacher, V = tiny
+    monkeypatch.setattr(fast_sampler, "KV_BUCKETS", 4)
+    s, t = (student, None) if alpha == 0 else ((None, teacher) if alpha == 1 else (student, teacher))
+    kw = dict(no_repeat_ngram_size=3, top_k=8)
+    ref = sample(s, t, **_args(48, 10, V, 64, alpha, **kw))
+    fast_sampler.release()
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        got = fast_sampler.fast_sample(s, t, engine="graph", check_every=1000, **_args(48, 10, V, 64, alpha, **kw))
+    (dec,) = fast_sampler._KEPT.values()
+    assert dec.width == 16 and sorted(k for k, g in dec.graphs.items() if g is not None) == [80, 96, 112, 128]
+    fast_sampler.release()
+    same = (ref.response_ids == got.response_ids).all(1).float().mean().item()
+    assert same >= 0.95, same
+    rows = (ref.response_ids == got.response_ids).all(1)
+    torch.testing.assert_close(got.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)

@@ -87,3 +87,49 @@ def test_micro_step_pieces_never_synchronise():
         torch.cuda.set_sync_debug_mode(0)
     sums, _ = acc.read()
     assert all(v == v for v in sums.values())
+
+
+def test_aligned_head_runs_no_align1_gemm_and_gives_the_plain_gradients():
+    """engine/aligned_head.py on the GPU: a gpt2-width float32 head with 50,257 rows under bf16
+    autocast, forward and backward through the fused loss; the aligned form launches no cuBLAS /
+    cutlass `align1` kernel (what the odd row count costs, the reason for it) and gives the plain
+    head's loss and gradients up to bf16 rounding. The kernel names of both are printed."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minillm_cli.engine.aligned_head import align_head, unalign_head
+
+    V = 50257
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_layer=1, n_embd=768, n_head=12, n_positions=512)
+    with torch.device("cuda"):
+        model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, V, (4, 256), device="cuda")
+    mask = torch.ones(4, 255, dtype=torch.bool, device="cuda")
+
+    def run():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(input_ids=ids).logits
+                loss = L.lm_loss(logits[:, :-1], ids[:, 1:], mask, float(mask.sum()), V)
+            loss.backward()
+            torch.cuda.synchronize()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+        return loss.detach(), grads, names
+
+    run()  # warm-up (cuBLAS heuristics, allocator)
+    plain_loss, plain_grads, plain_names = run()
+    assert align_head(model)
+    try:
+        run()
+        loss, grads, names = run()
+    finally:
+        unalign_head(model)
+    print("plain head kernels with align1:", sorted(n[:80] for n in plain_names if "align1" in n))
+    print("aligned head kernels with align1:", sorted(n[:80] for n in names if "align1" in n))
+    assert not [n for n in names if "align1" in n]
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-3, atol=1e-3)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=5e-2, atol=5e-3, msg=n)

@@ -15,6 +15,7 @@ from minillm_cli.engine import fast_sampler
 from minillm_cli.engine.fast_sampler import fast_sample, resolve_engine, self_check
 from minillm_cli.engine.fused import FusedGELU
 from minillm_cli.engine.sampler import SamplingParams, sample
+from torch.utils._python_dispatch import TorchDispatchMode
 
 V, PAD, EOS = 11, 11, 0
 PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 2], [5], [1, 2, 3, 4]]
@@ -47,10 +48,13 @@ def _args(prompts, seeds, alpha, **kw):
                 vocab_size=V)
 
 
-def _both(student, teacher, prompts, seeds, alpha=0.3, fast_kw=None, **kw):
+def _both(student, teacher, prompts, seeds, alpha=0.3, fast_kw=None, fallback=False, **kw):
     ref = sample(student, teacher, **_args(prompts, seeds, alpha, **kw))
-    got = fast_sample(student, teacher, engine="static", **(fast_kw or {}),
-                      **_args(prompts, seeds, alpha, **kw))
+    with warnings.catch_warnings():  # the static path itself, not its fallback to the reference
+        if not fallback:
+            warnings.filterwarnings("error", message="fast sampler unavailable")
+        got = fast_sample(student, teacher, engine="static", **(fast_kw or {}),
+                          **_args(prompts, seeds, alpha, **kw))
     return ref, got
 
 
@@ -153,7 +157,7 @@ def test_self_check_passes_and_fallback_is_the_reference(models, monkeypatch):
     hook = student.transformer.h[0].mlp.register_forward_pre_hook(lambda mod, a: seen.append(type(mod.act).__name__))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3)
+        ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3, fallback=True)
     hook.remove()
     assert any("fast sampler unavailable" in str(x.message) for x in w)
     _assert_same(ref, got)
@@ -173,7 +177,7 @@ def test_an_error_in_the_static_path_falls_back_to_the_reference(models, monkeyp
     monkeypatch.setattr(fast_sampler._StaticModel, "mask", refused)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3)
+        ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3, fallback=True)
     assert any("fast sampler unavailable" in str(x.message) and "attn_mask dtype" in str(x.message) for x in w)
     _assert_same(ref, got)
 
@@ -302,10 +306,10 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
             raise RuntimeError("inductor failed")
         self.decode = compiled
 
-    def capture(self):  # what capture does first on a GPU: a warm-up step (undone) through the compiled step
+    def capture(self, kv_len=None):  # what capture does first on a GPU: a warm-up step (undone) through the compiled step
         snap = self._snapshot()
         try:
-            self.step()
+            self.step(kv_len)
         finally:
             self._restore(snap)
 
@@ -341,7 +345,7 @@ def test_compile_engine_compiles_the_model_forwards_only(models, monkeypatch):
     traced = []
     monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
     monkeypatch.setattr(fast_sampler._Decoder, "compile", lambda self: real_compile(self, backend="eager"))
-    monkeypatch.setattr(fast_sampler._Decoder, "capture", lambda self: None)  # no CUDA here
+    monkeypatch.setattr(fast_sampler._Decoder, "capture", lambda self, kv_len=None: None)  # no CUDA here
     monkeypatch.setattr(fast_sampler._StaticModel, "forward", _recording(fast_sampler._StaticModel.forward, traced))
     torch._dynamo.reset()
     counters.clear()
@@ -361,28 +365,186 @@ def _recording(forward, seen):
     return wrapped
 
 
+def _fake_capture(monkeypatch) -> list:
+    """The graph engine on the CPU: `capture` runs what it runs before recording on a GPU (two
+    warm-up steps, undone) and records no graph, so the steps then run eagerly; returns the list
+    of the buckets (kv_len) captured."""
+    seen = []
+
+    def capture(self, kv_len=None):
+        snap = self._snapshot()
+        try:
+            for _ in range(2):
+                self.step(kv_len)
+        finally:
+            self._restore(snap)
+        seen.append(kv_len)
+
+    monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "graph")
+    monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
+    return seen
+
+
 @pytest.mark.parametrize("T", [1, 2, 3])
 def test_capture_warm_up_stays_inside_the_buffers(models, monkeypatch, T):
     """A captured engine's warm-up steps (what `capture` runs before recording, here on the CPU)
     must stay inside the [B, T] buffers: with T = 2 the second warm-up step indexed column 2 (a
     device-side assert on CUDA). Short rollouts decode without a graph instead."""
     student, teacher = models
-    captured = []
-
-    def capture(self):  # capture's warm-up, without CUDA: two steps, undone
-        snap = self._snapshot()
-        try:
-            for _ in range(2):
-                self.step()
-        finally:
-            self._restore(snap)
-        captured.append(1)
-
-    monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "graph")
-    monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
+    captured = _fake_capture(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "capture failed", no fallback
         got = fast_sample(student, teacher, engine="graph", keep=False, check_every=1,
                           **_args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=T))
     assert len(captured) == (T > 2)
     _assert_same(sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=T)), got)
+
+
+class _FakeStreams:
+    """Stands in for torch.cuda's stream calls on the CPU: records which stream is current when
+    each model decodes, and the order of the fork / join waits."""
+
+    def __init__(self):
+        self.current, self.events = "main", []
+
+    def stream_obj(self, name):
+        fake = self
+
+        class S:
+            def wait_stream(self, other):
+                fake.events.append(f"{name} waits {other.name}")
+        s = S()
+        s.name = name
+        return s
+
+
+def test_parallel_decode_runs_the_student_on_the_side_stream_between_fork_and_join(models, monkeypatch):
+    """fast_sampler.PARALLEL_MODELS (CUDA only; tests/gpu compares its bits on a GPU): the logic
+    on the CPU with the stream calls faked -- the student decodes on the side stream after the
+    fork, the teacher on the current one, the join comes before sampling, and each model's
+    logits go where they belong (the same tokens as one stream)."""
+    import contextlib
+
+    student, teacher = models
+    kw = dict(max_new_tokens=12)
+    ref = fast_sample(student, teacher, engine="static", keep=True, **_args(PROMPTS, [1, 2, 3, 4], 0.3, **kw))
+    (dec,) = fast_sampler._KEPT.values()
+    assert dec.side is None  # off by default, and never off CUDA
+    fake = _FakeStreams()
+    main, side = fake.stream_obj("main"), fake.stream_obj("side")
+    dec.side = side
+
+    @contextlib.contextmanager
+    def on(stream):
+        before, fake.current = fake.current, stream.name
+        try:
+            yield
+        finally:
+            fake.current = before
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    for name, m in dec.models.items():
+        def decode(*a, _m=m, _name=name):
+            fake.events.append(f"{_name} on {fake.current}")
+            return type(_m).decode(_m, *a)
+        monkeypatch.setattr(m, "decode", decode, raising=False)
+    got = fast_sample(student, teacher, engine="static", keep=True, **_args(PROMPTS, [1, 2, 3, 4], 0.3, **kw))
+    fast_sampler.release()
+    _assert_same(ref, got)
+    steps = got.response_ids.shape[1] - 1
+    assert fake.events == ["side waits main", "student on side", "teacher on main", "main waits side"] * steps
+
+
+# -- the sampler's own cache writes and prefix attention (engine/static_cache.py) ---------------
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.key_lens = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops.append(name)
+        if "scaled_dot_product" in name:
+            self.key_lens.append(args[1].shape[-2])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_a_decode_step_writes_the_cache_without_per_layer_bookkeeping(models, monkeypatch, owned):
+    """With the writes taken over, a layer's cache update is its two index_copy_ calls: no
+    arange / add / add_ on StaticLayer's position counter (3 kernels a layer on a GPU)."""
+    from minillm_cli.engine import static_cache
+
+    if not owned:
+        monkeypatch.setattr(fast_sampler, "own_writes", lambda cache: None)
+    student, teacher = models
+    n_layers = student.config.n_layer + teacher.config.n_layer
+    fast_sample(student, teacher, engine="static", keep=True, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
+    (dec,) = fast_sampler._KEPT.values()
+    assert all((m.writes is not None) == owned for m in dec.models.values())
+    if owned:
+        assert all(isinstance(m.cache.update.__self__, static_cache.CacheWrites) for m in dec.models.values())
+    with torch.no_grad(), _Ops() as rec:
+        dec.step()
+    fast_sampler.release()
+    assert rec.ops.count("aten.index_copy_") >= 2 * n_layers
+    arange_adds = rec.ops.count("aten.arange") + rec.ops.count("aten.add_")
+    if owned:
+        assert arange_adds <= 2  # the decoder's own step counter and the like, not per layer
+    else:
+        assert arange_adds >= 2 * n_layers
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_bucketed_attention_reads_the_used_prefix_and_draws_the_same_tokens(models, monkeypatch, alpha):
+    """KV_BUCKETS: each step attends over the cache columns up to its bucket's end (at least the
+    prompt and the tokens so far); the tokens are the reference's, with padding, EOS and an
+    n-gram ban, and again from a kept decoder."""
+    monkeypatch.setattr(fast_sampler, "KV_BUCKETS", 3)
+    student, teacher = models
+    s, t = {0.0: (student, None), 0.3: (student, teacher), 1.0: (None, teacher)}[alpha]
+    kw = dict(max_new_tokens=40, no_repeat_ngram_size=3)
+    ref = sample(s, t, **_args(PROMPTS, [5, 6, 7, 8], alpha, **kw))
+    got = fast_sample(s, t, engine="static", keep=True, **_args(PROMPTS, [5, 6, 7, 8], alpha, **kw))
+    _assert_same(ref, got)
+    (dec,) = fast_sampler._KEPT.values()
+    assert (dec.P, dec.T, dec.L, dec.width) == (6, 40, 48, 16)  # ceil(40 / 3) = 14 -> 16 columns
+    steps = got.response_ids.shape[1] - 1
+    assert steps > 16  # the rollout reached the second bucket at least
+    layers = sum(m.model.config.n_layer for m in dec.models.values())
+    with _Ops() as rec:  # the same call again: the kept decoder, step by step
+        again = fast_sample(s, t, engine="static", keep=True, **_args(PROMPTS, [5, 6, 7, 8], alpha, **kw))
+    _assert_same(ref, again)
+    prefill, decode = rec.key_lens[:layers], rec.key_lens[layers:]
+    assert prefill == [48] * layers
+    want = [min(48, 6 + -(-k // 16) * 16) for k in range(1, steps + 1)]  # 22, then 38, then 48
+    assert decode == [n for n in want for _ in range(layers)]
+    assert all(n >= 6 + k for k, n in enumerate(want, 1))  # never short of the used columns
+    fast_sampler.release()
+
+
+@pytest.mark.parametrize("T,captures", [(40, [80, 96, 112]), (18, [80])])
+def test_each_bucket_is_captured_once_when_first_reached(models, monkeypatch, T, captures):
+    """graph / compile engines with KV_BUCKETS: a bucket's step is captured (here: capture's
+    warm-up, on the CPU) at the first step that needs it, once per kept decoder; a bucket first
+    reached at the last step runs eagerly (capture's warm-up would write past the buffers)."""
+    student, teacher = models
+    monkeypatch.setattr(fast_sampler, "KV_BUCKETS", 3)
+    seen = _fake_capture(monkeypatch)
+    kw = dict(max_new_tokens=T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "capture failed", no fallback
+        got = fast_sample(student, teacher, engine="graph", keep=True, check_every=1000,
+                          **_args(PROMPTS, [1, 2, 3, 4], 0.3, **kw))
+        (dec,) = fast_sampler._KEPT.values()
+        assert (dec.P, dec.width, dec.L) == (64, 16, -(-(64 + T) // 16) * 16)
+        assert seen == captures
+        again = fast_sample(student, teacher, engine="graph", keep=True, check_every=1000,
+                            **_args(PROMPTS, [1, 2, 3, 4], 0.3, **kw))
+    assert seen == captures  # the kept decoder captures nothing again
+    fast_sampler.release()
+    ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3, **kw))
+    _assert_same(ref, got)
+    _assert_same(ref, again)

@@ -217,3 +217,127 @@ def test_replaced_parameters_get_a_new_decoder():
     assert all(a is b for a, b in zip(student.parameters(), new))
     fast_sampler.release()
     _bitwise(kept, _sample(other, teacher, keep=False, seeds=(5, 6, 7, 8)))  # the same weights
+
+
+# -- the padded LM head (sampling_weights.PaddedHead; on by default on CUDA only) ----------------
+
+@pytest.fixture
+def pad_on_cpu(monkeypatch):
+    monkeypatch.setattr(fast_sampler, "PAD_HEAD_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt2-lora", "falcon-biases"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_a_padded_head_samples_the_same_rollouts(kind, amp, monkeypatch):
+    """Rows padded with zeros add logit columns that the sampler cuts off: the same tokens, and
+    log-probs equal up to the rounding of another matmul shape."""
+    student, teacher = STUDENTS[kind](), gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
+
+    def run(pad: bool):
+        monkeypatch.setattr(fast_sampler, "PAD_HEAD_DEVICES", ("cpu",) if pad else ())
+        fast_sampler.release()
+        if amp is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="fast sampler unavailable")
+                ids, mask = left_pad(PROMPTS, PAD)
+                r = fast_sample(student, teacher, prompt_ids=ids, prompt_mask=mask, params=SamplingParams(10),
+                                alpha=0.3, eos_id=EOS, pad_id=PAD,
+                                generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)],
+                                vocab_size=V, engine="static", keep=True)
+        else:
+            r = _sample(student, teacher, dtype=amp, keep=True)
+        (dec,) = fast_sampler._KEPT.values()
+        return r, dec
+
+    padded, dec = run(True)
+    for name in ("student", "teacher"):
+        head = dec.models[name].head
+        assert head is not None and head.rows == 64 and head.weight.shape[0] == 64
+        assert head.weight.dtype == (amp or torch.float32)
+        # a float32 model under autocast: the head's one copy is the padded one
+        if dec.models[name].weights is not None:
+            assert all(mod is not head.head for mod, _, _ in dec.models[name].weights.slots)
+    plain, dec = run(False)
+    assert all(m.head is None for m in dec.models.values())
+    assert torch.equal(padded.response_ids, plain.response_ids)
+    assert torch.equal(padded.response_mask, plain.response_mask)
+    tol = dict(rtol=0, atol=1e-5) if amp is None else dict(rtol=0, atol=5e-2)
+    torch.testing.assert_close(padded.mix_logp, plain.mix_logp, **tol)
+    torch.testing.assert_close(padded.student_logp, plain.student_logp, **tol)
+    assert padded.response_ids.shape[1] >= 5
+
+
+def _biased_head_model():
+    model = STUDENTS["gpt2"]()
+    head = torch.nn.Linear(model.config.n_embd, model.config.vocab_size, bias=True)
+    torch.nn.init.normal_(head.bias)
+    model.lm_head = head  # untied, with a bias
+    return model
+
+
+def test_what_the_padded_head_holds_and_that_the_masters_come_back():
+    from minillm_cli.engine.sampling_weights import padded_head
+
+    model = _biased_head_model()
+    masters = dict(model.named_parameters())
+    h = padded_head(model, torch.bfloat16)
+    assert h.rows == 64 and h.dtype == torch.bfloat16
+    h.refresh()
+    with h.installed():
+        w, b = model.lm_head.weight, model.lm_head.bias
+        assert w.shape == (64, model.config.n_embd) and b.shape == (64,)
+        assert torch.equal(w[: V + 1], masters["lm_head.weight"].to(torch.bfloat16))
+        assert torch.equal(b[: V + 1], masters["lm_head.bias"].to(torch.bfloat16))
+        assert not w[V + 1 :].any() and not b[V + 1 :].any()
+        x = torch.randn(3, model.config.n_embd)
+        torch.testing.assert_close(model.lm_head(x.bfloat16())[:, : V + 1],
+                                   torch.nn.functional.linear(x.bfloat16(), masters["lm_head.weight"].bfloat16(),
+                                                              masters["lm_head.bias"].bfloat16()))
+    assert dict(model.named_parameters()) == masters
+    assert all(a is masters[n] for n, a in model.named_parameters())
+    with pytest.raises(RuntimeError), h.installed():
+        raise RuntimeError("a failed step")
+    assert all(a is masters[n] for n, a in model.named_parameters())
+    # the head's own dtype without autocast; a tied head stays tied
+    tied = STUDENTS["gpt2"]()
+    h = padded_head(tied, None)
+    assert h.dtype == torch.float32
+    h.refresh()
+    with h.installed():
+        assert tied.lm_head.weight.shape[0] == 64
+        assert tied.transformer.wte.weight.shape[0] == V + 1  # the embedding keeps its master
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+
+
+def test_no_padded_head_where_it_is_aligned_or_not_a_plain_linear():
+    from peft import LoraConfig, get_peft_model
+
+    from minillm_cli.engine.sampling_weights import padded_head
+
+    aligned = gpt2_numbers(1, vocab=15, pad=15, eos=EOS, n_layer=1)  # 16 rows
+    assert aligned.lm_head.out_features == 16 and padded_head(aligned, None) is None
+    adapted = get_peft_model(STUDENTS["gpt2"](), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert padded_head(adapted, None) is None  # a LoRA layer with its own forward
+    assert padded_head(STUDENTS["gpt2-lora"](), None) is not None  # adapters elsewhere: the head is plain
+
+
+def test_a_kept_decoder_pads_the_head_after_an_optimizer_step(pad_on_cpu):
+    student, teacher = STUDENTS["gpt2"](), gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
+    _sample(student, teacher, keep=True)
+    (dec,) = fast_sampler._KEPT.values()
+    assert dec.models["student"].head is not None
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(-1.5)
+    kept = _sample(student, teacher, keep=True, seeds=(5, 6, 7, 8))
+    fast_sampler.release()
+    _bitwise(kept, _sample(student, teacher, keep=False, seeds=(5, 6, 7, 8)))
+
+
+def test_no_weight_is_cast_while_decoding_with_a_padded_head(pad_on_cpu):
+    student, teacher = STUDENTS["gpt2"](), gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
+    _sample(student, teacher, keep=True)
+    ptrs = {p.data_ptr() for m in (student, teacher) for p in m.parameters()}
+    with _Casts(ptrs) as casts:
+        _sample(student, teacher, keep=True)
+    assert casts.n == 0

@@ -1,0 +1,91 @@
+"""The LM head computed over vocabulary rows padded to a multiple of 64 (training, scoring, any
+forward), the model and its saved folders unchanged.
+
+GPT-2's vocabulary has 50,257 rows (50,258 with the pad token we add). With an odd row count the
+[tokens, vocab] logits rows start at addresses that are not 16-byte aligned, and cuBLAS falls
+back to slow `align1` kernels for the head's forward and both backward GEMMs. The sampler's decode
+step measured this on the H200 (2026-11-28): 0.195 ms for gpt2-xl's head per step, 5x the time its
+weight takes to read; nanoGPT pads GPT-2's vocabulary to 50,304 for the same reason in training.
+Here the head multiplies by a zero-padded copy of its weight (cast to autocast's dtype first,
+the cast autocast would make anyway, so the pad copies half the bytes) and returns the logits
+sliced back to the real rows: a view with the same shape, values and gradients as the plain head.
+Cost per forward: one copy of the head weight (gpt2: 77 MB in bf16), and in the backward one
+copy of the logits' gradient into the padded layout.
+
+Installed by `models.load_model` on CUDA (with the fused activations), as a `forward` attribute of
+the head module only: parameters, ties, state dicts and `save_pretrained` folders are untouched,
+and `type(head).forward` is still nn.Linear's (engine/sampling_weights.py relies on that). The
+sampler's own padded copy (`sampling_weights.PaddedHead`) already has aligned rows, so the
+head then runs unpadded. Removed before FSDP shards a model (engine/fsdp.py): FSDP swaps the
+parameters around the forward, and that combination is untested."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+ALIGN = 64
+
+
+def _aligned(rows: int) -> bool:
+    return rows % 8 == 0  # 16 bytes in a 2-byte dtype
+
+
+def padded_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`head(x)` computed over rows padded to a multiple of ALIGN; [..., out_features] (a view)."""
+    w, b = head.weight, head.bias
+    n = w.shape[0]
+    if _aligned(n):  # e.g. the sampler's padded copy is installed
+        return F.linear(x, w, b)
+    dev = w.device.type
+    if torch.is_autocast_enabled(dev) and w.dtype == torch.float32:
+        dtype = torch.get_autocast_dtype(dev)  # autocast's own cast (same rounding), before the pad
+        w = w.to(dtype)
+        b = b.to(dtype) if b is not None else None
+    pad = -n % ALIGN
+    w = F.pad(w, (0, 0, 0, pad))
+    b = F.pad(b, (0, pad)) if b is not None else None
+    return F.linear(x, w, b)[..., :n]
+
+
+def _head(model):
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def align_head(model) -> bool:
+    """Make `model`'s LM head compute over aligned rows (see the module docstring). False when
+    there is nothing to do: rows already aligned, no head, a head that is not a plain nn.Linear
+    (a peft layer on the head has its own forward), or done already."""
+    head = _head(model)
+    if (head is None or type(head).forward is not torch.nn.Linear.forward or _aligned(head.out_features)
+            or is_aligned(model)):
+        return False
+    # functools.partial of a module-level function: copy.deepcopy binds the copy to the copied head,
+    # and the model still pickles
+    head.forward = functools.partial(padded_linear, head)
+    return True
+
+
+def unalign_head(model) -> None:
+    head = _head(model)
+    if head is not None:
+        head.__dict__.pop("forward", None)
+
+
+def is_aligned(model) -> bool:
+    head = _head(model)
+    return head is not None and isinstance(head.__dict__.get("forward"), functools.partial)
+
+
+@contextlib.contextmanager
+def aligned_heads(models):
+    """The models' heads aligned inside (those this call aligned are plain again afterwards)."""
+    done = [m for m in models if m is not None and align_head(m)]
+    try:
+        yield
+    finally:
+        for m in done:
+            unalign_head(m)
