@@ -85,7 +85,9 @@ def main() -> int:
     with torch.no_grad(), contextlib.ExitStack() as stack:
         stack.enter_context(fs.fused_activations([student, teacher]))  # as the sampler runs them
         for m in models.values():  # (the padded heads; float32 weights' copies)
-            stack.enter_context(m.sampling_weights())
+            m.refresh_copies()
+        for m in models.values():
+            stack.enter_context(m.installed_copies())
         dec.load(ids, mask.bool(), torch.rand(B, T).to(args.device))
         for _ in range(2):
             dec.step()

@@ -313,7 +313,7 @@ class DistillConfig:
     # speed (GPU): rollout engine (the same distribution as the eager loop; tokens may differ by float
     # rounding) and teacher-logit caching (exact); see docs/PERFORMANCE-NOTES.md
     sampler: str = "auto"
-    cache_teacher_logits: bool = False
+    cache_teacher_logits: Optional[bool] = None  # None: where it fits (engine/minillm.teacher_logit_cache)
 
     def __post_init__(self):
         require(self.sampler in ("auto", "eager", "static", "graph", "compile"),
@@ -367,7 +367,7 @@ class DistillConfig:
             value = getattr(self, f.name)
             if f.name in ignored and value != f.default:
                 flag = f.name.replace("_", "-")
-                out.append(f"--no-{flag}" if value is False and f.default is True else f"--{flag}")
+                out.append(f"--no-{flag}" if value is False and f.default is not False else f"--{flag}")
         return out
 
     def as_sft(self, model: str) -> SFTConfig:

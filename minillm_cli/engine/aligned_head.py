@@ -17,7 +17,13 @@ the head module only: parameters, ties, state dicts and `save_pretrained` folder
 and `type(head).forward` is still nn.Linear's (engine/sampling_weights.py relies on that). The
 sampler's own padded copy (`sampling_weights.PaddedHead`) already has aligned rows, so the
 head then runs unpadded. Removed before FSDP shards a model (engine/fsdp.py): FSDP swaps the
-parameters around the forward, and that combination is untested."""
+parameters around the forward, and that combination is untested. A head replaced after loading
+(`resize_token_embeddings` of an untied head builds a new module) runs plain again.
+
+In an eager decode loop on a GPU (`--sampler eager`, the fast sampler's fallback) the pad costs a
+copy of the head per step (a float32 head under autocast: cast and pad, ~0.4 GB for gpt2's head,
+where the plain head reuses autocast's cached cast), about what the `align1` kernels cost there;
+the fast sampler's decode steps read its own padded copy instead."""
 from __future__ import annotations
 
 import contextlib
@@ -69,15 +75,20 @@ def align_head(model) -> bool:
     return True
 
 
+def _ours(head) -> bool:
+    fwd = head.__dict__.get("forward")  # (another library's hook may be a partial too: accelerate's)
+    return isinstance(fwd, functools.partial) and fwd.func is padded_linear and fwd.args[0] is head
+
+
 def unalign_head(model) -> None:
     head = _head(model)
-    if head is not None:
-        head.__dict__.pop("forward", None)
+    if head is not None and _ours(head):
+        del head.__dict__["forward"]
 
 
 def is_aligned(model) -> bool:
     head = _head(model)
-    return head is not None and isinstance(head.__dict__.get("forward"), functools.partial)
+    return head is not None and _ours(head)
 
 
 @contextlib.contextmanager

@@ -15,13 +15,15 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
-from minillm_cli.engine.minillm import MiniLLMOptions, StatsSum, minillm_loss, score_rollouts
+from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, device_memory_bytes, minillm_loss, score_rollouts,
+                                        teacher_logit_cache)
 from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
 from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, resolved_settings,
@@ -117,7 +119,7 @@ class MiniLLMRun:
             single_step=cfg.single_step, length_norm=cfg.length_norm, gamma=cfg.gamma,
             include_current_reward=cfg.include_current_reward, whiten=cfg.whiten, reward_scale=cfg.reward_scale,
             reward_clip=cfg.reward_clip, clip_ratio=cfg.clip_ratio, importance_weight=cfg.importance_weight,
-            cache_teacher_logits=cfg.cache_teacher_logits)
+            cache_teacher_logits=bool(cfg.cache_teacher_logits))  # ("where it fits": decided in setup)
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_k=cfg.top_k, top_p=cfg.top_p)
 
@@ -172,6 +174,13 @@ class MiniLLMRun:
             fsdp.shard(self.student, rt, trainable=True)
         self.amp = compute_dtype(rt.device)
         self.engine = rt.sampling_engine(cfg.sampler)
+        cache, why = teacher_logit_cache(
+            cfg.cache_teacher_logits, single_step=cfg.single_step, rollouts=cfg.num_rollouts,
+            max_new_tokens=cfg.max_new_tokens, vocab_size=self.vocab, dtype=next(self.teacher.parameters()).dtype,
+            device_bytes=device_memory_bytes(rt.device), processes=rt.world_size)
+        self.opts = replace(self.opts, cache_teacher_logits=cache)
+        if why:
+            note(why)
         per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)
         if cfg.steps:
             self.steps = cfg.steps
@@ -352,7 +361,8 @@ class MiniLLMRun:
                 "steps": self.steps, "train_prompts": len(self.prompts), "world_size": rt.world_size,
                 "sharded": rt.fsdp,
                 "resolved": resolved_settings(rt, self.student, self.amp,
-                                              sampler=resolve_engine(self.engine, rt.device))})
+                                              sampler=resolve_engine(self.engine, rt.device),
+                                              cache_teacher_logits=self.opts.caches_teacher_logits)})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}

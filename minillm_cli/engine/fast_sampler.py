@@ -146,7 +146,7 @@ class _StaticModel:
         amp = _autocast_dtype(_param_device(model))
         self.mask_dtype = amp or self.dtype
         # the LM head with its vocabulary rows padded to aligned ones (in the dtype it runs in)
-        self.head = padded_head(model, amp) if _param_device(model).type in PAD_HEAD_DEVICES else None
+        self.head = padded_head(_hf_model(model), amp) if _param_device(model).type in PAD_HEAD_DEVICES else None
         skip = (self.head.head,) if self.head is not None else ()
         # float32 matmul weights cast once per call instead of in every step, where that is exact
         self.weights = sampling_weights(model, amp, skip) if SAMPLING_WEIGHTS else None
@@ -156,21 +156,41 @@ class _StaticModel:
             self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
         except Exception as e:  # a model family without static-cache support
             raise _Unsupported(f"StaticCache: {e}") from e
+        # a sliding-window layer keeps min(window, max_len) positions and rolls over them; the
+        # decode step's [B, 1, 1, max_len] mask does not fit it (it raised mid-rollout)
+        short = min((getattr(layer, "max_cache_len", max_len) for layer in getattr(self.cache, "layers", ())),
+                    default=max_len)
+        if short < max_len:
+            raise _Unsupported(f"a sliding-window cache of {short} positions, shorter than the rollout's {max_len}")
         # the sampler writes the cache at its own positions (static_cache.CacheWrites), where it can
         self.writes = own_writes(self.cache)
+        self.device = _param_device(model)  # (a teacher behind TeacherOnDevice: its own device)
         self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
         self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
 
+    def refresh_copies(self) -> None:
+        """Cast / pad the current masters (an optimizer step may have run since the last call)
+        into the copies. Every model's, before any is installed: the same model as student and
+        teacher must not copy the other decoder's installed copy."""
+        for copies in (self.weights, self.head):
+            if copies is not None:
+                copies.refresh()
+
     @contextlib.contextmanager
-    def sampling_weights(self):
-        """Inside: the model reads low-precision copies of its float32 matmul weights and the
-        padded head, refreshed now from the current masters (an optimizer step may have run since
-        the last call)."""
+    def installed_copies(self):
+        """Inside: the model reads the low-precision copies of its float32 matmul weights and the
+        padded head (after `refresh_copies`)."""
         with contextlib.ExitStack() as stack:
             for copies in (self.weights, self.head):
                 if copies is not None:
-                    copies.refresh()
                     stack.enter_context(copies.installed())
+            yield
+
+    @contextlib.contextmanager
+    def sampling_weights(self):
+        """One model alone: refresh_copies, then installed_copies."""
+        self.refresh_copies()
+        with self.installed_copies():
             yield
 
     def mask(self, allow: torch.Tensor) -> torch.Tensor:
@@ -186,8 +206,8 @@ class _StaticModel:
         kw = dict(self.kw)
         if self.pass_cache_position:
             kw["cache_position"] = cache_position
-        if self.writes is not None:
-            self.writes.at, self.writes.kv_len = cache_position, kv_len
+        if self.writes is not None:  # (TeacherOnDevice moves the forward's arguments, not this)
+            self.writes.at, self.writes.kv_len = cache_position.to(self.device), kv_len
         try:
             out = self.model(input_ids=ids, attention_mask=self.mask(allow), position_ids=positions,
                              **kw)
@@ -355,6 +375,7 @@ class _Decoder:
         self.graphs: dict = {}
         self.pool = None
         self.capturing = False  # set by fast_sample for the graph / compile engines
+        self.compiled = False  # the models decode through torch.compile'd forwards
         self.capture_error: Exception | None = None
         # the width of a bucket of cache columns attention reads (None: the whole cache)
         bucketed = KV_BUCKETS > 1 and all(m.writes is not None for m in models.values())
@@ -502,11 +523,19 @@ class _Decoder:
         step -- compiled forwards, eager sampling -- in our own CUDA graph, as for "graph"."""
         for m in self.models.values():
             m.compile_decode(backend)
+        self.compiled = True
 
     def uncompile(self) -> None:
+        """Decode with the plain forwards from now on (graphs captured already keep their kernels:
+        replaying one calls no compiler)."""
         for m in self.models.values():
             m.__dict__.pop("decode", None)  # back to the class's eager decode
-        self.graphs.clear()
+        self.compiled = False
+
+    def _give_up_capture(self, e: Exception) -> None:
+        warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=4)
+        self.capture_error, self.capturing = e, False
+        self.uncompile()  # else each step would call the failing compiler again
 
     def run_step(self, s: int) -> None:
         """Step `s` (1 <= s < T): its bucket's graph, captured when first needed, or eagerly.
@@ -518,15 +547,21 @@ class _Decoder:
             try:
                 self.capture(n)  # (for "compile": the warm-up steps compile)
             except Exception as e:  # not capturable, or (compile) the compiler failed
-                warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=3)
-                self.capture_error, self.capturing = e, False
-                self.uncompile()  # else each step would call the failing compiler again
+                self._give_up_capture(e)
             self.graphs.setdefault(n, None)
         graph = self.graphs.get(n)
         if graph is not None:
             graph.replay()
-        else:
+        elif not self.compiled:
             self.step(n)
+        else:  # an eager step through the compiled forwards (a bucket first reached at the last step)
+            snap = self._snapshot()
+            try:
+                self.step(n)
+            except Exception as e:  # the compiler failed here: undo, and the plain step
+                self._restore(snap)
+                self._give_up_capture(e)
+                self.step(n)
 
 
 # -- the public entry point -------------------------------------------------------------------
@@ -623,10 +658,14 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                            pad_id=pad_id, vocab_size=vocab_size, device=device)
         with contextlib.ExitStack() as stack:
             stack.enter_context(fused_activations(run.values()))  # gelu_new as one kernel (engine/fused.py)
-            for m in dec.models.values():  # low-precision copies of float32 weights (sampling_weights.py)
-                stack.enter_context(m.sampling_weights())
+            for m in dec.models.values():  # low-precision copies of float32 weights, padded heads
+                m.refresh_copies()  # (sampling_weights.py; all before any is installed)
+            for m in dec.models.values():
+                stack.enter_context(m.installed_copies())
             dec.load(ids, pm, uniforms)
-            if fresh and captured:  # each bucket's step is captured when first reached (run_step)
+            # each bucket's step is captured when first reached (run_step); with T <= 2 there is
+            # at most one decode step, run eagerly: nothing to capture or to compile for
+            if fresh and captured and T > 2:
                 if mode == "compile":
                     dec.compile()
                 dec.capturing = True

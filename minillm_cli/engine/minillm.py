@@ -45,7 +45,7 @@ class MiniLLMOptions:
     # keep the teacher's response logits from score_rollouts (the teacher is frozen, so they are
     # the same in every PPO epoch) instead of a teacher forward per micro-batch per epoch:
     # N x T x V values of the teacher's dtype held for the whole buffer (bf16 gpt2-xl, 256 x 256:
-    # 6.6 GB). Exact; off by default.
+    # 6.6 GB). Exact. `distill` turns it on where it fits (`teacher_logit_cache`).
     cache_teacher_logits: bool = False
 
     def __post_init__(self):
@@ -54,6 +54,11 @@ class MiniLLMOptions:
         require(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}")
         require(self.clip_ratio is None or self.clip_ratio >= 0,
                 f"clip ratio must be >= 0, got {self.clip_ratio}")
+
+    @property
+    def caches_teacher_logits(self) -> bool:
+        """Only the single-step term reads the teacher's whole distribution."""
+        return self.cache_teacher_logits and self.single_step
 
     @property
     def advantage_includes_current(self) -> bool:
@@ -182,7 +187,7 @@ def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, voc
         finally:
             model.train(was_training)
         logps[name] = torch.where(mask, lp, torch.zeros_like(lp))
-        if name == "teacher" and opts.cache_teacher_logits and opts.single_step:
+        if name == "teacher" and opts.caches_teacher_logits:
             kept = logits[..., :vocab_size]
         del logits
     old_logp, teacher_logp = logps["student"], logps["teacher"]
@@ -285,3 +290,47 @@ class StatsSum:
         its row count, after summing over processes."""
         values = self.acc.tolist()
         return dict(zip(self.KEYS, values[:-1])), values[-1]
+
+
+# share of the device's memory the teacher-logit cache may take when nobody asked for it: the
+# update step, the caches' rollout buffer and the sampler's KV caches need the rest
+CACHE_SHARE = 1 / 8
+
+
+def teacher_logit_cache(requested: bool | None, *, single_step: bool, rollouts: int, max_new_tokens: int,
+                        vocab_size: int, dtype: torch.dtype, device_bytes: int | None,
+                        processes: int = 1) -> tuple[bool, str | None]:
+    """Whether to keep the teacher's logits for the PPO epochs, and a note saying why when it was
+    decided here (requested None: on when rollouts x max_new_tokens x vocab values of `dtype` --
+    the most the buffer can hold; every process holds the whole buffer -- fit in CACHE_SHARE of
+    the device's memory, and only in a one-process run: with several, the buffer is gathered to
+    every process through the host, logits included)."""
+    if requested is not None:
+        return requested, None
+    if not single_step:
+        return False, None  # (nothing would read it)
+    if processes > 1:
+        return False, ("teacher logits recomputed in every update: with several processes the rollout buffer "
+                       "is gathered through the host (--cache-teacher-logits keeps them anyway)")
+    need = rollouts * max_new_tokens * vocab_size * torch.finfo(dtype).bits // 8
+    gib = lambda n: f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"  # noqa: E731
+    if device_bytes is not None and need <= CACHE_SHARE * device_bytes:
+        return True, (f"teacher logits kept from scoring for the PPO epochs: up to {gib(need)} of the "
+                      f"device's {gib(device_bytes)} (--no-cache-teacher-logits: a teacher forward per update)")
+    have = "an unknown amount" if device_bytes is None else gib(device_bytes)
+    return False, (f"teacher logits recomputed in every update: keeping them would take up to {gib(need)} "
+                   f"of {have} (--cache-teacher-logits keeps them anyway)")
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of a CUDA device, or the machine's RAM for the CPU; None when unknown."""
+    import os
+
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None

@@ -46,6 +46,7 @@ def test_each_method_runs_and_saves_a_loadable_student(tmp_path, tiny_dir, dolly
     assert cfg["config"]["method"] == method
     if method == "minillm":
         assert cfg["resolved"]["sampler"] == "eager" and cfg["resolved"]["device"] == "cpu"  # --sampler auto on CPU
+        assert cfg["resolved"]["cache_teacher_logits"] is True  # unset: kept where they fit (here: tiny)
         for key in ("reverse_kl", "single_step", "pg", "clip_frac", "w_mean", "w_max", "reward_mean",
                     "rollout_tokens_per_s", "update_tokens_per_s", "response_len"):
             assert key in r[0] or key in r[-1], key
@@ -76,8 +77,9 @@ def test_resume_refuses_other_settings_and_a_finished_count(tmp_path, tiny_dir, 
     steps than the checkpoint has is an error, not a silent no-op."""
     args = [*common(tiny_dir, dolly_like), "--save-every", 1, "--eval-prompts", 0]
     out = tmp_path / "run"
-    assert invoke("distill", *args, "--out", out, "--steps", 2).exit_code == 0
+    assert invoke("distill", *args, "--out", out, "--steps", 2, "--no-cache-teacher-logits").exit_code == 0
     before = (out / "run_config.json").read_text()
+    assert json.loads(before)["resolved"]["cache_teacher_logits"] is False
     for extra, needles in ((["--lr", 5e-3], ["--lr 0.001 -> 0.005"]),
                            (["--num-rollouts", 6, "--teacher-mix-alpha", 0.5],
                             ["--num-rollouts 4 -> 6", "--teacher-mix-alpha 0.2 -> 0.5"]),
@@ -92,7 +94,8 @@ def test_resume_refuses_other_settings_and_a_finished_count(tmp_path, tiny_dir, 
                  "--cache-teacher-logits", "--eval-every", 5)
     assert res.exit_code == 0, res.output
     assert [x["step"] for x in rows(out)] == [1, 2, 3]
-    assert json.loads((out / "run_config.json").read_text())["config"]["sampler"] == "static"
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["config"]["sampler"] == "static" and cfg["resolved"]["cache_teacher_logits"] is True
 
 
 def test_sft_resume_refuses_another_batch_size(tmp_path, tiny_dir, dolly_like, monkeypatch):
@@ -136,6 +139,10 @@ def test_options_a_method_ignores_are_named(tmp_path, tiny_dir, dolly_like):
     assert res.exit_code == 0 and "note: --method minillm does not use --kd-ratio" in res.output, res.output
     res = invoke("distill", *args, "--out", tmp_path / "plain", "--steps", 1)
     assert "does not use" not in res.output
+    # what the unset --cache-teacher-logits became, and why (4 rollouts x 8 tokens of the tiny vocabulary)
+    assert "teacher logits kept from scoring for the PPO epochs: up to 0.0 MiB" in res.output, res.output
+    res = invoke("distill", *args, "--method", "kd", "--no-cache-teacher-logits", "--out", tmp_path / "kdc", "--steps", 1)
+    assert res.exit_code == 0 and "--no-cache-teacher-logits" in res.output, res.output
     # seqkd generates in --rollout-batch-size chunks; a baseline may take a batch over --num-rollouts
     res = invoke("distill", *args, "--method", "seqkd", "--rollout-batch-size", 3, "--out", tmp_path / "sq", "--steps", 1)
     assert res.exit_code == 0 and "--rollout-batch-size" not in res.output.split("note:")[-1].split("\n")[0]

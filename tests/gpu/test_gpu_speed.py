@@ -238,8 +238,31 @@ def test_bucketed_graphs_match_the_reference_on_cuda(tiny, monkeypatch, alpha):
         got = fast_sampler.fast_sample(s, t, engine="graph", check_every=1000, **_args(48, 10, V, 64, alpha, **kw))
     (dec,) = fast_sampler._KEPT.values()
     assert dec.width == 16 and sorted(k for k, g in dec.graphs.items() if g is not None) == [80, 96, 112, 128]
+    with warnings.catch_warnings():  # the kept decoder's graphs, replayed for a second call
+        _fail_on_fallback()
+        again = fast_sampler.fast_sample(s, t, engine="graph", check_every=1000, **_args(48, 10, V, 64, alpha, **kw))
+    fast_sampler.release()
+    for out in (got, again):
+        same = (ref.response_ids == out.response_ids).all(1).float().mean().item()
+        assert same >= 0.95, same
+        rows = (ref.response_ids == out.response_ids).all(1)
+        torch.testing.assert_close(out.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
+
+
+def test_a_teacher_on_another_device_samples_on_the_static_path(tiny):
+    """--teacher-device: the teacher (here on the CPU, behind TeacherOnDevice) gets its cache
+    positions on its own device (static_cache.CacheWrites writes there), so the static engine
+    serves it without falling back."""
+    import copy
+
+    from minillm_cli.engine.teacher import TeacherOnDevice
+
+    student, teacher, V = tiny
+    far = TeacherOnDevice(copy.deepcopy(teacher).cpu(), torch.device("cuda"))
+    ref = sample(student, teacher, **_args(16, 10, V, 12, 0.3))
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        got = fast_sampler.fast_sample(student, far, engine="static", **_args(16, 10, V, 12, 0.3))
     fast_sampler.release()
     same = (ref.response_ids == got.response_ids).all(1).float().mean().item()
-    assert same >= 0.95, same
-    rows = (ref.response_ids == got.response_ids).all(1)
-    torch.testing.assert_close(got.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
+    assert same >= 0.9, same

@@ -54,16 +54,19 @@ def test_same_logits_and_gradients_as_the_plain_head(bias):
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-10, atol=1e-12, msg=n)
 
 
-def test_under_autocast_the_pad_copies_the_cast_weight():
+@pytest.mark.parametrize("untied", [False, True])
+def test_under_autocast_the_pad_copies_the_cast_weight(untied):
     """A float32 head under bf16 autocast: cast (as autocast would), then pad the bf16 copy; the
     logits are those of the plain head up to the rounding of another GEMM shape."""
-    plain = _model(dtype=torch.float32)
+    plain = _model(dtype=torch.float32, bias=untied)
     aligned = copy.deepcopy(plain)
     align_head(aligned)
     ids = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(1))
 
     class Pads(TorchDispatchMode):
-        dtypes: list = []
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten.constant_pad_nd.default:
@@ -74,11 +77,19 @@ def test_under_autocast_the_pad_copies_the_cast_weight():
         a = plain(input_ids=ids).logits
         with Pads() as pads:
             b = aligned(input_ids=ids).logits
-    assert pads.dtypes == [torch.bfloat16]
+    assert pads.dtypes == [torch.bfloat16] * (2 if untied else 1)  # weight (and bias), cast first
     assert b.dtype == a.dtype and b.shape == a.shape
     torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=3e-2)
-    b.float().sum().backward()
-    assert aligned.lm_head.weight.grad.dtype == torch.float32  # the master's gradient
+    # the gradients, the head's share included (the tie's embedding side alone would give a
+    # float32 gradient too): those of the plain head, up to bf16 rounding
+    grads = []
+    for model, out in ((plain, a), (aligned, b)):
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=2e-2, atol=2e-3, msg=n)
+    head = "lm_head.weight" if untied else "transformer.wte.weight"
+    assert grads[1][head].dtype == torch.float32  # the master's gradient
 
 
 def test_parameters_ties_state_dict_copies_and_pickles():
@@ -143,18 +154,20 @@ def test_the_sampler_reads_its_aligned_copy_unpadded(monkeypatch):
         align_head(m)
 
     class Count(TorchDispatchMode):
-        n = 0
+        def __init__(self):
+            super().__init__()
+            self.n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten.constant_pad_nd.default:
-                Count.n += 1
+                self.n += 1
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(fast_sampler, "PAD_HEAD_DEVICES", ("cpu",))
     run()  # self-checks outside the count
-    with Count():
+    with Count() as count:
         got = run()
-    assert Count.n == 0
+    assert count.n == 0
     assert torch.equal(got.response_ids, ref.response_ids)
     monkeypatch.setattr(fast_sampler, "PAD_HEAD_DEVICES", ())  # the aligned forward alone
     got = run()
@@ -175,3 +188,25 @@ def test_load_model_aligns_a_misaligned_head_where_it_fuses(tiny_dir):
     grown = load_model(path, tokenizer=tok, device=cpu, fuse=True)
     assert grown.lm_head.out_features % 8 != 0 and is_aligned(grown)
     assert not is_aligned(load_model(path, tokenizer=tok, device=cpu, fuse=False))
+
+
+def test_not_another_librarys_forward_and_gone_before_fsdp_shards(monkeypatch):
+    """Only our own forward counts as aligned and is removed (accelerate's hooks install a
+    functools.partial forward too); `fsdp.shard` removes it before sharding."""
+    import functools
+    import types
+
+    from minillm_cli.engine import fsdp
+
+    model = _model(dtype=torch.float32)
+    hooked = functools.partial(lambda mod, x: mod.__class__.forward(mod, x), model.lm_head)
+    model.lm_head.forward = hooked
+    assert not is_aligned(model)
+    unalign_head(model)
+    assert model.lm_head.forward is hooked  # left alone
+    del model.lm_head.forward
+    assert align_head(model)
+    seen = []
+    monkeypatch.setattr("torch.distributed.fsdp.fully_shard", lambda mod, **kw: seen.append(is_aligned(model)))
+    fsdp.shard(model, types.SimpleNamespace(device=torch.device("cpu")), trainable=True)
+    assert seen and not any(seen) and not is_aligned(model)

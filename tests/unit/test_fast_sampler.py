@@ -4,6 +4,7 @@ with left padding, EOS, filters and the n-gram ban; plus the self-check, the fal
 decoder, and the teacher-logit cache of minillm.score_rollouts."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -293,11 +294,9 @@ def test_gelu_new_runs_fused_while_sampling_and_is_put_back(models):
     torch.testing.assert_close(FusedGELU()(x), student.transformer.h[0].mlp.act(x), rtol=0, atol=1e-12)
 
 
-def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
-    """When the compiler fails inside capture (torch 2.11's inductor did at gpt2-xl shapes on an
-    H200), the engine warns and decodes with the plain step: it must not call the failing
-    compiler again on every step (it did: the run then hung in recompilation)."""
-    student, teacher = models
+def _broken_compiler(monkeypatch) -> list:
+    """The compile engine with a compiler that fails when the compiled forward is first called
+    (as torch 2.11's inductor did at gpt2-xl shapes); returns the list of those calls."""
     calls = []
 
     def broken_compile_decode(self, backend="inductor"):
@@ -306,6 +305,18 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
             raise RuntimeError("inductor failed")
         self.decode = compiled
 
+    monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
+    monkeypatch.setattr(fast_sampler._StaticModel, "compile_decode", broken_compile_decode)
+    return calls
+
+
+def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
+    """When the compiler fails inside capture (torch 2.11's inductor did at gpt2-xl shapes on an
+    H200), the engine warns and decodes with the plain step: it must not call the failing
+    compiler again on every step (it did: the run then hung in recompilation)."""
+    student, teacher = models
+    calls = _broken_compiler(monkeypatch)
+
     def capture(self, kv_len=None):  # what capture does first on a GPU: a warm-up step (undone) through the compiled step
         snap = self._snapshot()
         try:
@@ -313,8 +324,6 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
         finally:
             self._restore(snap)
 
-    monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
-    monkeypatch.setattr(fast_sampler._StaticModel, "compile_decode", broken_compile_decode)
     monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
     monkeypatch.setattr(fast_sampler, "_COMPILE_FAILED", [])
     ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
@@ -548,3 +557,151 @@ def test_each_bucket_is_captured_once_when_first_reached(models, monkeypatch, T,
     ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3, **kw))
     _assert_same(ref, got)
     _assert_same(ref, again)
+
+
+class _FakeCuda:
+    """torch.cuda's stream and graph calls faked on the CPU, so `_Decoder.capture` and `run_step`
+    run as on a GPU: capture records (does not run) the step, replay runs the recorded bucket's
+    step. Records the captures (kv_len, pool passed) and every replay's kv_len."""
+
+    def __init__(self, monkeypatch):
+        self.captures, self.replays, self.recording = [], [], None
+        fake = self
+
+        class Stream:
+            def __init__(self, *a, **k):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def __init__(self):
+                self.kv_len, self.dec = "unset", None
+
+            def pool(self):
+                return ("pool", id(fake))
+
+            def replay(self):
+                fake.replays.append(self.kv_len)
+                real_step(self.dec, self.kv_len)
+
+        @contextlib.contextmanager
+        def graph(g, pool=None):
+            fake.recording = g
+            try:
+                yield
+            finally:
+                fake.recording = None
+                fake.captures.append((g.kv_len, pool))
+
+        real_step = fast_sampler._Decoder.step
+
+        def step(dec, kv_len=None):
+            if fake.recording is not None:  # capture records the launches without running them
+                fake.recording.kv_len, fake.recording.dec = kv_len, dec
+                return
+            real_step(dec, kv_len)
+
+        for name, value in (("Stream", Stream), ("current_stream", lambda *a: Stream()),
+                            ("stream", lambda s: contextlib.nullcontext()), ("synchronize", lambda *a: None),
+                            ("CUDAGraph", Graph), ("graph", graph)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(fast_sampler._Decoder, "step", step)
+        monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "graph")
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_capture_and_replay_per_bucket_with_cuda_faked(models, monkeypatch, owned):
+    """The real capture / run_step code with torch.cuda's calls faked: one graph per bucket,
+    captured at its first step and restored after (the warm-up steps undone, the caches rewound
+    where transformers keeps the write position), later graphs in the first one's memory pool,
+    each step replaying its own bucket's graph (a bucket first reached at the last step runs
+    eagerly); the reference's tokens, again from the kept decoder."""
+    if not owned:  # transformers' own cache update: its position counter must be rewound
+        monkeypatch.setattr(fast_sampler, "own_writes", lambda cache: None)
+    monkeypatch.setattr(fast_sampler, "KV_BUCKETS", 3 if owned else 1)
+    fast_sampler.release()
+    cuda = _FakeCuda(monkeypatch)
+    student, teacher = models
+    kw = dict(max_new_tokens=34, no_repeat_ngram_size=2)
+    ref = sample(student, teacher, **_args(PROMPTS, [3, 4, 5, 6], 0.3, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no failed capture
+        got = fast_sample(student, teacher, engine="graph", keep=True, check_every=1000,
+                          **_args(PROMPTS, [3, 4, 5, 6], 0.3, **kw))
+        (dec,) = fast_sampler._KEPT.values()
+        steps = 33  # every step runs (check_every: no early stop), whatever the response width
+        want = [dec.kv_len(s) for s in range(1, steps + 1)]
+        if owned:  # buckets of 16 columns after P = 64: 80, 96, and 112 (the cache's end) at s = 33
+            assert dec.width == 16 and want == [80] * 16 + [96] * 16 + [112]
+            assert [c[0] for c in cuda.captures] == [80, 96]
+            assert cuda.replays == want[:32]  # step 33 is the last: its bucket runs eagerly
+        else:
+            assert [c[0] for c in cuda.captures] == [None] and cuda.replays == [None] * steps
+        assert cuda.captures[0][1] is None and all(p == ("pool", id(cuda)) for _, p in cuda.captures[1:])
+        _assert_same(ref, got)
+        n_captures = len(cuda.captures)
+        again = fast_sample(student, teacher, engine="graph", keep=True, check_every=1000,
+                            **_args(PROMPTS, [3, 4, 5, 6], 0.3, **kw))
+    assert len(cuda.captures) == n_captures
+    fast_sampler.release()
+    _assert_same(ref, again)
+
+
+def test_sliding_window_layers_keep_their_own_cache_update(models, monkeypatch):
+    """A sliding-window model's static cache (StaticSlidingWindowLayer) is not written by the
+    sampler and gets no prefix views (its layers keep transformers' update): with a window
+    covering the rollout it samples the reference's tokens on the static path (KV_BUCKETS on,
+    then used by nobody); with a shorter window the static path is refused up front and the
+    reference sampler runs (it raised mid-rollout: the step's mask did not fit the rolling cache)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral(window):
+        torch.manual_seed(0)
+        cfg = MistralConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                            num_key_value_heads=1, vocab_size=V + 1, max_position_embeddings=128,
+                            sliding_window=window, initializer_range=0.4, bos_token_id=EOS, eos_token_id=EOS,
+                            pad_token_id=PAD)
+        cfg._attn_implementation = "sdpa"
+        return MistralForCausalLM(cfg).eval()
+
+    student, _ = models
+    monkeypatch.setattr(fast_sampler, "KV_BUCKETS", 3)
+    ref, got = _both(student, mistral(64), PROMPTS, [1, 2, 3, 4], 0.4, fast_kw=dict(keep=True), max_new_tokens=12)
+    _assert_same(ref, got)
+    (dec,) = fast_sampler._KEPT.values()
+    assert dec.models["teacher"].writes is None and dec.models["student"].writes is not None
+    assert dec.width is None  # prefix views need every model's cache written by the sampler
+    fast_sampler.release()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ref, got = _both(student, mistral(16), PROMPTS, [1, 2, 3, 4], 0.4, fallback=True, max_new_tokens=12)
+    assert any("sliding-window cache of 16 positions" in str(x.message) for x in w)
+    _assert_same(ref, got)
+
+
+def test_compile_engine_short_rollouts_and_a_compiler_failure_in_an_eager_step(models, monkeypatch):
+    """compile: with T <= 2 nothing is compiled (one decode step at most, run eagerly); a
+    compiler failure in a step that runs eagerly through the compiled forwards (a bucket first
+    reached at the last step, here: no graph captured) is undone, warned about once, and the
+    step runs with the plain forwards."""
+    student, teacher = models
+    calls = _broken_compiler(monkeypatch)
+
+    monkeypatch.setattr(fast_sampler._Decoder, "capture", lambda self, kv_len=None: None)  # no graph
+    monkeypatch.setattr(fast_sampler, "_COMPILE_FAILED", [])
+    for T in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = fast_sample(student, teacher, engine="compile", keep=False, **_args(PROMPTS, [1, 2, 3, 4], 0.3,
+                                                                                     max_new_tokens=T))
+        _assert_same(sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=T)), got)
+    assert not calls
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = fast_sample(student, teacher, engine="compile", keep=False, check_every=1,
+                          **_args(PROMPTS, [1, 2, 3, 4], 0.3))
+    assert len(calls) == 1 and sum("CUDA graph capture failed" in str(x.message) for x in w) == 1
+    _assert_same(sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3)), got)
+    assert fast_sampler._COMPILE_FAILED
