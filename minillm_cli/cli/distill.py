@@ -51,7 +51,7 @@ def command(
     teacher_device: Annotated[Optional[str], typer.Option("--teacher-device", help="Put the teacher elsewhere (cpu, cuda:1).")] = None,
     eval_prompts: Int("--eval-prompts", "Validation prompts for the reverse-KL curve (0: off).") = 32,
     sampler: Annotated[str, typer.Option("--sampler", help="Sampling engine for rollouts and validation samples: auto (static KV caches + CUDA graph on GPUs, the eager loop on CPUs) | eager (the reference loop) | static | graph | compile (experimental).")] = "auto",
-    cache_teacher_logits: Annotated[Optional[bool], typer.Option("--cache-teacher-logits/--no-cache-teacher-logits", help="Keep the teacher's logits from scoring for all PPO epochs instead of a teacher forward per update (exact; memory rollouts*tokens*vocab). Default: on where that fits in 1/8 of the device's memory.")] = None,
+    cache_teacher_logits: Annotated[Optional[bool], typer.Option("--cache-teacher-logits/--no-cache-teacher-logits", help="Keep the teacher's logits from scoring for all PPO epochs instead of a teacher forward per update (exact; memory rollouts*tokens*vocab). Default: on in one-process runs where twice that fits in 1/4 of the memory free after loading.")] = None,
     max_length: o.MaxLength = 512,
     max_prompt_length: o.MaxPrompt = 256,
     limit: Limit = None,

@@ -64,10 +64,12 @@ def _head(model):
 def align_head(model) -> bool:
     """Make `model`'s LM head compute over aligned rows (see the module docstring). False when
     there is nothing to do: rows already aligned, no head, a head that is not a plain nn.Linear
-    (a peft layer on the head has its own forward), or done already."""
+    (a peft layer on the head has its own forward), or a forward set on the head already (ours,
+    or another library's hook)."""
     head = _head(model)
+    # ("forward" set on the instance: ours already, or another library's hook -- left alone)
     if (head is None or type(head).forward is not torch.nn.Linear.forward or _aligned(head.out_features)
-            or is_aligned(model)):
+            or "forward" in head.__dict__):
         return False
     # functools.partial of a module-level function: copy.deepcopy binds the copy to the copied head,
     # and the model still pickles

@@ -22,7 +22,7 @@ import torch
 
 from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
-from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, device_memory_bytes, minillm_loss, score_rollouts,
+from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, free_memory_bytes, minillm_loss, score_rollouts,
                                         teacher_logit_cache)
 from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
@@ -177,7 +177,7 @@ class MiniLLMRun:
         cache, why = teacher_logit_cache(
             cfg.cache_teacher_logits, single_step=cfg.single_step, rollouts=cfg.num_rollouts,
             max_new_tokens=cfg.max_new_tokens, vocab_size=self.vocab, dtype=next(self.teacher.parameters()).dtype,
-            device_bytes=device_memory_bytes(rt.device), processes=rt.world_size)
+            free_bytes=free_memory_bytes(rt.device), processes=rt.world_size)
         self.opts = replace(self.opts, cache_teacher_logits=cache)
         if why:
             note(why)
@@ -223,6 +223,7 @@ class MiniLLMRun:
             local.append((k, scored))
         release_engine(self.engine)  # free the static caches before the updates need the memory
         buffer = gather_parts(rt, local, rt.device)
+        del local, scored  # the parts (their cached teacher logits) are in the buffer now
         secs = rt.sum_scalar(time.perf_counter() - t0) / rt.world_size
         lengths = buffer.response_mask.sum(1).float()
         return buffer, {"rollout_tokens_per_s": rt.sum_scalar(n_tok) / max(secs, 1e-9),
@@ -369,6 +370,7 @@ class MiniLLMRun:
         with StopSignal() as stop:
             while step < self.steps:
                 if buffer is None or plan_pos >= len(plan):
+                    buffer = None  # (its cached teacher logits must not live through the next collect)
                     buffer, roll_stats = self.collect(iteration)
                     plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration)
                     iteration, plan_pos = iteration + 1, 0

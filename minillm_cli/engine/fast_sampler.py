@@ -546,6 +546,8 @@ class _Decoder:
         if n not in self.graphs and self.capturing and s + 1 < self.T:
             try:
                 self.capture(n)  # (for "compile": the warm-up steps compile)
+            except torch.cuda.OutOfMemoryError:
+                raise  # transient, not a property of the step: must not switch capture off for good
             except Exception as e:  # not capturable, or (compile) the compiler failed
                 self._give_up_capture(e)
             self.graphs.setdefault(n, None)
@@ -558,6 +560,8 @@ class _Decoder:
             snap = self._snapshot()
             try:
                 self.step(n)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as e:  # the compiler failed here: undo, and the plain step
                 self._restore(snap)
                 self._give_up_capture(e)
@@ -621,7 +625,9 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         run["teacher"] = teacher
     if mode == "compile" and _COMPILE_FAILED:  # do not pay for (and warn about) a failing compiler again
         mode = "graph"
-    captured = mode in ("graph", "compile")
+    # a model on another device (--teacher-device) runs outside the capture: its kernels would
+    # not be in the graph (a replay would reuse stale outputs), or its host copies break it
+    captured = mode in ("graph", "compile") and all(_param_device(m) == device for m in run.values())
     bucket = prompt_bucket or (64 if captured else 1)
     keep = captured if keep is None else keep
     P = _round_up(P0, bucket)

@@ -188,7 +188,9 @@ def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, voc
             model.train(was_training)
         logps[name] = torch.where(mask, lp, torch.zeros_like(lp))
         if name == "teacher" and opts.caches_teacher_logits:
-            kept = logits[..., :vocab_size]
+            # its own storage: a view would keep the whole forward's logits alive (padded
+            # vocabulary columns; all positions for a model without `logits_to_keep`)
+            kept = logits[..., :vocab_size].contiguous()
         del logits
     old_logp, teacher_logp = logps["student"], logps["teacher"]
     rewards = token_rewards(teacher_logp, old_logp, mask)
@@ -292,19 +294,28 @@ class StatsSum:
         return dict(zip(self.KEYS, values[:-1])), values[-1]
 
 
-# share of the device's memory the teacher-logit cache may take when nobody asked for it: the
-# update step, the caches' rollout buffer and the sampler's KV caches need the rest
-CACHE_SHARE = 1 / 8
+# share of the memory free after loading the models that the teacher-logit cache may take at its
+# peak (twice the buffer's logits: the scored parts and the buffer they are joined into); the
+# optimizer state, the update step and the sampler's KV caches need the rest
+CACHE_SHARE = 1 / 4
+
+
+def _size(n: int) -> str:
+    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 2 ** k:
+            return f"{n / 2 ** k:.1f} {unit}"
+    return f"{n} B"
 
 
 def teacher_logit_cache(requested: bool | None, *, single_step: bool, rollouts: int, max_new_tokens: int,
-                        vocab_size: int, dtype: torch.dtype, device_bytes: int | None,
+                        vocab_size: int, dtype: torch.dtype, free_bytes: int | None,
                         processes: int = 1) -> tuple[bool, str | None]:
     """Whether to keep the teacher's logits for the PPO epochs, and a note saying why when it was
-    decided here (requested None: on when rollouts x max_new_tokens x vocab values of `dtype` --
-    the most the buffer can hold; every process holds the whole buffer -- fit in CACHE_SHARE of
-    the device's memory, and only in a one-process run: with several, the buffer is gathered to
-    every process through the host, logits included)."""
+    decided here. requested None: on when twice rollouts x max_new_tokens x vocab values of
+    `dtype` (the most the buffer can hold -- every process holds the whole buffer -- and its
+    scored parts while they are joined) fit in CACHE_SHARE of the memory free now, and only in a
+    one-process run (with several, the buffer is gathered to every process through the host,
+    logits included)."""
     if requested is not None:
         return requested, None
     if not single_step:
@@ -313,24 +324,38 @@ def teacher_logit_cache(requested: bool | None, *, single_step: bool, rollouts: 
         return False, ("teacher logits recomputed in every update: with several processes the rollout buffer "
                        "is gathered through the host (--cache-teacher-logits keeps them anyway)")
     need = rollouts * max_new_tokens * vocab_size * torch.finfo(dtype).bits // 8
-    gib = lambda n: f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"  # noqa: E731
-    if device_bytes is not None and need <= CACHE_SHARE * device_bytes:
-        return True, (f"teacher logits kept from scoring for the PPO epochs: up to {gib(need)} of the "
-                      f"device's {gib(device_bytes)} (--no-cache-teacher-logits: a teacher forward per update)")
-    have = "an unknown amount" if device_bytes is None else gib(device_bytes)
-    return False, (f"teacher logits recomputed in every update: keeping them would take up to {gib(need)} "
-                   f"of {have} (--cache-teacher-logits keeps them anyway)")
+    if free_bytes is not None and 2 * need <= CACHE_SHARE * free_bytes:
+        return True, (f"teacher logits kept from scoring for the PPO epochs: up to {_size(need)} (twice that "
+                      f"while a buffer is joined) of {_size(free_bytes)} free (--no-cache-teacher-logits: a "
+                      f"teacher forward per update)")
+    have = "an unknown amount" if free_bytes is None else _size(free_bytes)
+    return False, (f"teacher logits recomputed in every update: keeping them would take up to {_size(need)} "
+                   f"(twice that while a buffer is joined) of {have} free (--cache-teacher-logits keeps them anyway)")
 
 
-def device_memory_bytes(device: torch.device) -> int | None:
-    """Total memory of a CUDA device, or the machine's RAM for the CPU; None when unknown."""
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free now: on a CUDA device, what the driver reports free plus what torch's caching
+    allocator holds unused; for the CPU, available RAM, capped by a cgroup (container) limit
+    minus what the cgroup uses. None when unknown."""
     import os
 
     try:
         if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                 "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                try:
+                    cap = open(limit).read().strip()
+                    if cap.isdigit():
+                        free = min(free, int(cap) - int(open(used).read().strip()))
+                    break
+                except OSError:
+                    continue
+            return max(free, 0)
     except (ValueError, OSError, AttributeError, RuntimeError):
         pass
     return None

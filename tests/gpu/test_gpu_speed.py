@@ -249,10 +249,12 @@ def test_bucketed_graphs_match_the_reference_on_cuda(tiny, monkeypatch, alpha):
         torch.testing.assert_close(out.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
 
 
-def test_a_teacher_on_another_device_samples_on_the_static_path(tiny):
+@pytest.mark.parametrize("engine", ["static", "graph"])
+def test_a_teacher_on_another_device_samples_on_the_static_path(tiny, engine):
     """--teacher-device: the teacher (here on the CPU, behind TeacherOnDevice) gets its cache
     positions on its own device (static_cache.CacheWrites writes there), so the static engine
-    serves it without falling back."""
+    serves it without falling back; the graph engine captures nothing (the teacher's work would
+    not be in the graph) and decodes with the static steps, without a failed capture."""
     import copy
 
     from minillm_cli.engine.teacher import TeacherOnDevice
@@ -262,7 +264,9 @@ def test_a_teacher_on_another_device_samples_on_the_static_path(tiny):
     ref = sample(student, teacher, **_args(16, 10, V, 12, 0.3))
     with warnings.catch_warnings():
         _fail_on_fallback()
-        got = fast_sampler.fast_sample(student, far, engine="static", **_args(16, 10, V, 12, 0.3))
+        got = fast_sampler.fast_sample(student, far, engine=engine, keep=True, **_args(16, 10, V, 12, 0.3))
+    (dec,) = fast_sampler._KEPT.values()
+    assert not any(g is not None for g in dec.graphs.values())
     fast_sampler.release()
     same = (ref.response_ids == got.response_ids).all(1).float().mean().item()
     assert same >= 0.9, same

@@ -202,8 +202,9 @@ def test_not_another_librarys_forward_and_gone_before_fsdp_shards(monkeypatch):
     hooked = functools.partial(lambda mod, x: mod.__class__.forward(mod, x), model.lm_head)
     model.lm_head.forward = hooked
     assert not is_aligned(model)
+    assert not align_head(model) and model.lm_head.forward is hooked  # not replaced
     unalign_head(model)
-    assert model.lm_head.forward is hooked  # left alone
+    assert model.lm_head.forward is hooked  # nor removed
     del model.lm_head.forward
     assert align_head(model)
     seen = []

@@ -355,27 +355,32 @@ def test_step_statistics_of_micro_batches_equal_the_whole_batch(models):
 
 
 def test_the_teacher_logit_cache_is_kept_where_it_fits():
-    """distill's default (--cache-teacher-logits unset): kept when the buffer's logits fit in an
-    eighth of the device's memory, in a one-process run, with the single-step term (the only
-    reader); a flag given either way wins; a note says what was decided and why."""
+    """distill's default (--cache-teacher-logits unset): kept when twice the buffer's logits (the
+    scored parts and the buffer they are joined into) fit in a quarter of the memory free after
+    loading, in a one-process run, with the single-step term (the only reader); a flag given
+    either way wins; a note says what was decided and why."""
     import pytest
 
-    from minillm_cli.engine.minillm import teacher_logit_cache
+    from minillm_cli.engine.minillm import free_memory_bytes, teacher_logit_cache
 
     paper = dict(single_step=True, rollouts=256, max_new_tokens=256, vocab_size=50257, dtype=torch.bfloat16)
     need = 256 * 256 * 50257 * 2  # 6.1 GiB
-    on, why = teacher_logit_cache(None, **paper, device_bytes=80 * 2 ** 30)
-    assert on and "up to 6.1 GiB" in why and "80.0 GiB" in why
-    off, why = teacher_logit_cache(None, **paper, device_bytes=24 * 2 ** 30)
+    on, why = teacher_logit_cache(None, **paper, free_bytes=80 * 2 ** 30)
+    assert on and "up to 6.1 GiB (twice that while a buffer is joined) of 80.0 GiB free" in why
+    off, why = teacher_logit_cache(None, **paper, free_bytes=24 * 2 ** 30)
     assert not off and "6.1 GiB" in why and "--cache-teacher-logits" in why
-    assert teacher_logit_cache(None, **paper, device_bytes=8 * need)[0]
-    assert not teacher_logit_cache(None, **paper, device_bytes=8 * need - 1)[0]
-    assert not teacher_logit_cache(None, **paper, device_bytes=None)[0]
-    assert not teacher_logit_cache(None, **{**paper, "dtype": torch.float32}, device_bytes=8 * need)[0]
-    assert teacher_logit_cache(True, **paper, device_bytes=1) == (True, None)
-    assert teacher_logit_cache(False, **paper, device_bytes=2 ** 50) == (False, None)
-    assert teacher_logit_cache(None, **{**paper, "single_step": False}, device_bytes=2 ** 50) == (False, None)
-    off, why = teacher_logit_cache(None, **paper, device_bytes=2 ** 50, processes=2)
+    assert teacher_logit_cache(None, **paper, free_bytes=8 * need)[0]
+    assert not teacher_logit_cache(None, **paper, free_bytes=8 * need - 1)[0]
+    assert not teacher_logit_cache(None, **paper, free_bytes=None)[0]
+    assert not teacher_logit_cache(None, **{**paper, "dtype": torch.float32}, free_bytes=8 * need)[0]
+    assert teacher_logit_cache(True, **paper, free_bytes=1) == (True, None)
+    assert teacher_logit_cache(False, **paper, free_bytes=2 ** 50) == (False, None)
+    assert teacher_logit_cache(None, **{**paper, "single_step": False}, free_bytes=2 ** 50) == (False, None)
+    off, why = teacher_logit_cache(None, **paper, free_bytes=2 ** 50, processes=2)
     assert not off and "several processes" in why
+    tiny = teacher_logit_cache(None, **{**paper, "rollouts": 4, "max_new_tokens": 8, "vocab_size": 384,
+                                        "dtype": torch.float32}, free_bytes=2 ** 34)[1]
+    assert "up to 48.0 KiB" in tiny
     with pytest.raises(TypeError):
-        teacher_logit_cache(None, **paper)  # the device's memory must be said (None: unknown)
+        teacher_logit_cache(None, **paper)  # the free memory must be said (None: unknown)
+    assert 0 < free_memory_bytes(torch.device("cpu")) < 2 ** 50
