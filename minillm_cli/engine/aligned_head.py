@@ -39,6 +39,10 @@ def _aligned(rows: int) -> bool:
     return rows % 8 == 0  # 16 bytes in a 2-byte dtype
 
 
+def padded_rows(rows: int) -> int:
+    return -(-rows // ALIGN) * ALIGN
+
+
 def padded_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`head(x)` computed over rows padded to a multiple of ALIGN; [..., out_features] (a view)."""
     w, b = head.weight, head.bias
@@ -50,7 +54,7 @@ def padded_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(dev)  # autocast's own cast (same rounding), before the pad
         w = w.to(dtype)
         b = b.to(dtype) if b is not None else None
-    pad = -n % ALIGN
+    pad = padded_rows(n) - n
     w = F.pad(w, (0, 0, 0, pad))
     b = F.pad(b, (0, pad)) if b is not None else None
     return F.linear(x, w, b)[..., :n]
@@ -61,15 +65,24 @@ def _head(model):
     return get() if callable(get) else None
 
 
+def misaligned_head(model) -> torch.nn.Linear | None:
+    """`model`'s LM head when padding its rows is what to do: a plain nn.Linear (a peft layer on
+    the head has its own forward) of floating-point weights whose row count leaves the logits'
+    rows misaligned; None otherwise. (The sampler's padded copy, sampling_weights.PaddedHead,
+    asks the same.)"""
+    head = _head(model)
+    if (head is None or type(head).forward is not torch.nn.Linear.forward or _aligned(head.out_features)
+            or not head.weight.is_floating_point()):
+        return None
+    return head
+
+
 def align_head(model) -> bool:
     """Make `model`'s LM head compute over aligned rows (see the module docstring). False when
-    there is nothing to do: rows already aligned, no head, a head that is not a plain nn.Linear
-    (a peft layer on the head has its own forward), or a forward set on the head already (ours,
-    or another library's hook)."""
-    head = _head(model)
-    # ("forward" set on the instance: ours already, or another library's hook -- left alone)
-    if (head is None or type(head).forward is not torch.nn.Linear.forward or _aligned(head.out_features)
-            or "forward" in head.__dict__):
+    there is nothing to do (`misaligned_head` is None), or a forward is set on the head already
+    (ours, or another library's hook: left alone)."""
+    head = misaligned_head(model)
+    if head is None or "forward" in head.__dict__:
         return False
     # functools.partial of a module-level function: copy.deepcopy binds the copy to the copied head,
     # and the model still pickles

@@ -22,12 +22,11 @@ import torch
 
 from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
-from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, free_memory_bytes, minillm_loss, score_rollouts,
-                                        teacher_logit_cache)
+from minillm_cli.engine.minillm import MiniLLMOptions, StatsSum, minillm_loss, score_rollouts, teacher_logit_cache
 from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
-from minillm_cli.engine.runtime import (autocast, example_generator, init_runtime, resolved_settings,
-                                        run_entry, scaling_warnings, seed_everything, to_device)
+from minillm_cli.engine.runtime import (autocast, example_generator, free_memory_bytes, init_runtime,
+                                        resolved_settings, run_entry, scaling_warnings, seed_everything, to_device)
 from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_engine, sample
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)

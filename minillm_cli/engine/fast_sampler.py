@@ -141,12 +141,14 @@ class _StaticModel:
         if self.impl not in _SUPPORTED_ATTN:
             raise _Unsupported(f"attention implementation {self.impl!r}")
         self.dtype = _param_dtype(model)
-        # where attention runs: a teacher behind TeacherOnDevice runs on its own device, outside the
-        # student device's autocast (its mask must then be in its weights' dtype)
-        amp = _autocast_dtype(_param_device(model))
+        # where the model runs: a teacher behind TeacherOnDevice runs on its own device, outside the
+        # student device's autocast (its mask must then be in its weights' dtype, its cache columns
+        # on its device)
+        self.device = _param_device(model)
+        amp = _autocast_dtype(self.device)
         self.mask_dtype = amp or self.dtype
         # the LM head with its vocabulary rows padded to aligned ones (in the dtype it runs in)
-        self.head = padded_head(_hf_model(model), amp) if _param_device(model).type in PAD_HEAD_DEVICES else None
+        self.head = padded_head(_hf_model(model), amp) if self.device.type in PAD_HEAD_DEVICES else None
         skip = (self.head.head,) if self.head is not None else ()
         # float32 matmul weights cast once per call instead of in every step, where that is exact
         self.weights = sampling_weights(model, amp, skip) if SAMPLING_WEIGHTS else None
@@ -164,7 +166,6 @@ class _StaticModel:
             raise _Unsupported(f"a sliding-window cache of {short} positions, shorter than the rollout's {max_len}")
         # the sampler writes the cache at its own positions (static_cache.CacheWrites), where it can
         self.writes = own_writes(self.cache)
-        self.device = _param_device(model)  # (a teacher behind TeacherOnDevice: its own device)
         self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
         self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
 

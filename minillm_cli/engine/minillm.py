@@ -332,30 +332,3 @@ def teacher_logit_cache(requested: bool | None, *, single_step: bool, rollouts: 
     return False, (f"teacher logits recomputed in every update: keeping them would take up to {_size(need)} "
                    f"(twice that while a buffer is joined) of {have} free (--cache-teacher-logits keeps them anyway)")
 
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory free now: on a CUDA device, what the driver reports free plus what torch's caching
-    allocator holds unused; for the CPU, available RAM, capped by a cgroup (container) limit
-    minus what the cgroup uses. None when unknown."""
-    import os
-
-    try:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        if device.type == "cpu":
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-            for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                 "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-                try:
-                    cap = open(limit).read().strip()
-                    if cap.isdigit():
-                        free = min(free, int(cap) - int(open(used).read().strip()))
-                    break
-                except OSError:
-                    continue
-            return max(free, 0)
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        pass
-    return None

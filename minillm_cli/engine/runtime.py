@@ -290,3 +290,29 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free now: on a CUDA device, what the driver reports free plus what torch's caching
+    allocator holds unused; for the CPU, available RAM, capped by a cgroup (container) limit
+    minus what the cgroup uses. None when unknown."""
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if device.type == "cpu":
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                 "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                try:
+                    cap = open(limit).read().strip()
+                    if cap.isdigit():
+                        free = min(free, int(cap) - int(open(used).read().strip()))
+                    break
+                except OSError:
+                    continue
+            return max(free, 0)
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None

@@ -32,9 +32,9 @@ import contextlib
 
 import torch
 
+from minillm_cli.engine.aligned_head import misaligned_head, padded_rows
+
 LOW = (torch.bfloat16, torch.float16)
-# the LM head's rows (the vocabulary) are padded to a multiple of this for sampling
-HEAD_MULTIPLE = 64
 
 
 def _matmul_forwards() -> tuple:
@@ -116,7 +116,7 @@ def sampling_weights(model, dtype, skip: tuple = ()) -> SamplingWeights | None:
 
 class PaddedHead:
     """The LM head's weight (and bias) with its rows -- one per vocabulary entry -- padded with
-    zeros to a multiple of HEAD_MULTIPLE, installed only while sampling; the sampler slices the
+    zeros to a multiple of 64 (aligned_head.padded_rows), installed only while sampling; the sampler slices the
     logits back to the vocabulary, so the extra columns (logit 0) are never read.
 
     Why: with an odd vocabulary (GPT-2's 50,257) every row of the [batch, vocab] logits starts at
@@ -132,9 +132,9 @@ class PaddedHead:
     compares the static path with its tolerance). Cost: one copy of the head while the decoder is
     kept (gpt2-xl: 161 MB in bf16)."""
 
-    def __init__(self, head: torch.nn.Linear, dtype: torch.dtype, multiple: int = HEAD_MULTIPLE):
+    def __init__(self, head: torch.nn.Linear, dtype: torch.dtype):
         self.head, self.dtype = head, dtype
-        self.rows = -(-head.out_features // multiple) * multiple
+        self.rows = padded_rows(head.out_features)
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
 
@@ -164,15 +164,8 @@ class PaddedHead:
 
 
 def padded_head(model, amp: torch.dtype | None) -> PaddedHead | None:
-    """A PaddedHead for `model`'s output embedding when its row count leaves the logits' rows
-    misaligned (not a multiple of 8) and it is a plain nn.Linear (a module with its own forward,
-    e.g. a peft adapter on the head, is left alone); None otherwise. `amp`: autocast's dtype on
-    the model's device, or None."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None or type(head).forward is not torch.nn.Linear.forward or head.out_features % 8 == 0:
-        return None
-    w = head.weight
-    if not w.is_floating_point():
-        return None
-    return PaddedHead(head, amp if amp is not None else w.dtype)
+    """A PaddedHead for `model`'s LM head where `aligned_head.misaligned_head` finds one to pad
+    (a plain nn.Linear with misaligned rows); None otherwise. `amp`: autocast's dtype on the
+    model's device, or None."""
+    head = misaligned_head(model)
+    return None if head is None else PaddedHead(head, amp if amp is not None else head.weight.dtype)

@@ -361,7 +361,8 @@ def test_the_teacher_logit_cache_is_kept_where_it_fits():
     either way wins; a note says what was decided and why."""
     import pytest
 
-    from minillm_cli.engine.minillm import free_memory_bytes, teacher_logit_cache
+    from minillm_cli.engine.minillm import teacher_logit_cache
+    from minillm_cli.engine.runtime import free_memory_bytes
 
     paper = dict(single_step=True, rollouts=256, max_new_tokens=256, vocab_size=50257, dtype=torch.bfloat16)
     need = 256 * 256 * 50257 * 2  # 6.1 GiB
