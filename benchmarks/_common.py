@@ -136,11 +136,6 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def kv_bytes_per_token(model, dtype) -> int:
-    c = model.config
-    return 2 * c.n_layer * c.n_embd * torch.tensor([], dtype=dtype).element_size()
-
-
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 

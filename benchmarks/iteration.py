@@ -1,21 +1,23 @@
 """One full MiniLLM iteration (rollouts, scoring, PPO epochs): naive vs ours, same models and data.
 
-    python benchmarks/iteration.py [--num-rollouts 256] [--rollout-batch 64] [--prompt-len 256]
+    python benchmarks/iteration.py [--num-rollouts 256] [--rollout-batch 0] [--prompt-len 256]
         [--new-tokens 256] [--ppo-epochs 4] [--batch-size 32] [--micro-batch 8] [--device cuda] [--tiny]
 
 Reference settings (METHOD.md): 256 rollouts of <= 256 new tokens after prompts of <= 256 tokens
 (ragged, left padded), alpha 0.2, 4 PPO epochs. Random-weight models almost never emit EOS, so
-every rollout runs the full 256 tokens (the worst case).
-naive: benchmarks/_common.naive_rollout; score_rollouts unchunked; the updates through
+every rollout runs the full 256 tokens (the worst case). Both sides sample in rollout batches of
+the size `distill` picks by default on this machine (--rollout-batch-size 0: as many as the KV
+caches fit in half the free memory, engine/rollout_batch.py), so the comparison is of engines,
+not of batch sizes; --rollout-batch sets it.
+naive: benchmarks/_common.naive_rollout; score_rollouts unchunked (one forward per rollout batch); the updates through
 _common.naive_minillm_loss (full-vocabulary float32 log-softmaxes through autograd, the teacher
 forward repeated in every PPO micro-batch); bf16 student weights.
 ours: sampler.sample(engine="auto": static caches + CUDA graph on CUDA, the static loop on CPU);
-teacher logits kept from scoring (cache_teacher_logits), the fused chunked vocabulary pass, float32 master weights
+scoring forwards of --batch-size rows (as distill), teacher logits kept from scoring (cache_teacher_logits), the fused chunked vocabulary pass, float32 master weights
 with bf16 autocast, fused AdamW, gelu_new as one kernel (engine/fused.py), the LM heads over
 vocabulary rows padded to a multiple of 64 (engine/aligned_head.py; the sampler's own padded copy
-while sampling). Each side runs one
-untimed warm-up iteration on a reduced batch first (same shapes), then one timed iteration;
-phases are timed separately.
+while sampling). Each side first runs one untimed warm-up iteration over one rollout batch and
+one PPO epoch (the same shapes), then one timed iteration; phases are timed separately.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def main() -> int:
 
     tiny, cuda = args.tiny, args.device.type == "cuda"
     N = args.num_rollouts or (8 if tiny else 256)
-    RB = args.rollout_batch or (4 if tiny else 64)
+    RB = args.rollout_batch or 0  # 0: what distill picks (below, once the models are built)
     P = args.prompt_len or (8 if tiny else 256)
     T = args.new_tokens or (8 if tiny else 256)
     E = args.ppo_epochs or (2 if tiny else 4)
@@ -58,15 +60,28 @@ def main() -> int:
     mu = args.micro_batch or (2 if tiny else 8)
     low = low_dtype(args)
     info = machine(args)
-    emit(args, {"kind": "machine", **info, "num_rollouts": N, "rollout_batch": RB, "prompt": P, "new_tokens": T,
-                "ppo_epochs": E, "batch_size": MB, "micro_batch": mu})
     student0, teacher, spec = build_pair(args, student_dtype=torch.float32)
     V = spec["vocab"]
+    if not RB:
+        from minillm_cli.engine.minillm import teacher_logit_bytes
+        from minillm_cli.engine.rollout_batch import (cache_length, held_while_sampling, rollout_batch_size,
+                                                      rows_that_fit)
+        from minillm_cli.engine.runtime import free_memory_bytes
+
+        free = free_memory_bytes(args.device)
+        later = (teacher_logit_bytes(N, T, V, next(teacher.parameters()).dtype)
+                 + held_while_sampling(student0, (student0, teacher), args.device))
+        fit = rows_that_fit((student0, teacher), device=args.device, cache_len=cache_length(P, T),
+                            vocab_size=V, free_bytes=None if free is None else max(free - later, 0))
+        RB, why = rollout_batch_size(0, batch_size=MB, rollouts=N, processes=1, whiten=False, fit=fit)
+        print(why, flush=True)
+    emit(args, {"kind": "machine", **info, "num_rollouts": N, "rollout_batch": RB, "prompt": P, "new_tokens": T,
+                "ppo_epochs": E, "batch_size": MB, "micro_batch": mu})
     eos = V - 1
     ids_all, mask_all = random_prompts(N, P, V, args.device, args.seed, ragged=True)
     params = SamplingParams(T)
 
-    def one_iteration(side: str, student, opt, n_rows: int) -> dict:
+    def one_iteration(side: str, student, opt, n_rows: int, epochs: int) -> dict:
         naive = side == "naive"
         opts = MiniLLMOptions(chunk_size=None if naive else DEFAULT_CHUNK, cache_teacher_logits=not naive)
         amp = (lambda: autocast(args.device, low)) if not naive else (lambda: autocast(args.device, None))
@@ -93,7 +108,7 @@ def main() -> int:
                 t_roll += time.perf_counter() - r0
                 if s == 0:  # the first batch of an iteration builds (captures) the decoder
                     times["first_rollout_batch_s"] = time.perf_counter() - r0
-                parts.append(score_rollouts(student, teacher, roll, opts, V))
+                parts.append(score_rollouts(student, teacher, roll, opts, V, rows_per_forward=None if naive else MB))
             n_tok += int(roll.response_mask.sum())
         if not naive:
             fast_sampler.release()
@@ -105,7 +120,7 @@ def main() -> int:
         t1 = time.perf_counter()
         steps = 0
         g = torch.Generator().manual_seed(args.seed)
-        for _ in range(E):
+        for _ in range(epochs):
             order = torch.randperm(n_rows, generator=g).tolist()
             for i in range(0, n_rows - MB + 1, MB):
                 rows = order[i : i + MB]
@@ -146,10 +161,10 @@ def main() -> int:
             # models on CUDA (engine/fused.py, engine/aligned_head.py)
             with fused_activations([] if naive else [student, teacher]), \
                     aligned_heads([] if naive else [student, teacher]):
-                one_iteration(side, student, opt, min(N, max(MB, RB)))  # warm-up: same shapes, fewer rows
+                one_iteration(side, student, opt, min(N, max(MB, RB)), 1)  # warm-up: same shapes, less work
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                rec = one_iteration(side, student, opt, N)
+                rec = one_iteration(side, student, opt, N, E)
         except torch.cuda.OutOfMemoryError as e:
             emit(args, {"kind": "iteration", "side": side, "error": f"OOM: {e}"[:200]})
             torch.cuda.empty_cache()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from _common import (base_parser, build_pair, emit, kv_bytes_per_token, low_dtype, machine,
+from _common import (base_parser, build_pair, emit, low_dtype, machine,
                      measure_bandwidth, naive_rollout, random_prompts, setup, sync, table, timed,
                      weight_bytes)
 
@@ -34,6 +34,7 @@ def main() -> int:
     import torch
 
     from minillm_cli.engine import fast_sampler
+    from minillm_cli.engine.rollout_batch import kv_bytes_per_token
     from minillm_cli.engine.sampler import SamplingParams, sample
 
     cuda = args.device.type == "cuda"

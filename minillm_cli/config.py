@@ -282,7 +282,7 @@ class DistillConfig:
     grad_accum: int = 1
     # rollouts and PPO
     num_rollouts: int = 256
-    rollout_batch_size: int = 0  # 0: --batch-size
+    rollout_batch_size: int = 0  # 0: auto (engine/rollout_batch.py)
     ppo_epochs: int = 4
     max_new_tokens: int = 256
     temperature: float = 1.0

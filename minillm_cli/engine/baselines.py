@@ -44,7 +44,8 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     reused on --resume (whose settings check_resume holds to the first run's). Rows are sharded
     over processes and gathered."""
     from minillm_cli.data.tokenize import encode_prompts, left_pad
-    from minillm_cli.engine.runtime import example_generator
+    from minillm_cli.engine.rollout_batch import cache_length, rollout_batch_size, rows_that_fit
+    from minillm_cli.engine.runtime import example_generator, free_memory_bytes
     from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
     from minillm_cli.engine.train_utils import micro_batches
 
@@ -64,7 +65,14 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     # Prompts over the limit are dropped by the SFT encoding anyway: nothing to generate for them.
     mine: dict[int, str] = {i: "" for i in range(len(examples)) if i not in prompts}
     todo = kept
-    chunks = micro_batches(todo, max(cfg.rollout_batch_size or cfg.batch_size, 1))
+    fit = rows_that_fit((teacher,), device=rt.device, vocab_size=len(tokenizer),
+                        cache_len=cache_length(cfg.data.max_prompt_length, cfg.max_new_tokens),
+                        free_bytes=free_memory_bytes(rt.device))
+    size, why = rollout_batch_size(cfg.rollout_batch_size, batch_size=cfg.batch_size, rollouts=max(len(todo), 1),
+                                   processes=rt.world_size, whiten=False, fit=rt.least(fit))
+    if why and progress is not None:
+        progress.log(f"seqkd: {why.replace('rollouts', 'prompts')}")
+    chunks = micro_batches(todo, size)
     engine = rt.sampling_engine(cfg.sampler)
     work = rt.lockstep(chunks)  # FSDP: every process runs as many chunks
     total, done = sum(len(c) for _, c, real in work if real), 0

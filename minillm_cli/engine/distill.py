@@ -22,7 +22,9 @@ import torch
 
 from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
-from minillm_cli.engine.minillm import MiniLLMOptions, StatsSum, minillm_loss, score_rollouts, teacher_logit_cache
+from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, minillm_loss, score_rollouts, teacher_logit_bytes,
+                                       teacher_logit_cache)
+from minillm_cli.engine.rollout_batch import cache_length, held_while_sampling, rollout_batch_size, rows_that_fit
 from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
 from minillm_cli.engine.runtime import (autocast, example_generator, free_memory_bytes, init_runtime,
@@ -173,13 +175,30 @@ class MiniLLMRun:
             fsdp.shard(self.student, rt, trainable=True)
         self.amp = compute_dtype(rt.device)
         self.engine = rt.sampling_engine(cfg.sampler)
+        free = free_memory_bytes(rt.device)
+        t_dtype = next(self.teacher.parameters()).dtype
         cache, why = teacher_logit_cache(
             cfg.cache_teacher_logits, single_step=cfg.single_step, rollouts=cfg.num_rollouts,
-            max_new_tokens=cfg.max_new_tokens, vocab_size=self.vocab, dtype=next(self.teacher.parameters()).dtype,
-            free_bytes=free_memory_bytes(rt.device), processes=rt.world_size)
+            max_new_tokens=cfg.max_new_tokens, vocab_size=self.vocab, dtype=t_dtype,
+            free_bytes=free, processes=rt.world_size)
         self.opts = replace(self.opts, cache_teacher_logits=cache)
         if why:
             note(why)
+        # memory that is free now but will not be while the next rollouts are sampled
+        later = held_while_sampling(self.student, (self.student, self.teacher), rt.device) + (
+            teacher_logit_bytes(cfg.num_rollouts, cfg.max_new_tokens, self.vocab, t_dtype) if cache else 0)
+        fit = rows_that_fit((self.student, self.teacher), device=rt.device, vocab_size=self.vocab,
+                            cache_len=cache_length(cfg.data.max_prompt_length, cfg.max_new_tokens),
+                            free_bytes=None if free is None else max(free - later, 0))
+        self.rollout_batch, why = rollout_batch_size(
+            cfg.rollout_batch_size, batch_size=cfg.batch_size, rollouts=cfg.num_rollouts, processes=rt.world_size,
+            whiten=cfg.whiten, sharded=rt.fsdp, fit=rt.least(fit))
+        if why:
+            note(why)
+        # scoring and the validation KL run their forwards on --batch-size rows at a time (the
+        # size they ran at before rollout batches grew); under FSDP one forward per unit, as
+        # every process must run as many forwards (each is a collective)
+        self.forward_rows = None if rt.fsdp else cfg.batch_size
         per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)
         if cfg.steps:
             self.steps = cfg.steps
@@ -210,12 +229,13 @@ class MiniLLMRun:
         t0 = time.perf_counter()
         which = prompts_for_iteration(len(self.prompts), cfg.num_rollouts, cfg.run.seed, iteration)
         local, n_tok = [], 0
-        for k, slots, real in rt.lockstep(micro_batches(list(range(cfg.num_rollouts)), cfg.rollout_batch_size or cfg.batch_size)):
+        for k, slots, real in rt.lockstep(micro_batches(list(range(cfg.num_rollouts)), self.rollout_batch)):
             ids, att = left_pad([self.prompts[which[j]] for j in slots], self.tok.pad_token_id)
             with autocast(rt.device, self.amp):
                 roll = self.sample(ids, att, self.teacher, cfg.teacher_mix_alpha,
                                    [example_generator(cfg.run.seed, iteration, j) for j in slots])
-                scored = score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab)
+                scored = score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab,
+                                        rows_per_forward=self.forward_rows)
             if not real:  # FSDP lockstep padding
                 continue
             n_tok += int(roll.response_mask.sum())
@@ -298,23 +318,26 @@ class MiniLLMRun:
         than sum_t log q/p of the sampled tokens."""
         from minillm_cli.data.tokenize import left_pad
         from minillm_cli.engine.losses import reverse_kl
-        from minillm_cli.engine.minillm import response_logits
+        from minillm_cli.engine.minillm import response_logits_in_chunks
 
         cfg, rt = self.cfg, self.rt
         if not self.valid_prompts:
             return {}
         total, n_seq, n_tok = 0.0, 0, 0
         slots = list(range(len(self.valid_prompts)))
-        for k, chunk, real in rt.lockstep(micro_batches(slots, cfg.rollout_batch_size or cfg.batch_size)):
+        for k, chunk, real in rt.lockstep(micro_batches(slots, self.rollout_batch)):
             ids, att = left_pad([self.valid_prompts[j] for j in chunk], self.tok.pad_token_id)
+            kl = 0.0
             with autocast(rt.device, self.amp):
                 roll = self.sample(ids, att, None, 0.0, [example_generator(cfg.run.seed + 1, 10**6, j) for j in chunk])
                 full = torch.cat([roll.prompt_ids, roll.response_ids], 1)
                 mask = torch.cat([roll.prompt_mask.long(), roll.response_mask.long()], 1)
-                T = roll.response_ids.shape[1]
-                s_logits = response_logits(self.student, full, mask, T)
-                t_logits = response_logits(self.teacher, full, mask, T)
-                kl = float(reverse_kl(s_logits, t_logits, roll.response_mask, 1.0, self.vocab))
+                # (forwards of as many rows as in scoring)
+                for (r, s_logits, t), (_, t_logits, _) in zip(
+                        response_logits_in_chunks(self.student, full, mask, roll.response_mask, self.forward_rows),
+                        response_logits_in_chunks(self.teacher, full, mask, roll.response_mask, self.forward_rows)):
+                    kl += float(reverse_kl(s_logits, t_logits, roll.response_mask[r, :t], 1.0, self.vocab))
+                    del s_logits, t_logits
             if not real:  # FSDP lockstep padding
                 continue
             total += kl
@@ -362,7 +385,8 @@ class MiniLLMRun:
                 "sharded": rt.fsdp,
                 "resolved": resolved_settings(rt, self.student, self.amp,
                                               sampler=resolve_engine(self.engine, rt.device),
-                                              cache_teacher_logits=self.opts.caches_teacher_logits)})
+                                              cache_teacher_logits=self.opts.caches_teacher_logits,
+                                              rollout_batch_size=self.rollout_batch)})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}

@@ -162,36 +162,68 @@ def _batch_logits(model, batch: RolloutBatch) -> torch.Tensor:
                            batch.response_mask.shape[1])
 
 
+def response_logits_in_chunks(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              response_mask: torch.Tensor, rows: int | None):
+    """Yields (row slice, logits [r, t, V'], t) per chunk of `rows` rows (None: all rows in one
+    forward, t = T): the logits predicting the chunk's first t response tokens, t its longest
+    response. Each chunk's forward covers only its own columns, from its first real prompt
+    column to its last response token (one rollout batch pads every prompt to its longest and
+    every response to its longest); exact, since positions come from the mask and the model is
+    causal. input_ids / attention_mask [N, P + T], response_mask [N, T]."""
+    N, T = response_mask.shape
+    P = input_ids.shape[1] - T
+    step = rows or N
+    if step >= N:
+        yield slice(0, N), response_logits(model, input_ids, attention_mask, T), T
+        return
+    # one host read for the whole batch: each row's first real column and its response length
+    starts, lengths = torch.stack([(attention_mask.cumsum(1) == 0).sum(1), response_mask.sum(1)]).tolist()
+    for a in range(0, N, step):
+        r = slice(a, a + step)
+        cut, t = min(min(starts[r]), P - 1), max(1, max(lengths[r]))
+        yield r, response_logits(model, input_ids[r, cut : P + t], attention_mask[r, cut : P + t], t), t
+
+
 @torch.no_grad()
-def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, vocab_size: int
-                   ) -> RolloutBatch:
+def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, vocab_size: int,
+                   rows_per_forward: int | None = None) -> RolloutBatch:
     """Teacher-forced, no-grad scoring of a rollout batch, done once before the PPO epochs.
 
     old_logp = log q_old(y_t) (unfiltered, temperature 1, the policy being trained),
     teacher_logp = log p(y_t), rewards r_t = log p - log q_old, importance weights from the
     sampling-time log-probs (importance_weights), then the advantages (long_term_advantages;
-    r_t is included when opts.single_step is False, see MiniLLMOptions)."""
+    r_t is included when opts.single_step is False, see MiniLLMOptions).
+    rows_per_forward: the forwards run on this many rows at a time (None: all), so a large
+    rollout batch does not need [N, T, V] logits of both models at once; the advantages (and
+    their whitening) are computed over the whole rollout batch either way. Kept teacher logits
+    past a row's chunk's longest response are zeros (masked positions, never used)."""
     require(rollout.student_logp is not None,
             "MiniLLM needs rollouts that ran the student (got a teacher-only rollout)")
     mask = rollout.response_mask.bool()
     input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
     attention = torch.cat([rollout.prompt_mask.long(), mask.long()], dim=1)
-    T = mask.shape[1]
+    N, T = mask.shape
     logps, kept = {}, None
     for name, model in (("student", student), ("teacher", teacher)):
         was_training = model.training
         model.eval()
+        lp = None
         try:
-            logits = response_logits(model, input_ids, attention, T)
-            lp = token_logprobs(logits, rollout.response_ids, vocab_size, opts.chunk_size)
+            for rows, logits, t in response_logits_in_chunks(model, input_ids, attention, mask, rows_per_forward):
+                part = token_logprobs(logits, rollout.response_ids[rows, :t], vocab_size, opts.chunk_size)
+                if lp is None:
+                    lp = part.new_zeros((N, T))
+                lp[rows, :t] = part
+                if name == "teacher" and opts.caches_teacher_logits:
+                    # their own storage: a view would keep the whole forward's logits alive (padded
+                    # vocabulary columns; all positions for a model without `logits_to_keep`)
+                    if kept is None:
+                        kept = logits.new_zeros((N, T, vocab_size))
+                    kept[rows, :t] = logits[..., :vocab_size]
+                del logits
         finally:
             model.train(was_training)
         logps[name] = torch.where(mask, lp, torch.zeros_like(lp))
-        if name == "teacher" and opts.caches_teacher_logits:
-            # its own storage: a view would keep the whole forward's logits alive (padded
-            # vocabulary columns; all positions for a model without `logits_to_keep`)
-            kept = logits[..., :vocab_size].contiguous()
-        del logits
     old_logp, teacher_logp = logps["student"], logps["teacher"]
     rewards = token_rewards(teacher_logp, old_logp, mask)
     iw = importance_weights(rollout.student_logp.to(old_logp.dtype),
@@ -307,6 +339,11 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def teacher_logit_bytes(rollouts: int, max_new_tokens: int, vocab_size: int, dtype: torch.dtype) -> int:
+    """Bytes the kept teacher logits of one iteration's buffer take at most."""
+    return rollouts * max_new_tokens * vocab_size * torch.finfo(dtype).bits // 8
+
+
 def teacher_logit_cache(requested: bool | None, *, single_step: bool, rollouts: int, max_new_tokens: int,
                         vocab_size: int, dtype: torch.dtype, free_bytes: int | None,
                         processes: int = 1) -> tuple[bool, str | None]:
@@ -323,7 +360,7 @@ def teacher_logit_cache(requested: bool | None, *, single_step: bool, rollouts: 
     if processes > 1:
         return False, ("teacher logits recomputed in every update: with several processes the rollout buffer "
                        "is gathered through the host (--cache-teacher-logits keeps them anyway)")
-    need = rollouts * max_new_tokens * vocab_size * torch.finfo(dtype).bits // 8
+    need = teacher_logit_bytes(rollouts, max_new_tokens, vocab_size, dtype)
     if free_bytes is not None and 2 * need <= CACHE_SHARE * free_bytes:
         return True, (f"teacher logits kept from scoring for the PPO epochs: up to {_size(need)} (twice that "
                       f"while a buffer is joined) of {_size(free_bytes)} free (--no-cache-teacher-logits: a "

@@ -63,6 +63,14 @@ class Runtime:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
 
+    def least(self, x: int | None) -> int | None:
+        """The smallest of x over all processes (None anywhere: None), so that a decision taken
+        from each process's own measurement is the same everywhere."""
+        if not self.distributed:
+            return x
+        least = -self.max_scalar(-float(-1 if x is None else x))
+        return None if least < 0 else int(least)
+
     def agree_stop(self, signal_number: int) -> int:
         """The largest pending stop-signal number over all processes (0: none). A launcher delivers
         SIGTERM/SIGINT to each process separately, at slightly different moments; deciding together

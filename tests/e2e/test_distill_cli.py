@@ -47,6 +47,7 @@ def test_each_method_runs_and_saves_a_loadable_student(tmp_path, tiny_dir, dolly
     if method == "minillm":
         assert cfg["resolved"]["sampler"] == "eager" and cfg["resolved"]["device"] == "cpu"  # --sampler auto on CPU
         assert cfg["resolved"]["cache_teacher_logits"] is True  # unset: kept where they fit (here: tiny)
+        assert cfg["resolved"]["rollout_batch_size"] == 4  # unset: all --num-rollouts at once (they fit)
         for key in ("reverse_kl", "single_step", "pg", "clip_frac", "w_mean", "w_max", "reward_mean",
                     "rollout_tokens_per_s", "update_tokens_per_s", "response_len"):
             assert key in r[0] or key in r[-1], key
@@ -281,6 +282,29 @@ def test_sampler_engine_serves_rollouts_and_validation(tmp_path, tiny_dir, dolly
                 assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-5), (x["step"], key)
                 seen.add(key)
     assert seen == {"reverse_kl", "response_len", "valid_reverse_kl"}
+
+
+def test_the_rollout_batch_changes_what_runs_together_not_the_result(tmp_path, tiny_dir, dolly_like):
+    """--rollout-batch-size 0 (auto) samples every rollout of an iteration at once here (tiny
+    models), and says so; one prompt at a time gives the same run (each rollout draws from its own
+    generator; only float rounding differs). With --whiten (advantages whitened per rollout
+    micro-batch) auto keeps --batch-size, so the result does not depend on free memory."""
+    args = [a for a in common(tiny_dir, dolly_like) if a != "--quiet"] + ["--steps", 4, "--eval-prompts", 3]
+    res = invoke("distill", *args, "--out", tmp_path / "auto")
+    assert res.exit_code == 0, res.output
+    assert "rollouts sampled 4 at a time (" in res.output, res.output
+    res = invoke("distill", *args, "--rollout-batch-size", 1, "--out", tmp_path / "one")
+    assert res.exit_code == 0 and "rollouts sampled" not in res.output, res.output
+    a, b = rows(tmp_path / "auto"), rows(tmp_path / "one")
+    assert [x["step"] for x in a] == [1, 2, 3, 4] and "valid_reverse_kl" in a[-1]
+    for x, y in zip(a, b, strict=True):
+        for key in ("pg", "single_step", "reverse_kl", "response_len", "grad_norm", "valid_reverse_kl"):
+            if key in x or key in y:
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    res = invoke("distill", *args, "--whiten", "--out", tmp_path / "whiten")
+    assert res.exit_code == 0, res.output
+    assert "rollouts sampled 2 at a time (--batch-size): --whiten" in res.output, res.output
+    assert json.loads((tmp_path / "whiten" / "run_config.json").read_text())["resolved"]["rollout_batch_size"] == 2
 
 
 def test_seqkd_frees_the_fast_engine_after_the_teacher_generates(tmp_path, tiny_dir, dolly_like, monkeypatch):

@@ -1,0 +1,132 @@
+"""How many prompts to sample together when `--rollout-batch-size` is 0 (the default, "auto").
+
+A decode step reads every weight of both models once, whatever the batch, so on a GPU rollout
+throughput grows almost with the batch until reading the KV caches dominates (H200, gpt2-xl
+teacher + gpt2 student, 128 + 128 tokens, 2026-11-28: 8,134 tokens/s at batch 64, 15,760 at
+256). The old default, `--batch-size` (8 at the paper's settings), left most of that unused.
+
+Auto: as many rows as the KV caches of the models fit in ROLLOUT_SHARE of the memory free after
+loading (less what the optimizer state, the sampler's weight copies and the teacher-logit cache
+will hold by then), up to this process's share of `--num-rollouts`, in as few near-equal
+micro-batches as that allows; never fewer than the old default. Every process takes the same
+size (the least fit over processes). Under FSDP auto keeps `--batch-size`. Each row draws from its own generator (seed, iteration, example), so the batch decides
+which rows run together, not the tokens (beyond float rounding: matmuls of another shape). Only
+`--whiten` (advantages whitened over each rollout micro-batch) makes the result depend on it:
+there auto keeps `--batch-size`, so results do not depend on the machine's free memory.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minillm_cli.engine.runtime import free_memory_bytes
+
+# share of the free memory the sampler's KV caches (and its per-row buffers) may take; the rest
+# is for prefill activations, scoring forwards, the kept teacher logits' join and the optimizer
+ROLLOUT_SHARE = 1 / 2
+# float32 [rows, vocab] buffers a decode step holds at once (log-softmaxes of both models, the
+# mixture, filters, the sampled distribution): a rough upper count
+_STEP_VOCAB_BUFFERS = 8
+
+
+def cache_length(max_prompt_length: int, max_new_tokens: int) -> int:
+    """Positions the sampler allocates per row at most: the prompt left-padded to a multiple of
+    64 (graph engines share graphs across prompt lengths) plus the new tokens, rounded up to 16
+    (fast_sampler.sample)."""
+    return -(-(-(-max_prompt_length // 64) * 64 + max_new_tokens) // 16) * 16
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype | None) -> int | None:
+    """Bytes of keys and values one token takes in `model`'s cache (all layers), with the cache in
+    `dtype` (autocast's; None: the weights' dtype). None when the config does not say."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    try:
+        layers = int(cfg.num_hidden_layers)
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    return 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _key(device) -> tuple[str, int]:
+    device = torch.device(device)
+    return device.type, device.index or 0
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()  # (an FSDP shard: this process's part)
+
+
+def held_while_sampling(student, models, device: torch.device) -> int:
+    """Bytes not yet allocated when the batch is chosen (after loading) that will be while later
+    rollouts are sampled: AdamW's two states per trainable student parameter (created by the
+    first update, kept for the run), and the sampler's copies on `device`: half-precision copies
+    of float32 matmul weights (counted as 2 bytes per float32 parameter, an upper bound) and each
+    LM head padded to aligned rows."""
+    total = sum(2 * _local_numel(p) * p.element_size() for p in student.parameters() if p.requires_grad)
+    for model in models:
+        if model is None or _key(next(model.parameters()).device) != _key(device):
+            continue
+        total += sum(2 * _local_numel(p) for p in model.parameters() if p.dtype == torch.float32)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and getattr(head, "weight", None) is not None:
+            total += 2 * _local_numel(head.weight)
+    return total
+
+
+def rows_that_fit(models, *, device: torch.device, cache_len: int, vocab_size: int,
+                  free_bytes: int | None) -> int | None:
+    """Rows whose sampling state fits in ROLLOUT_SHARE of the free memory: on `device` (the
+    rollout's; `free_bytes` free there) the KV caches of the models that live there plus the
+    decode step's vocabulary-wide buffers; on any other device a model lives on (--teacher-device),
+    its KV cache against what is free there. Caches are counted in the weights' dtype: a float32
+    model under autocast may keep float32 keys (rotary models do), so its bf16 cache would be
+    the exception, not the rule. None when a cache size or a free amount is unknown."""
+    need = {_key(device): _STEP_VOCAB_BUFFERS * vocab_size * 4}
+    for model in models:
+        if model is None:
+            continue
+        per_token = kv_bytes_per_token(model, None)
+        if per_token is None:
+            return None
+        where = _key(next(model.parameters()).device)
+        need[where] = need.get(where, 0) + cache_len * per_token
+    fit = None
+    for where, n in need.items():
+        free = free_bytes if where == _key(device) else free_memory_bytes(torch.device(*where))
+        if free is None:
+            return None
+        fit = min(fit if fit is not None else math.inf, int(ROLLOUT_SHARE * free // n))
+    return fit
+
+
+def rollout_batch_size(requested: int, *, batch_size: int, rollouts: int, processes: int, whiten: bool,
+                       fit: int | None, sharded: bool = False) -> tuple[int, str | None]:
+    """(rows sampled together, a note saying why when decided here). requested > 0 is kept as is.
+    rollouts: prompts one sampling phase draws over all processes (each gets its share);
+    fit: rows_that_fit, the same on every process (None: unknown); sharded: under FSDP, where
+    scoring runs one forward per rollout batch (every process must run as many), auto keeps
+    --batch-size."""
+    if requested > 0:
+        return requested, None
+    old = max(1, min(batch_size, rollouts))
+    keep = ("--whiten whitens advantages over each rollout micro-batch" if whiten else
+            "under --fsdp scoring runs one forward per rollout micro-batch" if sharded else
+            "the KV cache size or the free memory is unknown" if fit is None else None)
+    if keep:
+        return old, f"rollouts sampled {old} at a time (--batch-size): {keep} (--rollout-batch-size sets it)"
+    share = math.ceil(rollouts / processes)
+    rows = max(1, min(share, fit))
+    rows = math.ceil(share / math.ceil(share / rows))  # as few micro-batches as fit, near-equal in size
+    if rows < min(old, share):
+        return old, (f"rollouts sampled {old} at a time (--batch-size, the least auto takes; about {fit} "
+                     f"fit in the memory free for KV caches; --rollout-batch-size sets it)")
+    return rows, (f"rollouts sampled {rows} at a time ({fit} would fit in the memory free for KV caches; "
+                  f"--rollout-batch-size sets it)")
