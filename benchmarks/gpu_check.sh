@@ -6,9 +6,10 @@
 #          stream, attention over the used prefix of the caches), the vocabulary-wide loss on its own, the train step and, next to its measured
 #          peaks, the CPU estimate of them (train_step.py --estimate-memory: fake tensors, ~45 s
 #          on 2 cores), the GPU tests (62 s on the H200 in run 2);
-#   part 2 (7.5 min): one MiniLLM iteration at the paper's settings, the CLI on the GPU
-#          (benchmarks/gpu_cli_check.sh), a float32 student's rollouts with and without the
-#          sampler's bf16 weight copies and with the second stream (rollout_profile.py);
+#   part 2 (8.5 min): one MiniLLM iteration at the paper's settings (both sides sampling in the
+#          rollout batch distill picks), the CLI on the GPU (benchmarks/gpu_cli_check.sh), a
+#          float32 student's rollouts with and without the sampler's bf16 weight copies and with
+#          the second stream (rollout_profile.py), rollouts at batch 8 (distill's old default);
 #   part 3 (2.5 min): the experimental compile engine at batch 64 on its own (its compile time
 #          is unknown at these shapes).
 # JSON lines and a log go to $OUT (or ./gpu-results/).
@@ -30,6 +31,7 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   run 240 "$PY" benchmarks/iteration.py
   run 150 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
   run 60  "$PY" benchmarks/rollout_profile.py --variants base,fp32_student,fp32_student+per_step_casts,fp32_student+streams
+  run 60  "$PY" benchmarks/rollout.py --batches 8 --engines naive,graph
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
   run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile
