@@ -33,3 +33,18 @@ def test_update_step_memory_estimate(tmp_path):
     # checkpointing keeps only the blocks' inputs
     assert 0 < ckpt["activations_gib"] < ours["activations_gib"]
     assert ckpt["peak_gib"] < ours["peak_gib"]
+
+
+def test_each_part_of_the_gpu_check_fits_one_device_call():
+    """benchmarks/gpu_check.sh is run one part per device call (at most 600 s each): the time
+    limits of a part's commands must leave room under that, and every script it names exists."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    parts = re.findall(r'if \[ "\$PART" = (\d) \].*?\n(.*?)\nfi', text, flags=re.S)
+    assert [p for p, _ in parts] == ["1", "2", "3"]
+    for part, body in parts:
+        limits = [int(n) for n in re.findall(r"^\s*run (\d+) ", body, flags=re.M)]
+        assert limits and sum(limits) <= 585, (part, sum(limits))
+        for script in re.findall(r"(benchmarks/\w+\.(?:py|sh)|tests/gpu)", body):
+            assert (ROOT / script).exists(), script
