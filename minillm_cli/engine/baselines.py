@@ -44,7 +44,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     reused on --resume (whose settings check_resume holds to the first run's). Rows are sharded
     over processes and gathered."""
     from minillm_cli.data.tokenize import encode_prompts, left_pad
-    from minillm_cli.engine.rollout_batch import cache_length, rollout_batch_size, rows_that_fit
+    from minillm_cli.engine.rollout_batch import SplitOnOOM, cache_length, rollout_batch_size, rows_that_fit
     from minillm_cli.engine.runtime import example_generator, free_memory_bytes
     from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
     from minillm_cli.engine.train_utils import micro_batches
@@ -76,19 +76,28 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     engine = rt.sampling_engine(cfg.sampler)
     work = rt.lockstep(chunks)  # FSDP: every process runs as many chunks
     total, done = sum(len(c) for _, c, real in work if real), 0
-    for k, chunk, real in work:
-        ids, att = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
+    def answers(piece: list[int]) -> list[tuple[int, str]]:
+        ids, att = left_pad([prompts[i] for i in piece], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                      generators=[example_generator(cfg.run.seed, 0, i) for i in chunk], vocab_size=len(tokenizer),
+                      generators=[example_generator(cfg.run.seed, 0, i) for i in piece], vocab_size=len(tokenizer),
                       engine=engine, sync=rt.decode_sync)
-        if not real:
-            continue
-        for row, i in enumerate(chunk):
+        out = []
+        for row, i in enumerate(piece):
             toks = roll.response_ids[row][roll.response_mask[row]].tolist()
             if toks and toks[-1] == tokenizer.eos_token_id:
                 toks = toks[:-1]
-            mine[i] = tokenizer.decode(toks, skip_special_tokens=True)
+            out.append((i, tokenizer.decode(toks, skip_special_tokens=True)))
+        return out
+
+    # (in pieces after an out-of-memory error; not under FSDP, where decoding is a collective)
+    log = progress.log if progress is not None else (lambda line: None)
+    oom = SplitOnOOM(allowed=not rt.fsdp, release=lambda: release_engine(engine), note=lambda line: log(f"seqkd: {line}"))
+    for k, chunk, real in work:
+        generated = oom.run(chunk, answers, lambda parts: [x for part in parts for x in part])
+        if not real:
+            continue
+        mine.update(generated)
         done += len(chunk)
         if progress is not None:
             progress.log(f"seqkd: teacher generated {done}/{total}"

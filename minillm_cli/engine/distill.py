@@ -24,9 +24,11 @@ from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, sav
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, minillm_loss, score_rollouts, teacher_logit_bytes,
                                        teacher_logit_cache)
-from minillm_cli.engine.rollout_batch import cache_length, held_while_sampling, rollout_batch_size, rows_that_fit
+from minillm_cli.engine.rollout_batch import (SplitOnOOM, cache_length, held_while_sampling, rollout_batch_size,
+                                             rows_that_fit)
 from minillm_cli.engine.recompute import recompute_blocks
-from minillm_cli.engine.rollouts import from_state, gather_parts, ppo_plan, prompts_for_iteration, to_state
+from minillm_cli.engine.rollouts import (concat_batches, from_state, gather_parts, ppo_plan, prompts_for_iteration,
+                                         to_state)
 from minillm_cli.engine.runtime import (autocast, example_generator, free_memory_bytes, init_runtime,
                                         resolved_settings, run_entry, scaling_warnings, seed_everything, to_device)
 from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_engine, sample
@@ -199,6 +201,8 @@ class MiniLLMRun:
         # size they ran at before rollout batches grew); under FSDP one forward per unit, as
         # every process must run as many forwards (each is a collective)
         self.forward_rows = None if rt.fsdp else cfg.batch_size
+        self.oom = SplitOnOOM(allowed=not (cfg.whiten or rt.fsdp), release=lambda: release_engine(self.engine),
+                              note=note)
         per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)
         if cfg.steps:
             self.steps = cfg.steps
@@ -229,16 +233,22 @@ class MiniLLMRun:
         t0 = time.perf_counter()
         which = prompts_for_iteration(len(self.prompts), cfg.num_rollouts, cfg.run.seed, iteration)
         local, n_tok = [], 0
-        for k, slots, real in rt.lockstep(micro_batches(list(range(cfg.num_rollouts)), self.rollout_batch)):
+
+        def sample_and_score(slots):
             ids, att = left_pad([self.prompts[which[j]] for j in slots], self.tok.pad_token_id)
             with autocast(rt.device, self.amp):
                 roll = self.sample(ids, att, self.teacher, cfg.teacher_mix_alpha,
                                    [example_generator(cfg.run.seed, iteration, j) for j in slots])
-                scored = score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab,
-                                        rows_per_forward=self.forward_rows)
+                return score_rollouts(self.student, self.teacher, roll, self.opts, self.vocab,
+                                      rows_per_forward=self.forward_rows)
+
+        for k, slots, real in rt.lockstep(micro_batches(list(range(cfg.num_rollouts)), self.rollout_batch)):
+            # (in pieces after an out-of-memory error: SplitOnOOM)
+            scored = self.oom.run(slots, sample_and_score,
+                                  lambda parts: parts[0] if len(parts) == 1 else concat_batches(parts))
             if not real:  # FSDP lockstep padding
                 continue
-            n_tok += int(roll.response_mask.sum())
+            n_tok += int(scored.response_mask.sum())
             local.append((k, scored))
         release_engine(self.engine)  # free the static caches before the updates need the memory
         buffer = gather_parts(rt, local, rt.device)

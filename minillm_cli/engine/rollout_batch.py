@@ -130,3 +130,32 @@ def rollout_batch_size(requested: int, *, batch_size: int, rollouts: int, proces
                      f"fit in the memory free for KV caches; --rollout-batch-size sets it)")
     return rows, (f"rollouts sampled {rows} at a time ({fit} would fit in the memory free for KV caches; "
                   f"--rollout-batch-size sets it)")
+
+
+class SplitOnOOM:
+    """Runs work over a list of rows in `pieces` near-equal parts (1 at first) and joins the
+    results; when the device runs out of memory, frees the sampler's caches and runs the rows
+    again in twice as many parts, and keeps that many for later calls. The estimate behind the
+    auto batch counts the KV caches, not every transient a model's forward allocates, and a GPU
+    may be shared. Exact: each row samples from its own generator, recreated for the retry, so
+    only which rows run together changes. allowed=False (--whiten, whose advantages depend on
+    what is scored together; FSDP, where every process must run as many forwards) re-raises."""
+
+    def __init__(self, *, allowed: bool, release, note):
+        self.pieces, self.allowed, self.release, self.note = 1, allowed, release, note
+
+    def run(self, rows: list, work, join):
+        while True:
+            size = -(-len(rows) // self.pieces)
+            try:
+                return join([work(rows[a : a + size]) for a in range(0, len(rows), size)])
+            except torch.cuda.OutOfMemoryError:
+                if not self.allowed or size <= 1:
+                    raise
+            # (outside the except block: its traceback no longer holds the failed attempt's tensors)
+            self.release()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.pieces *= 2
+            self.note(f"out of device memory with {size} rollouts sampled together: {-(-size // 2)} at a time "
+                      f"from now on (results do not depend on it; --rollout-batch-size sets the batch)")

@@ -216,3 +216,31 @@ def test_scoring_in_row_chunks_is_scoring_at_once(whiten, monkeypatch):
         torch.testing.assert_close(part.teacher_logits[valid], whole.teacher_logits[valid], rtol=0, atol=1e-10)
         assert torch.equal(part.input_ids, whole.input_ids) and torch.equal(part.response_mask, whole.response_mask)
     assert whole.teacher_logits.shape == (len(lengths), roll.response_ids.shape[1], V)
+
+
+def test_split_on_out_of_memory():
+    """Rows that ran out of device memory together run again in twice as many pieces, which later
+    calls keep; the joined result is the rows' own, in order. Not allowed (--whiten, FSDP) or a
+    single row: the error is raised."""
+    from minillm_cli.engine.rollout_batch import SplitOnOOM
+
+    calls, released, notes = [], [], []
+
+    def work(rows):
+        calls.append(len(rows))
+        if len(rows) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return [r * 10 for r in rows]
+
+    join = lambda parts: [x for p in parts for x in p]  # noqa: E731
+    split = SplitOnOOM(allowed=True, release=lambda: released.append(1), note=notes.append)
+    assert split.run(list(range(10)), work, join) == [r * 10 for r in range(10)]
+    assert calls == [10, 5, 3, 3, 3, 1] and split.pieces == 4 and len(released) == 2
+    assert "with 10 rollouts sampled together: 5 at a time" in notes[0] and "with 5" in notes[1]
+    calls.clear()
+    assert split.run([7, 8, 9, 10, 11, 12], work, join) == [70, 80, 90, 100, 110, 120]
+    assert calls == [2, 2, 2]  # later calls start from the pieces that worked
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        SplitOnOOM(allowed=False, release=lambda: None, note=notes.append).run(list(range(5)), work, join)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        SplitOnOOM(allowed=True, release=lambda: None, note=notes.append).run([1], lambda r: work(r * 4), join)
