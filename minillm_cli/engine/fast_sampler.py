@@ -39,6 +39,7 @@ layers that keep a device `cumulative_length` (5.2x) are rewound in place, never
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 import weakref
 from dataclasses import astuple
@@ -577,9 +578,18 @@ _COMPILE_FAILED: list = []  # a failed compile: later decoders of this process u
 
 def release() -> None:
     """Drop the kept decoder (its static caches and CUDA graph memory)."""
-    _KEPT.clear()
+    _drop_kept()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _drop_kept() -> None:
+    """Clear _KEPT and collect what only reference cycles kept alive (a compiled decode forward
+    refers to its model wrapper, a kept capture error's traceback to the decoder): without it a
+    dropped decoder's caches could outlive it until Python's next full collection."""
+    if _KEPT:
+        _KEPT.clear()
+        gc.collect()
 
 
 def _fallback(reason: str, states: list, **kw) -> Rollout:
@@ -656,7 +666,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         dec = _KEPT.get(key)
         fresh = dec is None
         if fresh:
-            _KEPT.clear()  # at most one kept decoder: its caches can be large
+            _drop_kept()  # at most one kept decoder: its caches can be large
             try:
                 models = {n: _StaticModel(m, vocab_size, B, L, device) for n, m in run.items()}
             except _Unsupported as e:

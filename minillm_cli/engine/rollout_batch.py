@@ -16,6 +16,7 @@ there auto keeps `--batch-size`, so results do not depend on the machine's free 
 """
 from __future__ import annotations
 
+import gc
 import math
 
 import torch
@@ -154,6 +155,7 @@ class SplitOnOOM:
                     raise
             # (outside the except block: its traceback no longer holds the failed attempt's tensors)
             self.release()
+            gc.collect()  # (what reference cycles still hold of the failed attempt)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self.pieces *= 2

@@ -59,13 +59,15 @@ class CacheWrites:
     each forward) and returns the first `kv_len` columns (all when None)."""
 
     def __init__(self, cache):
-        self.cache = cache
+        # the layers, not the cache: cache.update -> self -> cache would be a reference cycle, and
+        # the caches' memory would then outlive the decoder until a full garbage collection
+        self.layers = cache.layers
         self.at: torch.Tensor | None = None
         self.kv_len: int | None = None
         cache.update = self.update  # an instance attribute: the class's method stays as it is
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.cache.layers[layer_idx]
+        layer = self.layers[layer_idx]
         if not layer.is_initialized:  # (the first write allocates, as StaticLayer.update would)
             layer.lazy_initialization(key_states, value_states)
         # (a no-op where the dtypes agree; transformers 5.17 allocates the values in the keys' dtype,

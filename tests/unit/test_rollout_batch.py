@@ -244,3 +244,31 @@ def test_split_on_out_of_memory():
         SplitOnOOM(allowed=False, release=lambda: None, note=notes.append).run(list(range(5)), work, join)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         SplitOnOOM(allowed=True, release=lambda: None, note=notes.append).run([1], lambda r: work(r * 4), join)
+
+
+def test_release_frees_the_caches_without_a_garbage_collection():
+    """fast_sampler.release() (after every sampling phase, and before a retry after an
+    out-of-memory error) must free the static KV caches at once: a reference cycle through the
+    cache would keep them until Python's next full collection, on a GPU as device memory."""
+    import gc
+    import weakref
+
+    from minillm_cli.engine import fast_sampler
+    from minillm_cli.engine.sampler import SamplingParams
+
+    student, teacher = _llama(), _gpt2()
+    ids = torch.randint(2, 100, (2, 5))
+    gc.collect()
+    gc.disable()
+    try:
+        fast_sampler.fast_sample(student, teacher, ids, torch.ones_like(ids), params=SamplingParams(max_new_tokens=4),
+                                 alpha=0.3, eos_id=1, pad_id=0, vocab_size=100, engine="static", keep=True,
+                                 generators=[torch.Generator().manual_seed(i) for i in range(2)])
+        (dec,) = fast_sampler._KEPT.values()
+        keys = [weakref.ref(layer.keys) for m in dec.models.values() for layer in m.cache.layers]
+        del dec
+        fast_sampler._KEPT.clear()  # dropped without a collection: only reference counts free it
+        assert keys and all(k() is None for k in keys)
+    finally:
+        gc.enable()
+        fast_sampler.release()
