@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check on one H100/H200, in parts that each fit one 10-minute device call:
-#   part 1 (limits add up to 9.75 min; ~5 min expected): the issue's figures and what decides the
-#          defaults -- the rollout benchmark at batch 64 and 256 (naive and graph), the decode
-#          step's kernel profile and its unmeasured switches at batch 64 (rollout_profile.py: the
-#          padded LM head vs the plain one, the student on a second stream, attention over the
-#          used prefix of the caches), the train step with its kernel profile, the GPU tests (62 s
-#          on the H200 in run 2), then one MiniLLM iteration at the paper's settings (both sides
-#          sampling in the rollout batch distill picks);
-#   part 2 (6.25 min): the vocabulary-wide loss on its own, the CPU estimate of the train step's
-#          peaks (train_step.py --estimate-memory: fake tensors, ~45 s on 2 cores) to set next to
-#          part 1's measured ones, the CLI on the GPU (benchmarks/gpu_cli_check.sh), a float32
-#          student's rollouts with and without the sampler's bf16 weight copies and with the
-#          second stream (rollout_profile.py), rollouts at batch 8 (distill's old default);
+# The GPU check on one H100/H200, in parts that each fit one 10-minute device call (run 3 on an
+# H200, 2026-11-28, ran most of part 1 and the GPU tests in 5.6 minutes):
+#   part 1 (limits add up to 8.75 min): the issue's figures and what decides the defaults -- the
+#          rollout benchmark at batch 64 and 256 (naive and graph), the decode step's kernel
+#          profile and its switches (rollout_profile.py: the student on one stream instead of a
+#          second one, the plain LM head instead of the padded one, attention over the used prefix
+#          of the caches; the streams at batch 256 too), the train step with its kernel profile,
+#          then one MiniLLM iteration at the paper's settings (both sides sampling in the rollout
+#          batch distill picks);
+#   part 2 (7.75 min): the GPU tests (44 s in run 3), the vocabulary-wide loss on its own, the
+#          CPU estimate of the train step's peaks (train_step.py --estimate-memory: fake tensors,
+#          ~45 s on 2 cores) to set next to part 1's measured ones, the CLI on the GPU
+#          (benchmarks/gpu_cli_check.sh), a float32 student's rollouts with and without the
+#          sampler's bf16 weight copies and on one stream (rollout_profile.py), rollouts at
+#          batch 8 (distill's old default);
 #   part 3 (2.5 min): the experimental compile engine at batch 64 on its own (its compile time
 #          is unknown at these shapes).
 # JSON lines and a log go to $OUT (or ./gpu-results/).
@@ -23,16 +25,17 @@ source "$(dirname "$0")/_gpu_env.sh"
 machine
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
-  run 75  "$PY" benchmarks/rollout_profile.py --variants base,plain_head,streams,buckets,buckets+streams
+  run 60  "$PY" benchmarks/rollout_profile.py --variants base,one_stream,plain_head,buckets
+  run 45  "$PY" benchmarks/rollout_profile.py --batch 256 --variants base,one_stream
   run 60  "$PY" benchmarks/train_step.py --profile
-  run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
   run 240 "$PY" benchmarks/iteration.py
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
+  run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
   run 45  "$PY" benchmarks/vocab_loss.py
   run 60  "$PY" benchmarks/train_step.py --estimate-memory
   run 150 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
-  run 60  "$PY" benchmarks/rollout_profile.py --variants base,fp32_student,fp32_student+per_step_casts,fp32_student+streams
+  run 60  "$PY" benchmarks/rollout_profile.py --variants base,fp32_student,fp32_student+per_step_casts,fp32_student+one_stream
   run 60  "$PY" benchmarks/rollout.py --batches 8 --engines naive,graph
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then

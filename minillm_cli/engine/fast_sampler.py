@@ -64,10 +64,11 @@ SAMPLING_WEIGHTS = True
 PAD_HEAD_DEVICES: tuple = ("cuda",)
 # On CUDA, run the student's decode forward on a second stream, concurrently with the teacher's
 # (a captured graph keeps them as two branches). At batch 64 the teacher's matmuls fill about
-# 75-100 tiles of 64 on a GPU with 132 SMs, so the student's kernels could use the rest. Off until
-# measured on a GPU (benchmarks/rollout_profile.py, variant "streams"); the tokens cannot change
-# (the same kernels on the same inputs, tests/gpu).
-PARALLEL_MODELS = False
+# 75-100 tiles of 64 on a GPU with 132 SMs, so the student's kernels use the rest. Measured on an
+# H200 (2026-11-28, run 3, benchmarks/rollout_profile.py, batch 64, gpt2-xl + gpt2 bf16): 6.28 ->
+# 5.76 ms/step; not measured at batch 256. The tokens cannot change (the same kernels on the
+# same inputs; tests/gpu compares the bits).
+PARALLEL_MODELS = True
 # Attention reads the cache's used prefix only, rounded up to one of this many buckets over the
 # new tokens (one captured graph per bucket; static_cache.CacheWrites returns the views). A step
 # then reads on average ~(1/2 + 1/(2 x buckets)) of the response's KV columns instead of all
