@@ -47,8 +47,7 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         where = "" if rank() == 0 else f" [rank {rank()}]"
         if type(e).__name__ == "OutOfMemoryError":  # (torch's, without importing torch here)
-            msg += (" -- lower the batch sizes (--batch-size, --rollout-batch-size) or raise --grad-accum; "
-                    "docs/SCALING.md, 'Memory'")
+            msg += " -- lower the batch sizes (see --help) or raise --grad-accum; docs/SCALING.md, 'Memory'"
         _say(f"error{where}: {type(e).__name__}: {msg} (rerun with --debug for the traceback)")
         raise typer.Exit(1)
 

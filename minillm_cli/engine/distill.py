@@ -232,7 +232,7 @@ class MiniLLMRun:
         cfg, rt = self.cfg, self.rt
         t0 = time.perf_counter()
         which = prompts_for_iteration(len(self.prompts), cfg.num_rollouts, cfg.run.seed, iteration)
-        local, n_tok = [], 0
+        local, n_tok, scored = [], 0, None
 
         def sample_and_score(slots):
             ids, att = left_pad([self.prompts[which[j]] for j in slots], self.tok.pad_token_id)
@@ -333,26 +333,35 @@ class MiniLLMRun:
         cfg, rt = self.cfg, self.rt
         if not self.valid_prompts:
             return {}
+        def kl_of(piece: list[int]) -> tuple[float, int]:
+            """(sum over the piece's rows of their responses' KL(q||p), response tokens)."""
+            ids, att = left_pad([self.valid_prompts[j] for j in piece], self.tok.pad_token_id)
+            kl = 0.0
+            with autocast(rt.device, self.amp):
+                roll = self.sample(ids, att, None, 0.0, [example_generator(cfg.run.seed + 1, 10**6, j) for j in piece])
+                full = torch.cat([roll.prompt_ids, roll.response_ids], 1)
+                mask = torch.cat([roll.prompt_mask.long(), roll.response_mask.long()], 1)
+                # forwards of as many rows as in scoring; one chunk's logits at a time (a zip of the
+                # two generators would keep the previous chunk's alive while the next is computed)
+                teacher_chunks = response_logits_in_chunks(self.teacher, full, mask, roll.response_mask,
+                                                           self.forward_rows)
+                for r, s_logits, t in response_logits_in_chunks(self.student, full, mask, roll.response_mask,
+                                                                self.forward_rows):
+                    t_logits = next(teacher_chunks)[1]
+                    kl += float(reverse_kl(s_logits, t_logits, roll.response_mask[r, :t], 1.0, self.vocab))
+                    del s_logits, t_logits
+            return kl, int(roll.response_mask.sum())
+
         total, n_seq, n_tok = 0.0, 0, 0
         slots = list(range(len(self.valid_prompts)))
         for k, chunk, real in rt.lockstep(micro_batches(slots, self.rollout_batch)):
-            ids, att = left_pad([self.valid_prompts[j] for j in chunk], self.tok.pad_token_id)
-            kl = 0.0
-            with autocast(rt.device, self.amp):
-                roll = self.sample(ids, att, None, 0.0, [example_generator(cfg.run.seed + 1, 10**6, j) for j in chunk])
-                full = torch.cat([roll.prompt_ids, roll.response_ids], 1)
-                mask = torch.cat([roll.prompt_mask.long(), roll.response_mask.long()], 1)
-                # (forwards of as many rows as in scoring)
-                for (r, s_logits, t), (_, t_logits, _) in zip(
-                        response_logits_in_chunks(self.student, full, mask, roll.response_mask, self.forward_rows),
-                        response_logits_in_chunks(self.teacher, full, mask, roll.response_mask, self.forward_rows)):
-                    kl += float(reverse_kl(s_logits, t_logits, roll.response_mask[r, :t], 1.0, self.vocab))
-                    del s_logits, t_logits
+            # (in pieces after an out-of-memory error, as the rollouts)
+            kl, tokens = self.oom.run(chunk, kl_of, lambda parts: tuple(map(sum, zip(*parts))))
             if not real:  # FSDP lockstep padding
                 continue
             total += kl
             n_seq += len(chunk)
-            n_tok += int(roll.response_mask.sum())
+            n_tok += tokens
         release_engine(self.engine)  # free the static caches before the updates need the memory
         total, n_seq, n_tok = rt.sum_scalar(total), rt.sum_scalar(n_seq), rt.sum_scalar(n_tok)
         return {"valid_reverse_kl": total / max(n_seq, 1), "valid_reverse_kl_per_token": total / max(n_tok, 1)}

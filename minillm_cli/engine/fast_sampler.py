@@ -158,6 +158,8 @@ class _StaticModel:
             self.weights = None
         try:
             self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise  # (versions that allocate here) transient: must not switch to the eager loop
         except Exception as e:  # a model family without static-cache support
             raise _Unsupported(f"StaticCache: {e}") from e
         # a sliding-window layer keeps min(window, max_len) positions and rolls over them; the

@@ -149,10 +149,12 @@ class SplitOnOOM:
         while True:
             size = -(-len(rows) // self.pieces)
             try:
-                return join([work(rows[a : a + size]) for a in range(0, len(rows), size)])
+                parts = [work(rows[a : a + size]) for a in range(0, len(rows), size)]
             except torch.cuda.OutOfMemoryError:
                 if not self.allowed or size <= 1:
                     raise
+            else:
+                return join(parts)  # (outside the try: joining would not use less memory in pieces)
             # (outside the except block: its traceback no longer holds the failed attempt's tensors)
             self.release()
             gc.collect()  # (what reference cycles still hold of the failed attempt)

@@ -307,37 +307,56 @@ def test_the_rollout_batch_changes_what_runs_together_not_the_result(tmp_path, t
     assert json.loads((tmp_path / "whiten" / "run_config.json").read_text())["resolved"]["rollout_batch_size"] == 2
 
 
-def test_out_of_device_memory_while_sampling_splits_the_batch(tmp_path, tiny_dir, dolly_like, monkeypatch):
-    """An out-of-memory error while sampling (faked here: more than 2 prompts at once) samples the
-    same rollouts again in halves, with a note, and the run is the run at 2 prompts at a time;
-    seqkd's teacher generations alike. With --whiten (advantages depend on what is scored
-    together) it is an error, exit 1, with a hint at the flags that lower memory."""
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_out_of_device_memory_while_sampling_splits_the_batch(tmp_path, tiny_dir, dolly_like, monkeypatch, engine):
+    """An out-of-memory error while sampling (faked here for more than 2 prompts at once: before
+    sampling with the eager loop; in the static engine's decode step, after its random draws and
+    cache allocation) samples the same rollouts again in halves, with a note, and the run --
+    validation included -- is the run at 2 prompts at a time; seqkd's teacher generations
+    alike. With --whiten (advantages depend on what is scored together) it is an error, exit 1,
+    with a hint at lowering the batch sizes."""
     import torch
 
-    from minillm_cli.engine import distill, sampler
+    from minillm_cli.engine import distill, fast_sampler, sampler
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
 
     def guard(real):
         def sample(student, teacher, ids, *a, **k):
             if ids.shape[0] > 2:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+                oom()
             return real(student, teacher, ids, *a, **k)
         return sample
 
-    args = [a for a in common(tiny_dir, dolly_like) if a != "--quiet"] + ["--steps", 2, "--eval-prompts", 0]
+    def install():
+        if engine == "eager":
+            monkeypatch.setattr(distill, "sample", guard(distill.sample))
+            monkeypatch.setattr(sampler, "sample", guard(sampler.sample))
+        else:
+            real_step = fast_sampler._Decoder.run_step
+            monkeypatch.setattr(fast_sampler._Decoder, "run_step",
+                                lambda self, s: oom() if self.B > 2 else real_step(self, s))
+
+    args = [a for a in common(tiny_dir, dolly_like) if a != "--quiet"]
+    args += ["--steps", 2, "--eval-prompts", 3, "--eval-every", 1, "--sampler", engine]
     assert invoke("distill", *args, "--rollout-batch-size", 2, "--out", tmp_path / "two").exit_code == 0
-    monkeypatch.setattr(distill, "sample", guard(distill.sample))
+    seqkd = [*args, "--method", "seqkd"]
+    assert invoke("distill", *seqkd, "--rollout-batch-size", 2, "--out", tmp_path / "sq2").exit_code == 0
+    install()
     res = invoke("distill", *args, "--out", tmp_path / "split")
     assert res.exit_code == 0, res.output
     assert "out of device memory with 4 rollouts sampled together: 2 at a time from now on" in res.output
+    seen = set()
     for x, y in zip(rows(tmp_path / "split"), rows(tmp_path / "two"), strict=True):
-        for key in ("pg", "single_step", "reverse_kl", "response_len", "grad_norm"):
+        for key in ("pg", "single_step", "reverse_kl", "response_len", "grad_norm", "valid_reverse_kl"):
             if key in x or key in y:
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+                seen.add(key)
+    assert "valid_reverse_kl" in seen and "response_len" in seen
     res = invoke("distill", *args, "--whiten", "--rollout-batch-size", 4, "--out", tmp_path / "whiten")
-    assert res.exit_code == 1 and "OutOfMemoryError" in res.output and "--rollout-batch-size" in res.output, res.output
-    seqkd = [*args, "--method", "seqkd"]
-    assert invoke("distill", *seqkd, "--rollout-batch-size", 2, "--out", tmp_path / "sq2").exit_code == 0
-    monkeypatch.setattr(sampler, "sample", guard(sampler.sample))
+    assert res.exit_code == 1 and "OutOfMemoryError" in res.output and "lower the batch sizes" in res.output, \
+        res.output
     res = invoke("distill", *seqkd, "--out", tmp_path / "sq")
     assert res.exit_code == 0 and "seqkd: out of device memory with" in res.output, res.output
     assert (tmp_path / "sq" / "seqkd_data.jsonl").read_text() == (tmp_path / "sq2" / "seqkd_data.jsonl").read_text()
