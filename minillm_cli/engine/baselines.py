@@ -76,6 +76,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     engine = rt.sampling_engine(cfg.sampler)
     work = rt.lockstep(chunks)  # FSDP: every process runs as many chunks
     total, done = sum(len(c) for _, c, real in work if real), 0
+
     def answers(piece: list[int]) -> list[tuple[int, str]]:
         ids, att = left_pad([prompts[i] for i in piece], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
@@ -92,7 +93,8 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
 
     # (in pieces after an out-of-memory error; not under FSDP, where decoding is a collective)
     log = progress.log if progress is not None else (lambda line: None)
-    oom = SplitOnOOM(allowed=not rt.fsdp, release=lambda: release_engine(engine), note=lambda line: log(f"seqkd: {line}"))
+    oom = SplitOnOOM(allowed=not rt.fsdp, release=lambda: release_engine(engine),
+                     note=lambda line: log(f"seqkd: {line}"))
     for k, chunk, real in work:
         generated = oom.run(chunk, answers, lambda parts: [x for part in parts for x in part])
         if not real:

@@ -333,6 +333,7 @@ class MiniLLMRun:
         cfg, rt = self.cfg, self.rt
         if not self.valid_prompts:
             return {}
+
         def kl_of(piece: list[int]) -> tuple[float, int]:
             """(sum over the piece's rows of their responses' KL(q||p), response tokens)."""
             ids, att = left_pad([self.valid_prompts[j] for j in piece], self.tok.pad_token_id)

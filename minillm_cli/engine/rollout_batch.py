@@ -2,17 +2,19 @@
 
 A decode step reads every weight of both models once, whatever the batch, so on a GPU rollout
 throughput grows almost with the batch until reading the KV caches dominates (H200, gpt2-xl
-teacher + gpt2 student, 128 + 128 tokens, 2026-11-28: 8,134 tokens/s at batch 64, 15,760 at
-256). The old default, `--batch-size` (8 at the paper's settings), left most of that unused.
+teacher + gpt2 student, 128 + 128 tokens, 2026-11-28, run 3: 1,942 tokens/s at batch 8, 10,290
+at 64, 19,027 at 256). The old default, `--batch-size` (8 at the paper's settings), left most
+of that unused.
 
 Auto: as many rows as the KV caches of the models fit in ROLLOUT_SHARE of the memory free after
 loading (less what the optimizer state, the sampler's weight copies and the teacher-logit cache
 will hold by then), up to this process's share of `--num-rollouts`, in as few near-equal
 micro-batches as that allows; never fewer than the old default. Every process takes the same
-size (the least fit over processes). Under FSDP auto keeps `--batch-size`. Each row draws from its own generator (seed, iteration, example), so the batch decides
-which rows run together, not the tokens (beyond float rounding: matmuls of another shape). Only
-`--whiten` (advantages whitened over each rollout micro-batch) makes the result depend on it:
-there auto keeps `--batch-size`, so results do not depend on the machine's free memory.
+size (the least fit over processes). Under FSDP auto keeps `--batch-size`. Each row draws from
+its own generator (seed, iteration, example), so the batch decides which rows run together, not
+the tokens (beyond float rounding: matmuls of another shape). Only `--whiten` (advantages
+whitened over each rollout micro-batch) makes the result depend on it: there auto keeps
+`--batch-size`, so results do not depend on the machine's free memory.
 """
 from __future__ import annotations
 
