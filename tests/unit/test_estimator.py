@@ -311,7 +311,10 @@ def test_an_update_micro_step_never_waits_for_the_device(models):
     assert batch.tokens_in([3, 41, 0]) == int(batch.response_mask[[3, 41, 0]].sum())
 
 
-def test_select_trims_exactly_the_all_padding_columns(models):
+def test_select_trims_exactly_the_all_padding_columns(models, monkeypatch):
+    from minillm_cli.engine import minillm
+
+    monkeypatch.setattr(minillm, "WIDTH_BUCKET", 1)  # (the bucketing: test_select_widths_come_in_buckets)
     student, teacher = models
     rollout, _ = enumerated_rollout(student, teacher, 0.2)
     batch = score_rollouts(student, teacher, rollout, MiniLLMOptions(), vocab_size=V)
@@ -385,3 +388,33 @@ def test_the_teacher_logit_cache_is_kept_where_it_fits():
     with pytest.raises(TypeError):
         teacher_logit_cache(None, **paper)  # the free memory must be said (None: unknown)
     assert 0 < free_memory_bytes(torch.device("cpu")) < 2 ** 50
+
+
+def test_select_widths_come_in_buckets(models, monkeypatch):
+    """select keeps more left padding (masked) so the width is a multiple of WIDTH_BUCKET, where
+    the buffer has the columns: few distinct sequence lengths for the update's forwards; the
+    loss is the same up to float rounding."""
+    from minillm_cli.engine import minillm
+
+    student, teacher = models
+    opts = MiniLLMOptions()
+    rollout, _ = enumerated_rollout(student, teacher, 0.2)
+    batch = score_rollouts(student, teacher, rollout, opts, vocab_size=V)
+    first, lengths = batch.row_extents()
+    rows = [i for i in range(len(batch)) if first[i] == batch.prompt_len - 1 and lengths[i] <= 2][:3]
+    assert len(rows) == 3  # the short prompt, responses of <= 2 tokens: 3 columns of the buffer's 6
+    monkeypatch.setattr(minillm, "WIDTH_BUCKET", 1)
+    exact = batch.select(rows)
+    monkeypatch.setattr(minillm, "WIDTH_BUCKET", 4)
+    wide = batch.select(rows)
+    width = exact.input_ids.shape[1]
+    assert wide.input_ids.shape[1] == min(-(-width // 4) * 4, batch.input_ids.shape[1]) > width
+    assert wide.prompt_len - exact.prompt_len == wide.input_ids.shape[1] - width
+    assert not wide.attention_mask[:, : wide.input_ids.shape[1] - width].any()  # only padding added
+    a = minillm_loss(student, teacher, exact, opts, 5.0, V)[0].detach()
+    b = minillm_loss(student, teacher, wide, opts, 5.0, V)[0].detach()
+    assert abs(float(a) - float(b)) < 1e-10
+    assert minillm.bucketed_start(10, 70) == 10 and minillm.bucketed_start(11, 70) == 10
+    monkeypatch.setattr(minillm, "WIDTH_BUCKET", 64)
+    assert minillm.bucketed_start(10, 70) == 6 and minillm.bucketed_start(7, 70) == 6
+    assert minillm.bucketed_start(6, 70) == 6 and minillm.bucketed_start(5, 70) == 0

@@ -207,8 +207,13 @@ def test_scoring_in_row_chunks_is_scoring_at_once(whiten, monkeypatch):
 
     widths, real = [], minillm.response_logits
     monkeypatch.setattr(minillm, "response_logits", lambda m, i, a, t: widths.append(i.shape[1]) or real(m, i, a, t))
+    monkeypatch.setattr(minillm, "WIDTH_BUCKET", 1)
     score_rollouts(student, teacher, roll, opts, V, rows_per_forward=1)
     assert widths == [n + e for n, e in zip(lengths, ends)] * 2  # each row's own prompt and response only
+    widths.clear()
+    monkeypatch.setattr(minillm, "WIDTH_BUCKET", 8)  # ... widened on the left to a multiple of 8 where it can
+    score_rollouts(student, teacher, roll, opts, V, rows_per_forward=1)
+    assert widths == [min(-(-(n + e) // 8) * 8, max(lengths) + e) for n, e in zip(lengths, ends)] * 2
     for k in (1, 3):
         part = score_rollouts(student, teacher, roll, opts, V, rows_per_forward=k)
         for name in ("old_logp", "teacher_logp", "rewards", "advantages", "pg_weights"):
