@@ -8,12 +8,13 @@
 #          of the caches; the streams at batch 256 too), the train step with its kernel profile,
 #          then one MiniLLM iteration at the paper's settings (both sides sampling in the rollout
 #          batch distill picks);
-#   part 2 (7.75 min): the GPU tests (44 s in run 3), the vocabulary-wide loss on its own, the
+#   part 2 (9.75 min): the GPU tests (44 s in run 3), the vocabulary-wide loss on its own, the
 #          CPU estimate of the train step's peaks (train_step.py --estimate-memory: fake tensors,
 #          ~45 s on 2 cores) to set next to part 1's measured ones, the CLI on the GPU
 #          (benchmarks/gpu_cli_check.sh), a float32 student's rollouts with and without the
 #          sampler's bf16 weight copies and on one stream (rollout_profile.py), rollouts at
-#          batch 8 (distill's old default);
+#          batch 8 (distill's old default), and our iteration with exact forward widths and with
+#          the allocator's cache kept after sampling (what explains the update phase's excess);
 #   part 3 (2.5 min): the experimental compile engine at batch 64 on its own (its compile time
 #          is unknown at these shapes).
 # JSON lines and a log go to $OUT (or ./gpu-results/).
@@ -37,6 +38,8 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   run 150 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
   run 60  "$PY" benchmarks/rollout_profile.py --variants base,fp32_student,fp32_student+per_step_casts,fp32_student+one_stream
   run 60  "$PY" benchmarks/rollout.py --batches 8 --engines naive,graph
+  run 60  "$PY" benchmarks/iteration.py --sides ours --width-bucket 1
+  run 60  "$PY" benchmarks/iteration.py --sides ours --keep-allocator-cache
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
   run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile

@@ -38,10 +38,14 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--sides", default="naive,ours")
+    ap.add_argument("--width-bucket", type=int, default=None,
+                    help="minillm.WIDTH_BUCKET for the teacher-forced forwards (default 64; 1: the exact widths)")
+    ap.add_argument("--keep-allocator-cache", action="store_true",
+                    help="fast_sampler.release() without torch.cuda.empty_cache()")
     args = setup(ap.parse_args(), "iteration")
     import torch
 
-    from minillm_cli.engine import fast_sampler
+    from minillm_cli.engine import fast_sampler, minillm
     from minillm_cli.engine.aligned_head import aligned_heads
     from minillm_cli.engine.fused import fused_activations
     from minillm_cli.engine.losses import DEFAULT_CHUNK
@@ -50,6 +54,10 @@ def main() -> int:
     from minillm_cli.engine.runtime import autocast
     from minillm_cli.engine.sampler import Rollout, SamplingParams, sample
 
+    if args.width_bucket:
+        minillm.WIDTH_BUCKET = args.width_bucket
+    if args.keep_allocator_cache:
+        fast_sampler.EMPTY_CACHE_ON_RELEASE = False
     tiny, cuda = args.tiny, args.device.type == "cuda"
     N = args.num_rollouts or (8 if tiny else 256)
     RB = args.rollout_batch or 0  # 0: what distill picks (below, once the models are built)
@@ -76,7 +84,8 @@ def main() -> int:
         RB, why = rollout_batch_size(0, batch_size=MB, rollouts=N, processes=1, whiten=False, fit=fit)
         print(why, flush=True)
     emit(args, {"kind": "machine", **info, "num_rollouts": N, "rollout_batch": RB, "prompt": P, "new_tokens": T,
-                "ppo_epochs": E, "batch_size": MB, "micro_batch": mu})
+                "ppo_epochs": E, "batch_size": MB, "micro_batch": mu, "width_bucket": minillm.WIDTH_BUCKET,
+                "empty_cache_on_release": fast_sampler.EMPTY_CACHE_ON_RELEASE})
     eos = V - 1
     ids_all, mask_all = random_prompts(N, P, V, args.device, args.seed, ragged=True)
     params = SamplingParams(T)

@@ -579,10 +579,16 @@ _KEPT: dict = {}
 _COMPILE_FAILED: list = []  # a failed compile: later decoders of this process use "graph" instead
 
 
+# release() hands the freed memory back to the driver (torch.cuda.empty_cache): other processes
+# see it, at the price of the next phase allocating its blocks again (a switch for
+# benchmarks/iteration.py --keep-allocator-cache, which measures that price)
+EMPTY_CACHE_ON_RELEASE = True
+
+
 def release() -> None:
     """Drop the kept decoder (its static caches and CUDA graph memory)."""
     _drop_kept()
-    if torch.cuda.is_available():
+    if EMPTY_CACHE_ON_RELEASE and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

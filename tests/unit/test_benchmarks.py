@@ -48,3 +48,21 @@ def test_each_part_of_the_gpu_check_fits_one_device_call():
         assert limits and sum(limits) <= 585, (part, sum(limits))
         for script in re.findall(r"(benchmarks/\w+\.(?:py|sh)|tests/gpu)", body):
             assert (ROOT / script).exists(), script
+
+
+def test_iteration_benchmark_runs_both_sides_at_distills_rollout_batch(tmp_path):
+    """benchmarks/iteration.py --tiny on the CPU: naive and ours each run a whole iteration, in
+    the rollout batch distill would pick (here all 8 rollouts at once), with the switches that
+    the GPU check uses to explain the update phase."""
+    out = tmp_path / "it.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "iteration.py"), "--tiny", "--device", "cpu",
+                          "--width-bucket", "1", "--keep-allocator-cache", "--json-out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    machine = next(r for r in rows if r["kind"] == "machine")
+    assert machine["rollout_batch"] == 8 and machine["width_bucket"] == 1 and machine["empty_cache_on_release"] is False
+    sides = {r["side"]: r for r in rows if r["kind"] == "iteration"}
+    assert set(sides) == {"naive", "ours"}
+    for r in sides.values():
+        assert r["rollout_tokens"] == 8 * 8 and r["optimizer_steps"] == 4 and r["total_s"] > 0
