@@ -9,14 +9,15 @@ every rollout runs the full 256 tokens (the worst case). Both sides sample in ro
 the size `distill` picks by default on this machine (--rollout-batch-size 0: as many as the KV
 caches fit in half the free memory, engine/rollout_batch.py), so the comparison is of engines,
 not of batch sizes; --rollout-batch sets it.
-naive: benchmarks/_common.naive_rollout; score_rollouts unchunked (one forward per rollout batch); the updates through
-_common.naive_minillm_loss (full-vocabulary float32 log-softmaxes through autograd, the teacher
-forward repeated in every PPO micro-batch); bf16 student weights.
+naive: benchmarks/_common.naive_rollout; score_rollouts unchunked (one forward per rollout
+batch); the updates through _common.naive_minillm_loss (full-vocabulary float32 log-softmaxes
+through autograd, the teacher forward repeated in every PPO micro-batch); bf16 student weights.
 ours: sampler.sample(engine="auto": static caches + CUDA graph on CUDA, the static loop on CPU);
-scoring forwards of --batch-size rows (as distill), teacher logits kept from scoring (cache_teacher_logits), the fused chunked vocabulary pass, float32 master weights
-with bf16 autocast, fused AdamW, gelu_new as one kernel (engine/fused.py), the LM heads over
-vocabulary rows padded to a multiple of 64 (engine/aligned_head.py; the sampler's own padded copy
-while sampling). Each side first runs one untimed warm-up iteration over one rollout batch and
+scoring forwards of --batch-size rows (as distill), teacher logits kept from scoring
+(cache_teacher_logits), the fused chunked vocabulary pass, float32 master weights with bf16
+autocast, fused AdamW, gelu_new as one kernel (engine/fused.py), the LM heads over vocabulary
+rows padded to a multiple of 64 (engine/aligned_head.py; the sampler's own padded copy while
+sampling). Each side first runs one untimed warm-up iteration over one rollout batch and
 one PPO epoch (the same shapes), then one timed iteration; phases are timed separately.
 """
 from __future__ import annotations
@@ -72,15 +73,12 @@ def main() -> int:
     V = spec["vocab"]
     if not RB:
         from minillm_cli.engine.minillm import teacher_logit_bytes
-        from minillm_cli.engine.rollout_batch import (cache_length, held_while_sampling, rollout_batch_size,
-                                                      rows_that_fit)
+        from minillm_cli.engine.rollout_batch import minillm_rows_that_fit, rollout_batch_size
         from minillm_cli.engine.runtime import free_memory_bytes
 
-        free = free_memory_bytes(args.device)
-        later = (teacher_logit_bytes(N, T, V, next(teacher.parameters()).dtype)
-                 + held_while_sampling(student0, (student0, teacher), args.device))
-        fit = rows_that_fit((student0, teacher), device=args.device, cache_len=cache_length(P, T),
-                            vocab_size=V, free_bytes=None if free is None else max(free - later, 0))
+        fit = minillm_rows_that_fit(student0, teacher, device=args.device, max_prompt_length=P, max_new_tokens=T,
+                                    vocab_size=V, free_bytes=free_memory_bytes(args.device),
+                                    kept_logit_bytes=teacher_logit_bytes(N, T, V, next(teacher.parameters()).dtype))
         RB, why = rollout_batch_size(0, batch_size=MB, rollouts=N, processes=1, whiten=False, fit=fit)
         print(why, flush=True)
     emit(args, {"kind": "machine", **info, "num_rollouts": N, "rollout_batch": RB, "prompt": P, "new_tokens": T,

@@ -157,8 +157,8 @@ def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None
 # What a resumed run may change: how long it runs, what it prints, evaluates and saves, where and
 # how fast it runs (the sampler engines draw the same distribution; cached teacher logits,
 # checkpointed blocks and FSDP sharding give the same numbers up to float rounding:
-# tests/e2e/test_fsdp.py resumes across it). Anything else would continue the checkpoint as a different run than the one
-# run_config.json describes.
+# tests/e2e/test_fsdp.py resumes across it). Anything else would continue the checkpoint as a
+# different run than the one run_config.json describes.
 RESUMABLE = frozenset({
     "steps", "epochs", "run.out", "run.resume", "run.overwrite", "run.quiet", "run.json", "run.eval_every",
     "run.save_every", "run.log_every", "run.device", "run.fsdp", "eval_prompts", "sampler", "cache_teacher_logits",

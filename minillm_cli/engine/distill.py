@@ -24,8 +24,7 @@ from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, sav
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, minillm_loss, score_rollouts, teacher_logit_bytes,
                                        teacher_logit_cache)
-from minillm_cli.engine.rollout_batch import (SplitOnOOM, cache_length, held_while_sampling, rollout_batch_size,
-                                             rows_that_fit)
+from minillm_cli.engine.rollout_batch import SplitOnOOM, minillm_rows_that_fit, rollout_batch_size
 from minillm_cli.engine.recompute import recompute_blocks
 from minillm_cli.engine.rollouts import (concat_batches, from_state, gather_parts, ppo_plan, prompts_for_iteration,
                                          to_state)
@@ -186,12 +185,10 @@ class MiniLLMRun:
         self.opts = replace(self.opts, cache_teacher_logits=cache)
         if why:
             note(why)
-        # memory that is free now but will not be while the next rollouts are sampled
-        later = held_while_sampling(self.student, (self.student, self.teacher), rt.device) + (
-            teacher_logit_bytes(cfg.num_rollouts, cfg.max_new_tokens, self.vocab, t_dtype) if cache else 0)
-        fit = rows_that_fit((self.student, self.teacher), device=rt.device, vocab_size=self.vocab,
-                            cache_len=cache_length(cfg.data.max_prompt_length, cfg.max_new_tokens),
-                            free_bytes=None if free is None else max(free - later, 0))
+        kept = teacher_logit_bytes(cfg.num_rollouts, cfg.max_new_tokens, self.vocab, t_dtype) if cache else 0
+        fit = minillm_rows_that_fit(
+            self.student, self.teacher, device=rt.device, max_prompt_length=cfg.data.max_prompt_length,
+            max_new_tokens=cfg.max_new_tokens, vocab_size=self.vocab, free_bytes=free, kept_logit_bytes=kept)
         self.rollout_batch, why = rollout_batch_size(
             cfg.rollout_batch_size, batch_size=cfg.batch_size, rollouts=cfg.num_rollouts, processes=rt.world_size,
             whiten=cfg.whiten, sharded=rt.fsdp, fit=rt.least(fit))

@@ -110,6 +110,18 @@ def rows_that_fit(models, *, device: torch.device, cache_len: int, vocab_size: i
     return fit
 
 
+def minillm_rows_that_fit(student, teacher, *, device: torch.device, max_prompt_length: int, max_new_tokens: int,
+                          vocab_size: int, free_bytes: int | None, kept_logit_bytes: int = 0) -> int | None:
+    """rows_that_fit for a MiniLLM run's rollouts: both models' caches against the memory free
+    now (`free_bytes`, after loading) less what the next rollouts will find taken
+    (held_while_sampling, and `kept_logit_bytes` of teacher logits kept from scoring)."""
+    if free_bytes is not None:
+        later = held_while_sampling(student, (student, teacher), device) + kept_logit_bytes
+        free_bytes = max(free_bytes - later, 0)
+    return rows_that_fit((student, teacher), device=device, vocab_size=vocab_size, free_bytes=free_bytes,
+                         cache_len=cache_length(max_prompt_length, max_new_tokens))
+
+
 def rollout_batch_size(requested: int, *, batch_size: int, rollouts: int, processes: int, whiten: bool,
                        fit: int | None, sharded: bool = False) -> tuple[int, str | None]:
     """(rows sampled together, a note saying why when decided here). requested > 0 is kept as is.

@@ -116,8 +116,9 @@ def sampling_weights(model, dtype, skip: tuple = ()) -> SamplingWeights | None:
 
 class PaddedHead:
     """The LM head's weight (and bias) with its rows -- one per vocabulary entry -- padded with
-    zeros to a multiple of 64 (aligned_head.padded_rows), installed only while sampling; the sampler slices the
-    logits back to the vocabulary, so the extra columns (logit 0) are never read.
+    zeros to a multiple of 64 (aligned_head.padded_rows), installed only while sampling; the
+    sampler slices the logits back to the vocabulary, so the extra columns (logit 0) are never
+    read.
 
     Why: with an odd vocabulary (GPT-2's 50,257) every row of the [batch, vocab] logits starts at
     an address that is not 16-byte aligned, so cuBLAS runs the head in its slow `align1` kernels:
