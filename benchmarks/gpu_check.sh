@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check on one H100/H200, in parts that each fit one 10-minute device call (run 3 on an
 # H200, 2026-11-28, ran most of part 1 and the GPU tests in 5.6 minutes):
-#   part 1 (limits add up to 8.75 min): the figures and what decides the defaults -- the
+#   part 1 (limits add up to 9 min): the figures and what decides the defaults -- the
 #          rollout benchmark at batch 64 and 256 (naive and graph), the decode step's kernel
-#          profile and its switches (rollout_profile.py: the student on one stream instead of a
-#          second one, the plain LM head instead of the padded one, attention over the used prefix
-#          of the caches; the streams at batch 256 too), the train step with its kernel profile,
+#          profiles (SDPA, then the decode-attention kernel) and its switches (rollout_profile.py:
+#          the Triton attention kernel forced on and off -- "base" lets the sampler choose -- and
+#          the student on one stream instead of a second one; at batch 256 too), the train step
+#          with its kernel profile,
 #          then one MiniLLM iteration at the paper's settings (both sides sampling in the rollout
 #          batch distill picks);
 #   part 2 (9.75 min): the GPU tests (44 s in run 3), the vocabulary-wide loss on its own, the
@@ -26,8 +27,8 @@ source "$(dirname "$0")/_gpu_env.sh"
 machine
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
-  run 60  "$PY" benchmarks/rollout_profile.py --variants base,one_stream,plain_head,buckets
-  run 45  "$PY" benchmarks/rollout_profile.py --batch 256 --variants base,one_stream
+  run 60  "$PY" benchmarks/rollout_profile.py --variants base,kernel_attn,sdpa_attn,one_stream
+  run 60  "$PY" benchmarks/rollout_profile.py --batch 256 --variants base,sdpa_attn,one_stream
   run 60  "$PY" benchmarks/train_step.py --profile
   run 240 "$PY" benchmarks/iteration.py
 fi

@@ -179,6 +179,8 @@ def main() -> int:
         rec = {"kind": "iteration", "side": side, **rec,
                "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                "device": info.get("gpu", info["device"])}
+        if not naive:  # which attention the decode steps ran (fast_sampler.DECODE_ATTENTION)
+            rec["attention"] = {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()}
         emit(args, rec)
         rows.append(rec)
         del opt

@@ -92,6 +92,8 @@ def main() -> int:
                    "ms_per_step": ms, "tokens_per_s": B * steps / secs, "seconds": secs, "first_call_s": first,
                    "peak_gib": peak, "limit_ms_per_step": 1e3 * limit_s, "limit_tokens_per_s": B / limit_s,
                    "pct_of_limit": 100 * limit_s * 1e3 / ms, "device": info.get("gpu", info["device"])}
+            if eng != "naive":  # which attention the decode step ran (fast_sampler.DECODE_ATTENTION)
+                rec["attention"] = {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()}
             emit(args, rec)
             rows.append(rec)
         fast_sampler.release()

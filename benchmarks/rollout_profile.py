@@ -5,7 +5,8 @@ step's time under switches that change the kernels (same models and shapes as ro
                                          [--variants base,gelu_new,...] [--device cuda] [--tiny]
 
 Profile: `torch.profiler` over a few eager static-cache steps (the kernels a CUDA graph replays),
-the top kernels by device time, kernels per step, and device time per step. Variants (each the
+the top kernels by device time, kernels per step, and device time per step; with SDPA, then
+again with the decode-attention kernel where Triton is at hand. Variants (each the
 "graph" engine, warmed, then one timed rollout):
   base          the engine as shipped (GPT-2's gelu_new runs as torch's fused tanh GELU; an
                 additive attention mask, built once per model and step)
@@ -28,6 +29,10 @@ the top kernels by device time, kernels per step, and device time per step. Vari
   one_stream    both forwards on one stream (the default before run 3)
   buckets       fast_sampler.KV_BUCKETS = 4: attention over the used prefix of the caches, one
                 captured graph per bucket (off by default; first_call_s shows the captures)
+  kernel_attn   fast_sampler.DECODE_ATTENTION = "kernel": every decode attention through the
+                Triton kernel (engine/decode_attention.py: reads the columns in use only)
+  sdpa_attn     DECODE_ATTENTION = "sdpa": SDPA over the whole cache ("base" runs "auto", which
+                times both per model and picks; each record says what it ran)
 Variants combine with "+" (e.g. gelu_new+efficient). The 2026-11-28 H200 run predates both
 defaults: its "base" was today's gelu_new+bool_mask, its "gelu_tanh" today's bool_mask, and its
 "float_mask" today's gelu_new.
@@ -59,7 +64,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--alpha", type=float, default=0.2)
-    ap.add_argument("--variants", default="base,plain_head,one_stream,buckets,fp32_student,"
+    ap.add_argument("--variants", default="base,kernel_attn,sdpa_attn,plain_head,one_stream,buckets,fp32_student,"
                                            "fp32_student+per_step_casts,fp32_student+one_stream,gelu_new,bool_mask")
     ap.add_argument("--profile-steps", type=int, default=4)
     args = setup(ap.parse_args(), "rollout_profile")
@@ -95,7 +100,21 @@ def main() -> int:
             dec.step()
         sync(args.device)
         prof = kernel_profile(dec.step, args.profile_steps, args.device)
-    emit(args, {"kind": "profile", **prof})
+        emit(args, {"kind": "profile", "attention": "sdpa", **prof})
+        if fs.decode_attention.available(args.device):  # the same steps through the kernel
+            for m in models.values():
+                m.decode_kernel = True
+            # (the kernel reads the columns in use: profile steps at the rollout's mean width, P + T/2,
+            # where SDPA above read all L at every step)
+            dec.t.fill_(T // 2)
+            try:
+                for _ in range(2):
+                    dec.step()
+                sync(args.device)
+                prof = kernel_profile(dec.step, args.profile_steps, args.device)
+                emit(args, {"kind": "profile", "attention": "kernel", **prof})
+            except Exception as e:  # report and go on
+                emit(args, {"kind": "profile", "attention": "kernel", "error": f"{type(e).__name__}: {e}"[:300]})
     del dec, models
     fs.release()
 
@@ -132,6 +151,10 @@ def main() -> int:
                 ctx.enter_context(_patched(fs, "PARALLEL_MODELS", False))
             if "buckets" in parts:
                 ctx.enter_context(_patched(fs, "KV_BUCKETS", 4))
+            if "kernel_attn" in parts:
+                ctx.enter_context(_patched(fs, "DECODE_ATTENTION", "kernel"))
+            if "sdpa_attn" in parts:
+                ctx.enter_context(_patched(fs, "DECODE_ATTENTION", "sdpa"))
             s_model = student
             if "fp32_student" in parts:
                 s_model = copy.deepcopy(student).float()
@@ -153,7 +176,8 @@ def main() -> int:
             secs = time.perf_counter() - t0
             steps = r.response_ids.shape[1]
             rec = {"kind": "variant", "variant": variant, "batch": B, "ms_per_step": 1e3 * secs / steps,
-                   "tokens_per_s": B * steps / secs, "first_call_s": first}
+                   "tokens_per_s": B * steps / secs, "first_call_s": first,
+                   "attention": {k: list(v) for k, v in fs.ATTENTION_NOTES.items()}}
         except Exception as e:  # report and go on
             rec = {"kind": "variant", "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
         finally:

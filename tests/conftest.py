@@ -18,6 +18,11 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Without a GPU, Triton (where installed) runs kernels through its interpreter on CPU tensors, so
+# the decode-attention kernel's tests run here too (engine/decode_attention.py). It must be set
+# before Triton's first import (importing transformers' models imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

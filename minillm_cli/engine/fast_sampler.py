@@ -49,6 +49,7 @@ import torch
 from minillm_cli.engine.sampler import (
     Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, mix_and_sample, model_kwargs,
     positions_from_mask, sample as eager_sample)
+from minillm_cli.engine import decode_attention
 from minillm_cli.engine.fused import fused_activations
 from minillm_cli.engine.sampling_weights import padded_head, sampling_weights
 from minillm_cli.engine.static_cache import make_static_cache, own_writes, rewind
@@ -76,6 +77,14 @@ PARALLEL_MODELS = True
 # a GPU (benchmarks/rollout_profile.py, variant "buckets"): the captures' cost (decoders are
 # rebuilt per sampling phase in `distill`) against the attention's bytes saved is not known.
 KV_BUCKETS = 1
+# The decode step's attention (single query over the static cache): "auto" = our Triton kernel
+# (engine/decode_attention.py: reads only the columns in use, one captured graph for every step)
+# where a captured decoder's model runs transformers' sdpa attention on CUDA and
+# `decode_attention.choose` finds it gives SDPA's output and takes <= 90% of SDPA's time at the
+# decoder's own shapes, else SDPA; "kernel" = the kernel wherever it can run (benchmarks; tests
+# on CPU through Triton's interpreter); "sdpa" = never. Not yet measured inside the decode step
+# on a GPU (benchmarks/rollout_profile.py variants "kernel_attn" / "sdpa_attn").
+DECODE_ATTENTION = "auto"
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
 
@@ -170,6 +179,9 @@ class _StaticModel:
             raise _Unsupported(f"a sliding-window cache of {short} positions, shorter than the rollout's {max_len}")
         # the sampler writes the cache at its own positions (static_cache.CacheWrites), where it can
         self.writes = own_writes(self.cache)
+        # decode steps attend through decode_attention's kernel, with this config (set by
+        # `_choose_attention`)
+        self.decode_kernel, self.decode_config = False, None
         self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
         self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
 
@@ -213,9 +225,12 @@ class _StaticModel:
             kw["cache_position"] = cache_position
         if self.writes is not None:  # (TeacherOnDevice moves the forward's arguments, not this)
             self.writes.at, self.writes.kv_len = cache_position.to(self.device), kv_len
+        kernel = self.decode_kernel and ids.shape[1] == 1 and self.writes is not None
         try:
-            out = self.model(input_ids=ids, attention_mask=self.mask(allow), position_ids=positions,
-                             **kw)
+            with (decode_attention.active(self.writes.at, self.decode_config) if kernel
+                  else contextlib.nullcontext()):
+                out = self.model(input_ids=ids, attention_mask=self.mask(allow),
+                                 position_ids=positions, **kw)
         finally:
             if self.writes is not None:
                 self.writes.at = self.writes.kv_len = None
@@ -238,6 +253,30 @@ class _StaticModel:
 
 class _Unsupported(Exception):
     pass
+
+
+def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L: int) -> dict:
+    """Set each model's `decode_kernel` (and config) by DECODE_ATTENTION, after the prefill
+    allocated the caches (their dtype is what the kernel reads); returns name -> (used, why) for
+    the models the kernel was considered for. "auto" times it only where the step is captured:
+    replayed from a graph, the kernel costs no launch overhead, where Triton's Python launcher
+    costs more than SDPA's per layer."""
+    notes = {}
+    for name, m in models.items():
+        if (DECODE_ATTENTION == "sdpa" or m.impl != "sdpa" or m.writes is None
+                or not decode_attention.available(m.device)):
+            continue
+        if DECODE_ATTENTION == "kernel":
+            use, why, config = True, "forced (DECODE_ATTENTION)", None
+        elif captured and m.device.type == "cuda":  # timed at the mean step's columns in use
+            layers = getattr(m.cache, "layers", None) or [None]
+            kv_dtype = getattr(getattr(layers[0], "keys", None), "dtype", None) or m.dtype
+            use, why, config = decode_attention.choose(m.model, B, L, P + T // 2, m.mask_dtype,
+                                                       kv_dtype, m.mask_dtype, m.device)
+        else:
+            continue
+        m.decode_kernel, m.decode_config, notes[name] = use, config, (use, why)
+    return notes
 
 
 def _prefill_allow(key_valid: torch.Tensor, P: int) -> torch.Tensor:
@@ -576,6 +615,8 @@ class _Decoder:
 # -- the public entry point -------------------------------------------------------------------
 
 _KEPT: dict = {}
+# the newest decoder's attention choice: model name -> (kernel used?, why) (benchmarks print it)
+ATTENTION_NOTES: dict = {}
 _COMPILE_FAILED: list = []  # a failed compile: later decoders of this process use "graph" instead
 
 
@@ -689,6 +730,12 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             for m in dec.models.values():
                 stack.enter_context(m.installed_copies())
             dec.load(ids, pm, uniforms)
+            if fresh:  # (after the prefill: the caches exist. compile keeps SDPA: dynamo would trace
+                # the kernel's switch)
+                ATTENTION_NOTES.clear()
+                if mode != "compile":
+                    ATTENTION_NOTES.update(_choose_attention(dec.models, captured=captured, B=B, P=P,
+                                                             T=T, L=L))
             # each bucket's step is captured when first reached (run_step); with T <= 2 there is
             # at most one decode step, run eagerly: nothing to capture or to compile for
             if fresh and captured and T > 2:

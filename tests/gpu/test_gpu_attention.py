@@ -1,0 +1,93 @@
+"""GPU checks of the decode-attention kernel (engine/decode_attention.py; skipped without CUDA):
+compiled by Triton at gpt2-xl's decode shapes it gives SDPA's output, inside a CUDA graph it reads
+the column set before each replay, the graph engine samples the reference's tokens through it, and
+"auto" measures it against SDPA without an error."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from minillm_cli.engine import decode_attention as da  # noqa: E402
+from minillm_cli.engine import fast_sampler  # noqa: E402
+from minillm_cli.engine.sampler import sample  # noqa: E402
+
+from test_gpu_speed import _args, _fail_on_fallback, _gpt2  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not da.available("cuda"), reason="needs Triton")
+
+
+def _sdpa(q, k, v, allow):
+    mask = torch.zeros(allow.shape, dtype=q.dtype, device=q.device).masked_fill(~allow, torch.finfo(q.dtype).min)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]).transpose(1, 2)
+
+
+@needs_triton
+@pytest.mark.parametrize("B", [64, 4])  # one part per (row, head); columns split across parts
+def test_kernel_in_a_cuda_graph_reads_the_column_set_before_each_replay(B):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, D, L = 25, 64, 256
+    q = torch.randn(B, H, 1, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, H, L, D, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, H, L, D, device="cuda", generator=g).bfloat16()
+    allow = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    allow[::2, :40] = False  # left padding
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bfloat16, device="cuda").masked_fill(
+        ~allow[:, None, None, :], torch.finfo(torch.bfloat16).min)
+    last = torch.tensor([127], device="cuda")
+    out = da.decode_attention(q, k, v, mask, last)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention(q, k, v, mask, last)
+    for col in (130, 200, 255):
+        last.fill_(col)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, da.decode_attention(q, k, v, mask, last))
+        used = allow & (torch.arange(L, device="cuda") <= col)
+        torch.testing.assert_close(out.float(), _sdpa(q, k, v, used).float(), rtol=0, atol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_graph_engine_through_the_kernel_matches_the_reference(monkeypatch, alpha):
+    V = 13
+    student = _gpt2(1, V, n_layer=2, n_embd=64, n_head=2)
+    teacher = _gpt2(2, V, n_layer=2, n_embd=64, n_head=4)
+    s, t = (student, None) if alpha == 0 else ((None, teacher) if alpha == 1 else (student, teacher))
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
+    kw = dict(no_repeat_ngram_size=3, top_k=8)
+    ref = sample(s, t, **_args(48, 10, V, 24, alpha, **kw))
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        got = fast_sampler.fast_sample(s, t, engine="graph", **_args(48, 10, V, 24, alpha, **kw))
+    fast_sampler.release()
+    assert all(used for used, _ in fast_sampler.ATTENTION_NOTES.values())
+    same = (ref.response_ids.shape == got.response_ids.shape
+            and (ref.response_ids == got.response_ids).all(1).float().mean().item())
+    assert same and same >= 0.95, same
+    rows = (ref.response_ids == got.response_ids).all(1)
+    torch.testing.assert_close(got.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
+
+
+@needs_triton
+def test_auto_measures_the_kernel_against_sdpa(monkeypatch):
+    """"auto" on a captured bf16 decoder: both models get a measured verdict (not an error, not a
+    mismatch), and the rollout comes out whichever wins."""
+    V = 50
+    student = _gpt2(3, V, torch.bfloat16, n_layer=2, n_embd=256, n_head=4)
+    teacher = _gpt2(4, V, torch.bfloat16, n_layer=2, n_embd=1024, n_head=16)
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "auto")
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        out = sample(student, teacher, engine="graph", **_args(64, 64, V, T=32, alpha=0.2))
+    fast_sampler.release()
+    notes = fast_sampler.ATTENTION_NOTES
+    print(notes)
+    assert set(notes) == {"student", "teacher"}
+    assert all("vs SDPA" in why for _, why in notes.values()), notes
+    assert out.response_ids.shape[0] == 64

@@ -1,0 +1,309 @@
+"""engine/decode_attention.py: the decode step's attention kernel against brute-force float64
+attention (run by Triton's interpreter on this CPU; tests/gpu runs it compiled), that it reads no
+cache column past the last one written, its dispatch in place of transformers' sdpa attention,
+and the fast sampler drawing the reference's tokens through it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import gpt2_numbers
+from minillm_cli.engine import decode_attention as da
+from minillm_cli.engine import fast_sampler
+from minillm_cli.engine.fast_sampler import fast_sample
+from minillm_cli.engine.sampler import SamplingParams, sample
+from minillm_cli.data.tokenize import left_pad
+
+pytestmark = pytest.mark.skipif(not da.available("cpu"), reason="needs Triton (interpreter mode)")
+
+
+def brute(q, k, v, allow, last, scale=None):
+    """float64 softmax(q k^T * scale) v over the allowed columns <= last. allow: [B, L] bool."""
+    B, H, _, D = q.shape
+    g = H // k.shape[1]
+    k = k.double().repeat_interleave(g, 1)
+    v = v.double().repeat_interleave(g, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * (1 / math.sqrt(D) if scale is None else scale)
+    ok = allow.clone()
+    if last is not None:
+        ok[:, last + 1:] = False
+    s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)  # [B, 1, H, D]
+
+
+def _mask(allow, kind):
+    if kind is None:
+        return None
+    if kind == "bool":
+        return allow[:, None, None, :]
+    return torch.zeros(allow.shape, dtype=kind)[:, None, None, :].masked_fill(
+        ~allow[:, None, None, :], torch.finfo(kind).min)
+
+
+@pytest.mark.parametrize("B,H,Hk,D,L,parts,kind,last", [
+    (3, 4, 4, 16, 40, 1, torch.float32, 20),     # one part; a prefix in use
+    (2, 4, 2, 24, 130, 4, "bool", 100),          # GQA, D not a power of two, split columns
+    (2, 2, 1, 64, 64, 2, None, None),            # no mask, every column; GQA 2:1
+    (1, 3, 3, 8, 200, None, torch.bfloat16, 199),  # bf16 additive mask; parts chosen for the device
+    (4, 2, 2, 16, 256, 4, torch.float32, 5),     # three of four parts have no column in use
+    (2, 2, 2, 16, 200, 3, torch.float32, 150),   # a part count that is not a power of two
+])
+def test_kernel_matches_brute_force_attention(B, H, Hk, D, L, parts, kind, last):
+    g = torch.Generator().manual_seed(B * 100 + L)
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hk, L, D, generator=g), torch.randn(B, Hk, L, D, generator=g)
+    allow = torch.ones(B, L, dtype=torch.bool)
+    if kind is not None:
+        allow[0, :3] = False  # left padding in the first row
+    lc = None if last is None else torch.tensor([last])
+    got = da.decode_attention(q, k, v, _mask(allow, kind), lc, parts=parts)
+    assert got.shape == (B, 1, H, D) and got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), brute(q, k, v, allow, last), rtol=1e-5, atol=1e-5)
+
+
+def test_columns_past_the_last_written_one_are_never_read():
+    """NaN in every column after `last_col` (where SDPA over the whole cache would need the mask
+    to hide them: NaN * 0 is NaN): the output is still the attention over the used prefix. The
+    cache is a view of a wider one (the strides of a static cache), and the query a transposed
+    tensor, as transformers hands them over; the scale is given."""
+    g = torch.Generator().manual_seed(0)
+    B, H, D, L, last = 2, 2, 16, 96, 37
+    cache_k = torch.randn(B, H, L + 32, D, generator=g)
+    cache_v = torch.randn(B, H, L + 32, D, generator=g)
+    k, v = cache_k[:, :, :L], cache_v[:, :, :L]
+    k[:, :, last + 1:] = float("nan")
+    v[:, :, last + 1:] = float("nan")
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)
+    allow = torch.ones(B, L, dtype=torch.bool)
+    allow[1, :4] = False
+    for parts in (1, 2):
+        got = da.decode_attention(q, k, v, _mask(allow, torch.float32), torch.tensor([last]), 0.3, parts)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), brute(q, k.nan_to_num(), v.nan_to_num(), allow, last, 0.3),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_and_bad_shapes():
+    """bf16 queries over a float32 cache (a float32 model's cache under bf16 autocast) come out in
+    the queries' dtype; shapes the kernel does not serve are refused."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 1, 16, generator=g).bfloat16()
+    k, v = torch.randn(2, 2, 32, 16, generator=g), torch.randn(2, 2, 32, 16, generator=g)
+    allow = torch.ones(2, 32, dtype=torch.bool)
+    got = da.decode_attention(q, k, v, None, torch.tensor([31]))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), brute(q, k, v, allow, 31), rtol=0, atol=2e-2)
+    with pytest.raises(ValueError):
+        da.decode_attention(torch.randn(2, 2, 3, 16), k, v, None, None)  # three queries
+    with pytest.raises(ValueError):
+        da.decode_attention(q, k, v, torch.zeros(2, 2, 1, 32), None)  # a mask per head
+
+
+def test_a_row_with_no_allowed_column_gives_zeros_not_nan():
+    q, k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+    allow = torch.ones(2, 64, dtype=torch.bool)
+    allow[1] = False
+    for parts in (1, 2):
+        out = da.decode_attention(q, k, v, _mask(allow, "bool"), None, parts=parts)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        torch.testing.assert_close(out[:1].double(), brute(q[:1], k[:1], v[:1], allow[:1], None))
+
+
+def test_inputs_the_kernel_does_not_serve_go_to_sdpa_without_turning_it_off(monkeypatch):
+    """A mask the kernel cannot read (one per head) or a non-contiguous head dimension: that call
+    goes to the original sdpa function, and the kernel stays on for the next."""
+    monkeypatch.setattr(da, "_BROKEN", [])
+    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8)
+    with da.active(torch.tensor([3])):
+        fn = da._interface()["sdpa"]
+        per_head = torch.zeros(2, 2, 1, 4)
+        out, _ = fn(torch.nn.Module(), q, k, v, per_head)
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=per_head).transpose(1, 2))
+        fn(torch.nn.Module(), q, k.transpose(2, 3).contiguous().transpose(2, 3), v, None)
+        assert not da._BROKEN
+        out, _ = fn(torch.nn.Module(), q, k, v, None)  # served by the kernel
+        torch.testing.assert_close(out.double(), brute(q, k, v, torch.ones(2, 4, dtype=torch.bool), 3))
+
+
+def test_dispatch_only_inside_active_and_only_for_one_query(monkeypatch):
+    """Inside `active`, transformers' sdpa entry sends single-query calls to the kernel and
+    everything else (a prefill) to the original; outside, and after an error, the entry is the
+    original again."""
+    mapping = da._interface()
+    original = mapping["sdpa"]
+    calls = []
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **k: calls.append(a[4]) or torch.zeros(1))
+    last = torch.tensor([3])
+    mod = torch.nn.Module()
+    with da.active(last):
+        fn = mapping["sdpa"]
+        assert fn is not original
+        fn(mod, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), None)
+        out, _ = fn(mod, torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), None)
+        assert out.shape == (1, 4, 2, 8)  # the original's result
+        out, _ = fn(mod, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8),
+                    None, sliding_window=2)  # an argument the kernel does not serve: the original
+        assert out.shape == (1, 1, 2, 8)
+    assert calls == [last]  # the one-query call, with the active column
+    assert mapping["sdpa"] is original
+    with pytest.raises(RuntimeError):
+        with da.active(last):
+            raise RuntimeError("boom")
+    assert mapping["sdpa"] is original
+
+
+def test_a_failing_kernel_hands_over_to_sdpa_for_good(monkeypatch):
+    """A kernel error inside a forward (Triton failing to compile a new specialisation, say) warns
+    once and gives the original's result, then and in every later call."""
+    monkeypatch.setattr(da, "_BROKEN", [])
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(da, "decode_attention", broken)
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    with da.active(torch.tensor([3])):
+        with pytest.warns(UserWarning, match="no compiler"):
+            out, _ = da._interface()["sdpa"](torch.nn.Module(), q, k, v, None)
+        again, _ = da._interface()["sdpa"](torch.nn.Module(), q, k, v, None)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(again, want)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("t_ours,wrong,use", [(0.8, False, True), (0.95, False, False), (0.5, True, False)])
+def test_choice_needs_the_same_output_and_a_tenth_less_time(monkeypatch, t_ours, wrong, use):
+    """`_measure` (what "auto" runs on CUDA; here on CPU tensors with the timer faked): every
+    config's output is checked against SDPA's (grouped heads packed as transformers packs them),
+    and the kernel is chosen only at <= 90% of SDPA's time, with its fastest config."""
+    speed = {(64, 2): t_ours, (32, 1): t_ours + 0.01}
+    timed = []
+
+    def fake_time(fn, copies):
+        fn(0)  # (runs)
+        timed.append(fn)
+        return 1.0 if fn.__name__ == "sdpa" else speed.get(fn.config, 2.0)
+
+    monkeypatch.setattr(da, "_time", fake_time)
+    kernel = da.decode_attention
+
+    def tagged(q, k, v, mask, last, config=None):
+        out = kernel(q, k, v, mask, last, config=config)
+        return out * 1.1 if wrong else out
+
+    monkeypatch.setattr(da, "decode_attention", tagged)
+    got, why, config = da._measure(4, 4, 2, 16, 64, 40, torch.float32, torch.float32, torch.float32,
+                                   torch.device("cpu"))
+    assert got is use
+    assert ("differs from SDPA" in why) is wrong
+    if not wrong:
+        assert config == (64, 2) and len(timed) == len(da.CONFIGS) + 1
+    assert da.choose(None, 4, 64, 40, torch.float32, torch.float32, torch.float32, "cpu") == (
+        False, "needs CUDA and Triton", None)
+
+
+# -- the sampler through the kernel --------------------------------------------------------------
+
+V, PAD, EOS = 11, 11, 0
+PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 2], [5], [1, 2, 3, 4]]
+
+
+def _args(seeds, alpha, **kw):
+    ids, mask = left_pad(PROMPTS, PAD)
+    return dict(prompt_ids=ids, prompt_mask=mask, params=SamplingParams(kw.pop("max_new_tokens", 24), **kw),
+                alpha=alpha, eos_id=EOS, pad_id=PAD,
+                generators=[torch.Generator().manual_seed(s) for s in seeds], vocab_size=V)
+
+
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_sampler_through_the_kernel_draws_the_reference_tokens(monkeypatch, buckets):
+    """DECODE_ATTENTION = "kernel": every decode step's attention (each layer of both models) runs
+    the kernel, reading up to the step's write column; the tokens and log-probs are the reference
+    sampler's, with left padding, EOS and an n-gram ban, also over bucketed cache views."""
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
+    monkeypatch.setattr(fast_sampler, "KV_BUCKETS", buckets)
+    student = gpt2_numbers(1, vocab=V, pad=PAD, eos=EOS, n_layer=2)
+    teacher = gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
+    seen = []
+    kernel = da.decode_attention
+
+    def counted(q, k, v, mask, last_col, *a, **kw):
+        seen.append((k.shape[2], int(last_col)))
+        return kernel(q, k, v, mask, last_col, *a, **kw)
+
+    monkeypatch.setattr(da, "decode_attention", counted)
+    kw = dict(max_new_tokens=24, no_repeat_ngram_size=3)
+    ref = sample(student, teacher, **_args(range(4), 0.3, **kw))
+    got = fast_sample(student, teacher, engine="static", **_args(range(4), 0.3, **kw))
+    fast_sampler.release()
+    assert torch.equal(ref.response_ids, got.response_ids)
+    assert torch.equal(ref.response_mask, got.response_mask)
+    torch.testing.assert_close(got.mix_logp, ref.mix_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.student_logp, ref.student_logp, rtol=0, atol=1e-5)
+    steps = got.response_ids.shape[1] - 1
+    assert steps > 3 and len(seen) == 3 * steps  # 2 + 1 layers per decode step, no prefill
+    P = 6
+    for i, (width, last) in enumerate(seen):
+        s = i // 3 + 1  # step s feeds column P + s - 1
+        assert last == P + s - 1 and width > last
+    assert fast_sampler.ATTENTION_NOTES == {"student": (True, "forced (DECODE_ATTENTION)"),
+                                            "teacher": (True, "forced (DECODE_ATTENTION)")}
+
+
+def test_a_grouped_query_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
+    """A Llama student with 2 key/value heads for 4 query heads (query head h reads KV head
+    h // 2), its rotary positions after left padding, teacher-mixed with a GPT-2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=V + 1, max_position_embeddings=96, bos_token_id=EOS,
+        eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.4)).eval()
+    llama.config._attn_implementation = "sdpa"
+    teacher = gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
+    seen = []
+    kernel = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda q, k, *a, **kw: seen.append((q.shape[1], k.shape[1]))
+                        or kernel(q, k, *a, **kw))
+    ref = sample(llama, teacher, **_args(range(4), 0.3, max_new_tokens=16))
+    got = fast_sample(llama, teacher, engine="static", **_args(range(4), 0.3, max_new_tokens=16))
+    fast_sampler.release()
+    assert torch.equal(ref.response_ids, got.response_ids)
+    torch.testing.assert_close(got.student_logp, ref.student_logp, rtol=0, atol=1e-5)
+    assert (4, 2) in seen and (2, 2) in seen  # the Llama's grouped heads, the GPT-2's
+
+
+def test_auto_keeps_sdpa_off_cuda_and_for_eager_attention(monkeypatch):
+    """"auto" times the kernel only for captured CUDA decoders: on this CPU every model keeps SDPA
+    (and the tokens are the reference's as ever); a model on eager attention is never offered the
+    kernel, even when forced."""
+    student = gpt2_numbers(1, vocab=V, pad=PAD, eos=EOS)
+    eager = gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS, attn="eager")
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "auto")
+    calls = []
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **k: calls.append(1))
+    fast_sample(student, eager, engine="static", **_args(range(4), 0.3, max_new_tokens=6))
+    assert fast_sampler.ATTENTION_NOTES == {} and calls == []
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
+    models = {"student": fast_sampler._StaticModel(student, V, 4, 16, "cpu"),
+              "teacher": fast_sampler._StaticModel(eager, V, 4, 16, "cpu")}
+    notes = fast_sampler._choose_attention(models, captured=True, B=4, P=6, T=8, L=16)
+    assert set(notes) == {"student"} and not models["teacher"].decode_kernel
+    fast_sampler.release()
+
+
+def test_parts_fill_the_device():
+    """Enough (row, head, part) programs for every SM, a power of two, at most one part per block
+    of columns."""
+    assert da.parts_for(64, 25, 256, "cpu") == 1      # 1,600 programs
+    assert da.parts_for(1, 2, 256, "cpu") == 4        # 2 programs: 256 / 64 = 4 blocks at most
+    assert da.parts_for(1, 2, 4096, "cpu") == 8       # ceil(16 / 2) = 8
+    assert da.parts_for(2, 2, 40, "cpu") == 1         # one block of columns
