@@ -17,7 +17,10 @@
 #          batch 8 (distill's old default), and our iteration with exact forward widths and with
 #          the allocator's cache kept after sampling (what explains the update phase's excess);
 #   part 3 (2.5 min): the experimental compile engine at batch 64 on its own (its compile time
-#          is unknown at these shapes).
+#          is unknown at these shapes);
+#   part 4 (8.5 min, not in "all": parts 1 and 2 hold it): the short check of the decode-attention
+#          kernel -- its GPU tests, the rollout figures (where "auto" chooses), the step with the
+#          kernel forced on and off, and the iteration.
 # JSON lines and a log go to $OUT (or ./gpu-results/).
 #   bash benchmarks/gpu_check.sh [1|2|3|all]   (from the repository root; runs from a checkout:
 #                                            PYTHONPATH is set, no install needed; default all)
@@ -44,6 +47,12 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
   run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile
+fi
+if [ "$PART" = 4 ]; then
+  run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_attention.py -rA -s
+  run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
+  run 60  "$PY" benchmarks/rollout_profile.py --variants base,kernel_attn,sdpa_attn
+  run 240 "$PY" benchmarks/iteration.py
 fi
 fallbacks
 log done

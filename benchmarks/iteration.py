@@ -168,7 +168,14 @@ def main() -> int:
             # models on CUDA (engine/fused.py, engine/aligned_head.py)
             with fused_activations([] if naive else [student, teacher]), \
                     aligned_heads([] if naive else [student, teacher]):
-                one_iteration(side, student, opt, min(N, max(MB, RB)), 1)  # warm-up: same shapes, less work
+                # warm-up: same shapes, less work; then the weights it was given back, so the timed
+                # iteration samples from them (the naive side's rollouts carry no real old
+                # log-probs: its warm-up update drove its bf16 student to NaN, H200 2026-11-28)
+                given = {k: v.clone() for k, v in student.state_dict().items()}
+                one_iteration(side, student, opt, min(N, max(MB, RB)), 1)
+                with torch.no_grad():
+                    student.load_state_dict(given)
+                del given
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 rec = one_iteration(side, student, opt, N, E)
@@ -177,6 +184,7 @@ def main() -> int:
             torch.cuda.empty_cache()
             continue
         rec = {"kind": "iteration", "side": side, **rec,
+               "weights_finite_after": all(bool(torch.isfinite(p).all()) for p in student.parameters()),
                "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                "device": info.get("gpu", info["device"])}
         if not naive:  # which attention the decode steps ran (fast_sampler.DECODE_ATTENTION)

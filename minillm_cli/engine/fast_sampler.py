@@ -47,8 +47,8 @@ from dataclasses import astuple
 import torch
 
 from minillm_cli.engine.sampler import (
-    Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, mix_and_sample, model_kwargs,
-    positions_from_mask, sample as eager_sample)
+    Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, causal_allow, mix_and_sample,
+    model_kwargs, positions_from_mask, sample as eager_sample)
 from minillm_cli.engine import decode_attention
 from minillm_cli.engine.fused import fused_activations
 from minillm_cli.engine.sampling_weights import padded_head, sampling_weights
@@ -279,16 +279,6 @@ def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L
     return notes
 
 
-def _prefill_allow(key_valid: torch.Tensor, P: int) -> torch.Tensor:
-    """[B, L] valid keys -> [B, 1, P, L]: query i sees valid keys <= i, and always itself (so a
-    padding query never has an empty row: no NaN; its output is never attended to)."""
-    L = key_valid.shape[1]
-    ar = torch.arange(L, device=key_valid.device)
-    qi = torch.arange(P, device=key_valid.device)[:, None]
-    allow = (ar[None, :] <= qi)[None] & (key_valid[:, None, :] | (ar[None, :] == qi)[None])
-    return allow[:, None]
-
-
 # -- self-check: the static path reproduces a full forward on this transformers version ------
 
 _COPIES_EXACT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -345,7 +335,7 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
                                                               device=device)], 1)
         pos = positions_from_mask(mask)
         with sm.sampling_weights():  # as fast_sample runs the model
-            got = [sm.forward(ids[:, :P], _prefill_allow(key_valid, P), pos[:, :P],
+            got = [sm.forward(ids[:, :P], causal_allow(key_valid, P), pos[:, :P],
                               torch.arange(P, device=device)).float()]
             ar = torch.arange(16, device=device)
             for k in range(n_dec):
@@ -444,7 +434,7 @@ class _Decoder:
         self.finished.zero_()
         for m in self.models.values():
             rewind(m.cache, 0)
-        allow = _prefill_allow(self.key_valid, P)
+        allow = causal_allow(self.key_valid, P)
         pos = positions_from_mask(pm.long())
         cp = torch.arange(P, device=self.device)
         logits = {name: m.forward(prompt_ids, allow, pos, cp) for name, m in self.models.items()}

@@ -24,7 +24,7 @@ import torch
 from minillm_cli.engine.advantages import importance_weights, long_term_advantages, token_rewards
 from minillm_cli.engine.losses import DEFAULT_CHUNK, masked_sum, policy_gradient_loss, token_logprobs, vocab_terms
 from minillm_cli.engine.runtime import to_device
-from minillm_cli.engine.sampler import Rollout, model_kwargs, positions_from_mask
+from minillm_cli.engine.sampler import Rollout, _hf_model, causal_allow, model_kwargs, positions_from_mask
 from minillm_cli.errors import require
 
 
@@ -90,6 +90,9 @@ class RolloutBatch:
     ss_weights: torch.Tensor
     w: torch.Tensor
     teacher_logits: torch.Tensor | None = None  # [N, T, V] when opts.cache_teacher_logits
+    # whether some row has left padding (known on the host after `select`; None: read it from the
+    # device when a forward needs it, see `forward_mask`)
+    left_padded: bool | None = None
 
     _PER_TOKEN = ("response_mask", "old_logp", "teacher_logp", "rewards", "advantages",
                   "pg_weights", "ss_weights", "w")
@@ -145,7 +148,8 @@ class RolloutBatch:
         per_token = {f: getattr(self, f)[idx][:, :keep_T] for f in self._PER_TOKEN}
         tl = None if self.teacher_logits is None else self.teacher_logits[idx][:, :keep_T]
         return replace(self, input_ids=self.input_ids[idx][:, cols], attention_mask=self.attention_mask[idx][:, cols],
-                       prompt_len=P - lead, teacher_logits=tl, **per_token)
+                       prompt_len=P - lead, teacher_logits=tl, left_padded=any(first[i] > lead for i in rows),
+                       **per_token)
 
 
 # Forwards over a selection of rows start this many columns' multiple before their end (more
@@ -164,11 +168,32 @@ def bucketed_start(start: int, end: int) -> int:
     return max(0, min(start, end - width))
 
 
-def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int
-                    ) -> torch.Tensor:
+def forward_mask(model, attention_mask: torch.Tensor, left_padded: bool | None = None):
+    """The attention mask a teacher-forced forward over [N, L] rows gets. Under a causal mask a
+    left-padding query has no key at all, and attention kernels may give NaN for such a row: H200,
+    2026-11-28, torch 2.11, one MiniLLM iteration with forwards widened to multiples of 64 columns
+    (WIDTH_BUCKET) ended with NaN weights on both sides, and with exact widths it did not -- the
+    row's NaN reaches every position through a later layer's 0 x NaN, in the backward at least.
+    So where the model runs transformers' sdpa attention and some row is left-padded: a 4-D
+    boolean mask in which each padding query sees itself (`causal_allow`), exact for real
+    positions (a padding position is no other query's key). Otherwise the 2-D mask as is (no
+    padding keeps SDPA's causal fast path). left_padded: known on the host, or None to read it
+    (one host sync)."""
+    if getattr(_hf_model(model).config, "_attn_implementation", None) != "sdpa":
+        return attention_mask
+    if left_padded is None:
+        left_padded = bool((attention_mask[:, 0] == 0).any())
+    if not left_padded:
+        return attention_mask
+    return causal_allow(attention_mask.bool(), attention_mask.shape[1])
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
+                    left_padded: bool | None = None) -> torch.Tensor:
     """Logits predicting the last T tokens of input_ids: [N, L] -> [N, T, V']. Only the last
-    T + 1 positions go through the LM head when the model supports `logits_to_keep`."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
+    T + 1 positions go through the LM head when the model supports `logits_to_keep`.
+    left_padded: see `forward_mask`."""
+    out = model(input_ids=input_ids, attention_mask=forward_mask(model, attention_mask, left_padded),
                 position_ids=positions_from_mask(attention_mask),
                 **model_kwargs(model, logits_to_keep=T + 1, use_cache=False))
     return out.logits[:, -(T + 1) : -1]
@@ -176,7 +201,7 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def _batch_logits(model, batch: RolloutBatch) -> torch.Tensor:
     return response_logits(model, batch.input_ids, batch.attention_mask,
-                           batch.response_mask.shape[1])
+                           batch.response_mask.shape[1], batch.left_padded)
 
 
 def response_logits_in_chunks(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -199,7 +224,8 @@ def response_logits_in_chunks(model, input_ids: torch.Tensor, attention_mask: to
         r = slice(a, a + step)
         t = max(1, max(lengths[r]))
         cut = bucketed_start(min(min(starts[r]), P - 1), P + t)
-        yield r, response_logits(model, input_ids[r, cut : P + t], attention_mask[r, cut : P + t], t), t
+        yield r, response_logits(model, input_ids[r, cut : P + t], attention_mask[r, cut : P + t], t,
+                                 max(starts[r]) > cut), t
 
 
 @torch.no_grad()

@@ -214,6 +214,18 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def causal_allow(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """[B, L] valid keys -> [B, 1, q_len, L] boolean attention mask for queries at columns
+    0..q_len-1: query i sees valid keys <= i, and always itself, so a padding query never has an
+    empty row (no NaN on any attention kernel, forward or backward); its output is never attended
+    to (it is no other query's valid key)."""
+    L = key_valid.shape[1]
+    ar = torch.arange(L, device=key_valid.device)
+    qi = torch.arange(q_len, device=key_valid.device)[:, None]
+    allow = (ar[None, :] <= qi)[None] & (key_valid[:, None, :] | (ar[None, :] == qi)[None])
+    return allow[:, None]
+
+
 class _Stepper:
     """One model's prefill + cached decode, returning next-token logits [B, V] (sliced)."""
 

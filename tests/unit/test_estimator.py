@@ -418,3 +418,52 @@ def test_select_widths_come_in_buckets(models, monkeypatch):
     monkeypatch.setattr(minillm, "WIDTH_BUCKET", 64)
     assert minillm.bucketed_start(10, 70) == 6 and minillm.bucketed_start(7, 70) == 6
     assert minillm.bucketed_start(6, 70) == 6 and minillm.bucketed_start(5, 70) == 0
+
+
+def test_no_attention_row_is_empty_in_left_padded_forwards(models, monkeypatch):
+    """A causal mask over left padding leaves a padding query no key; attention kernels may give
+    NaN there (on the H200 the weights went NaN). The update's micro-batches (`select`, which knows
+    on the host whether a row is left-padded) and the scoring chunks hand SDPA a mask in which every
+    query row has a key, and the loss and its gradient are those of the plain 2-D mask (on this CPU
+    the math kernel gives 0 for an empty row, so both are finite)."""
+    import transformers.integrations.sdpa_attention as sdpa_mod
+
+    from minillm_cli.engine import minillm
+
+    student, teacher = models
+    opts = MiniLLMOptions()
+    rollout, _ = enumerated_rollout(student, teacher, 0.2)
+    batch = score_rollouts(student, teacher, rollout, opts, vocab_size=V)
+    first, _ = batch.row_extents()
+    padded = [i for i in range(len(batch)) if first[i] > 0][:2] + [i for i in range(len(batch)) if first[i] == 0][:1]
+    assert len(padded) == 3
+    seen = []
+    real_sdpa = sdpa_mod.torch.nn.functional.scaled_dot_product_attention
+
+    def strict(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min
+            seen.append(bool(allowed.any(-1).all()))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    def loss_and_grad(micro):
+        student.zero_grad()
+        loss = minillm_loss(student, teacher, micro, opts, 5.0, V)[0]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    micro = batch.select(padded)
+    assert micro.left_padded is True and batch.select(padded[2:]).left_padded is False
+    monkeypatch.setattr(sdpa_mod.torch.nn.functional, "scaled_dot_product_attention", strict)
+    got = loss_and_grad(micro)
+    assert seen and all(seen)  # every forward's every query row had a key
+    chunks = list(minillm.response_logits_in_chunks(student, batch.input_ids, batch.attention_mask,
+                                                    batch.response_mask, rows=2))
+    assert len(chunks) > 1 and all(seen)
+    monkeypatch.setattr(minillm, "forward_mask", lambda model, mask, left_padded=None: mask)
+    seen.clear()
+    want = loss_and_grad(micro)
+    assert not all(seen)  # the plain mask does leave rows empty: the check above can fail
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-10)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
