@@ -92,7 +92,8 @@ def main() -> int:
         zeros = lambda: torch.zeros(B, T, device=args.device)  # noqa: E731
         batch = RolloutBatch(input_ids=ids, attention_mask=att, prompt_len=P, response_mask=resp,
                              old_logp=-rnd().abs() - 3.0, teacher_logp=zeros(), rewards=zeros(), advantages=rnd(),
-                             pg_weights=zeros() + 1, ss_weights=zeros() + 1, w=zeros() + 1)
+                             pg_weights=zeros() + 1, ss_weights=zeros() + 1, w=zeros() + 1,
+                             left_padded=False)  # (as `select` tells the engine's micro-batches: no host read)
         rows = []
         for variant in args.variants.split(","):
             rec = run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimate)
@@ -151,7 +152,7 @@ def run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimat
     b = batch
     if cached:
         with torch.no_grad(), amp():
-            tl = response_logits(teacher, batch.input_ids, batch.attention_mask, T)[..., :V]
+            tl = response_logits(teacher, batch.input_ids, batch.attention_mask, T, batch.left_padded)[..., :V]
         b = RolloutBatch(**{**{f: getattr(batch, f) for f in batch.__dataclass_fields__}, "teacher_logits": tl})
     normalizer = float(B * T)
 

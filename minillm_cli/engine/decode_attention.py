@@ -311,13 +311,23 @@ def choose(model, B: int, L: int, used: int, q_dtype, kv_dtype, mask_dtype, devi
     to the queries' dtype where autocast would) timed against the fastest config, both replayed
     from CUDA graphs over copies of the cache that do not fit in L2 together. Cached per shape."""
     device = torch.device(device)
-    if device.type != "cuda" or not available(device):
+    if not _measurable(device):
         return False, "needs CUDA and Triton", None
     H, Hk, D = _shapes(model)
     key = (B, H, Hk, D, L, used, q_dtype, kv_dtype, mask_dtype, str(device))
-    if key not in _CHOICES:
-        _CHOICES[key] = _measure(B, H, Hk, D, L, used, q_dtype, kv_dtype, mask_dtype, device)
-    return _CHOICES[key]
+    if key in _CHOICES:
+        return _CHOICES[key]
+    try:
+        choice = _measure(B, H, Hk, D, L, used, q_dtype, kv_dtype, mask_dtype, device)
+    except torch.cuda.OutOfMemoryError:  # an optional speed-up must not cost the run its batch
+        torch.cuda.empty_cache()  # (the measurement's tensors are gone with its frame)
+        return False, "out of memory while measuring (not kept: measured again next time)", None
+    _CHOICES[key] = choice
+    return choice
+
+
+def _measurable(device) -> bool:
+    return device.type == "cuda" and available(device)
 
 
 def _l2_bytes(device) -> int:

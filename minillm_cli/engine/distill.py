@@ -407,11 +407,18 @@ class MiniLLMRun:
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}
+        from minillm_cli.engine.fast_sampler import attention_summary
+
+        said_attention = None
         with StopSignal() as stop:
             while step < self.steps:
                 if buffer is None or plan_pos >= len(plan):
                     buffer = None  # (its cached teacher logits must not live through the next collect)
                     buffer, roll_stats = self.collect(iteration)
+                    attention = attention_summary()  # (timed per decoder shape: said when it changes)
+                    if attention and attention != said_attention:
+                        progress.log(attention)
+                        said_attention = attention
                     plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration)
                     iteration, plan_pos = iteration + 1, 0
                 step += 1

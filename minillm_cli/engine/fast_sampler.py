@@ -267,7 +267,9 @@ def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L
         if (DECODE_ATTENTION == "sdpa" or m.impl != "sdpa" or m.writes is None
                 or not decode_attention.available(m.device)):
             continue
-        if DECODE_ATTENTION == "kernel":
+        if decode_attention._BROKEN:  # (the dispatch would hand every call to SDPA anyway)
+            use, why, config = False, f"SDPA: the kernel failed earlier ({decode_attention._BROKEN[0][:120]})", None
+        elif DECODE_ATTENTION == "kernel":
             use, why, config = True, "forced (DECODE_ATTENTION)", None
         elif captured and m.device.type == "cuda":  # timed at the mean step's columns in use
             layers = getattr(m.cache, "layers", None) or [None]
@@ -412,6 +414,7 @@ class _Decoder:
         self.capturing = False  # set by fast_sample for the graph / compile engines
         self.compiled = False  # the models decode through torch.compile'd forwards
         self.capture_error: Exception | None = None
+        self.attention_notes: dict = {}  # name -> (kernel used?, why): _choose_attention
         # the width of a bucket of cache columns attention reads (None: the whole cache)
         bucketed = KV_BUCKETS > 1 and all(m.writes is not None for m in models.values())
         self.width = _round_up(-(-T // KV_BUCKETS), 16) if bucketed else None
@@ -571,6 +574,11 @@ class _Decoder:
         warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=4)
         self.capture_error, self.capturing = e, False
         self.uncompile()  # else each step would call the failing compiler again
+        if DECODE_ATTENTION == "auto":  # its choice was for replayed steps (no launch overhead)
+            for name, m in self.models.items():
+                if m.decode_kernel:
+                    m.decode_kernel = False
+                    self.attention_notes[name] = (False, "SDPA: the step is not captured")
 
     def run_step(self, s: int) -> None:
         """Step `s` (1 <= s < T): its bucket's graph, captured when first needed, or eagerly.
@@ -606,8 +614,17 @@ class _Decoder:
 # -- the public entry point -------------------------------------------------------------------
 
 _KEPT: dict = {}
-# the newest decoder's attention choice: model name -> (kernel used?, why) (benchmarks print it)
+# the newest call's decode attention: model name -> (kernel used?, why) (benchmarks print it,
+# distill logs it); empty where the call did not decode on the static path
 ATTENTION_NOTES: dict = {}
+
+
+def attention_summary() -> str | None:
+    """One line on the newest call's decode attention, or None."""
+    if not ATTENTION_NOTES:
+        return None
+    parts = [f"{name} {'Triton kernel' if used else 'SDPA'} ({why})" for name, (used, why) in ATTENTION_NOTES.items()]
+    return "decode attention: " + "; ".join(parts)
 _COMPILE_FAILED: list = []  # a failed compile: later decoders of this process use "graph" instead
 
 
@@ -661,6 +678,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     common = dict(student=student, teacher=teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                   params=params, alpha=alpha, eos_id=eos_id, pad_id=pad_id,
                   generators=generators, vocab_size=vocab_size)
+    ATTENTION_NOTES.clear()  # (filled again below where this call's decoder attends)
     if mode == "eager":
         return eager_sample(**common)
     if teacher is None:
@@ -721,12 +739,9 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             for m in dec.models.values():
                 stack.enter_context(m.installed_copies())
             dec.load(ids, pm, uniforms)
-            if fresh:  # (after the prefill: the caches exist. compile keeps SDPA: dynamo would trace
-                # the kernel's switch)
-                ATTENTION_NOTES.clear()
-                if mode != "compile":
-                    ATTENTION_NOTES.update(_choose_attention(dec.models, captured=captured, B=B, P=P,
-                                                             T=T, L=L))
+            if fresh and mode != "compile":  # (after the prefill: the caches exist. compile keeps
+                # SDPA: dynamo would trace the kernel's switch)
+                dec.attention_notes = _choose_attention(dec.models, captured=captured, B=B, P=P, T=T, L=L)
             # each bucket's step is captured when first reached (run_step); with T <= 2 there is
             # at most one decode step, run eagerly: nothing to capture or to compile for
             if fresh and captured and T > 2:
@@ -744,6 +759,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 steps += 1
             if dec.capture_error is not None and mode == "compile" and not _COMPILE_FAILED:
                 _COMPILE_FAILED.append(str(dec.capture_error))
+            ATTENTION_NOTES.update(dec.attention_notes)  # (after the steps: a failed capture changes it)
         alive = dec.alive[:, :steps].clone()
         width = int(alive.sum(1).max()) if bool(dec.finished.all()) else steps
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),

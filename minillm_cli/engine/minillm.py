@@ -148,8 +148,9 @@ class RolloutBatch:
         per_token = {f: getattr(self, f)[idx][:, :keep_T] for f in self._PER_TOKEN}
         tl = None if self.teacher_logits is None else self.teacher_logits[idx][:, :keep_T]
         return replace(self, input_ids=self.input_ids[idx][:, cols], attention_mask=self.attention_mask[idx][:, cols],
-                       prompt_len=P - lead, teacher_logits=tl, left_padded=any(first[i] > lead for i in rows),
-                       **per_token)
+                       prompt_len=P - lead, teacher_logits=tl, **per_token,
+                       # (a row with no real prompt column has first = P - 1 too: counted as padded)
+                       left_padded=any(first[i] > lead or first[i] == P - 1 for i in rows))
 
 
 # Forwards over a selection of rows start this many columns' multiple before their end (more
@@ -175,18 +176,31 @@ def forward_mask(model, attention_mask: torch.Tensor, left_padded: bool | None =
     2026-11-28, torch 2.11, one MiniLLM iteration with forwards widened to multiples of 64 columns
     (WIDTH_BUCKET) ended with NaN weights on both sides, and with exact widths it did not -- the
     row's NaN reaches every position through a later layer's 0 x NaN, in the backward at least.
-    So where the model runs transformers' sdpa attention and some row is left-padded: a 4-D
-    boolean mask in which each padding query sees itself (`causal_allow`), exact for real
-    positions (a padding position is no other query's key). Otherwise the 2-D mask as is (no
-    padding keeps SDPA's causal fast path). left_padded: known on the host, or None to read it
+    So where the model runs transformers' sdpa attention, every layer is plainly causal and some
+    row is left-padded: a 4-D boolean mask in which each padding query sees itself
+    (`causal_allow`), exact for real positions (a padding position is no other query's key).
+    Otherwise the 2-D mask as is (no padding keeps SDPA's causal fast path). left_padded: known on the host, or None to read it
     (one host sync)."""
-    if getattr(_hf_model(model).config, "_attn_implementation", None) != "sdpa":
+    cfg = getattr(_hf_model(model), "config", None)  # (None: not a transformers model)
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or not _plain_causal(cfg):
         return attention_mask
     if left_padded is None:
         left_padded = bool((attention_mask[:, 0] == 0).any())
     if not left_padded:
         return attention_mask
     return causal_allow(attention_mask.bool(), attention_mask.shape[1])
+
+
+def _plain_causal(cfg) -> bool:
+    """Whether every layer attends causally over all earlier positions: a ready 4-D mask replaces
+    transformers' own, so sliding-window or chunked layers would lose their pattern."""
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    if getattr(cfg, "attention_chunk_size", None):
+        return False
+    types = getattr(cfg, "layer_types", None)
+    if types:  # (Qwen2 keeps a `sliding_window` size it does not use: the layer types decide)
+        return all(t == "full_attention" for t in types)
+    return not getattr(cfg, "sliding_window", None)
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,

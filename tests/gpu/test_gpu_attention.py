@@ -21,6 +21,17 @@ from test_gpu_speed import _args, _fail_on_fallback, _gpt2  # noqa: E402
 needs_triton = pytest.mark.skipif(not da.available("cuda"), reason="needs Triton")
 
 
+@pytest.fixture(autouse=True)
+def _kernel_must_not_fail(monkeypatch):
+    """A kernel error would hand the calls to SDPA with a warning (and the tokens would still
+    match): here it fails the test."""
+    monkeypatch.setattr(da, "_BROKEN", [])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="decode-attention kernel failed")
+        yield
+    assert not da._BROKEN
+
+
 def _sdpa(q, k, v, allow):
     mask = torch.zeros(allow.shape, dtype=q.dtype, device=q.device).masked_fill(~allow, torch.finfo(q.dtype).min)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]).transpose(1, 2)
@@ -66,6 +77,8 @@ def test_graph_engine_through_the_kernel_matches_the_reference(monkeypatch, alph
         _fail_on_fallback()
         got = fast_sampler.fast_sample(s, t, engine="graph", **_args(48, 10, V, 24, alpha, **kw))
     fast_sampler.release()
+    want = {"student"} if alpha == 0 else ({"teacher"} if alpha == 1 else {"student", "teacher"})
+    assert set(fast_sampler.ATTENTION_NOTES) == want
     assert all(used for used, _ in fast_sampler.ATTENTION_NOTES.values())
     same = (ref.response_ids.shape == got.response_ids.shape
             and (ref.response_ids == got.response_ids).all(1).float().mean().item())

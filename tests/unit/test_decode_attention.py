@@ -19,6 +19,12 @@ from minillm_cli.data.tokenize import left_pad
 pytestmark = pytest.mark.skipif(not da.available("cpu"), reason="needs Triton (interpreter mode)")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_kernel_state(monkeypatch):
+    """A kernel failure in one test (recorded process-wide) must not switch it off for the next."""
+    monkeypatch.setattr(da, "_BROKEN", [])
+
+
 def brute(q, k, v, allow, last, scale=None):
     """float64 softmax(q k^T * scale) v over the allowed columns <= last. allow: [B, L] bool."""
     B, H, _, D = q.shape
@@ -254,6 +260,9 @@ def test_sampler_through_the_kernel_draws_the_reference_tokens(monkeypatch, buck
         assert last == P + s - 1 and width > last
     assert fast_sampler.ATTENTION_NOTES == {"student": (True, "forced (DECODE_ATTENTION)"),
                                             "teacher": (True, "forced (DECODE_ATTENTION)")}
+    assert fast_sampler.attention_summary().startswith("decode attention: student Triton kernel")
+    fast_sample(student, teacher, engine="eager", **_args(range(4), 0.3, **kw))  # nothing to report
+    assert fast_sampler.ATTENTION_NOTES == {} and fast_sampler.attention_summary() is None
 
 
 def test_a_grouped_query_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
@@ -307,3 +316,44 @@ def test_parts_fill_the_device():
     assert da.parts_for(1, 2, 256, "cpu") == 4        # 2 programs: 256 / 64 = 4 blocks at most
     assert da.parts_for(1, 2, 4096, "cpu") == 8       # ceil(16 / 2) = 8
     assert da.parts_for(2, 2, 40, "cpu") == 1         # one block of columns
+
+
+def test_an_out_of_memory_measurement_says_sdpa_and_is_not_kept(monkeypatch):
+    """Measuring needs memory after the caches took theirs: running out there must not cost the
+    rollout its batch (the sampler's OOM handling would halve it), and is measured again later."""
+    monkeypatch.setattr(da, "_measurable", lambda device: True)
+    monkeypatch.setattr(da, "_CHOICES", {})
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model = gpt2_numbers(1, vocab=V, pad=PAD, eos=EOS)
+
+    def oom(*a):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(da, "_measure", oom)
+    use, why, config = da.choose(model, 4, 64, 40, torch.float32, torch.float32, torch.float32, "cpu")
+    assert (use, config) == (False, None) and "out of memory" in why and da._CHOICES == {}
+    monkeypatch.setattr(da, "_measure", lambda *a: (True, "measured", (64, 2)))
+    assert da.choose(model, 4, 64, 40, torch.float32, torch.float32, torch.float32, "cpu") == (True, "measured", (64, 2))
+    assert len(da._CHOICES) == 1
+
+
+def test_after_a_failed_capture_or_a_kernel_failure_auto_uses_sdpa(monkeypatch):
+    """"auto" chose the kernel for replayed steps; a step that is not captured after all goes back
+    to SDPA (Triton's Python launcher costs more per layer), and once the kernel has failed in this
+    process no decoder is offered it."""
+    student = gpt2_numbers(1, vocab=V, pad=PAD, eos=EOS)
+    models = {"student": fast_sampler._StaticModel(student, V, 4, 16, "cpu")}
+    dec = fast_sampler._Decoder(models, B=4, P=6, T=8, L=16, alpha=0.0, params=SamplingParams(8), eos_id=EOS,
+                                pad_id=PAD, vocab_size=V, device="cpu")
+    models["student"].decode_kernel = True
+    dec.attention_notes = {"student": (True, "measured")}
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "auto")
+    with pytest.warns(UserWarning, match="capture failed"):
+        dec._give_up_capture(RuntimeError("no graph"))
+    assert not models["student"].decode_kernel and dec.attention_notes["student"][0] is False
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
+    monkeypatch.setattr(da, "_BROKEN", ["RuntimeError: no compiler"])
+    notes = fast_sampler._choose_attention(models, captured=True, B=4, P=6, T=8, L=16)
+    assert notes["student"][0] is False and "failed earlier" in notes["student"][1]
+    assert not models["student"].decode_kernel
+    fast_sampler.release()

@@ -21,7 +21,7 @@ import itertools
 import pytest
 import torch
 
-from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
+from minillm_cli.engine.minillm import MiniLLMOptions, RolloutBatch, minillm_loss, score_rollouts
 from minillm_cli.engine.runtime import example_generator
 from minillm_cli.engine.sampler import Rollout, SamplingParams, sample
 
@@ -467,3 +467,26 @@ def test_no_attention_row_is_empty_in_left_padded_forwards(models, monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-10)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_left_padding_is_known_on_the_host_and_only_plain_causal_models_get_the_4d_mask():
+    """`select` says whether a selection has a left-padded row without reading the device -- a row
+    with no real prompt column counts -- and `forward_mask` leaves models with sliding-window
+    layers their own masks."""
+    from transformers import GPT2Config, MistralConfig, Qwen2Config
+
+    from minillm_cli.engine import minillm
+
+    P, T = 3, 2
+    att = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    z = torch.zeros(3, T)
+    batch = RolloutBatch(input_ids=torch.zeros(3, P + T, dtype=torch.long), attention_mask=att, prompt_len=P,
+                         response_mask=att[:, P:].bool(), old_logp=z, teacher_logp=z, rewards=z, advantages=z,
+                         pg_weights=z, ss_weights=z, w=z)
+    assert batch.select([0]).left_padded is True  # no prompt column at all
+    assert batch.select([1]).left_padded is True and batch.select([2]).left_padded is False
+    assert minillm._plain_causal(GPT2Config())
+    assert not minillm._plain_causal(MistralConfig(sliding_window=16))
+    assert minillm._plain_causal(Qwen2Config(sliding_window=16, use_sliding_window=False))
+    assert not minillm._plain_causal(Qwen2Config(sliding_window=16, use_sliding_window=True, max_window_layers=1,
+                                                 num_hidden_layers=2))

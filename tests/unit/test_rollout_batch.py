@@ -206,7 +206,8 @@ def test_scoring_in_row_chunks_is_scoring_at_once(whiten, monkeypatch):
     from minillm_cli.engine import minillm
 
     widths, real = [], minillm.response_logits
-    monkeypatch.setattr(minillm, "response_logits", lambda m, i, a, t: widths.append(i.shape[1]) or real(m, i, a, t))
+    monkeypatch.setattr(minillm, "response_logits",
+                        lambda m, i, a, t, *pad: widths.append(i.shape[1]) or real(m, i, a, t, *pad))
     monkeypatch.setattr(minillm, "WIDTH_BUCKET", 1)
     score_rollouts(student, teacher, roll, opts, V, rows_per_forward=1)
     assert widths == [n + e for n, e in zip(lengths, ends)] * 2  # each row's own prompt and response only
