@@ -268,7 +268,8 @@ def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L
                 or not decode_attention.available(m.device)):
             continue
         if decode_attention._BROKEN:  # (the dispatch would hand every call to SDPA anyway)
-            use, why, config = False, f"SDPA: the kernel failed earlier ({decode_attention._BROKEN[0][:120]})", None
+            failed = decode_attention._BROKEN[0][:120]
+            use, why, config = False, f"SDPA: the kernel failed earlier ({failed})", None
         elif DECODE_ATTENTION == "kernel":
             use, why, config = True, "forced (DECODE_ATTENTION)", None
         elif captured and m.device.type == "cuda":  # timed at the mean step's columns in use
@@ -623,8 +624,11 @@ def attention_summary() -> str | None:
     """One line on the newest call's decode attention, or None."""
     if not ATTENTION_NOTES:
         return None
-    parts = [f"{name} {'Triton kernel' if used else 'SDPA'} ({why})" for name, (used, why) in ATTENTION_NOTES.items()]
+    parts = [f"{name} {'Triton kernel' if used else 'SDPA'} ({why})"
+             for name, (used, why) in ATTENTION_NOTES.items()]
     return "decode attention: " + "; ".join(parts)
+
+
 _COMPILE_FAILED: list = []  # a failed compile: later decoders of this process use "graph" instead
 
 

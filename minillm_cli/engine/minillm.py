@@ -179,8 +179,8 @@ def forward_mask(model, attention_mask: torch.Tensor, left_padded: bool | None =
     So where the model runs transformers' sdpa attention, every layer is plainly causal and some
     row is left-padded: a 4-D boolean mask in which each padding query sees itself
     (`causal_allow`), exact for real positions (a padding position is no other query's key).
-    Otherwise the 2-D mask as is (no padding keeps SDPA's causal fast path). left_padded: known on the host, or None to read it
-    (one host sync)."""
+    Otherwise the 2-D mask as is (no padding keeps SDPA's causal fast path).
+    left_padded: known on the host, or None to read it (one host sync)."""
     cfg = getattr(_hf_model(model), "config", None)  # (None: not a transformers model)
     if getattr(cfg, "_attn_implementation", None) != "sdpa" or not _plain_causal(cfg):
         return attention_mask
