@@ -31,6 +31,9 @@ import warnings
 
 import torch
 
+from minillm_cli.engine.rollout_batch import attention_dims
+from minillm_cli.engine.sampler import _hf_model
+
 try:  # (the kernels' bodies read `tl` from this module's globals, as Triton resolves names there)
     import triton
     import triton.language as tl
@@ -292,17 +295,6 @@ MARGIN = 0.9  # the kernel must take at most this fraction of SDPA's time
 CONFIGS = ((64, 4), (64, 2), (64, 1), (32, 1), (128, 2))
 
 
-def _shapes(model) -> tuple[int, int, int]:
-    from minillm_cli.engine.sampler import _hf_model
-
-    cfg = _hf_model(model).config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    H = cfg.num_attention_heads
-    Hk = getattr(cfg, "num_key_value_heads", None) or H
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    return H, Hk, D
-
-
 @torch.no_grad()
 def choose(model, B: int, L: int, used: int, q_dtype, kv_dtype, mask_dtype, device):
     """(use the kernel?, why, config) for `model`'s decode attention over a cache of L columns in
@@ -313,7 +305,10 @@ def choose(model, B: int, L: int, used: int, q_dtype, kv_dtype, mask_dtype, devi
     device = torch.device(device)
     if not _measurable(device):
         return False, "needs CUDA and Triton", None
-    H, Hk, D = _shapes(model)
+    dims = attention_dims(_hf_model(model))
+    if dims is None:
+        return False, "the model's config does not give its attention shape", None
+    _, H, Hk, D = dims
     key = (B, H, Hk, D, L, used, q_dtype, kv_dtype, mask_dtype, str(device))
     if key in _CHOICES:
         return _CHOICES[key]

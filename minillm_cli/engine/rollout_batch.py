@@ -40,9 +40,9 @@ def cache_length(max_prompt_length: int, max_new_tokens: int) -> int:
     return -(-(-(-max_prompt_length // 64) * 64 + max_new_tokens) // 16) * 16
 
 
-def kv_bytes_per_token(model, dtype: torch.dtype | None) -> int | None:
-    """Bytes of keys and values one token takes in `model`'s cache (all layers), with the cache in
-    `dtype` (autocast's; None: the weights' dtype). None when the config does not say."""
+def attention_dims(model) -> tuple[int, int, int, int] | None:
+    """(layers, query heads, key/value heads, head dimension) from `model`'s config; None when
+    the config does not say."""
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
@@ -53,6 +53,16 @@ def kv_bytes_per_token(model, dtype: torch.dtype | None) -> int | None:
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return None
+    return layers, heads, kv_heads, head_dim
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype | None) -> int | None:
+    """Bytes of keys and values one token takes in `model`'s cache (all layers), with the cache in
+    `dtype` (autocast's; None: the weights' dtype). None when the config does not say."""
+    dims = attention_dims(model)
+    if dims is None:
+        return None
+    layers, _, kv_heads, head_dim = dims
     if dtype is None:
         dtype = next(model.parameters()).dtype
     return 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
