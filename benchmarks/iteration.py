@@ -169,8 +169,9 @@ def main() -> int:
             with fused_activations([] if naive else [student, teacher]), \
                     aligned_heads([] if naive else [student, teacher]):
                 # warm-up: same shapes, less work; then the weights it was given back, so the timed
-                # iteration samples from them (the naive side's rollouts carry no real old
-                # log-probs: its warm-up update drove its bf16 student to NaN, H200 2026-11-28)
+                # iteration samples from them (the naive side's updates, over left padding with the
+                # plain mask as the reference code runs them, end with NaN weights on the H200:
+                # 2026-11-28, see minillm.forward_mask)
                 given = {k: v.clone() for k, v in student.state_dict().items()}
                 one_iteration(side, student, opt, min(N, max(MB, RB)), 1)
                 with torch.no_grad():
