@@ -17,7 +17,8 @@ scoring forwards of --batch-size rows (as distill), teacher logits kept from sco
 (cache_teacher_logits), the fused chunked vocabulary pass, float32 master weights with bf16
 autocast, fused AdamW, gelu_new as one kernel (engine/fused.py), the LM heads over vocabulary
 rows padded to a multiple of 64 (engine/aligned_head.py; the sampler's own padded copy while
-sampling). Each side first runs one untimed warm-up iteration over one rollout batch and
+sampling), the update micro-steps replayed from CUDA graphs captured per micro-batch shape during
+the iteration (engine/captured_step.py, as distill; --eager-updates: eagerly). Each side first runs one untimed warm-up iteration over one rollout batch and
 one PPO epoch (the same shapes), then one timed iteration; phases are timed separately.
 """
 from __future__ import annotations
@@ -43,11 +44,14 @@ def main() -> int:
                     help="minillm.WIDTH_BUCKET for the teacher-forced forwards (default 64; 1: the exact widths)")
     ap.add_argument("--keep-allocator-cache", action="store_true",
                     help="fast_sampler.release() without torch.cuda.empty_cache()")
+    ap.add_argument("--eager-updates", action="store_true",
+                    help="ours: the update micro-steps eagerly instead of from CUDA graphs (distill --no-update-graphs)")
     args = setup(ap.parse_args(), "iteration")
     import torch
 
     from minillm_cli.engine import fast_sampler, minillm
     from minillm_cli.engine.aligned_head import aligned_heads
+    from minillm_cli.engine.captured_step import CapturedSteps
     from minillm_cli.engine.fused import fused_activations
     from minillm_cli.engine.losses import DEFAULT_CHUNK
     from minillm_cli.engine.minillm import MiniLLMOptions, minillm_loss, score_rollouts
@@ -88,8 +92,10 @@ def main() -> int:
     ids_all, mask_all = random_prompts(N, P, V, args.device, args.seed, ragged=True)
     params = SamplingParams(T)
 
-    def one_iteration(side: str, student, opt, n_rows: int, epochs: int) -> dict:
+    def one_iteration(side: str, student, opt, n_rows: int, epochs: int, micro_step=None) -> dict:
         naive = side == "naive"
+        if micro_step is not None:
+            micro_step.release()  # as distill does before each rollout phase: captures are timed
         opts = MiniLLMOptions(chunk_size=None if naive else DEFAULT_CHUNK, cache_teacher_logits=not naive)
         amp = (lambda: autocast(args.device, low)) if not naive else (lambda: autocast(args.device, None))
         times = {}
@@ -132,14 +138,14 @@ def main() -> int:
             for i in range(0, n_rows - MB + 1, MB):
                 rows = order[i : i + MB]
                 opt.zero_grad(set_to_none=True)
-                norm = float(buffer.response_mask[rows].sum())
+                # ours: host arithmetic, as distill (one device read per buffer: row_extents)
+                norm = float(buffer.response_mask[rows].sum()) if naive else float(buffer.tokens_in(rows))
                 for j in range(0, MB, mu):
+                    if not naive:  # the engine's micro-step (distill's MiniLLMRun.update)
+                        micro_step(buffer.select(rows[j : j + mu], bucket=micro_step.enabled), norm)
+                        continue
                     with amp():
-                        micro = buffer.select(rows[j : j + mu])
-                        if naive:
-                            loss = naive_minillm_loss(student, teacher, micro, norm, V)
-                        else:
-                            loss, _ = minillm_loss(student, teacher, micro, opts, norm, V)
+                        loss = naive_minillm_loss(student, teacher, buffer.select(rows[j : j + mu]), norm, V)
                     loss.backward()
                 opt.step()
                 steps += 1
@@ -163,6 +169,18 @@ def main() -> int:
             student = copy.deepcopy(student0).to(low)
         opt = torch.optim.AdamW(student.parameters(), lr=1e-6, **({"fused": True} if cuda and not naive else {}))
         student.eval()  # dropout off during updates, as the engine does
+        micro_step = None
+        if not naive:  # opts as one_iteration's for ours
+            opts = MiniLLMOptions(chunk_size=DEFAULT_CHUNK, cache_teacher_logits=True)
+
+            def fn(batch, norm, student=student, opts=opts):
+                with autocast(args.device, low, cache=False):
+                    loss, _ = minillm_loss(student, teacher, batch, opts, norm, V)
+                loss.backward()
+                return loss.detach()
+
+            micro_step = CapturedSteps(fn, list(student.parameters()), args.device,
+                                       enabled=cuda and not args.eager_updates)
         try:
             # ours: gelu_new as one kernel and the LM heads over aligned rows, as the engine loads
             # models on CUDA (engine/fused.py, engine/aligned_head.py)
@@ -173,13 +191,13 @@ def main() -> int:
                 # plain mask as the reference code runs them, end with NaN weights on the H200:
                 # 2026-11-28, see minillm.forward_mask)
                 given = {k: v.clone() for k, v in student.state_dict().items()}
-                one_iteration(side, student, opt, min(N, max(MB, RB)), 1)
+                one_iteration(side, student, opt, min(N, max(MB, RB)), 1, micro_step)
                 with torch.no_grad():
                     student.load_state_dict(given)
                 del given
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                rec = one_iteration(side, student, opt, N, E)
+                rec = one_iteration(side, student, opt, N, E, micro_step)
         except torch.cuda.OutOfMemoryError as e:
             emit(args, {"kind": "iteration", "side": side, "error": f"OOM: {e}"[:200]})
             torch.cuda.empty_cache()
@@ -190,6 +208,7 @@ def main() -> int:
                "device": info.get("gpu", info["device"])}
         if not naive:  # which attention the decode steps ran (fast_sampler.DECODE_ATTENTION)
             rec["attention"] = {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()}
+            rec["update_micro_steps"] = micro_step.summary  # (captures and replays, both iterations)
         emit(args, rec)
         rows.append(rec)
         del opt

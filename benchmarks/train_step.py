@@ -16,7 +16,9 @@ and multiply the LM heads over vocabulary rows padded to a multiple of 64, as th
 CUDA (engine/aligned_head.py; a "+plain_head" suffix keeps the odd-row heads);
 a "+gelu_new" suffix keeps the composed activation (what was measured on 2026-11-28), a "+ckpt"
 suffix checkpoints the student's blocks (`--gradient-checkpointing`; the MFU formula does not
-count the recomputed forward).
+count the recomputed forward). "ours" variants replay the micro-step (forward, loss, backward)
+from a CUDA graph, as distill does on one GPU (engine/captured_step.py; captured in the first
+warm-up step); a "+eager" suffix runs it eagerly (`--no-update-graphs`), as "+ckpt" must.
 --profile: after each variant's timing, the top kernels of one more step (torch.profiler).
 Reports seconds/step, tokens/s (batch x length), peak GiB and MFU = (6 N_s + 2 N_t) tokens/s over
 the dense matmul FLOP/s measured in this run (the formula counts the teacher forward even for
@@ -44,8 +46,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--response-len", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--variants", default="naive,ours,ours+cached,ours+cached+plain_head,ours+cached+gelu_new,"
-                                           "ours+cached+ckpt")
+    ap.add_argument("--variants", default="naive,ours,ours+eager,ours+cached,ours+cached+eager,"
+                                           "ours+cached+plain_head,ours+cached+gelu_new,ours+cached+ckpt")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, the top kernels of one step of each variant (CUDA)")
     ap.add_argument("--estimate-memory", action="store_true",
@@ -131,6 +133,7 @@ def run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimat
     import torch
 
     from minillm_cli.engine.aligned_head import aligned_heads
+    from minillm_cli.engine.captured_step import CapturedSteps
     from minillm_cli.engine.fused import fused_activations
     from minillm_cli.engine.minillm import MiniLLMOptions, RolloutBatch, minillm_loss, response_logits
     from minillm_cli.engine.recompute import recompute_blocks
@@ -163,13 +166,21 @@ def run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimat
         opt.step()
         return loss.detach()
 
+    def micro(batch, norm):  # distill's MiniLLMRun.micro_step
+        with (torch.autocast("cpu", dtype=low) if estimate else autocast(args.device, low, cache=False)):
+            loss, _ = minillm_loss(student, teacher, batch, opts, norm, V)
+        loss.backward()
+        return loss.detach()
+
+    # as distill: replayed from a CUDA graph, except with checkpointed blocks (and "+eager")
+    captured = CapturedSteps(micro, list(student.parameters()), args.device,
+                             enabled=cuda and "eager" not in variant and "ckpt" not in variant)
+
     def our_step():
         opt.zero_grad(set_to_none=True)
-        with amp():
-            loss, _ = minillm_loss(student, teacher, b, opts, normalizer, V)
-        loss.backward()
+        loss = captured(b, normalizer)
         opt.step()
-        return loss.detach()
+        return loss
 
     step = naive_step if naive else our_step
     with fused_activations([student, teacher] if not naive and "gelu_new" not in variant else []), \

@@ -162,7 +162,7 @@ def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None
 RESUMABLE = frozenset({
     "steps", "epochs", "run.out", "run.resume", "run.overwrite", "run.quiet", "run.json", "run.eval_every",
     "run.save_every", "run.log_every", "run.device", "run.fsdp", "eval_prompts", "sampler", "cache_teacher_logits",
-    "teacher_device", "model_opts.gradient_checkpointing", "grad_accum", "model_opts.save_adapter",
+    "teacher_device", "model_opts.gradient_checkpointing", "grad_accum", "model_opts.save_adapter", "update_graphs",
 })
 _PATHS = frozenset({"model", "teacher", "student", "data.data", "data.valid_data", "pt_data", "teacher_peft"})
 
@@ -260,7 +260,7 @@ METHODS = ("minillm", "kd", "seqkd", "rkl")
 _MINILLM_OPTIONS = ("num_rollouts", "rollout_batch_size", "ppo_epochs", "teacher_mix_alpha", "clip_ratio",
                     "single_step", "length_norm", "importance_weight", "gamma", "include_current_reward", "whiten",
                     "reward_scale", "reward_clip", "loss_normalizer", "pt_data", "pt_coef", "pt_batch_size",
-                    "pt_kd_ratio", "cache_teacher_logits", "eval_prompts")
+                    "pt_kd_ratio", "cache_teacher_logits", "eval_prompts", "update_graphs")
 _SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "sampler")  # minillm, seqkd
 
 
@@ -314,6 +314,7 @@ class DistillConfig:
     # rounding) and teacher-logit caching (exact); see docs/PERFORMANCE-NOTES.md
     sampler: str = "auto"
     cache_teacher_logits: Optional[bool] = None  # None: where it fits (engine/minillm.teacher_logit_cache)
+    update_graphs: bool = True  # MiniLLM's update micro-steps replayed from CUDA graphs (engine/captured_step.py)
 
     def __post_init__(self):
         require(self.sampler in ("auto", "eager", "static", "graph", "compile"),

@@ -22,6 +22,7 @@ import torch
 
 from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, save_run_config
 from minillm_cli.engine import checkpoint as ckpt
+from minillm_cli.engine.captured_step import CapturedSteps
 from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, minillm_loss, score_rollouts, teacher_logit_bytes,
                                        teacher_logit_cache)
 from minillm_cli.engine.rollout_batch import SplitOnOOM, minillm_rows_that_fit, rollout_batch_size
@@ -206,10 +207,19 @@ class MiniLLMRun:
         else:
             iters = max(1, math.ceil((cfg.epochs or 1.0) * len(self.prompts) / cfg.num_rollouts))
             self.steps = iters * per_iter
-        self.opt = make_optimizer(self.student, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.adam_betas)
+        self.opt = make_optimizer(self.student, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.adam_betas,
+                                  fused=rt.device.type == "cuda" and not rt.fsdp)
         self.sched = make_scheduler(self.opt, warmup_steps=cfg.optim.warmup_steps, total_steps=self.steps,
                                     schedule=cfg.optim.schedule)
         self.dropped = dropped
+        # The update's micro-steps replayed from CUDA graphs (engine/captured_step.py). Not under
+        # FSDP (its collectives and lockstep padding), not with checkpointed blocks (they keep
+        # random state on the host), and not with the teacher on another device (its forward
+        # would run outside the capture).
+        t_dev = next(self.teacher.parameters()).device
+        self.micro = CapturedSteps(self.micro_step, list(self.student.parameters()), rt.device,
+                                   enabled=cfg.update_graphs and not rt.fsdp and not self.recomputed
+                                   and t_dev == rt.device)
 
     # -- rollouts ----------------------------------------------------------------------------
     def sample(self, ids, att, teacher, alpha: float, generators: list):
@@ -228,6 +238,7 @@ class MiniLLMRun:
 
         cfg, rt = self.cfg, self.rt
         t0 = time.perf_counter()
+        self.micro.release()  # the update graphs' memory is the sampler's until the next update
         which = prompts_for_iteration(len(self.prompts), cfg.num_rollouts, cfg.run.seed, iteration)
         local, n_tok, scored = [], 0, None
 
@@ -263,14 +274,13 @@ class MiniLLMRun:
         normalizer = max(normalizer, 1.0)
         step_stats = StatsSum(rt.device)  # summed on the device, read once below
         for k, micro, real in rt.lockstep(micro_batches(rows, cfg.micro_batch_size)):
-            with autocast(rt.device, self.amp):
-                loss, st = minillm_loss(self.student, self.teacher, buffer.select(micro), self.opts, normalizer,
-                                        self.vocab)
+            batch = buffer.select(micro, bucket=self.micro.enabled)  # (few shapes: few graphs)
             if not real:  # FSDP lockstep padding: the collectives run, the gradient is zero
+                with autocast(rt.device, self.amp):
+                    loss, _ = minillm_loss(self.student, self.teacher, batch, self.opts, normalizer, self.vocab)
                 (loss * 0.0).backward()
                 continue
-            loss.backward()
-            step_stats.add(st, len(micro))
+            step_stats.add(self.micro(batch, normalizer), len(micro))  # (read before the next replay)
         pt_loss = self.pt_update(step) if self.pt is not None and cfg.pt_coef > 0 else None
         sums, w_max = step_stats.read()  # after all of the step's work is queued
         if pt_loss is not None:
@@ -287,6 +297,14 @@ class MiniLLMRun:
             check_finite(row["pt_loss"], step=step, term="PT loss")
         row["update_tokens"] = n_tok
         return row
+
+    def micro_step(self, batch, normalizer: torch.Tensor) -> dict:
+        """One micro-batch's MiniLLM loss and backward; its statistics (what `self.micro`
+        replays: no host reads, autocast casting afresh)."""
+        with autocast(self.rt.device, self.amp, cache=False):
+            loss, st = minillm_loss(self.student, self.teacher, batch, self.opts, normalizer, self.vocab)
+        loss.backward()
+        return st
 
     def pt_update(self, step: int) -> float:
         """Backward the PT loss for this step's pre-training chunks (this rank's micro-batches);
@@ -447,7 +465,7 @@ class MiniLLMRun:
                                    f"with the same command plus --resume")
         progress.close()
         summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps, "saved": "final",
-                   "seconds": round(time.perf_counter() - t0, 2),
+                   "seconds": round(time.perf_counter() - t0, 2), "update_micro_steps": self.micro.summary,
                    **{k: row.get(k) for k in ("reverse_kl", "valid_reverse_kl", "pt_loss") if k in row}}
         fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                           trust_remote_code=cfg.model_opts.trust_remote_code)

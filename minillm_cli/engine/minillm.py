@@ -17,6 +17,7 @@ models to eval itself; the update loop owns the student's mode during `minillm_l
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -133,14 +134,19 @@ class RolloutBatch:
         lengths = self.row_extents()[1]
         return sum(lengths[i] for i in rows)
 
-    def select(self, idx) -> "RolloutBatch":
+    def select(self, idx, bucket: bool = False) -> "RolloutBatch":
         """Rows `idx` (list or tensor), with columns that are padding for all of them trimmed
         (left prompt padding, trailing response padding): same math, less compute. The trim
-        comes from `row_extents` and the row indices reach the device without a blocking copy."""
+        comes from `row_extents` and the row indices reach the device without a blocking copy.
+        The width is a multiple of WIDTH_BUCKET where the prompt columns allow; bucket: the
+        response columns too (up to all T), so that micro-batches come in few shapes (one CUDA
+        graph each: engine/captured_step.py); the extra columns are masked response padding."""
         rows = idx.tolist() if isinstance(idx, torch.Tensor) else [int(i) for i in idx]
         first, lengths = self.row_extents()
-        P = self.prompt_len
+        P, T = self.prompt_len, self.response_mask.shape[1]
         keep_T = max([1] + [lengths[i] for i in rows])
+        if bucket:
+            keep_T = min(T, -(-keep_T // WIDTH_BUCKET) * WIDTH_BUCKET)
         # >= 1 prompt column: it predicts response token 1
         lead = bucketed_start(min([first[i] for i in rows] + [P - 1]), P + keep_T)
         idx = to_device(torch.tensor(rows, dtype=torch.long), self.input_ids.device)
@@ -179,7 +185,11 @@ def forward_mask(model, attention_mask: torch.Tensor, left_padded: bool | None =
     So where the model runs transformers' sdpa attention, every layer is plainly causal and some
     row is left-padded: a 4-D boolean mask in which each padding query sees itself
     (`causal_allow`), exact for real positions (a padding position is no other query's key).
-    Otherwise the 2-D mask as is (no padding keeps SDPA's causal fast path).
+    Where no row is left-padded, no mask at all (None): the only padding is after each row's
+    last real token, which causality already hides from every real position, so SDPA's causal
+    kernel is exact there -- and transformers, given a 2-D mask, would read it on the host to
+    find that out (a synchronisation a CUDA graph cannot capture: engine/captured_step.py).
+    Otherwise (other attention implementations) the 2-D mask as is.
     left_padded: known on the host, or None to read it (one host sync)."""
     cfg = getattr(_hf_model(model), "config", None)  # (None: not a transformers model)
     if getattr(cfg, "_attn_implementation", None) != "sdpa" or not _plain_causal(cfg):
@@ -187,7 +197,7 @@ def forward_mask(model, attention_mask: torch.Tensor, left_padded: bool | None =
     if left_padded is None:
         left_padded = bool((attention_mask[:, 0] == 0).any())
     if not left_padded:
-        return attention_mask
+        return None
     return causal_allow(attention_mask.bool(), attention_mask.shape[1])
 
 
@@ -207,11 +217,71 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     left_padded: bool | None = None) -> torch.Tensor:
     """Logits predicting the last T tokens of input_ids: [N, L] -> [N, T, V']. Only the last
     T + 1 positions go through the LM head when the model supports `logits_to_keep`.
-    left_padded: see `forward_mask`."""
-    out = model(input_ids=input_ids, attention_mask=forward_mask(model, attention_mask, left_padded),
-                position_ids=positions_from_mask(attention_mask),
-                **model_kwargs(model, logits_to_keep=T + 1, use_cache=False))
+    left_padded: see `forward_mask`. Where `forward_mask` finds no left padding, the forward gets
+    no mask and no positions (each row's real tokens sit at 0, 1, ..., the model's own positions)
+    and transformers builds none (`_causal_only`): SDPA's causal kernel, also inside a CUDA graph."""
+    mask = forward_mask(model, attention_mask, left_padded)
+    with _causal_only(mask is None), _autocast_off_for(model):
+        out = model(input_ids=input_ids, attention_mask=mask,
+                    position_ids=None if mask is None else positions_from_mask(attention_mask),
+                    **model_kwargs(model, logits_to_keep=T + 1, use_cache=False))
     return out.logits[:, -(T + 1) : -1]
+
+
+@contextlib.contextmanager
+def _causal_only(active: bool):
+    """Inside (when active), transformers' "sdpa" mask builder returns no mask, so its attention
+    passes `is_causal=True` to SDPA. Given no mask, transformers skips building one by itself --
+    except while a CUDA graph captures (transformers 5.17: every mask is built then), which would
+    make the captured forwards run SDPA's masked kernel over all key blocks (H200, 2026-11-28:
+    the train step's attention forwards 3.90 ms captured, 1.75 ms eager). Only for forwards that
+    `forward_mask` gives None: every layer plainly causal, no left padding."""
+    mapping = None
+    if active:
+        try:
+            from transformers.masking_utils import AttentionMaskInterface
+
+            mapping = AttentionMaskInterface._global_mapping
+        except (ImportError, AttributeError):  # another transformers: its own mask, still exact
+            mapping = None
+    if mapping is None or "sdpa" not in mapping:
+        yield
+        return
+    original = mapping["sdpa"]
+    mapping["sdpa"] = _no_mask
+    try:
+        yield
+    finally:
+        mapping["sdpa"] = original
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def _autocast_off_for(model):
+    """A forward without gradients of a model whose floating weights are all in autocast's dtype
+    runs without autocast: the matmuls are in that dtype either way, and autocast would only add
+    float32 detours -- a layer norm's input, weight and bias cast up, its float32 output written
+    and cast back before the next matmul, some 90 MB of traffic per layer norm at the train step's
+    teacher shapes (~300 extra kernels a gpt2-xl forward). Same arithmetic: the norm computes in
+    float32 either way and rounds its output once. Not where a composed activation remains (GPT-2's
+    `gelu_new` with `pow` under autocast runs in float32; engine/fused.py replaces it on CUDA)."""
+    params = list(model.parameters())
+    if not params or torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    dev = params[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(dev)
+    if any(p.is_floating_point() and p.dtype != dtype for p in params):
+        return contextlib.nullcontext()
+    from minillm_cli.engine.fused import _composed
+
+    composed = _composed()
+    if any(isinstance(m, composed) for m in model.modules()):
+        return contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False)
 
 
 def _batch_logits(model, batch: RolloutBatch) -> torch.Tensor:

@@ -291,12 +291,14 @@ def resolved_settings(rt: Runtime, model, amp, **extra) -> dict:
     return {"device": str(rt.device), "dtype": name(next(model.parameters()).dtype), "autocast": name(amp), **extra}
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast on CUDA (float32 master weights); a no-op context elsewhere."""
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
+    """bf16/fp16 autocast on CUDA (float32 master weights); a no-op context elsewhere.
+    cache False: every use of a weight casts it afresh (what a CUDA graph must record: a cached
+    copy is freed when the autocast region ends and would be stale after an optimizer step)."""
     import contextlib
 
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -136,7 +136,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     amp = compute_dtype(rt.device)
     vocab = len(tok)
     steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train) / cfg.batch_size))
-    opt = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.adam_betas)
+    opt = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.adam_betas,
+                         fused=rt.device.type == "cuda" and not rt.fsdp)
     sched = make_scheduler(opt, warmup_steps=cfg.optim.warmup_steps, total_steps=steps, schedule=cfg.optim.schedule)
 
     start, best = 0, {"valid_loss": float("inf"), "step": None}

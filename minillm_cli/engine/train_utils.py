@@ -10,14 +10,18 @@ import torch
 from minillm_cli.errors import RunError
 
 
-def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), fused: bool = False):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False: identical update arithmetic whatever the parameter grouping (1 vs N processes).
+    # foreach=False: identical update arithmetic whatever the parameter grouping (1 vs N processes,
+    # sharded or not). fused (one process's whole parameters on CUDA, the same on every process):
+    # one kernel over all tensors instead of ~10 per tensor (for GPT-2 some 1,500 launches a step).
+    if fused:
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=True)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, foreach=False)
 
 

@@ -133,3 +133,78 @@ def test_aligned_head_runs_no_align1_gemm_and_gives_the_plain_gradients():
     torch.testing.assert_close(loss, plain_loss, rtol=1e-3, atol=1e-3)
     for n, g in plain_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=5e-2, atol=5e-3, msg=n)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_captured_micro_steps_train_as_the_eager_ones(cached):
+    """engine/captured_step.py with real CUDA graphs: distill's micro-step (bf16 autocast over
+    float32 weights, the teacher forward or its kept logits, the fused loss, backward) over
+    bucketed selections of a ragged buffer in several shapes, four fused-AdamW steps with
+    zero_grad(set_to_none=True) between them: the same losses and weights as the eager steps, with
+    every shape captured once and replayed after (a capture that failed would warn and run
+    eagerly: `error` says why)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minillm_cli.engine.captured_step import CapturedSteps
+    from minillm_cli.engine.minillm import MiniLLMOptions, RolloutBatch, minillm_loss, response_logits
+    from minillm_cli.engine.runtime import autocast
+
+    V, P, T, N = 1000, 100, 90, 24
+    dev = torch.device("cuda")
+
+    def gpt2(seed, width, dtype):
+        torch.manual_seed(seed)
+        cfg = GPT2Config(vocab_size=V, n_layer=2, n_embd=width, n_head=4, n_positions=256)
+        with dev:
+            return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+    teacher = gpt2(1, 128, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, P - 1, (N,), generator=g)
+    first[:6] = 0  # some micro-batches without left padding (no mask at all)
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    cols = torch.arange(P + T)
+    att = ((cols >= first[:, None]) & ((cols < P) | (cols < P + lengths[:, None]))).long()
+    mask = att[:, P:].bool()
+    f = lambda: torch.randn(N, T, generator=g) * mask  # noqa: E731
+    buffer = RolloutBatch(input_ids=torch.randint(0, V, (N, P + T), generator=g).to(dev), attention_mask=att.to(dev),
+                          prompt_len=P, response_mask=mask.to(dev), old_logp=(-f().abs() - 3).to(dev),
+                          teacher_logp=f().to(dev), rewards=f().to(dev), advantages=f().to(dev),
+                          pg_weights=(f().abs() + 1).to(dev), ss_weights=(f().abs() + 1).to(dev), w=mask.float().to(dev))
+    opts = MiniLLMOptions(cache_teacher_logits=cached)
+    if cached:
+        with torch.no_grad(), autocast(dev, torch.bfloat16):
+            buffer.teacher_logits = response_logits(teacher, buffer.input_ids, buffer.attention_mask, T)[..., :V].clone()
+    steps = [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11, 0, 1], [12, 13, 14, 15, 16, 17]]  # micro-batches of 2
+
+    def train(enabled):
+        student = gpt2(2, 64, torch.float32)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
+
+        def fn(batch, norm):
+            with autocast(dev, torch.bfloat16, cache=False):
+                loss, st = minillm_loss(student, teacher, batch, opts, norm, V)
+            loss.backward()
+            return {"loss": loss.detach(), "clip_frac": st["clip_frac"]}
+
+        runner = CapturedSteps(fn, list(student.parameters()), dev, enabled=enabled)
+        losses = []
+        for rows in steps:
+            opt.zero_grad(set_to_none=True)
+            norm = float(buffer.tokens_in(rows))
+            for j in range(0, len(rows), 2):
+                out = runner(buffer.select(rows[j : j + 2], bucket=True), norm)
+                losses.append(out["loss"].clone())
+            opt.step()
+        torch.cuda.synchronize()
+        return torch.stack(losses).cpu(), [p.detach().clone() for p in student.parameters()], runner
+
+    want_l, want_p, eager = train(False)
+    got_l, got_p, graphs = train(True)
+    assert graphs.enabled and graphs.error is None, graphs.error
+    assert graphs.captures >= 2 and graphs.replays >= 2, graphs.summary
+    assert graphs.captures + graphs.replays == len(want_l)
+    torch.testing.assert_close(got_l, want_l, rtol=1e-4, atol=1e-6)
+    for a, b in zip(got_p, want_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    print(f"\ncaptured micro-steps (cached={cached}): {graphs.summary}")
