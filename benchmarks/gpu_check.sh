@@ -21,7 +21,7 @@
 #   part 4 (8.5 min, not in "all": parts 1 and 2 hold it): the short check of the decode-attention
 #          kernel -- its GPU tests, the rollout figures (where "auto" chooses), the step with the
 #          kernel forced on and off, and the iteration.
-#   part 5 (8.3 min, not in "all"): the short check of the captured update micro-steps
+#   part 5 (8.8 min, not in "all"): the short check of the captured update micro-steps
 #          (engine/captured_step.py) -- the update's GPU tests (graphs against eager steps), the
 #          train step with and without the graphs and its kernel profile, the CLI check (distill
 #          with and without --update-graphs), and the iteration.
@@ -61,7 +61,7 @@ fi
 if [ "$PART" = 5 ]; then
   run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_update.py -rA -s
   run 90  "$PY" benchmarks/train_step.py --profile --variants naive,ours,ours+eager,ours+cached,ours+cached+eager
-  run 120 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
+  run 150 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
   run 200 "$PY" benchmarks/iteration.py
 fi
 fallbacks

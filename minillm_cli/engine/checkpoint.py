@@ -206,6 +206,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore model/optimizer/scheduler/RNG; returns {"step", "extra"}."""
     payload = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
     by_name = payload.get("optimizer_keys") == "names"  # written under FSDP
+    impl = [{k: g.get(k) for k in _IMPLEMENTATION} for g in optimizer.param_groups]
     from minillm_cli.engine import fsdp
 
     if fsdp.is_sharded(model):
@@ -224,7 +225,29 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
             fsdp.load_optimizer_state(model, optimizer, payload["optimizer"])
         else:
             optimizer.load_state_dict(payload["optimizer"])
+    _keep_implementation(optimizer, impl)
     if scheduler is not None and payload.get("scheduler") is not None:
         scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])
     return {"step": payload["step"], "extra": payload.get("extra", {})}
+
+
+# An optimizer's state dict carries its implementation flags, and loading one installs them: a
+# run that builds the fused AdamW (CUDA) would resume with the per-tensor one of an older or CPU
+# checkpoint, or the other way round (a fused state under FSDP or on a CPU). The run's own choice
+# stands; only the numbers come from the checkpoint.
+_IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
+def _keep_implementation(optimizer, impl: list[dict]) -> None:
+    """Put back the flags `impl` (read before loading) and move each `step` count where that
+    implementation keeps it: on the parameter's device for fused / capturable, else on the CPU
+    (both float32, as torch's AdamW makes them)."""
+    for group, kept in zip(optimizer.param_groups, impl):
+        group.update(kept)
+        on_device = bool(kept.get("fused") or kept.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            step = state.get("step") if state else None
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)

@@ -297,3 +297,4 @@ def test_no_grad_forwards_of_a_model_in_autocasts_dtype_run_without_autocast(mon
                 want = minillm.response_logits(model, micro.input_ids, micro.attention_mask, T, micro.left_padded)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+
