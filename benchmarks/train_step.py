@@ -20,7 +20,9 @@ count the recomputed forward). "ours" variants replay the micro-step (forward, l
 from a CUDA graph, as distill does on one GPU (engine/captured_step.py; captured in the first
 warm-up step); a "+eager" suffix runs it eagerly (`--no-update-graphs`), as "+ckpt" must.
 --profile: after each variant's timing, the top kernels of one more step (torch.profiler).
-Reports seconds/step, tokens/s (batch x length), peak GiB and MFU = (6 N_s + 2 N_t) tokens/s over
+Reports seconds/step, tokens/s (batch x length), peak GiB (allocated, warm-up steps included:
+a captured step allocates its activations once, into the graph's pool, at capture; before
+2026-11-28's run 5 was recorded only the timed steps counted, which left that pool out) and MFU = (6 N_s + 2 N_t) tokens/s over
 the dense matmul FLOP/s measured in this run (the formula counts the teacher forward even for
 ours+cached, so that row's MFU is "useful work per second", above the hardware's true MFU, which
 is printed as "hw MFU": the FLOPs the step really runs).
@@ -37,7 +39,7 @@ autocast: its H200 peak (9.30 GiB, 2026-11-28) against its estimate.
 from __future__ import annotations
 
 from _common import (base_parser, build_gpt2, emit, kernel_profile, low_dtype, machine, measure_matmul_flops,
-                     n_params, naive_minillm_loss, setup, sync, table, timed, REAL, TINY)
+                     n_params, naive_minillm_loss, setup, table, timed, Peak, REAL, TINY)
 
 
 def main() -> int:
@@ -202,10 +204,14 @@ def run_variant(variant, args, teacher, batch, V, spec, low, B, T, reps, estimat
                     "other_gib": gib.get("other", 0.0),
                     "N_s": N_s}
         try:
-            for _ in range(2):
-                step()
-            sync(args.device)
+            # the warm-up's peak counts too: it is where a captured step's activations are
+            # allocated (into the graph's private pool, which replays reuse without allocating)
+            with Peak(args.device) as warm:
+                for _ in range(2):
+                    step()
             _, secs, peak = timed(step, args.device, repeats=reps)
+            if peak is not None:
+                peak = max(peak, warm.gib)
             if args.profile:
                 emit(args, {"kind": "profile", "variant": variant, **kernel_profile(step, 1, args.device)})
         except torch.cuda.OutOfMemoryError as e:

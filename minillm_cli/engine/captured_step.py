@@ -76,9 +76,11 @@ class CapturedSteps:
         return outputs
 
     def release(self) -> None:
-        """Drop the graphs and their memory pool (the gradient tensors stay with the parameters)."""
+        """Drop the graphs, their memory pool and our hold on the gradient tensors (sampling gets
+        the memory; the next micro-step binds afresh)."""
         self.graphs.clear()
         self.pool = None
+        self.grads = None
 
     @property
     def summary(self) -> str:
@@ -89,59 +91,90 @@ class CapturedSteps:
     # ------------------------------------------------------------------------------------------
     def _first(self, key, batch, norm):
         """The shape's first micro-step: eagerly on the capture stream (the real step), then the
-        capture, which records without running."""
+        capture, which records without running. A warm-up that synchronised with the host (which
+        a capture cannot) is not captured: a failed capture is worth avoiding, it leaves torch's
+        allocator in a poor state on some versions."""
         static = _clone(batch)
         static_norm = norm.clone()
         self._bind_grads()
-        result = self._warm_up(static, static_norm)
+        result, synced = self._warm_up(static, static_norm)
+        self._adopt_grads()
+        if synced:
+            self._give_up(f"the step synchronises with the host ({synced})")
+            return result
         try:
             graph, outputs = self._capture(static, static_norm)
-        except torch.cuda.OutOfMemoryError:
-            raise  # transient: not a property of the step
-        except Exception as e:  # the step cannot be captured: eager from now on
-            self.enabled, self.error = False, e
-            self.release()
-            warnings.warn(f"CUDA graph capture of the training micro-step failed ({e}); running it eagerly",
-                          stacklevel=3)
+        except Exception as e:  # not capturable, or out of memory: eager from now on (this step counted)
+            self._give_up(f"{type(e).__name__}: {e}")
             return result
         self.graphs[key] = (graph, static, static_norm, outputs)
         self.captures += 1
         return result
 
+    def _give_up(self, why: str) -> None:
+        self.enabled, self.error = False, why
+        self.release()
+        warnings.warn(f"CUDA graph capture of the training micro-step not possible ({why}); running it eagerly",
+                      stacklevel=4)
+
     def _warm_up(self, static, static_norm):
-        """fn eagerly on the stream the capture will use (lazy per-stream state -- cuBLAS
-        workspaces, autograd's stream bookkeeping -- must exist before a capture)."""
+        """(fn's result, what synchronised or ""): fn eagerly on the stream the capture will use
+        (lazy per-stream state -- cuBLAS workspaces, autograd's stream bookkeeping -- must exist
+        before a capture), with torch's synchronisation warnings on."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            result = self.fn(static, static_norm)
-        main.wait_stream(self.stream)
+        mode = torch.cuda.get_sync_debug_mode()
+        result, synced = None, ""
+        try:
+            with warnings.catch_warnings(record=True) as seen, torch.cuda.stream(self.stream):
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    result = self.fn(static, static_norm)
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
+        finally:  # (also when fn raises: the static tensors must not be reused under the side stream)
+            main.wait_stream(self.stream)
+            for t in _tensors(static) + [static_norm]:
+                t.record_stream(self.stream)
+        for w in seen:
+            text = str(w.message)
+            if "synchroniz" in text and "debug mode" not in text:
+                synced = synced or text.splitlines()[0][:120]
+            else:  # someone else's warning: passed on
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         _record_on(result, main)  # allocated on the side stream, read on the main one
-        for t in _tensors(static) + [static_norm]:
-            t.record_stream(self.stream)
-        return result
+        return result, synced
 
     def _capture(self, static, static_norm):
         """(graph, its outputs): fn recorded into a CUDA graph in the shared pool."""
+        main = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 outputs = self.fn(static, static_norm)
-        except Exception:
+        except BaseException as e:
+            # torch.cuda.graph's exit raises without leaving its stream context: the capture stream
+            # would stay current for the rest of the run
+            torch.cuda.set_stream(main)
             torch.cuda.synchronize(self.device)
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
             raise
         self.pool = graph.pool()
         return graph, outputs
 
     def _bind_grads(self) -> None:
-        """Every parameter's `.grad` is our tensor, the one the graphs accumulate into."""
+        """Every parameter we hold a gradient tensor for has it as `.grad` (the tensor the graphs
+        accumulate into): zeroed where an optimizer set `.grad` to None, holding the value where
+        someone replaced it."""
         if self.grads is None:
-            self.grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            return
         zero = []
         for p, g in zip(self.params, self.grads):
-            if p.grad is g:
+            if g is None or p.grad is g:
                 continue
             if p.grad is None:  # set to None by zero_grad: zeros mean the same to an accumulation
                 zero.append(g)
@@ -150,6 +183,19 @@ class CapturedSteps:
             p.grad = g
         if zero:
             torch._foreach_zero_(zero)
+
+    def _adopt_grads(self) -> None:
+        """After a warm-up: hold the gradient tensors it made (a parameter that got none has no
+        gradient in the captured step either, and keeps `.grad` None, as eagerly: the optimizer
+        skips it). Made on the side stream, used on the main one from now on."""
+        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if self.grads is None:
+            self.grads = [None] * len(self.params)
+        for i, p in enumerate(self.params):
+            if p.grad is not None and self.grads[i] is not p.grad:
+                if main is not None and self.grads[i] is None:
+                    p.grad.record_stream(main)
+                self.grads[i] = p.grad
 
 
 def _shape_key(batch) -> tuple:

@@ -185,20 +185,22 @@ def forward_mask(model, attention_mask: torch.Tensor, left_padded: bool | None =
     So where the model runs transformers' sdpa attention, every layer is plainly causal and some
     row is left-padded: a 4-D boolean mask in which each padding query sees itself
     (`causal_allow`), exact for real positions (a padding position is no other query's key).
-    Where no row is left-padded, no mask at all (None): the only padding is after each row's
-    last real token, which causality already hides from every real position, so SDPA's causal
-    kernel is exact there -- and transformers, given a 2-D mask, would read it on the host to
-    find that out (a synchronisation a CUDA graph cannot capture: engine/captured_step.py).
-    Otherwise (other attention implementations) the 2-D mask as is.
+    Otherwise the 2-D mask as is (`response_logits` then runs SDPA's causal kernel where the
+    rows are known on the host to have no left padding: `_causal_only`).
     left_padded: known on the host, or None to read it (one host sync)."""
-    cfg = getattr(_hf_model(model), "config", None)  # (None: not a transformers model)
-    if getattr(cfg, "_attn_implementation", None) != "sdpa" or not _plain_causal(cfg):
+    if not _sdpa_plain_causal(model):
         return attention_mask
     if left_padded is None:
         left_padded = bool((attention_mask[:, 0] == 0).any())
     if not left_padded:
-        return None
+        return attention_mask
     return causal_allow(attention_mask.bool(), attention_mask.shape[1])
+
+
+def _sdpa_plain_causal(model) -> bool:
+    """A transformers model under its sdpa attention whose layers are all plainly causal."""
+    cfg = getattr(_hf_model(model), "config", None)  # (None: not a transformers model)
+    return getattr(cfg, "_attn_implementation", None) == "sdpa" and _plain_causal(cfg)
 
 
 def _plain_causal(cfg) -> bool:
@@ -217,13 +219,15 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     left_padded: bool | None = None) -> torch.Tensor:
     """Logits predicting the last T tokens of input_ids: [N, L] -> [N, T, V']. Only the last
     T + 1 positions go through the LM head when the model supports `logits_to_keep`.
-    left_padded: see `forward_mask`. Where `forward_mask` finds no left padding, the forward gets
-    no mask and no positions (each row's real tokens sit at 0, 1, ..., the model's own positions)
-    and transformers builds none (`_causal_only`): SDPA's causal kernel, also inside a CUDA graph."""
+    left_padded: see `forward_mask`. Rows known on the host to have no left padding, in a model
+    whose layers are all plainly causal under transformers' sdpa attention, run SDPA's causal
+    kernel (`_causal_only`): their only padding trails the real tokens, which causality hides
+    from every real position already (exact), and transformers builds no mask, so no host read
+    either (a CUDA graph could not capture one: engine/captured_step.py)."""
     mask = forward_mask(model, attention_mask, left_padded)
-    with _causal_only(mask is None), _autocast_off_for(model):
-        out = model(input_ids=input_ids, attention_mask=mask,
-                    position_ids=None if mask is None else positions_from_mask(attention_mask),
+    causal = left_padded is False and mask is attention_mask and _sdpa_plain_causal(model)
+    with _causal_only(causal), _autocast_off_for(model):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(attention_mask),
                     **model_kwargs(model, logits_to_keep=T + 1, use_cache=False))
     return out.logits[:, -(T + 1) : -1]
 
@@ -231,11 +235,12 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 @contextlib.contextmanager
 def _causal_only(active: bool):
     """Inside (when active), transformers' "sdpa" mask builder returns no mask, so its attention
-    passes `is_causal=True` to SDPA. Given no mask, transformers skips building one by itself --
-    except while a CUDA graph captures (transformers 5.17: every mask is built then), which would
-    make the captured forwards run SDPA's masked kernel over all key blocks (H200, 2026-11-28:
-    the train step's attention forwards 3.90 ms captured, 1.75 ms eager). Only for forwards that
-    `forward_mask` gives None: every layer plainly causal, no left padding."""
+    passes `is_causal=True` to SDPA. Left to itself transformers reads the 2-D mask on the host to
+    decide whether it may skip the mask (`fast_all`: a synchronisation), and while a CUDA graph
+    captures it never skips (transformers 5.17 treats capture as tracing), so the captured
+    forwards ran SDPA's masked kernel over every key block (H200, 2026-11-28: the train step's
+    attention forwards 3.90 ms captured against 1.75 ms eager). Only for rows with no left
+    padding in models whose layers are all plainly causal (`response_logits`)."""
     mapping = None
     if active:
         try:
@@ -259,19 +264,30 @@ def _no_mask(*args, **kwargs):
     return None
 
 
+# Model types whose forwards run no op that autocast would lift to float32 other than layer_norm
+# (their RMSNorms cast to float32 themselves, their rotary code turns autocast off, their
+# activations are single kernels -- GPT-2's composed `gelu_new` once engine/fused.py replaces it).
+_AUTOCAST_NEUTRAL = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "opt"})
+
+
 def _autocast_off_for(model):
     """A forward without gradients of a model whose floating weights are all in autocast's dtype
     runs without autocast: the matmuls are in that dtype either way, and autocast would only add
     float32 detours -- a layer norm's input, weight and bias cast up, its float32 output written
     and cast back before the next matmul, some 90 MB of traffic per layer norm at the train step's
-    teacher shapes (~300 extra kernels a gpt2-xl forward). Same arithmetic: the norm computes in
-    float32 either way and rounds its output once. Not where a composed activation remains (GPT-2's
-    `gelu_new` with `pow` under autocast runs in float32; engine/fused.py replaces it on CUDA)."""
+    teacher shapes (~300 extra kernels a gpt2-xl forward; H200 run 5: with `_causal_only`, the
+    captured train step went from 51.3 to 44.2 ms of kernel time). The same
+    arithmetic: the norm computes in float32 either way and rounds its output once. Only for the
+    model types in `_AUTOCAST_NEUTRAL` with no composed activation left (elsewhere an op such as
+    `pow` in a composed GELU would run in bf16 instead of float32)."""
     params = list(model.parameters())
     if not params or torch.is_grad_enabled():
         return contextlib.nullcontext()
     dev = params[0].device.type
     if not torch.is_autocast_enabled(dev):
+        return contextlib.nullcontext()
+    cfg = getattr(_hf_model(model), "config", None)
+    if getattr(cfg, "model_type", None) not in _AUTOCAST_NEUTRAL:
         return contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(dev)
     if any(p.is_floating_point() and p.dtype != dtype for p in params):

@@ -208,3 +208,47 @@ def test_captured_micro_steps_train_as_the_eager_ones(cached):
     for a, b in zip(got_p, want_p):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     print(f"\ncaptured micro-steps (cached={cached}): {graphs.summary}")
+
+
+def test_a_micro_step_that_synchronises_runs_eagerly_on_the_default_stream():
+    """engine/captured_step.py with a step that reads a device value on the host (which a capture
+    cannot hold): its warm-up is seen to synchronise, no capture is tried, a warning says so, the
+    default stream is still the current one, and later steps run eagerly with the plain results.
+    (Written after the last GPU run of 2026-11-28: not yet run on a GPU.)"""
+    from dataclasses import dataclass
+
+    from minillm_cli.engine.captured_step import CapturedSteps
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+
+    def train(enabled):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8, device="cuda")
+
+        def fn(batch, norm):
+            loss = model(batch.x).pow(2).sum() / norm
+            scale = 2.0 if float(loss) > 0 else 1.0  # a host read
+            (scale * loss).backward()
+            return {"loss": loss.detach()}
+
+        runner = CapturedSteps(fn, list(model.parameters()), torch.device("cuda"), enabled=enabled)
+        losses = []
+        for s in range(3):
+            model.zero_grad(set_to_none=True)
+            x = torch.randn(4, 8, device="cuda", generator=torch.Generator(device="cuda").manual_seed(s))
+            losses.append(float(runner(Batch(x), 3.0)["loss"]))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        return losses, [p.detach().clone() for p in model.parameters()], runner
+
+    want_l, want_p, _ = train(False)
+    with pytest.warns(UserWarning, match="synchronises with the host"):
+        got_l, got_p, runner = train(True)
+    assert not runner.enabled and runner.captures == 0
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert got_l == want_l
+    for a, b in zip(got_p, want_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -35,14 +35,14 @@ class _FakeGraph:
 class Replayed(CapturedSteps):
     """CapturedSteps with the CUDA-only pieces replaced (see the module docstring)."""
 
-    def __init__(self, *a, fail: bool = False, **kw):
+    def __init__(self, *a, fail: bool = False, synced: str = "", **kw):
         super().__init__(*a, **kw)
-        self.enabled, self.fail, self.warm_ups = True, fail, 0
+        self.enabled, self.fail, self.synced, self.warm_ups = True, fail, synced, 0
 
     def _warm_up(self, static, norm):
         self.warm_ups += 1
         self._last = self.fn(static, norm)
-        return self._last
+        return self._last, self.synced
 
     def _capture(self, static, norm):
         if self.fail:
@@ -155,6 +155,36 @@ def test_a_failed_capture_warns_and_runs_eagerly_from_then_on():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
 
 
+def test_a_step_that_synchronises_is_not_captured():
+    """A warm-up during which torch saw a host synchronisation (a capture would fail on it) is the
+    last graph attempt: no capture, a warning, eager steps with the same results."""
+    steps = _batches(4)
+    want_p, want_l, _ = _train(steps, lambda fn, ps: CapturedSteps(fn, ps, torch.device("cpu")))
+    with pytest.warns(UserWarning, match="synchronises with the host"):
+        got_p, got_l, rep = _train(steps, lambda fn, ps: Replayed(fn, ps, torch.device("cpu"), synced="item()"))
+    assert not rep.enabled and rep.captures == 0 and rep.warm_ups == 1 and rep.grads is None
+    assert got_l == want_l
+    for a, b in zip(got_p, want_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_a_parameter_without_a_gradient_keeps_none_and_release_lets_go():
+    """As eagerly: a parameter the step never reaches keeps `.grad` None (AdamW then leaves it
+    alone, weight decay included); `release()` drops our hold on the gradient tensors."""
+    model = _model()
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    params = list(model.parameters()) + [unused]
+    rep = Replayed(_step_fn(model), params, torch.device("cpu"))
+    batch = Toy(torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    for _ in range(3):
+        for p in params:
+            p.grad = None
+        rep(batch, 1.0)
+    assert rep.replays == 2 and unused.grad is None and all(p.grad is not None for p in params[:-1])
+    rep.release()
+    assert rep.grads is None and not rep.graphs
+
+
 def test_the_shape_key_separates_plain_fields_and_rejects_others():
     from minillm_cli.engine.captured_step import _shape_key
 
@@ -202,18 +232,32 @@ def _loss_and_grads(student, teacher, micro):
     return loss.detach(), [p.grad.clone() for p in student.parameters()]
 
 
-def test_unpadded_rows_run_without_a_mask_and_lose_nothing(monkeypatch):
-    """Rows with no left padding get no mask (SDPA's causal path, and nothing for transformers to
-    read on the host): the loss and gradients of the 2-D mask, whose only zeros are trailing."""
+def test_unpadded_rows_run_sdpas_causal_kernel_and_lose_nothing(monkeypatch):
+    """Rows known to have no left padding run SDPA's causal kernel, no mask (and nothing for
+    transformers to read on the host): the loss and gradients of the 2-D mask, whose only zeros
+    are trailing."""
+    import transformers.integrations.sdpa_attention as sdpa_mod
+
     from minillm_cli.engine import minillm
 
     student, teacher = _gpt2(1), _gpt2(2)
     micro = _buffer().select([0, 1])
     assert micro.left_padded is False and not bool(micro.attention_mask.all())
-    assert minillm.forward_mask(student, micro.attention_mask, False) is None
+    calls = []
+    real_sdpa = sdpa_mod.torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, bool(is_causal)))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(sdpa_mod.torch.nn.functional, "scaled_dot_product_attention", spy)
     got = _loss_and_grads(student, teacher, micro)
-    monkeypatch.setattr(minillm, "forward_mask", lambda model, mask, left_padded=None: mask)
+    assert calls and all(c == (True, True) for c in calls)
+    calls.clear()
+    orig = minillm._causal_only
+    monkeypatch.setattr(minillm, "_causal_only", lambda active: orig(False))
     want = _loss_and_grads(student, teacher, micro)
+    assert calls and all(c == (False, False) for c in calls)  # transformers' own mask: the check can fail
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -236,39 +280,6 @@ def test_bucketed_selections_come_in_few_shapes_and_give_the_same_loss(monkeypat
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-
-
-def test_unmasked_forwards_ask_sdpa_for_its_causal_kernel_even_where_transformers_would_build_a_mask(monkeypatch):
-    """transformers 5.17 builds the causal mask whenever a CUDA graph captures (its skip check says
-    "tracing"); emulated here by a skip check that always says no. `_causal_only` still hands SDPA
-    no mask and `is_causal=True` for unpadded rows -- and the logits are those of the built mask."""
-    import transformers.integrations.sdpa_attention as sdpa_mod
-    import transformers.masking_utils as mu
-
-    from minillm_cli.engine import minillm
-
-    student = _gpt2(1)
-    micro = _buffer().select([0, 1])
-    calls = []
-    real_sdpa = sdpa_mod.torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
-        calls.append((attn_mask is None, bool(is_causal)))
-        return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
-
-    monkeypatch.setattr(sdpa_mod.torch.nn.functional, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(mu, "_ignore_causal_mask_sdpa", lambda *a, **k: False)  # (as under capture)
-    T = micro.response_mask.shape[1]
-    with torch.no_grad():
-        got = minillm.response_logits(student, micro.input_ids, micro.attention_mask, T, micro.left_padded)
-        assert calls and all(c == (True, True) for c in calls)
-        assert mu.AttentionMaskInterface._global_mapping["sdpa"] is mu.sdpa_mask  # put back
-        calls.clear()
-        orig = minillm._causal_only
-        monkeypatch.setattr(minillm, "_causal_only", lambda active: orig(False))
-        want = minillm.response_logits(student, micro.input_ids, micro.attention_mask, T, micro.left_padded)
-        assert calls and all(c == (False, False) for c in calls)  # the mask the spy must be able to see
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_no_grad_forwards_of_a_model_in_autocasts_dtype_run_without_autocast(monkeypatch):
