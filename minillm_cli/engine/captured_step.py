@@ -12,7 +12,7 @@ How. One graph per micro-batch shape (`RolloutBatch.select(bucket=True)` rounds 
 multiples of 64, so a run meets few shapes), captured the first time a shape is seen, right
 after that micro-step ran eagerly on the capture stream: the eager run is the real step (its
 gradients count) and the warm-up a capture needs, so a capture costs one recording pass of the
-host and nothing on the GPU. Later micro-batches of the shape are copied into the graph's input
+host (and the synchronisation and cache flush torch.cuda.graph starts with). Later micro-batches of the shape are copied into the graph's input
 tensors and replayed. What a captured step may not do, and the step function must not: read a
 device value on the host, or depend on Python values other than the shapes (the normaliser comes
 in as a device scalar). Gradients accumulate in place into gradient tensors this object owns:
@@ -20,8 +20,8 @@ an optimizer's `zero_grad(set_to_none=True)` leaves `.grad` None, which `_bind_g
 zeroing ours and putting them back (what None means to the next accumulation). Graphs share one
 memory pool: replays never overlap and each replay's outputs are read, in stream order, before
 the next replay writes anything. `release()` frees the graphs and their memory (before sampling,
-which wants it). A capture that fails (the step synchronises, say) warns once and the steps run
-eagerly from then on: same results, the eager speed.
+which wants it). A step whose warm-up synchronised with the host is not captured, and a capture
+that fails anyway warns once; the steps run eagerly from then on: same results, the eager speed.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ class CapturedSteps:
         self.pool = None
         self.grads: list[torch.Tensor] | None = None
         self.stream = None
-        self.error: Exception | None = None
+        self._warned: dict = {}  # (warnings passed on from warm-ups: once per place)
+        self.error: str | None = None
         self.captures = 0
         self.replays = 0
 
@@ -85,7 +86,7 @@ class CapturedSteps:
     @property
     def summary(self) -> str:
         if not self.enabled:
-            return "eager" + (f" (capture failed: {self.error})" if self.error else "")
+            return "eager" + (f" (not captured: {self.error})" if self.error else "")
         return f"CUDA graphs: {self.captures} captured, {self.replays} replayed"
 
     # ------------------------------------------------------------------------------------------
@@ -105,7 +106,9 @@ class CapturedSteps:
         try:
             graph, outputs = self._capture(static, static_norm)
         except Exception as e:  # not capturable, or out of memory: eager from now on (this step counted)
-            self._give_up(f"{type(e).__name__}: {e}")
+            if self.device.type == "cuda":  # (a device that is broken, not just uncapturable, raises here)
+                torch.cuda.synchronize(self.device)
+            self._give_up(f"{type(e).__name__}: {e}; a failed capture can keep the graphs' memory reserved")
             return result
         self.graphs[key] = (graph, static, static_norm, outputs)
         self.captures += 1
@@ -139,13 +142,13 @@ class CapturedSteps:
             main.wait_stream(self.stream)
             for t in _tensors(static) + [static_norm]:
                 t.record_stream(self.stream)
+        _record_on(result, main)  # allocated on the side stream, read on the main one
         for w in seen:
             text = str(w.message)
             if "synchroniz" in text and "debug mode" not in text:
                 synced = synced or text.splitlines()[0][:120]
-            else:  # someone else's warning: passed on
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        _record_on(result, main)  # allocated on the side stream, read on the main one
+            else:  # someone else's warning: passed on (once per place, as Python's default filter)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=self._warned)
         return result, synced
 
     def _capture(self, static, static_norm):
@@ -159,11 +162,16 @@ class CapturedSteps:
             # torch.cuda.graph's exit raises without leaving its stream context: the capture stream
             # would stay current for the rest of the run
             torch.cuda.set_stream(main)
-            torch.cuda.synchronize(self.device)
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             raise
         self.pool = graph.pool()
+        # the recorded backward must have accumulated into the gradient tensors we hold: one made
+        # during the capture would live in the graph's pool, overwritten by every replay
+        for i, p in enumerate(self.params):
+            if p.grad is not self.grads[i]:
+                p.grad = self.grads[i]
+                raise RuntimeError("the captured backward made a gradient the warm-up did not")
         return graph, outputs
 
     def _bind_grads(self) -> None:
