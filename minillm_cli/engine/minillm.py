@@ -280,17 +280,19 @@ def _autocast_off_for(model):
     arithmetic: the norm computes in float32 either way and rounds its output once. Only for the
     model types in `_AUTOCAST_NEUTRAL` with no composed activation left (elsewhere an op such as
     `pow` in a composed GELU would run in bf16 instead of float32)."""
-    params = list(model.parameters())
-    if not params or torch.is_grad_enabled():
+    # the cheap checks first: this runs before every teacher-forced forward (the scans below only
+    # for a no-grad forward of a listed model type under autocast)
+    first = next(iter(model.parameters()), None)
+    if first is None or torch.is_grad_enabled():
         return contextlib.nullcontext()
-    dev = params[0].device.type
+    dev = first.device.type
     if not torch.is_autocast_enabled(dev):
         return contextlib.nullcontext()
     cfg = getattr(_hf_model(model), "config", None)
     if getattr(cfg, "model_type", None) not in _AUTOCAST_NEUTRAL:
         return contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(dev)
-    if any(p.is_floating_point() and p.dtype != dtype for p in params):
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
         return contextlib.nullcontext()
     from minillm_cli.engine.fused import _composed
 
