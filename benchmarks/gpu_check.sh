@@ -21,12 +21,16 @@
 #   part 4 (8.5 min, not in "all": parts 1 and 2 hold it): the short check of the decode-attention
 #          kernel -- its GPU tests, the rollout figures (where "auto" chooses), the step with the
 #          kernel forced on and off, and the iteration.
+#   part 6 (8.8 min, not in "all"): the release check after run 5 -- all GPU tests (the fused
+#          cache writes of the decode-attention kernel among them), the rollout figures, the
+#          decode step's profiles and its time with the kernel's cache writes fused and separate,
+#          the train step's time and peak memory (capture included), and the iteration.
 #   part 5 (8.8 min, not in "all"): the short check of the captured update micro-steps
 #          (engine/captured_step.py) -- the update's GPU tests (graphs against eager steps), the
 #          train step with and without the graphs and its kernel profile, the CLI check (distill
 #          with and without --update-graphs), and the iteration.
 # JSON lines and a log go to $OUT (or ./gpu-results/).
-#   bash benchmarks/gpu_check.sh [1|2|3|4|5|all]   (from the repository root; runs from a checkout:
+#   bash benchmarks/gpu_check.sh [1|2|3|4|5|6|all]   (from the repository root; runs from a checkout:
 #                                            PYTHONPATH is set, no install needed; default all)
 PART="${1:-all}"
 LOGNAME_=gpu_check
@@ -63,6 +67,13 @@ if [ "$PART" = 5 ]; then
   run 90  "$PY" benchmarks/train_step.py --profile --variants naive,ours,ours+eager,ours+cached,ours+cached+eager
   run 150 env PYTHON="$PY" bash benchmarks/gpu_cli_check.sh
   run 200 "$PY" benchmarks/iteration.py
+fi
+if [ "$PART" = 6 ]; then
+  run 100 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
+  run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
+  run 60  "$PY" benchmarks/rollout_profile.py --variants base,separate_writes
+  run 60  "$PY" benchmarks/train_step.py --variants naive,ours
+  run 180 "$PY" benchmarks/iteration.py
 fi
 fallbacks
 log done

@@ -86,6 +86,11 @@ KV_BUCKETS = 1
 # benchmarks/rollout_profile.py, batch 64, gpt2-xl + gpt2 bf16): auto 5.03 ms/step, the kernel
 # forced at its default config 5.42, SDPA 5.75.
 DECODE_ATTENTION = "auto"
+# Where a decode step's attention runs the kernel, the kernel also writes the step's key and value
+# into the cache (static_cache.CacheWrites.defer): two copy kernels a layer fewer, 120 a step for
+# gpt2-xl + gpt2 (0.35 of 5.2 ms of kernel time in run 4's H200 profile at batch 64). Not yet
+# measured on a GPU (benchmarks/rollout_profile.py, variant "separate_writes" turns it off).
+FUSED_CACHE_WRITES = True
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
 
@@ -227,6 +232,8 @@ class _StaticModel:
         if self.writes is not None:  # (TeacherOnDevice moves the forward's arguments, not this)
             self.writes.at, self.writes.kv_len = cache_position.to(self.device), kv_len
         kernel = self.decode_kernel and ids.shape[1] == 1 and self.writes is not None
+        if kernel:
+            self.writes.defer = FUSED_CACHE_WRITES
         try:
             with (decode_attention.active(self.writes.at, self.decode_config) if kernel
                   else contextlib.nullcontext()):
@@ -235,6 +242,7 @@ class _StaticModel:
         finally:
             if self.writes is not None:
                 self.writes.at = self.writes.kv_len = None
+                self.writes.defer = False
         return out.logits[:, -1, : self.vocab_size]
 
     def compile_decode(self, backend: str = "inductor") -> None:
@@ -276,7 +284,8 @@ def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L
             layers = getattr(m.cache, "layers", None) or [None]
             kv_dtype = getattr(getattr(layers[0], "keys", None), "dtype", None) or m.dtype
             use, why, config = decode_attention.choose(m.model, B, L, P + T // 2, m.mask_dtype,
-                                                       kv_dtype, m.mask_dtype, m.device)
+                                                       kv_dtype, m.mask_dtype, m.device,
+                                                       FUSED_CACHE_WRITES)
         else:
             continue
         m.decode_kernel, m.decode_config, notes[name] = use, config, (use, why)

@@ -64,6 +64,42 @@ def test_kernel_in_a_cuda_graph_reads_the_column_set_before_each_replay(B):
 
 
 @needs_triton
+@pytest.mark.parametrize("B,H,Hk", [(64, 25, 25), (4, 32, 8)])  # gpt2-xl's heads; split GQA columns
+def test_fused_cache_writes_in_a_cuda_graph_match_a_separate_write(B, H, Hk):
+    """new_kv, replayed from a graph as the decode step runs it: each replay writes the step's key
+    and value at the column set before it (bit for bit what `write_columns` writes, nothing else
+    touched) and attends as the kernel does after a separate write. Programs of one (row, KV
+    head) never read the column being written, so the outputs must match exactly, every time."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    D, L = 64, 256
+    q = torch.randn(B, H, 1, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, Hk, L, D, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, Hk, L, D, device="cuda", generator=g).bfloat16()
+    nk = torch.randn(B, Hk, 1, D, device="cuda", generator=g).bfloat16()
+    nv = torch.randn(B, Hk, 1, D, device="cuda", generator=g).bfloat16()
+    allow = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    allow[::2, :40] = False
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bfloat16, device="cuda").masked_fill(
+        ~allow[:, None, None, :], torch.finfo(torch.bfloat16).min)
+    last = torch.tensor([127], device="cuda")
+    out = da.decode_attention(q, k, v, mask, last, new_kv=(nk, nv))  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention(q, k, v, mask, last, new_kv=(nk, nv))
+    for col in (130, 200, 255):
+        k_ref, v_ref = k.clone(), v.clone()
+        k[:, :, col], v[:, :, col] = float("nan"), float("nan")
+        last.fill_(col)
+        graph.replay()
+        da.write_columns(k_ref, v_ref, last, nk, nv)
+        want = da.decode_attention(q, k_ref, v_ref, mask, last)
+        torch.cuda.synchronize()
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+        assert torch.equal(out, want)
+        nk.mul_(-1)  # (a different new column for the next replay)
+
+
+@needs_triton
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_graph_engine_through_the_kernel_matches_the_reference(monkeypatch, alpha):
     V = 13

@@ -107,6 +107,116 @@ def test_mixed_dtypes_and_bad_shapes():
         da.decode_attention(q, k, v, torch.zeros(2, 2, 1, 32), None)  # a mask per head
 
 
+@pytest.mark.parametrize("B,H,Hk,D,L,parts,cache,new,kind,last", [
+    (3, 4, 4, 16, 40, 1, torch.float32, torch.float32, torch.float32, 20),  # one part
+    (2, 4, 2, 24, 130, 4, torch.float32, torch.float32, "bool", 100),  # GQA; written in part 1 of 4
+    (2, 6, 2, 16, 200, 3, torch.float32, torch.bfloat16, torch.float32, 0),  # first column; 3:1
+    (2, 2, 2, 16, 64, 2, torch.bfloat16, torch.bfloat16, torch.bfloat16, 63),  # the last column
+])
+def test_the_kernel_writes_the_new_column_and_attends_as_after_a_separate_write(
+        B, H, Hk, D, L, parts, cache, new, kind, last):
+    """new_kv: the cache afterwards is bit for bit the cache after `write_columns` (the new key and
+    value rounded to the cache's dtype, every other column untouched), and the output is the
+    kernel's output over that cache -- the same column values, read from registers. The column
+    holds NaN before, so a program that attended over it before it was written would show."""
+    g = torch.Generator().manual_seed(B * 100 + L + last)
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = torch.randn(B, Hk, L, D, generator=g).to(cache)
+    v = torch.randn(B, Hk, L, D, generator=g).to(cache)
+    k[:, :, last], v[:, :, last] = float("nan"), float("nan")
+    nk = torch.randn(B, Hk, 1, D, generator=g).to(new)
+    nv = torch.randn(B, Hk, 4, D, generator=g).to(new)[:, :, 1:2]  # a strided view, as projections give
+    allow = torch.ones(B, L, dtype=torch.bool)
+    if kind is not None:
+        allow[0, : min(3, last)] = False
+    at = torch.tensor([last])
+    want_k, want_v = k.clone(), v.clone()
+    da.write_columns(want_k, want_v, at, nk, nv)
+    want = da.decode_attention(q, want_k, want_v, _mask(allow, kind), at, parts=parts)
+    got = da.decode_attention(q, k, v, _mask(allow, kind), at, parts=parts, new_kv=(nk, nv))
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), brute(q, want_k.float(), want_v.float(), allow, last),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_new_columns_the_kernel_cannot_write_are_refused():
+    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    nk = torch.randn(2, 2, 1, 8)
+    with pytest.raises(ValueError, match="column to write"):
+        da.decode_attention(q, k, v, None, None, new_kv=(nk, nk))
+    with pytest.raises(ValueError, match="new key"):
+        da.decode_attention(q, k, v, None, torch.tensor([3]), new_kv=(torch.randn(2, 2, 2, 8), nk))
+    with pytest.raises(ValueError, match="not contiguous"):
+        da.decode_attention(q, k, v, None, torch.tensor([3]),
+                            new_kv=(nk, torch.randn(2, 2, 1, 16)[..., ::2]))
+    with pytest.raises(ValueError, match="cache"):  # rounding down to the cache's dtype: torch's
+        da.decode_attention(q, k.bfloat16(), v.bfloat16(), None, torch.tensor([3]), new_kv=(nk, nk))
+
+
+def _writes(L=8):
+    """A CacheWrites over a one-layer StaticCache-like object, its cache allocated."""
+    from types import SimpleNamespace
+
+    from minillm_cli.engine.static_cache import CacheWrites
+
+    layer = SimpleNamespace(is_initialized=True, keys=torch.zeros(2, 2, L, 8),
+                            values=torch.zeros(2, 2, L, 8))
+    return CacheWrites(SimpleNamespace(layers=[layer], update=None)), layer
+
+
+def test_deferred_writes_reach_the_kernel_or_are_written_before_the_original(monkeypatch):
+    """CacheWrites with `defer`: a one-column write is left to the layer's attention call. Served
+    by the kernel, it is handed over (`new_kv`) and lands in the cache; handed to the original
+    (a mask the kernel cannot read), it is written before the original runs; a multi-column
+    write (a prefill) is written at once."""
+    writes, layer = _writes()
+    q, nk, nv = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    writes.at, writes.defer = torch.tensor([5]), True
+    handed = []
+    kernel = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: handed.append(kw.get("new_kv"))
+                        or kernel(*a, **kw))
+    with da.active(writes.at):
+        fn = da._interface()["sdpa"]
+        k, v = writes.update(nk, nv, 0)
+        assert k.abs().sum() == 0 and len(da._PENDING) == 1  # not written yet
+        out, _ = fn(torch.nn.Module(), q, k, v, None)
+        assert handed[-1][0] is nk and not da._PENDING
+        assert torch.equal(layer.keys[:, :, 5:6], nk) and torch.equal(layer.values[:, :, 5:6], nv)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, layer.keys, layer.values,
+            attn_mask=(torch.arange(8) <= 5)[None, None, None, :]).transpose(1, 2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+        writes.at = torch.tensor([6])  # a new column, attended by the original (a per-head mask)
+        with da.active(writes.at):
+            k, v = writes.update(nk * 2, nv * 2, 0)
+            per_head = torch.zeros(2, 2, 1, 8)
+            per_head[..., 7:] = torch.finfo(torch.float32).min
+            out, _ = da._interface()["sdpa"](torch.nn.Module(), q, k, v, per_head)
+        assert torch.equal(layer.keys[:, :, 6:7], nk * 2) and not da._PENDING
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
+            q, layer.keys, layer.values, attn_mask=per_head).transpose(1, 2))
+    writes.defer = False
+    writes.at = torch.tensor([0, 1])
+    writes.update(torch.ones(2, 2, 2, 8), torch.ones(2, 2, 2, 8), 0)  # (no attention call needed)
+    assert layer.keys[:, :, :2].eq(1).all() and not da._PENDING
+    assert len(handed) == 1
+
+
+def test_a_deferred_write_no_attention_call_took_is_written_and_raises():
+    """A layer whose attention did not come through the dispatch would have attended without its
+    new column: leaving `active` writes the column (the cache stays whole) and raises."""
+    writes, layer = _writes()
+    writes.at, writes.defer = torch.tensor([3]), True
+    with pytest.raises(RuntimeError, match="not taken by an attention call"):
+        with da.active(writes.at):
+            writes.update(torch.ones(2, 2, 1, 8), torch.ones(2, 2, 1, 8), 0)
+    assert layer.keys[:, :, 3].eq(1).all() and layer.keys[:, :, 4].eq(0).all() and not da._PENDING
+
+
 def test_a_row_with_no_allowed_column_gives_zeros_not_nan():
     q, k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
     allow = torch.ones(2, 64, dtype=torch.bool)
@@ -114,7 +224,8 @@ def test_a_row_with_no_allowed_column_gives_zeros_not_nan():
     for parts in (1, 2):
         out = da.decode_attention(q, k, v, _mask(allow, "bool"), None, parts=parts)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
-        torch.testing.assert_close(out[:1].double(), brute(q[:1], k[:1], v[:1], allow[:1], None))
+        torch.testing.assert_close(out[:1].double(), brute(q[:1], k[:1], v[:1], allow[:1], None),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_inputs_the_kernel_does_not_serve_go_to_sdpa_without_turning_it_off(monkeypatch):
@@ -183,11 +294,13 @@ def test_a_failing_kernel_hands_over_to_sdpa_for_good(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("t_ours,wrong,use", [(0.8, False, True), (0.95, False, False), (0.5, True, False)])
-def test_choice_needs_the_same_output_and_a_tenth_less_time(monkeypatch, t_ours, wrong, use):
+def test_choice_needs_the_same_output_and_a_tenth_less_time(monkeypatch, t_ours, wrong, use, fused):
     """`_measure` (what "auto" runs on CUDA; here on CPU tensors with the timer faked): every
     config's output is checked against SDPA's (grouped heads packed as transformers packs them),
-    and the kernel is chosen only at <= 90% of SDPA's time, with its fastest config."""
+    and the kernel is chosen only at <= 90% of SDPA's time, with its fastest config. With fused
+    writes the kernel is handed the step's key and value and SDPA's side writes them first."""
     speed = {(64, 2): t_ours, (32, 1): t_ours + 0.01}
     timed = []
 
@@ -199,13 +312,17 @@ def test_choice_needs_the_same_output_and_a_tenth_less_time(monkeypatch, t_ours,
     monkeypatch.setattr(da, "_time", fake_time)
     kernel = da.decode_attention
 
-    def tagged(q, k, v, mask, last, config=None):
-        out = kernel(q, k, v, mask, last, config=config)
+    handed = []
+
+    def tagged(q, k, v, mask, last, config=None, new_kv=None):
+        handed.append(new_kv is not None)
+        out = kernel(q, k, v, mask, last, config=config, new_kv=new_kv)
         return out * 1.1 if wrong else out
 
     monkeypatch.setattr(da, "decode_attention", tagged)
     got, why, config = da._measure(4, 4, 2, 16, 64, 40, torch.float32, torch.float32, torch.float32,
-                                   torch.device("cpu"))
+                                   torch.device("cpu"), fused)
+    assert handed and set(handed) == {fused}
     assert got is use
     assert ("differs from SDPA" in why) is wrong
     if not wrong:
@@ -227,13 +344,15 @@ def _args(seeds, alpha, **kw):
                 generators=[torch.Generator().manual_seed(s) for s in seeds], vocab_size=V)
 
 
-@pytest.mark.parametrize("buckets", [1, 3])
-def test_sampler_through_the_kernel_draws_the_reference_tokens(monkeypatch, buckets):
+@pytest.mark.parametrize("buckets,fused", [(1, True), (3, True), (1, False)])
+def test_sampler_through_the_kernel_draws_the_reference_tokens(monkeypatch, buckets, fused):
     """DECODE_ATTENTION = "kernel": every decode step's attention (each layer of both models) runs
-    the kernel, reading up to the step's write column; the tokens and log-probs are the reference
-    sampler's, with left padding, EOS and an n-gram ban, also over bucketed cache views."""
+    the kernel, reading up to the step's write column and (FUSED_CACHE_WRITES) writing the step's
+    key and value there itself; the tokens and log-probs are the reference sampler's, with left
+    padding, EOS and an n-gram ban, also over bucketed cache views."""
     monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
     monkeypatch.setattr(fast_sampler, "KV_BUCKETS", buckets)
+    monkeypatch.setattr(fast_sampler, "FUSED_CACHE_WRITES", fused)
     student = gpt2_numbers(1, vocab=V, pad=PAD, eos=EOS, n_layer=2)
     teacher = gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
     seen = []
@@ -241,6 +360,7 @@ def test_sampler_through_the_kernel_draws_the_reference_tokens(monkeypatch, buck
 
     def counted(q, k, v, mask, last_col, *a, **kw):
         seen.append((k.shape[2], int(last_col)))
+        assert (kw.get("new_kv") is not None) is fused
         return kernel(q, k, v, mask, last_col, *a, **kw)
 
     monkeypatch.setattr(da, "decode_attention", counted)
