@@ -71,7 +71,7 @@ def available(device) -> bool:
 def _attend(Q, K, V, MASK, LAST, O, PM, PL, NK, NV,
             sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
             snk_b, snk_h, snv_b, snv_h,
-            H, GROUP, L, scale, split_len, D: tl.constexpr,
+            H, GROUP, L, L_CACHE, scale, split_len, D: tl.constexpr,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_LAST: tl.constexpr,
             HAS_NEW: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
             BLOCK_D: tl.constexpr):
@@ -94,7 +94,7 @@ def _attend(Q, K, V, MASK, LAST, O, PM, PL, NK, NV,
         # cache's dtype first (exact: `_unserved_new`), as attention would read it back.
         kn = tl.load(NK + b * snk_b + hk * snk_h + d, mask=dm, other=0.0).to(K.dtype.element_ty)
         vn = tl.load(NV + b * snv_b + hk * snv_h + d, mask=dm, other=0.0).to(V.dtype.element_ty)
-        writer = (h % GROUP == 0) & (part == 0) & (last < L)
+        writer = (h % GROUP == 0) & (part == 0) & (last < L_CACHE)
         wm = dm & (tl.zeros([BLOCK_D], tl.int32) + writer.to(tl.int32) != 0)  # (bool, per column)
         tl.store(K + b * sk_b + hk * sk_h + last * sk_l + d, kn, mask=wm)
         tl.store(V + b * sv_b + hk * sv_h + last * sv_l + d, vn, mask=wm)
@@ -205,21 +205,22 @@ def unserved(query, key, value, mask) -> str | None:
     return None
 
 
-def _unserved_new(new_kv, key, last_col) -> str | None:
-    """Why the kernel cannot write `new_kv` into `key`'s cache (None: it can)."""
+def _unserved_new(new_kv, key, value, last_col) -> str | None:
+    """Why the kernel cannot write `new_kv` into the caches `key`, `value` (None: it can)."""
     if new_kv is None:
         return None
     nk, nv = new_kv
     B, Hk, _, D = key.shape
     if last_col is None:
         return "a new key and value need the column to write them at"
-    if nk.shape != (B, Hk, 1, D) or nv.shape != nk.shape or nk.device != key.device:
+    if (nk.shape != (B, Hk, 1, D) or nv.shape != nk.shape or nk.device != key.device
+            or nv.device != value.device):
         return f"new key {tuple(nk.shape)}, value {tuple(nv.shape)} for a cache {tuple(key.shape)}"
     if nk.stride(-1) != 1 or nv.stride(-1) != 1:
         return "the new key's or value's head dimension is not contiguous"
-    if not (_exact_cast(nk.dtype, key.dtype) and _exact_cast(nv.dtype, key.dtype)):
+    if not (_exact_cast(nk.dtype, key.dtype) and _exact_cast(nv.dtype, value.dtype)):
         # (rounding down to the cache's dtype is left to torch: Triton's interpreter truncates)
-        return f"new key / value in {nk.dtype} / {nv.dtype} for a {key.dtype} cache"
+        return f"new key / value in {nk.dtype} / {nv.dtype} for {key.dtype} / {value.dtype} caches"
     return None
 
 
@@ -231,17 +232,20 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      mask: torch.Tensor | None, last_col: torch.Tensor | None,
                      scale: float | None = None, parts: int | None = None,
                      config: tuple[int, int] | None = None,
-                     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     cache_len: int | None = None) -> torch.Tensor:
     """query [B, H, 1, D]; key, value [B, H_kv, L, D] (H_kv divides H; any strides with the last
     dimension contiguous); mask None, or [B, 1, 1, L] additive (0 allowed, a large negative number
     not) or boolean (True allowed), broadcast over heads; last_col None (all L columns) or a
     one-element integer device tensor: columns > last_col are not read. config: (columns per
     loop iteration, warps), default (BLOCK_N, 4). new_kv: None, or this step's (key, value)
-    [B, H_kv, 1, D] not yet in the cache (needs last_col < L; in the cache's dtype, or a 16-bit
-    float for a float32 cache): the kernel writes them into key / value at column last_col and
-    attends over them there, which saves the decode step two copy kernels per layer.
+    [B, H_kv, 1, D] not yet in the cache (each in its cache's dtype, or a 16-bit float for a
+    float32 cache): the kernel writes them into key / value at column last_col and attends over
+    them there, which saves the decode step two copy kernels per layer. cache_len: where key and
+    value are views of a cache's first L columns, its whole width (a column past the view is
+    still written, and not attended, as after a separate write).
     -> [B, 1, H, D] in the query's dtype, softmax(q k^T * scale + mask) v computed in float32."""
-    why = unserved(query, key, value, mask) or _unserved_new(new_kv, key, last_col)
+    why = unserved(query, key, value, mask) or _unserved_new(new_kv, key, value, last_col)
     if why is not None:
         raise ValueError(f"decode_attention: {why}")
     B, H, _, D = query.shape
@@ -271,7 +275,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), sm_b, sm_l, out.stride(0), out.stride(2),
         nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1),
-        H, H // Hk, L, scale, split_len, D=D,
+        H, H // Hk, L, cache_len or L, scale, split_len, D=D,
         HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
         HAS_LAST=last_col is not None, HAS_NEW=new_kv is not None, SPLIT=parts > 1, BLOCK=block,
         BLOCK_D=block_d, num_warps=warps)
@@ -308,17 +312,18 @@ def defer_write(keys, values, at, new_k, new_v) -> None:
 
 
 def _take_pending(key, value, last_col):
-    """The write filed for this cache, if the kernel can do it: (new key, new value) or None; a
-    write the kernel cannot do is done here."""
+    """The write filed for this cache if the kernel can do it (keys, values, column, new key,
+    new value), else None; a write the kernel cannot do is done here."""
     pending = _PENDING.pop(key.data_ptr(), None) if _PENDING else None
     if pending is None:
         return None
     keys, values, at, nk, nv = pending
     if (values.data_ptr() != value.data_ptr() or at is not last_col
-            or _unserved_new((nk, nv), key, last_col) is not None):
-        write_columns(keys, values, at, nk, nv)
+            or keys.stride() != key.stride() or values.stride() != value.stride()
+            or _unserved_new((nk, nv), key, value, last_col) is not None):
+        write_columns(*pending)
         return None
-    return nk, nv
+    return pending
 
 
 def _write_pending(key) -> None:
@@ -343,17 +348,19 @@ def _dispatch(original):
             return original(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, is_causal=is_causal, **kwargs)
         last_col, config = _ACTIVE[-1]
-        new_kv = _take_pending(key, value, last_col)
+        pending = _take_pending(key, value, last_col)
+        new_kv = None if pending is None else pending[3:]
+        cache_len = None if pending is None else pending[0].shape[2]
         try:
             return decode_attention(query, key, value, attention_mask, last_col, scaling,
-                                    config=config, new_kv=new_kv), None
+                                    config=config, new_kv=new_kv, cache_len=cache_len), None
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:  # e.g. Triton cannot compile a new specialisation: SDPA from here on
             _BROKEN.append(f"{type(e).__name__}: {e}")
             warnings.warn(f"decode-attention kernel failed ({_BROKEN[-1][:200]}); using SDPA", stacklevel=2)
-            if new_kv is not None:  # (the same values again, should the kernel have written them)
-                write_columns(key, value, last_col, *new_kv)
+            if pending is not None:  # (the same values again, should the kernel have written them)
+                write_columns(*pending)
             return original(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, is_causal=is_causal, **kwargs)
 
@@ -453,6 +460,8 @@ def _measure(B, H, Hk, D, L, used, q_dtype, kv_dtype, mask_dtype, device, fused_
     # the step's new key and value (from the projections, in the queries' dtype)
     new_kv = (torch.randn(B, Hk, 1, D, generator=g, device=device, dtype=q_dtype),
               torch.randn(B, Hk, 1, D, generator=g, device=device, dtype=q_dtype))
+    # (where the kernel cannot take them, the step writes them separately either way)
+    fused_writes = fused_writes and _unserved_new(new_kv, ks[0], vs[0], last) is None
     # transformers' sdpa path for one query: grouped heads packed into the query (pack_gqa)
     q_packed = q.reshape(B, Hk, H // Hk, D)
 

@@ -141,6 +141,54 @@ def test_the_kernel_writes_the_new_column_and_attends_as_after_a_separate_write(
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def reversed_grid(monkeypatch):
+    """Triton's interpreter runs a grid's programs one by one in order, so the writer of a new
+    column (the first head of its group, part 0) would always finish before its readers start:
+    run them last to first instead, so a program that read the column from memory would read
+    the NaN planted there."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    dims = {}
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+    monkeypatch.setattr(builder, "set_grid_dim", lambda *d: (dims.update(d=d), set_dim(*d))[1])
+    monkeypatch.setattr(builder, "set_grid_idx",
+                        lambda *i: set_idx(*(n - 1 - x for n, x in zip(dims["d"], i))))
+
+
+@pytest.mark.parametrize("H,Hk,parts", [(6, 2, 1), (2, 2, 4), (4, 1, 3)])
+def test_no_program_reads_the_new_column_from_memory(reversed_grid, H, Hk, parts):
+    g = torch.Generator().manual_seed(H * 10 + parts)
+    B, D, L, last = 2, 16, 150, 140
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hk, L, D, generator=g), torch.randn(B, Hk, L, D, generator=g)
+    want_k, want_v = k.clone(), v.clone()
+    k[:, :, last], v[:, :, last] = float("nan"), float("nan")
+    nk, nv = torch.randn(B, Hk, 1, D, generator=g), torch.randn(B, Hk, 1, D, generator=g)
+    at = torch.tensor([last])
+    da.write_columns(want_k, want_v, at, nk, nv)
+    got = da.decode_attention(q, k, v, None, at, parts=parts, new_kv=(nk, nv))
+    assert got.isfinite().all()
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    torch.testing.assert_close(got, da.decode_attention(q, want_k, want_v, None, at, parts=parts),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_a_column_past_a_prefix_view_is_written_and_not_attended():
+    """Attention over a view of the cache's first columns (fast_sampler.KV_BUCKETS): a new column
+    beyond the view is still written (`cache_len`), as a separate write would, and not attended."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 1, 8, generator=g)
+    k, v = torch.randn(2, 2, 16, 8, generator=g), torch.randn(2, 2, 16, 8, generator=g)
+    nk, nv = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
+    at = torch.tensor([10])
+    want = da.decode_attention(q, k[:, :, :8], v[:, :, :8], None, at)
+    got = da.decode_attention(q, k[:, :, :8], v[:, :, :8], None, at, new_kv=(nk, nv), cache_len=16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(k[:, :, 10:11], nk) and torch.equal(v[:, :, 10:11], nv)
+
+
 def test_new_columns_the_kernel_cannot_write_are_refused():
     q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
     nk = torch.randn(2, 2, 1, 8)
@@ -151,8 +199,10 @@ def test_new_columns_the_kernel_cannot_write_are_refused():
     with pytest.raises(ValueError, match="not contiguous"):
         da.decode_attention(q, k, v, None, torch.tensor([3]),
                             new_kv=(nk, torch.randn(2, 2, 1, 16)[..., ::2]))
-    with pytest.raises(ValueError, match="cache"):  # rounding down to the cache's dtype: torch's
+    with pytest.raises(ValueError, match="caches"):  # rounding down to the cache's dtype: torch's
         da.decode_attention(q, k.bfloat16(), v.bfloat16(), None, torch.tensor([3]), new_kv=(nk, nk))
+    with pytest.raises(ValueError, match="caches"):  # the value checked against the value cache
+        da.decode_attention(q, k, v.bfloat16(), None, torch.tensor([3]), new_kv=(nk, nk))
 
 
 def _writes(L=8):
@@ -204,6 +254,55 @@ def test_deferred_writes_reach_the_kernel_or_are_written_before_the_original(mon
     writes.update(torch.ones(2, 2, 2, 8), torch.ones(2, 2, 2, 8), 0)  # (no attention call needed)
     assert layer.keys[:, :, :2].eq(1).all() and not da._PENDING
     assert len(handed) == 1
+
+
+@pytest.mark.parametrize("why", ["rounds", "other_column"])
+def test_a_deferred_write_the_kernel_cannot_take_is_written_and_the_kernel_still_attends(monkeypatch, why):
+    """A float32 value for a bf16 value cache (rounding is torch's), or a write filed for another
+    column than the one the forward attends up to: written separately before the kernel runs,
+    and the kernel is not switched off."""
+    from types import SimpleNamespace
+
+    from minillm_cli.engine.static_cache import CacheWrites
+
+    layer = SimpleNamespace(is_initialized=True, keys=torch.zeros(2, 2, 8, 8),
+                            values=torch.zeros(2, 2, 8, 8, dtype=torch.bfloat16 if why == "rounds" else None))
+    writes = CacheWrites(SimpleNamespace(layers=[layer], update=None))
+    handed = []
+    kernel = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: handed.append(kw.get("new_kv"))
+                        or kernel(*a, **kw))
+    nk, nv = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    writes.at, writes.defer = torch.tensor([4]), True
+    with da.active(writes.at if why == "rounds" else torch.tensor([4])):
+        k, v = writes.update(nk, nv, 0)
+        out, _ = da._interface()["sdpa"](torch.nn.Module(), torch.randn(2, 2, 1, 8), k, v, None)
+    assert handed == [None] and not da._BROKEN and not da._PENDING
+    assert torch.equal(layer.keys[:, :, 4:5], nk) and torch.equal(layer.values[:, :, 4:5], nv.to(layer.values.dtype))
+    assert out.isfinite().all()
+
+
+def test_a_failing_kernel_writes_the_deferred_column_before_sdpa(monkeypatch):
+    """The kernel failing on a call that carries the step's key and value: SDPA attends over the
+    cache with that column written."""
+    writes, layer = _writes()
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(da, "decode_attention", broken)
+    q, nk, nv = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    writes.at, writes.defer = torch.tensor([2]), True
+    allow = (torch.arange(8) <= 2)[None, None, None, :]
+    mask = torch.zeros(1, 1, 1, 8).masked_fill(~allow, torch.finfo(torch.float32).min).expand(2, 1, 1, 8)
+    with da.active(writes.at):
+        k, v = writes.update(nk, nv, 0)
+        with pytest.warns(UserWarning, match="no compiler"):
+            out, _ = da._interface()["sdpa"](torch.nn.Module(), q, k, v, mask)
+    assert torch.equal(layer.keys[:, :, 2:3], nk) and torch.equal(layer.values[:, :, 2:3], nv)
+    want = torch.nn.functional.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=mask)
+    torch.testing.assert_close(out, want.transpose(1, 2))
+    assert not da._PENDING
 
 
 def test_a_deferred_write_no_attention_call_took_is_written_and_raises():
@@ -329,6 +428,20 @@ def test_choice_needs_the_same_output_and_a_tenth_less_time(monkeypatch, t_ours,
         assert config == (64, 2) and len(timed) == len(da.CONFIGS) + 1
     assert da.choose(None, 4, 64, 40, torch.float32, torch.float32, torch.float32, "cpu") == (
         False, "needs CUDA and Triton", None)
+
+
+def test_the_choice_times_separate_writes_where_the_kernel_cannot_take_them(monkeypatch):
+    """A bf16 cache fed float32 keys: the step writes them separately whatever attends, so the
+    kernel is timed without them -- not refused for it."""
+    handed = []
+    monkeypatch.setattr(da, "_time", lambda fn, copies: (fn(0), 0.5 if fn.__name__ == "run" else 1.0)[1])
+    kernel = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: handed.append(kw.get("new_kv"))
+                        or kernel(*a, **kw))
+    use, why, config = da._measure(2, 2, 2, 16, 64, 40, torch.float32, torch.bfloat16, torch.float32,
+                                   torch.device("cpu"), True)
+    assert use and config is not None, why
+    assert handed and all(h is None for h in handed)
 
 
 # -- the sampler through the kernel --------------------------------------------------------------
