@@ -10,7 +10,8 @@ never samples EOS, so every row decodes all new tokens on both sides. The memory
 step = (both models' weight bytes + batch x mean context x KV bytes per token of the pair) /
 device-to-device bandwidth measured in this run; mean context = prompt + new/2.
 Engines: naive (benchmarks/_common.naive_rollout), eager (sampler.sample: the package's reference
-loop), static / graph / compile (engine/fast_sampler.py).
+loop), static / graph / compile (engine/fast_sampler.py; --compile-mode max-autotune-no-cudagraphs
+lets inductor time Triton matmuls against cuBLAS at the decoder's shapes).
 """
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ def main() -> int:
     ap.add_argument("--engines", default=None,
                     help="comma list of naive,eager,static,graph,compile (default naive,graph on CUDA, "
                          "naive,eager,static on CPU)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the compile engine (fast_sampler.COMPILE_MODE): "
+                         "default or max-autotune-no-cudagraphs")
     args = setup(ap.parse_args(), "rollout")
     import torch
 
     from minillm_cli.engine import fast_sampler
+    fast_sampler.COMPILE_MODE = args.compile_mode
     from minillm_cli.engine.rollout_batch import kv_bytes_per_token
     from minillm_cli.engine.sampler import SamplingParams, sample
 
@@ -51,7 +56,8 @@ def main() -> int:
     kv_tok = kv_bytes_per_token(student, dt_low) + kv_bytes_per_token(teacher, dt_low)
     info = machine(args)
     emit(args, {"kind": "machine", **info, "bandwidth_Bps": bw, "weight_bytes": wbytes,
-                "kv_bytes_per_token": kv_tok, "prompt": P, "new_tokens": T, "alpha": args.alpha})
+                "kv_bytes_per_token": kv_tok, "prompt": P, "new_tokens": T, "alpha": args.alpha,
+                "compile_mode": args.compile_mode})
     print(f"bandwidth (d2d copy, read+written) {bw / 1e9:.1f} GB/s; weights {wbytes / 1e9:.2f} GB; "
           f"KV {kv_tok / 1e3:.0f} KB/token for the pair")
 

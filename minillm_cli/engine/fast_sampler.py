@@ -91,6 +91,14 @@ DECODE_ATTENTION = "auto"
 # gpt2-xl + gpt2 (0.35 of 5.2 ms of kernel time in run 4's H200 profile at batch 64). Not yet
 # measured on a GPU (benchmarks/rollout_profile.py, variant "separate_writes" turns it off).
 FUSED_CACHE_WRITES = True
+# torch.compile's mode for the compile engine's decode forwards: None (inductor's default) or
+# "max-autotune-no-cudagraphs", where inductor also times its Triton matmul templates against
+# cuBLAS at the decoder's own shapes -- the 64-row matmuls took 1.94 of the batch-64 step's 5.2 ms
+# of kernel time in run 4's H200 profile, 1.7 TB/s for the weights they read -- at the price of
+# autotuning on the first call. Not a mode with CUDA graphs of its own: the step is captured in
+# ours. Untried on a GPU (benchmarks/rollout.py --compile-mode, in benchmarks/gpu_check.sh 3).
+COMPILE_MODE: str | None = None
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
 
@@ -250,11 +258,15 @@ class _StaticModel:
         eager). Only the model is compiled -- the usual compiled static-cache decode -- not the
         sampling around it, whose vocabulary-wide reductions are where torch 2.11's inductor failed
         when the whole step was compiled (H200, gpt2-xl shapes, 2026-11-28)."""
+        require(COMPILE_MODE in COMPILE_MODES,
+                f"compile mode must be one of {COMPILE_MODES[1:]} (the step is captured in our own CUDA "
+                f"graph), got {COMPILE_MODE!r}")
         dynamo = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):  # (the name differs across versions)
             if hasattr(dynamo, name):  # one compiled version per model x decoder shape: 8 runs out
                 setattr(dynamo, name, max(getattr(dynamo, name), 64))
-        self.decode = torch.compile(self.forward, backend=backend, dynamic=False)
+        kw = {"mode": COMPILE_MODE} if COMPILE_MODE and backend == "inductor" else {}
+        self.decode = torch.compile(self.forward, backend=backend, dynamic=False, **kw)
 
     def decode(self, ids, allow, positions, cache_position, kv_len=None):
         return self.forward(ids, allow, positions, cache_position, kv_len)

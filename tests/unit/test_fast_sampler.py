@@ -16,6 +16,7 @@ from minillm_cli.engine import fast_sampler
 from minillm_cli.engine.fast_sampler import fast_sample, resolve_engine, self_check
 from minillm_cli.engine.fused import FusedGELU
 from minillm_cli.engine.sampler import SamplingParams, sample
+from minillm_cli.errors import InputError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 V, PAD, EOS = 11, 11, 0
@@ -143,7 +144,6 @@ def test_dispatch_through_sampler_and_engine_resolution(models):
     assert resolve_engine("auto", "cpu") == "eager"
     assert resolve_engine("graph", "cpu") == "static"
     assert resolve_engine("compile", "cpu") == "static"
-    from minillm_cli.errors import InputError
     with pytest.raises(InputError):
         resolve_engine("warp", "cpu")
 
@@ -365,6 +365,25 @@ def test_compile_engine_compiles_the_model_forwards_only(models, monkeypatch):
     assert {q for q, compiling in traced if compiling} == {1}  # decode steps only
     assert any(q > 1 and not compiling for q, compiling in traced)  # the prefill ran eagerly
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", [None, "max-autotune-no-cudagraphs", "reduce-overhead"])
+def test_compile_mode_reaches_torch_compile_and_modes_with_their_own_graphs_are_refused(models, monkeypatch, mode):
+    """fast_sampler.COMPILE_MODE is handed to torch.compile (inductor); "reduce-overhead" would
+    capture CUDA graphs inside the step we capture ourselves, so it is refused."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    monkeypatch.setattr(fast_sampler, "COMPILE_MODE", mode)
+    sm = fast_sampler._StaticModel(models[0], V, 2, 16, "cpu")
+    if mode == "reduce-overhead":
+        with pytest.raises(InputError, match="compile mode"):
+            sm.compile_decode()
+        assert not seen
+        return
+    sm.compile_decode()
+    assert seen == [{"backend": "inductor", "dynamic": False, **({"mode": mode} if mode else {})}]
+    sm.compile_decode(backend="eager")  # (tests' backend: no mode)
+    assert seen[-1] == {"backend": "eager", "dynamic": False}
 
 
 def _recording(forward, seen):
