@@ -16,9 +16,10 @@
 #          sampler's bf16 weight copies and on one stream (rollout_profile.py), rollouts at
 #          batch 8 (distill's old default), and our iteration with exact forward widths and with
 #          the allocator's cache kept after sampling (what explains the update phase's excess);
-#   part 3 (7.5 min): the experimental compile engine at batch 64 on its own (its compile time
+#   part 3 (9.5 min): the experimental compile engine at batch 64 on its own (its compile time
 #          is unknown at these shapes), then with inductor's matmul autotuning
-#          (--compile-mode max-autotune-no-cudagraphs);
+#          (--compile-mode max-autotune-no-cudagraphs), and the decode step's matmuls alone,
+#          cuBLAS against a split-K Triton matmul (skinny_matmul.py);
 #   part 4 (8.5 min, not in "all": parts 1 and 2 hold it): the short check of the decode-attention
 #          kernel -- its GPU tests, the rollout figures (where "auto" chooses), the step with the
 #          kernel forced on and off, and the iteration.
@@ -57,6 +58,7 @@ fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
   run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile
   run 300 "$PY" benchmarks/rollout.py --batches 64 --engines compile --compile-mode max-autotune-no-cudagraphs
+  run 120 "$PY" benchmarks/skinny_matmul.py
 fi
 if [ "$PART" = 4 ]; then
   run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_attention.py -rA -s

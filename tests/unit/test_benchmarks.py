@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,20 @@ def test_each_part_of_the_gpu_check_fits_one_device_call():
         assert limits and sum(limits) <= 585, (part, sum(limits))
         for script in re.findall(r"(benchmarks/\w+\.(?:py|sh)|tests/gpu)", body):
             assert (ROOT / script).exists(), script
+
+
+def test_skinny_matmul_benchmark_checks_its_split_k_kernel_on_the_cpu(tmp_path):
+    """benchmarks/skinny_matmul.py --tiny: the split-K Triton matmul (through Triton's interpreter)
+    gives x @ W + b in each tiny config, split and not; exit 1 where any is wrong."""
+    pytest.importorskip("triton")
+    out = tmp_path / "mm.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "skinny_matmul.py"), "--tiny", "--device", "cpu",
+                          "--json-out", str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})  # (a GPU machine, too)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    shapes = [json.loads(line) for line in out.read_text().splitlines()]
+    shapes = [r for r in shapes if r["kind"] == "shape"]
+    assert len(shapes) == 2 and all(len(r["checked"]) == 2 and "wrong" not in r for r in shapes)
 
 
 def test_iteration_benchmark_runs_both_sides_at_distills_rollout_batch(tmp_path):

@@ -1,0 +1,189 @@
+"""The decode step's matmuls on their own: cuBLAS against a split-K Triton matmul, at a decode
+step's rows (the batch) and the layer shapes of gpt2-xl and gpt2.
+
+    python benchmarks/skinny_matmul.py [--batches 64,256] [--device cuda] [--tiny]
+
+Why: run 4's H200 profile of the batch-64 decode step (gpt2-xl + gpt2, bf16) spent 1.94 of its
+5.21 ms of kernel time in the 242 matmuls and their split-K reductions, which read 3.36 GB of
+weights: 1.7 TB/s, where a copy moves 4.2. With 64 rows a matmul has one tile row, and cuBLAS's
+64-column tiles give the teacher's layers 25-100 tiles for 132 SMs. A split-K matmul hands every
+SM a slice of the weights. This measures whether one would close the gap, before the engine
+installs anything: each shape as the step runs it (GPT-2's Conv1D, `torch.addmm(bias, x, W)`
+with W [in, out]) against `splitk_matmul` in each config below, all replayed from CUDA graphs
+over copies of the weights that exceed L2 together (as in the step, where every other layer's
+weights pass through L2 between two visits of this one). Prints microseconds and the weights'
+bytes per second per shape, the best config, and both summed over one decode step's layers.
+
+The split-K partial sums go to a float32 buffer and a second kernel adds them in a fixed order
+with the bias (deterministic, unlike atomic adds). `--tiny`: small shapes in float32 through
+Triton's interpreter on the CPU, outputs checked, nothing timed.
+"""
+from __future__ import annotations
+
+import itertools
+
+from _common import base_parser, emit, low_dtype, machine, setup, table
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # (CPU builds of torch have no Triton)
+    triton = tl = None
+
+# one row per layer matmul: (model, name, in, out, per decode step)
+SHAPES = [("teacher", "c_attn", 1600, 4800, 48), ("teacher", "attn.c_proj", 1600, 1600, 48),
+          ("teacher", "c_fc", 1600, 6400, 48), ("teacher", "mlp.c_proj", 6400, 1600, 48),
+          ("student", "c_attn", 768, 2304, 12), ("student", "attn.c_proj", 768, 768, 12),
+          ("student", "c_fc", 768, 3072, 12), ("student", "mlp.c_proj", 3072, 768, 12)]
+TINY_SHAPES = [("teacher", "c_fc", 64, 256, 2), ("teacher", "mlp.c_proj", 256, 64, 2)]
+# (BLOCK_N, BLOCK_K, SPLIT): 64-row tiles throughout (M is the batch: 64 or 256)
+CONFIGS = list(itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8)))
+TINY_CONFIGS = [(32, 32, 1), (32, 32, 4)]
+
+
+def _mm(A, W, BIAS, C, P, M, N, K, sa_m, sw_k, sc_m, k_per_split,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    s = tl.program_id(2)
+    k0 = s * k_per_split
+    k1 = tl.minimum(k0 + k_per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(k0, k1, BLOCK_K):
+        rk = k + tl.arange(0, BLOCK_K)
+        a = tl.load(A + rm[:, None] * sa_m + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k1), other=0.0)
+        w = tl.load(W + rk[:, None] * sw_k + rn[None, :], mask=(rk[:, None] < k1) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(a, w)
+    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(C + rm[:, None] * sc_m + rn[None, :], acc.to(C.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(P + s * M * N + rm[:, None] * N + rn[None, :], acc, mask=out_mask)
+
+
+def _reduce(P, BIAS, C, M, N, sc_m, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < M * N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLIT):  # a fixed order: the same sum every run
+        acc += tl.load(P + s * M * N + i, mask=ok, other=0.0)
+    n = i % N
+    if HAS_BIAS:
+        acc += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(C + (i // N) * sc_m + n, acc.to(C.dtype.element_ty), mask=ok)
+
+
+_KERNELS: list = []
+
+
+def splitk_matmul(x, w, bias, config, out=None, partial=None):
+    """x [M, K] @ w [K, N] + bias [N] (rows contiguous) with `config` = (BLOCK_N, BLOCK_K, SPLIT);
+    `out`, `partial` (float32 [SPLIT, M, N]) may be passed preallocated (a captured graph)."""
+    if not _KERNELS:
+        _KERNELS.extend((triton.jit(_mm), triton.jit(_reduce)))
+    mm, red = _KERNELS
+    block_n, block_k, split = config
+    M, K = x.shape
+    N = w.shape[1]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    if split > 1 and partial is None:
+        partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    per = -(-K // split)
+    per = -(-per // block_k) * block_k
+    has_bias = bias is not None
+    b = bias if has_bias else x
+    p = partial if split > 1 else out
+    mm[(triton.cdiv(N, block_n), triton.cdiv(M, 64), split)](
+        x, w, b, out, p, M, N, K, x.stride(0), w.stride(0), out.stride(0), per,
+        BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, HAS_BIAS=has_bias,
+        num_warps=4, num_stages=4 if x.is_cuda else 1)
+    if split > 1:
+        red[(triton.cdiv(M * N, 1024),)](partial, b, out, M, N, out.stride(0), SPLIT=split, BLOCK=1024,
+                                        HAS_BIAS=has_bias)
+    return out
+
+
+def main() -> int:
+    ap = base_parser(__doc__)
+    ap.add_argument("--batches", default=None, help="comma list (default 64,256; tiny 4)")
+    args = setup(ap.parse_args(), "skinny_matmul")
+    from minillm_cli.engine.decode_attention import _l2_bytes, _time, available
+
+    if not available(args.device):
+        print("needs Triton (on CPU: TRITON_INTERPRET=1 before it is imported)")
+        return 1
+    cuda = args.device.type == "cuda"
+    tiny = args.tiny or not cuda
+    dt = low_dtype(args) if cuda else torch.float32
+    batches = [int(b) for b in (args.batches or ("4" if tiny else "64,256")).split(",")]
+    shapes, configs = (TINY_SHAPES, TINY_CONFIGS) if tiny else (SHAPES, CONFIGS)
+    emit(args, {"kind": "machine", **machine(args), "dtype": str(dt), "l2_bytes": _l2_bytes(args.device)})
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    rows, totals = [], {}
+    for B, (model, name, K, N, per_step) in itertools.product(batches, shapes):
+        w_bytes = K * N * torch.empty((), dtype=dt).element_size()
+        copies = max(1, min(32, -(-3 * _l2_bytes(args.device) // w_bytes))) if cuda else 1
+        ws = [torch.randn(K, N, generator=g, device=args.device, dtype=dt) / K ** 0.5 for _ in range(copies)]
+        bias = torch.randn(N, generator=g, device=args.device, dtype=dt)
+        x = torch.randn(B, K, generator=g, device=args.device, dtype=dt)
+        want = torch.addmm(bias.float(), x.float(), ws[0].float())
+        rec = {"kind": "shape", "batch": B, "model": model, "layer": name, "in": K, "out": N,
+               "per_step": per_step, "weight_bytes": w_bytes}
+        out = torch.empty(B, N, dtype=dt, device=args.device)
+        partial = torch.empty(8, B, N, dtype=torch.float32, device=args.device)
+        if cuda:
+            def cublas(i):
+                return torch.addmm(bias, x, ws[i])
+            rec["cublas_us"] = 1e6 * _time(cublas, copies)
+        tol = 2e-2 if dt != torch.float32 else 1e-4
+        best = None
+        for config in configs:
+            def ours(i, config=config):
+                return splitk_matmul(x, ws[i], bias, config, out, partial[: config[2]] if config[2] > 1 else None)
+            try:
+                err = float((ours(0).float() - want).abs().max())
+                if not err <= tol * max(1.0, float(want.abs().max())):
+                    rec.setdefault("wrong", []).append([list(config), err])
+                    continue
+                if cuda:
+                    t = _time(ours, copies)
+                    if best is None or t < best[0]:
+                        best = (t, config)
+                else:
+                    rec.setdefault("checked", []).append(list(config))
+            except Exception as e:  # a config Triton cannot build here: reported, the rest go on
+                rec.setdefault("errors", []).append([list(config), f"{type(e).__name__}: {e}"[:200]])
+        if best is not None:
+            rec.update(triton_us=1e6 * best[0], config=list(best[1]))
+        for side in ("cublas", "triton"):
+            if f"{side}_us" in rec:
+                rec[f"{side}_TBps"] = w_bytes / rec[f"{side}_us"] / 1e6
+                totals.setdefault((B, side), 0.0)
+                totals[(B, side)] += per_step * rec[f"{side}_us"] / 1e3
+        emit(args, rec)
+        rows.append(rec)
+        ws.clear()  # (the copies: up to 32 x 20 MB)
+    for (B, side), ms in sorted(totals.items()):
+        emit(args, {"kind": "step_total", "batch": B, "side": side, "ms_per_step": ms})
+    if cuda:
+        table(rows, [("batch", "batch", ""), ("model", "model", ""), ("layer", "layer", ""),
+                     ("cublas_us", "cuBLAS us", "{:.1f}"), ("cublas_TBps", "TB/s", "{:.2f}"),
+                     ("triton_us", "Triton us", "{:.1f}"), ("triton_TBps", "TB/s", "{:.2f}"),
+                     ("config", "config", "")])
+        for (B, side), ms in sorted(totals.items()):
+            print(f"batch {B}: {side} matmuls {ms:.3f} ms per decode step (layers only, no LM heads)")
+    else:
+        bad = [r for r in rows if r.get("wrong") or r.get("errors")]
+        print(f"checked {sum(len(r.get('checked', [])) for r in rows)} shape x config outputs on the CPU; "
+              f"{len(bad)} shapes with a wrong or failing config")
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
