@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--engines", default=None,
                     help="comma list of naive,eager,static,graph,compile (default naive,graph on CUDA, "
                          "naive,eager,static on CPU)")
-    ap.add_argument("--compile-mode", default=None,
+    ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the compile engine (fast_sampler.COMPILE_MODE): "
                          "default or max-autotune-no-cudagraphs")
     args = setup(ap.parse_args(), "rollout")
