@@ -289,6 +289,14 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 _ACTIVE: list = []  # (last written column, config) of the forward running now (a stack)
 _BROKEN: list = []  # why the kernel failed in a forward (then this process uses SDPA)
+# why the kernel failed with the step's cache writes (`new_kv`, say a Triton that cannot build that
+# variant) where it ran without them: this process then writes the cache separately
+_NO_FUSION: list = []
+
+
+def fusion_ok() -> bool:
+    """Whether cache writes may be left to the kernel (`static_cache.CacheWrites.defer`)."""
+    return not _NO_FUSION
 # keyword arguments that change what attention computes: with any of them set, the original runs
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask")
 
@@ -356,13 +364,24 @@ def _dispatch(original):
                                     config=config, new_kv=new_kv, cache_len=cache_len), None
         except torch.cuda.OutOfMemoryError:
             raise
-        except Exception as e:  # e.g. Triton cannot compile a new specialisation: SDPA from here on
-            _BROKEN.append(f"{type(e).__name__}: {e}")
-            warnings.warn(f"decode-attention kernel failed ({_BROKEN[-1][:200]}); using SDPA", stacklevel=2)
-            if pending is not None:  # (the same values again, should the kernel have written them)
-                write_columns(*pending)
-            return original(module, query, key, value, attention_mask, dropout=dropout,
-                            scaling=scaling, is_causal=is_causal, **kwargs)
+        except Exception as e:  # e.g. Triton cannot compile a new specialisation
+            error = e
+        if pending is not None:  # (the same values again, should the kernel have written them)
+            write_columns(*pending)
+            try:  # the kernel without the writes: separate writes from here on
+                out = decode_attention(query, key, value, attention_mask, last_col, scaling, config=config)
+                _NO_FUSION.append(f"{type(error).__name__}: {error}")
+                warnings.warn(f"decode-attention kernel failed with the cache writes ({_NO_FUSION[-1][:200]}); "
+                              "writing the cache separately", stacklevel=2)
+                return out, None
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:
+                error = e
+        _BROKEN.append(f"{type(error).__name__}: {error}")  # SDPA from here on
+        warnings.warn(f"decode-attention kernel failed ({_BROKEN[-1][:200]}); using SDPA", stacklevel=2)
+        return original(module, query, key, value, attention_mask, dropout=dropout,
+                        scaling=scaling, is_causal=is_causal, **kwargs)
 
     attention._minillm_original = original
     return attention
@@ -461,7 +480,15 @@ def _measure(B, H, Hk, D, L, used, q_dtype, kv_dtype, mask_dtype, device, fused_
     new_kv = (torch.randn(B, Hk, 1, D, generator=g, device=device, dtype=q_dtype),
               torch.randn(B, Hk, 1, D, generator=g, device=device, dtype=q_dtype))
     # (where the kernel cannot take them, the step writes them separately either way)
-    fused_writes = fused_writes and _unserved_new(new_kv, ks[0], vs[0], last) is None
+    fused_writes = fused_writes and fusion_ok() and _unserved_new(new_kv, ks[0], vs[0], last) is None
+    if fused_writes:  # the variant with the writes must build here, else it is timed without them
+        try:
+            decode_attention(q, ks[0], vs[0], mask, last, new_kv=new_kv)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            _NO_FUSION.append(f"{type(e).__name__}: {e}")
+            fused_writes = False
     # transformers' sdpa path for one query: grouped heads packed into the query (pack_gqa)
     q_packed = q.reshape(B, Hk, H // Hk, D)
 

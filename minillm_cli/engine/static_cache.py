@@ -83,7 +83,8 @@ class CacheWrites:
         # bf16 values: the bf16 values go into float32 storage exactly, and attention under
         # autocast reads them back as the same bf16 numbers. StaticLayer.update refused them, so
         # such a student sampled with the eager loop on 5.17.)
-        if self.defer and key_states.shape[2] == 1 and self.at.numel() == 1:
+        if (self.defer and key_states.shape[2] == 1 and self.at.numel() == 1
+                and decode_attention.fusion_ok()):
             decode_attention.defer_write(layer.keys, layer.values, self.at, key_states, value_states)
         else:
             decode_attention.write_columns(layer.keys, layer.values, self.at, key_states, value_states)

@@ -26,10 +26,11 @@ def _kernel_must_not_fail(monkeypatch):
     """A kernel error would hand the calls to SDPA with a warning (and the tokens would still
     match): here it fails the test."""
     monkeypatch.setattr(da, "_BROKEN", [])
+    monkeypatch.setattr(da, "_NO_FUSION", [])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="decode-attention kernel failed")
         yield
-    assert not da._BROKEN
+    assert not da._BROKEN and not da._NO_FUSION
 
 
 def _sdpa(q, k, v, allow):

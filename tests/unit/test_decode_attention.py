@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not da.available("cpu"), reason="needs Triton (i
 def _fresh_kernel_state(monkeypatch):
     """A kernel failure in one test (recorded process-wide) must not switch it off for the next."""
     monkeypatch.setattr(da, "_BROKEN", [])
+    monkeypatch.setattr(da, "_NO_FUSION", [])
 
 
 def brute(q, k, v, allow, last, scale=None):
@@ -305,6 +306,46 @@ def test_a_failing_kernel_writes_the_deferred_column_before_sdpa(monkeypatch):
     assert not da._PENDING
 
 
+def _fails_with_writes(monkeypatch):
+    """decode_attention failing whenever it is handed the step's key and value (a Triton that
+    cannot build that variant), fine otherwise; returns the new_kv of each call."""
+    handed = []
+    kernel = da.decode_attention
+
+    def flaky(*a, **kw):
+        handed.append(kw.get("new_kv"))
+        if kw.get("new_kv") is not None:
+            raise RuntimeError("cannot build HAS_NEW")
+        return kernel(*a, **kw)
+
+    monkeypatch.setattr(da, "decode_attention", flaky)
+    return handed
+
+
+def test_a_kernel_that_fails_with_the_writes_keeps_attending_and_the_cache_is_written_separately(monkeypatch):
+    """The variant with the cache writes failing: the column is written, the kernel attends
+    without it (a warning; the kernel stays on), and later writes are not deferred."""
+    handed = _fails_with_writes(monkeypatch)
+    writes, layer = _writes()
+    q, nk, nv = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    writes.at, writes.defer = torch.tensor([2]), True
+    with da.active(writes.at):
+        k, v = writes.update(nk, nv, 0)
+        with pytest.warns(UserWarning, match="writing the cache separately"):
+            out, _ = da._interface()["sdpa"](torch.nn.Module(), q, k, v, None)
+    assert torch.equal(layer.keys[:, :, 2:3], nk) and torch.equal(layer.values[:, :, 2:3], nv)
+    torch.testing.assert_close(out.double(), brute(q, layer.keys, layer.values, torch.ones(2, 8, dtype=torch.bool), 2),
+                               rtol=1e-5, atol=1e-5)
+    assert handed[0] is not None and handed[1] is None
+    assert da._NO_FUSION and not da._BROKEN and not da.fusion_ok()
+    writes.at = torch.tensor([3])
+    with da.active(writes.at):
+        writes.update(nk * 2, nv * 2, 0)
+        assert not da._PENDING and torch.equal(layer.keys[:, :, 3:4], nk * 2)  # written at once
+        da._interface()["sdpa"](torch.nn.Module(), q, *writes.update(nk * 2, nv * 2, 0), None)
+    assert handed[-1] is None
+
+
 def test_a_deferred_write_no_attention_call_took_is_written_and_raises():
     """A layer whose attention did not come through the dispatch would have attended without its
     new column: leaving `active` writes the column (the cache stays whole) and raises."""
@@ -428,6 +469,18 @@ def test_choice_needs_the_same_output_and_a_tenth_less_time(monkeypatch, t_ours,
         assert config == (64, 2) and len(timed) == len(da.CONFIGS) + 1
     assert da.choose(None, 4, 64, 40, torch.float32, torch.float32, torch.float32, "cpu") == (
         False, "needs CUDA and Triton", None)
+
+
+def test_the_choice_times_separate_writes_where_the_variant_with_them_does_not_build(monkeypatch):
+    """The kernel with the writes failing while `choose` measures: it is timed without them and
+    chosen on that, and the process stops deferring writes."""
+    handed = _fails_with_writes(monkeypatch)
+    monkeypatch.setattr(da, "_time", lambda fn, copies: (fn(0), 0.5 if fn.__name__ == "run" else 1.0)[1])
+    use, why, config = da._measure(2, 2, 2, 16, 64, 40, torch.float32, torch.float32, torch.float32,
+                                   torch.device("cpu"), True)
+    assert use and config is not None, why
+    assert handed[0] is not None and all(h is None for h in handed[1:]) and len(handed) > 1
+    assert not da.fusion_ok() and not da._BROKEN
 
 
 def test_the_choice_times_separate_writes_where_the_kernel_cannot_take_them(monkeypatch):
