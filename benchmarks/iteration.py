@@ -208,6 +208,7 @@ def main() -> int:
                "device": info.get("gpu", info["device"])}
         if not naive:  # which attention the decode steps ran (fast_sampler.DECODE_ATTENTION)
             rec["attention"] = {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()}
+            rec["cache_writes"] = fast_sampler.cache_writes()
             rec["update_micro_steps"] = micro_step.summary  # (captures and replays, both iterations)
         emit(args, rec)
         rows.append(rec)

@@ -100,6 +100,7 @@ def main() -> int:
                    "pct_of_limit": 100 * limit_s * 1e3 / ms, "device": info.get("gpu", info["device"])}
             if eng != "naive":  # which attention the decode step ran (fast_sampler.DECODE_ATTENTION)
                 rec["attention"] = {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()}
+                rec["cache_writes"] = fast_sampler.cache_writes()
             emit(args, rec)
             rows.append(rec)
         fast_sampler.release()

@@ -182,7 +182,8 @@ def main() -> int:
             steps = r.response_ids.shape[1]
             rec = {"kind": "variant", "variant": variant, "batch": B, "ms_per_step": 1e3 * secs / steps,
                    "tokens_per_s": B * steps / secs, "first_call_s": first,
-                   "attention": {k: list(v) for k, v in fs.ATTENTION_NOTES.items()}}
+                   "attention": {k: list(v) for k, v in fs.ATTENTION_NOTES.items()},
+                   "cache_writes": fs.cache_writes()}
         except Exception as e:  # report and go on
             rec = {"kind": "variant", "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
         finally:

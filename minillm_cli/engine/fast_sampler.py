@@ -647,7 +647,23 @@ def attention_summary() -> str | None:
         return None
     parts = [f"{name} {'Triton kernel' if used else 'SDPA'} ({why})"
              for name, (used, why) in ATTENTION_NOTES.items()]
-    return "decode attention: " + "; ".join(parts)
+    line = "decode attention: " + "; ".join(parts)
+    if any(used for used, _ in ATTENTION_NOTES.values()):
+        line += f"; cache writes {cache_writes()}"
+    return line
+
+
+def cache_writes() -> str:
+    """Who wrote the newest call's decode steps' new KV columns: "in the kernel", or "separate"
+    (no model attended through the kernel, the switch is off, or the kernel's variant with the
+    writes failed in this process)."""
+    if not any(used for used, _ in ATTENTION_NOTES.values()):
+        return "separate (no model attended through the kernel)"
+    if not FUSED_CACHE_WRITES:
+        return "separate (FUSED_CACHE_WRITES off)"
+    if not decode_attention.fusion_ok():
+        return f"separate (the kernel with them failed: {decode_attention._NO_FUSION[0][:120]})"
+    return "in the kernel"
 
 
 _COMPILE_FAILED: list = []  # a failed compile: later decoders of this process use "graph" instead

@@ -338,6 +338,8 @@ def test_a_kernel_that_fails_with_the_writes_keeps_attending_and_the_cache_is_wr
                                rtol=1e-5, atol=1e-5)
     assert handed[0] is not None and handed[1] is None
     assert da._NO_FUSION and not da._BROKEN and not da.fusion_ok()
+    monkeypatch.setattr(fast_sampler, "ATTENTION_NOTES", {"teacher": (True, "forced")})
+    assert fast_sampler.cache_writes() == "separate (the kernel with them failed: RuntimeError: cannot build HAS_NEW)"
     writes.at = torch.tensor([3])
     with da.active(writes.at):
         writes.update(nk * 2, nv * 2, 0)
@@ -547,6 +549,8 @@ def test_sampler_through_the_kernel_draws_the_reference_tokens(monkeypatch, buck
     assert fast_sampler.ATTENTION_NOTES == {"student": (True, "forced (DECODE_ATTENTION)"),
                                             "teacher": (True, "forced (DECODE_ATTENTION)")}
     assert fast_sampler.attention_summary().startswith("decode attention: student Triton kernel")
+    assert fast_sampler.attention_summary().endswith(
+        "cache writes in the kernel" if fused else "cache writes separate (FUSED_CACHE_WRITES off)")
     fast_sample(student, teacher, engine="eager", **_args(range(4), 0.3, **kw))  # nothing to report
     assert fast_sampler.ATTENTION_NOTES == {} and fast_sampler.attention_summary() is None
 
