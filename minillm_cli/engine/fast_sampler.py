@@ -287,9 +287,12 @@ def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L
         if (DECODE_ATTENTION == "sdpa" or m.impl != "sdpa" or m.writes is None
                 or not decode_attention.available(m.device)):
             continue
+        unsafe = kernel_unsafe(m.model, m.device)
         if decode_attention._BROKEN:  # (the dispatch would hand every call to SDPA anyway)
             failed = decode_attention._BROKEN[0][:120]
             use, why, config = False, f"SDPA: the kernel failed earlier ({failed})", None
+        elif unsafe is not None:
+            use, why, config = False, f"SDPA: through the kernel the model failed the self-check ({unsafe})", None
         elif DECODE_ATTENTION == "kernel":
             use, why, config = True, "forced (DECODE_ATTENTION)", None
         elif captured and m.device.type == "cuda":  # timed at the mean step's columns in use
@@ -333,6 +336,23 @@ def _copies_exact(model, weights, vocab_size: int, device) -> bool:
 
 
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# model -> {autocast dtype: why its decode steps through the kernel failed self_check, or None
+# where they passed}; models without an entry were not checked through it
+_KERNEL_UNSAFE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# device types on which self_check also runs the decode steps through decode_attention's kernel
+# (where "auto" may choose it; tests add "cpu", where Triton's interpreter runs it)
+KERNEL_CHECK_DEVICES: tuple = ("cuda",)
+
+
+def _kernel_checkable(sm, device) -> bool:
+    return (DECODE_ATTENTION != "sdpa" and sm.impl == "sdpa" and sm.writes is not None
+            and torch.device(device).type in KERNEL_CHECK_DEVICES and decode_attention.available(device))
+
+
+def kernel_unsafe(model, device) -> str | None:
+    """Why `model`'s decode steps through the kernel failed self_check here (None: passed or not
+    checked)."""
+    return _KERNEL_UNSAFE.get(model, {}).get(_autocast_dtype(device))
 
 
 @torch.no_grad()
@@ -355,23 +375,28 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
     try:
         ref = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                     **model_kwargs(model, use_cache=False)).logits[:, :, :vocab_size].float()
-        sm = _StaticModel(model, vocab_size, 2, 16, device)
         key_valid = torch.cat([mask[:, :P].bool(), torch.ones(2, 16 - P, dtype=torch.bool,
                                                               device=device)], 1)
         pos = positions_from_mask(mask)
-        with sm.sampling_weights():  # as fast_sample runs the model
-            got = [sm.forward(ids[:, :P], causal_allow(key_valid, P), pos[:, :P],
-                              torch.arange(P, device=device)).float()]
-            ar = torch.arange(16, device=device)
-            for k in range(n_dec):
-                col = torch.tensor([P + k], device=device)
-                # where the sampler owns the cache writes, attention reads the used prefix, as a
-                # step does with KV_BUCKETS (checks the views, too)
-                n = P + k + 1 if sm.writes is not None else None
-                allow = (key_valid & (ar <= col))[:, None, None, :n]
-                got.append(sm.forward(ids[:, P + k : P + k + 1], allow, pos[:, P + k : P + k + 1],
-                                      col, n).float())
-        got = torch.stack(got, 1)
+
+        def static_logits(kernel: bool):
+            sm = _StaticModel(model, vocab_size, 2, 16, device)
+            sm.decode_kernel = kernel  # (decode steps through decode_attention's kernel)
+            with sm.sampling_weights():  # as fast_sample runs the model
+                got = [sm.forward(ids[:, :P], causal_allow(key_valid, P), pos[:, :P],
+                                  torch.arange(P, device=device)).float()]
+                ar = torch.arange(16, device=device)
+                for k in range(n_dec):
+                    col = torch.tensor([P + k], device=device)
+                    # where the sampler owns the cache writes, attention reads the used prefix, as
+                    # a step does with KV_BUCKETS (checks the views, too)
+                    n = P + k + 1 if sm.writes is not None else None
+                    allow = (key_valid & (ar <= col))[:, None, None, :n]
+                    got.append(sm.forward(ids[:, P + k : P + k + 1], allow, pos[:, P + k : P + k + 1],
+                                          col, n).float())
+            return sm, torch.stack(got, 1)
+
+        sm, got = static_logits(False)
         want = ref[:, P - 1 : P + n_dec]
         # the noise floor: how far the eager sampler's own cached decode is from the full forward
         # (deep bf16 models drift by more than a fixed tolerance; a wrong mask or position drifts
@@ -392,6 +417,17 @@ def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
         tol = max(3e-2 if low else 1e-4, min(4 * floor, 0.25))
         reason = None if err <= tol else (f"static-cache logits differ from a full forward (rel {err:.2e}; "
                                           f"the dynamic cache's {floor:.2e})")
+        if reason is None and _kernel_checkable(sm, device):
+            # the same through the decode-attention kernel (and its cache writes): a model whose
+            # attention the kernel does not reproduce keeps SDPA, not the reference loop
+            try:
+                err_k = rel(static_logits(True)[1])
+                unsafe = None if err_k <= tol else f"rel {err_k:.2e} from a full forward (SDPA's {err:.2e})"
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:
+                unsafe = f"{type(e).__name__}: {e}"[:200]
+            _KERNEL_UNSAFE.setdefault(model, {})[_autocast_dtype(device)] = unsafe
     except _Unsupported as e:
         reason = str(e)
     except torch.cuda.OutOfMemoryError:

@@ -14,8 +14,8 @@ the kernel (`defer`), which writes the new column while it attends (two copy ker
 0.35 of 5.2 ms of kernel time in that H200 profile). Nothing else reads the counter on the
 sampler's path: the forward gets `position_ids` and a ready 4-D mask (transformers then builds
 no mask and asks the cache for no length), and `fast_sampler.self_check` compares the whole
-path with an uncached forward once per model (with SDPA: the kernel's path is checked against
-SDPA by `decode_attention.choose` and the tests).
+path with an uncached forward once per model (on CUDA also through decode_attention's kernel,
+its deferred writes included).
 
 It also lets attention read a prefix of the cache (`kv_len`): the keys and values returned to the
 attention layer are views of the first `kv_len` columns, so a step early in a long rollout does

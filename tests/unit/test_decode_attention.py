@@ -555,6 +555,37 @@ def test_sampler_through_the_kernel_draws_the_reference_tokens(monkeypatch, buck
     assert fast_sampler.ATTENTION_NOTES == {} and fast_sampler.attention_summary() is None
 
 
+@pytest.mark.parametrize("wrong", [False, True])
+def test_self_check_runs_the_decode_steps_through_the_kernel_and_a_model_that_fails_keeps_sdpa(monkeypatch, wrong):
+    """Where "auto" may choose the kernel (CUDA; here the CPU through the interpreter), self_check
+    also decodes through it, with its cache writes, against a full forward. A kernel that gets a
+    model wrong (here: its outputs scaled) leaves that model on SDPA -- even when forced -- and
+    the tokens are still the reference's; one that gets it right is used."""
+    monkeypatch.setattr(fast_sampler, "KERNEL_CHECK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
+    student = gpt2_numbers(5, vocab=V, pad=PAD, eos=EOS, n_layer=2)
+    teacher = gpt2_numbers(6, vocab=V, pad=PAD, eos=EOS)
+    kernel = da.decode_attention
+    calls = []
+
+    def counted(*a, **kw):
+        calls.append(kw.get("new_kv") is not None)
+        out = kernel(*a, **kw)
+        return out * 1.5 if wrong else out
+
+    monkeypatch.setattr(da, "decode_attention", counted)
+    ref = sample(student, teacher, **_args(range(4), 0.3, max_new_tokens=12))
+    got = fast_sample(student, teacher, engine="static", **_args(range(4), 0.3, max_new_tokens=12))
+    fast_sampler.release()
+    assert torch.equal(ref.response_ids, got.response_ids)
+    assert calls and all(calls)  # the self-checks' decode steps, with the cache writes
+    for name, model in (("student", student), ("teacher", teacher)):
+        unsafe = fast_sampler.kernel_unsafe(model, "cpu")
+        assert (unsafe is not None) is wrong, unsafe
+        used, why = fast_sampler.ATTENTION_NOTES[name]
+        assert used is not wrong and (not wrong or "failed the self-check" in why), why
+
+
 def test_a_grouped_query_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
     """A Llama student with 2 key/value heads for 4 query heads (query head h reads KV head
     h // 2), its rotary positions after left padding, teacher-mixed with a GPT-2."""
