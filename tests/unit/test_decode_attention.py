@@ -304,6 +304,7 @@ def test_a_failing_kernel_writes_the_deferred_column_before_sdpa(monkeypatch):
     want = torch.nn.functional.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=mask)
     torch.testing.assert_close(out, want.transpose(1, 2))
     assert not da._PENDING
+    assert da._BROKEN and not da._NO_FUSION  # (it failed without the writes, too: SDPA from here on)
 
 
 def _fails_with_writes(monkeypatch):
@@ -485,6 +486,25 @@ def test_the_choice_times_separate_writes_where_the_variant_with_them_does_not_b
     assert not da.fusion_ok() and not da._BROKEN
 
 
+def test_a_config_that_does_not_build_is_left_out_of_the_choice(monkeypatch):
+    kernel = da.decode_attention
+
+    def picky(*a, config=None, **kw):
+        if config == da.CONFIGS[0]:
+            raise RuntimeError("out of shared memory")
+        return kernel(*a, config=config, **kw)
+
+    monkeypatch.setattr(da, "decode_attention", picky)
+    monkeypatch.setattr(da, "_time", lambda fn, copies: (fn(0), 1.0 if fn.__name__ == "sdpa" else 0.5)[1])
+    use, why, config = da._measure(2, 2, 2, 16, 64, 40, torch.float32, torch.float32, torch.float32,
+                                   torch.device("cpu"), True)
+    assert use and config is not None and config != da.CONFIGS[0], why
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no Triton")))
+    use, why, config = da._measure(2, 2, 2, 16, 64, 40, torch.float32, torch.float32, torch.float32,
+                                   torch.device("cpu"), False)
+    assert not use and "no Triton" in why and config is None
+
+
 def test_the_choice_times_separate_writes_where_the_kernel_cannot_take_them(monkeypatch):
     """A bf16 cache fed float32 keys: the step writes them separately whatever attends, so the
     kernel is timed without them -- not refused for it."""
@@ -584,6 +604,31 @@ def test_self_check_runs_the_decode_steps_through_the_kernel_and_a_model_that_fa
         assert (unsafe is not None) is wrong, unsafe
         used, why = fast_sampler.ATTENTION_NOTES[name]
         assert used is not wrong and (not wrong or "failed the self-check" in why), why
+
+
+def test_self_check_keeps_sdpa_for_a_model_the_kernel_fails_on_without_turning_it_off_for_others(monkeypatch):
+    """The kernel raising inside self_check's pass (a Triton that cannot build it for this model):
+    that model is marked, and the process-wide switch-off the dispatch recorded is taken back."""
+    monkeypatch.setattr(fast_sampler, "KERNEL_CHECK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
+    model = gpt2_numbers(7, vocab=V, pad=PAD, eos=EOS, n_layer=2)
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no build")))
+    with pytest.warns(UserWarning, match="no build"):
+        assert fast_sampler.self_check(model, V, "cpu", EOS) is None
+    assert fast_sampler.kernel_unsafe(model, "cpu").startswith("the kernel failed: RuntimeError: no build")
+    assert not da._BROKEN
+
+
+def test_self_check_goes_through_the_kernel_only_for_a_model_on_the_samplers_device(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(fast_sampler, "KERNEL_CHECK_DEVICES", ("cuda", "cpu"))
+    sm = SimpleNamespace(impl="sdpa", writes=object(), device=torch.device("cpu"))
+    assert fast_sampler._kernel_checkable(sm, "cpu")
+    assert not fast_sampler._kernel_checkable(sm, "meta")  # (a teacher on another device)
+    assert not fast_sampler._kernel_checkable(SimpleNamespace(impl="eager", writes=object(), device=sm.device), "cpu")
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "sdpa")
+    assert not fast_sampler._kernel_checkable(sm, "cpu")
 
 
 def test_a_grouped_query_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
