@@ -290,6 +290,15 @@ def naive_minillm_loss(student, teacher, batch, normalizer: float, vocab: int, c
     return ((ss + pg) * mask).sum() / normalizer
 
 
+def decode_attention_fields() -> dict:
+    """What the newest fast-sampler call's decode steps attended with, for a JSON record: each
+    model's (kernel used?, why) and who wrote the new KV columns."""
+    from minillm_cli.engine import fast_sampler
+
+    return {"attention": {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()},
+            "cache_writes": fast_sampler.cache_writes()}
+
+
 def kernel_profile(step, n: int, device, top: int = 25) -> dict:
     """torch.profiler over `n` calls of `step`: kernels per call, device milliseconds per call,
     the `top` kernels by device time (printed, and returned for JSON). On a CPU there are no

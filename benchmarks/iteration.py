@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 
-from _common import (base_parser, build_pair, emit, low_dtype, machine, naive_minillm_loss, naive_rollout,
+from _common import (base_parser, build_pair, decode_attention_fields, emit, low_dtype, machine, naive_minillm_loss, naive_rollout,
                      random_prompts, setup, sync, table)
 
 
@@ -207,8 +207,7 @@ def main() -> int:
                "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                "device": info.get("gpu", info["device"])}
         if not naive:  # which attention the decode steps ran (fast_sampler.DECODE_ATTENTION)
-            rec["attention"] = {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()}
-            rec["cache_writes"] = fast_sampler.cache_writes()
+            rec.update(decode_attention_fields())
             rec["update_micro_steps"] = micro_step.summary  # (captures and replays, both iterations)
         emit(args, rec)
         rows.append(rec)

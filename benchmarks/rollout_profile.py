@@ -47,7 +47,7 @@ import contextlib
 import copy
 import time
 
-from _common import (base_parser, build_pair, emit, kernel_profile, low_dtype, machine, random_prompts, setup,
+from _common import (base_parser, build_pair, decode_attention_fields, emit, kernel_profile, low_dtype, machine, random_prompts, setup,
                      sync)
 
 
@@ -181,9 +181,7 @@ def main() -> int:
             secs = time.perf_counter() - t0
             steps = r.response_ids.shape[1]
             rec = {"kind": "variant", "variant": variant, "batch": B, "ms_per_step": 1e3 * secs / steps,
-                   "tokens_per_s": B * steps / secs, "first_call_s": first,
-                   "attention": {k: list(v) for k, v in fs.ATTENTION_NOTES.items()},
-                   "cache_writes": fs.cache_writes()}
+                   "tokens_per_s": B * steps / secs, "first_call_s": first, **decode_attention_fields()}
         except Exception as e:  # report and go on
             rec = {"kind": "variant", "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
         finally:

@@ -31,6 +31,7 @@ import contextlib
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -301,10 +302,19 @@ def fusion_ok() -> bool:
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask")
 
 
+class _Write(NamedTuple):
+    """A cache write: keys / values [B, H_kv, L, D] get new_k / new_v at the columns `at`."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    at: torch.Tensor
+    new_k: torch.Tensor
+    new_v: torch.Tensor
+
+
 # cache writes of the running forward left to the kernel: the cache's key storage (data_ptr) ->
-# (keys, values, column, new key, new value). static_cache.CacheWrites files them (`defer_write`)
-# where the forward's attention runs through `active`; the dispatch hands each to the kernel, or
-# writes it first wherever the original function attends instead.
+# _Write. static_cache.CacheWrites files them (`defer_write`) where the forward's attention runs
+# through `active`; the dispatch hands each to the kernel, or writes it first wherever the
+# original function attends instead.
 _PENDING: dict = {}
 
 
@@ -316,19 +326,18 @@ def write_columns(keys, values, at, new_k, new_v) -> None:
 
 def defer_write(keys, values, at, new_k, new_v) -> None:
     """Leave this write to the layer's attention call (inside `active`, whose column `at` is)."""
-    _PENDING[keys.data_ptr()] = (keys, values, at, new_k, new_v)
+    _PENDING[keys.data_ptr()] = _Write(keys, values, at, new_k, new_v)
 
 
 def _take_pending(key, value, last_col):
-    """The write filed for this cache if the kernel can do it (keys, values, column, new key,
-    new value), else None; a write the kernel cannot do is done here."""
+    """The _Write filed for this cache if the kernel can do it, else None; a write the kernel
+    cannot do is done here."""
     pending = _PENDING.pop(key.data_ptr(), None) if _PENDING else None
     if pending is None:
         return None
-    keys, values, at, nk, nv = pending
-    if (values.data_ptr() != value.data_ptr() or at is not last_col
-            or keys.stride() != key.stride() or values.stride() != value.stride()
-            or _unserved_new((nk, nv), key, value, last_col) is not None):
+    if (pending.values.data_ptr() != value.data_ptr() or pending.at is not last_col
+            or pending.keys.stride() != key.stride() or pending.values.stride() != value.stride()
+            or _unserved_new((pending.new_k, pending.new_v), key, value, last_col) is not None):
         write_columns(*pending)
         return None
     return pending
@@ -357,8 +366,8 @@ def _dispatch(original):
                             scaling=scaling, is_causal=is_causal, **kwargs)
         last_col, config = _ACTIVE[-1]
         pending = _take_pending(key, value, last_col)
-        new_kv = None if pending is None else pending[3:]
-        cache_len = None if pending is None else pending[0].shape[2]
+        new_kv = None if pending is None else (pending.new_k, pending.new_v)
+        cache_len = None if pending is None else pending.keys.shape[2]
         try:
             return decode_attention(query, key, value, attention_mask, last_col, scaling,
                                     config=config, new_kv=new_kv, cache_len=cache_len), None

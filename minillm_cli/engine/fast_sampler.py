@@ -349,18 +349,8 @@ def _kernel_checkable(sm, device) -> bool:
     and only for a model on the sampler's own device (a teacher on another GPU never attends
     through the kernel: its steps are not captured)."""
     return (DECODE_ATTENTION != "sdpa" and sm.impl == "sdpa" and sm.writes is not None
-            and _same_device(sm.device, device) and torch.device(device).type in KERNEL_CHECK_DEVICES
-            and decode_attention.available(device))
-
-
-def _same_device(a, b) -> bool:
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-    current = torch.cuda.current_device()
-    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+            and sm.device == torch.device(device)  # (as `fast_sample` decides what it captures)
+            and torch.device(device).type in KERNEL_CHECK_DEVICES and decode_attention.available(device))
 
 
 def kernel_unsafe(model, device) -> str | None:
