@@ -362,8 +362,11 @@ def kernel_unsafe(model, device) -> str | None:
 @torch.no_grad()
 def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
     """None when a left-padded static-cache prefill + 3 decode steps give the logits of one
-    uncached forward over the same tokens (within precision); else a reason. Cached per model."""
-    key = (_autocast_dtype(device), str(device))
+    uncached forward over the same tokens (within precision); else a reason. Cached per model,
+    autocast dtype, device and whether the kernel's pass may run (a check made while the switches
+    kept the kernel off must not stand for one that lets it be chosen unchecked)."""
+    key = (_autocast_dtype(device), str(device),
+           DECODE_ATTENTION != "sdpa" and torch.device(device).type in KERNEL_CHECK_DEVICES)
     done = _CHECKED.get(model)
     if done is not None and key in done:
         return done[key]

@@ -619,6 +619,23 @@ def test_self_check_keeps_sdpa_for_a_model_the_kernel_fails_on_without_turning_i
     assert not da._BROKEN
 
 
+def test_a_self_check_made_with_the_kernel_switched_off_does_not_stand_for_one_that_may_choose_it(monkeypatch):
+    """A process that checked a model while DECODE_ATTENTION was "sdpa" (a benchmark's variant)
+    and then lets the kernel be chosen checks the model through the kernel before using it."""
+    monkeypatch.setattr(fast_sampler, "KERNEL_CHECK_DEVICES", ("cuda", "cpu"))
+    model = gpt2_numbers(8, vocab=V, pad=PAD, eos=EOS, n_layer=2)
+    kernel, calls = da.decode_attention, []
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "sdpa")
+    assert fast_sampler.self_check(model, V, "cpu", EOS) is None
+    assert not calls and model not in fast_sampler._KERNEL_UNSAFE
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "auto")
+    assert fast_sampler.self_check(model, V, "cpu", EOS) is None
+    assert calls and fast_sampler._KERNEL_UNSAFE[model] == {None: None}  # checked, and passed
+    n = len(calls)
+    assert fast_sampler.self_check(model, V, "cpu", EOS) is None and len(calls) == n  # cached
+
+
 def test_self_check_goes_through_the_kernel_only_for_a_model_on_the_samplers_device(monkeypatch):
     from types import SimpleNamespace
 
