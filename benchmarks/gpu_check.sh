@@ -16,14 +16,17 @@
 #          sampler's bf16 weight copies and on one stream (rollout_profile.py), rollouts at
 #          batch 8 (distill's old default), and our iteration with exact forward widths and with
 #          the allocator's cache kept after sampling (what explains the update phase's excess);
-#   part 3 (9.5 min): the experimental compile engine at batch 64 on its own (its compile time
-#          is unknown at these shapes), then with inductor's matmul autotuning
-#          (--compile-mode max-autotune-no-cudagraphs), and the decode step's matmuls alone,
-#          cuBLAS against a split-K Triton matmul (skinny_matmul.py);
+#   part 3 (9.75 min): the decode step's matmuls alone, cuBLAS against a split-K Triton matmul
+#          (skinny_matmul.py; first, as the quickest answer when a call is cut short), then the
+#          experimental compile engine at batch 64 on its own (its compile time is unknown at
+#          these shapes), then with inductor's matmul autotuning
+#          (--compile-mode max-autotune-no-cudagraphs);
 #   part 4 (8.5 min, not in "all": parts 1 and 2 hold it): the short check of the decode-attention
 #          kernel -- its GPU tests, the rollout figures (where "auto" chooses), the step with the
 #          kernel forced on and off, and the iteration.
-#   part 6 (8.8 min, not in "all"): the release check after run 5 -- all GPU tests (the fused
+#   part 6 (9.5 min of limits, ~6.5 by run 5's times: the 30 GPU tests took 99 s there, the
+#          rollouts 80 s, the iteration 152 s; not in "all"): the release check after run 5 --
+#          all GPU tests (the fused
 #          cache writes of the decode-attention kernel among them), the rollout figures, the
 #          decode step's profiles and its time with the kernel's cache writes fused and separate,
 #          the train step's time and peak memory (capture included), and the iteration.
@@ -56,9 +59,9 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   run 60  "$PY" benchmarks/iteration.py --sides ours --keep-allocator-cache
 fi
 if [ "$PART" = 3 ] || [ "$PART" = all ]; then
+  run 135 "$PY" benchmarks/skinny_matmul.py
   run 150 "$PY" benchmarks/rollout.py --batches 64 --engines compile
   run 300 "$PY" benchmarks/rollout.py --batches 64 --engines compile --compile-mode max-autotune-no-cudagraphs
-  run 135 "$PY" benchmarks/skinny_matmul.py
 fi
 if [ "$PART" = 4 ]; then
   run 90  "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_attention.py -rA -s
@@ -73,7 +76,7 @@ if [ "$PART" = 5 ]; then
   run 200 "$PY" benchmarks/iteration.py
 fi
 if [ "$PART" = 6 ]; then
-  run 100 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
+  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
   run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
   run 60  "$PY" benchmarks/rollout_profile.py --variants base,separate_writes
   run 60  "$PY" benchmarks/train_step.py --variants naive,ours
