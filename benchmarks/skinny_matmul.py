@@ -173,7 +173,7 @@ def main() -> int:
                 totals[(B, side)] = totals.get((B, side), 0.0) + per_step * us / 1e3
         emit(args, rec)
         rows.append(rec)
-        ws.clear()  # (the copies: up to 32 x 20 MB)
+        ws.clear()  # (the copies: together three times L2)
     for (B, side), ms in sorted(totals.items()):
         emit(args, {"kind": "step_total", "batch": B, "side": side, "ms_per_step": ms})
     if cuda:

@@ -344,13 +344,19 @@ _KERNEL_UNSAFE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 KERNEL_CHECK_DEVICES: tuple = ("cuda",)
 
 
+def _kernel_pass_on(device) -> bool:
+    """Whether the switches let self_check decode through the kernel on this device (part of its
+    cache key: a check made with the pass off must not stand for one with it on)."""
+    return DECODE_ATTENTION != "sdpa" and torch.device(device).type in KERNEL_CHECK_DEVICES
+
+
 def _kernel_checkable(sm, device) -> bool:
     """Whether self_check also decodes `sm`'s model through the kernel: where "auto" may choose it,
     and only for a model on the sampler's own device (a teacher on another GPU never attends
     through the kernel: its steps are not captured)."""
-    return (DECODE_ATTENTION != "sdpa" and sm.impl == "sdpa" and sm.writes is not None
+    return (_kernel_pass_on(device) and sm.impl == "sdpa" and sm.writes is not None
             and sm.device == torch.device(device)  # (as `fast_sample` decides what it captures)
-            and torch.device(device).type in KERNEL_CHECK_DEVICES and decode_attention.available(device))
+            and decode_attention.available(device))
 
 
 def kernel_unsafe(model, device) -> str | None:
@@ -363,10 +369,8 @@ def kernel_unsafe(model, device) -> str | None:
 def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
     """None when a left-padded static-cache prefill + 3 decode steps give the logits of one
     uncached forward over the same tokens (within precision); else a reason. Cached per model,
-    autocast dtype, device and whether the kernel's pass may run (a check made while the switches
-    kept the kernel off must not stand for one that lets it be chosen unchecked)."""
-    key = (_autocast_dtype(device), str(device),
-           DECODE_ATTENTION != "sdpa" and torch.device(device).type in KERNEL_CHECK_DEVICES)
+    autocast dtype, device and `_kernel_pass_on`."""
+    key = (_autocast_dtype(device), str(device), _kernel_pass_on(device))
     done = _CHECKED.get(model)
     if done is not None and key in done:
         return done[key]
@@ -700,16 +704,18 @@ def attention_summary() -> str | None:
     parts = [f"{name} {'Triton kernel' if used else 'SDPA'} ({why})"
              for name, (used, why) in ATTENTION_NOTES.items()]
     line = "decode attention: " + "; ".join(parts)
-    if any(used for used, _ in ATTENTION_NOTES.values()):
-        line += f"; cache writes {cache_writes()}"
-    return line
+    return line + f"; cache writes {cache_writes()}" if _kernel_used() else line
+
+
+def _kernel_used() -> bool:
+    return any(used for used, _ in ATTENTION_NOTES.values())
 
 
 def cache_writes() -> str:
     """Who wrote the newest call's decode steps' new KV columns: "in the kernel", or "separate"
     (no model attended through the kernel, the switch is off, or the kernel's variant with the
     writes failed in this process)."""
-    if not any(used for used, _ in ATTENTION_NOTES.values()):
+    if not _kernel_used():
         return "separate (no model attended through the kernel)"
     if not FUSED_CACHE_WRITES:
         return "separate (FUSED_CACHE_WRITES off)"
