@@ -292,11 +292,13 @@ def naive_minillm_loss(student, teacher, batch, normalizer: float, vocab: int, c
 
 def decode_attention_fields() -> dict:
     """What the newest fast-sampler call's decode steps attended with, for a JSON record: each
-    model's (kernel used?, why) and who wrote the new KV columns."""
+    model's (kernel used?, why), who wrote the new KV columns, and each model's decode matmuls
+    (split-K kernel for any shape?, why)."""
     from minillm_cli.engine import fast_sampler
 
     return {"attention": {k: list(v) for k, v in fast_sampler.ATTENTION_NOTES.items()},
-            "cache_writes": fast_sampler.cache_writes()}
+            "cache_writes": fast_sampler.cache_writes(),
+            "matmuls": {k: list(v) for k, v in fast_sampler.MATMUL_NOTES.items()}}
 
 
 def kernel_profile(step, n: int, device, top: int = 25) -> dict:

@@ -24,18 +24,22 @@
 #   part 4 (8.5 min, not in "all": parts 1 and 2 hold it): the short check of the decode-attention
 #          kernel -- its GPU tests, the rollout figures (where "auto" chooses), the step with the
 #          kernel forced on and off, and the iteration.
-#   part 6 (9.5 min of limits, ~6.5 by run 5's times: the 30 GPU tests took 99 s there, the
-#          rollouts 80 s, the iteration 152 s; not in "all"): the release check after run 5 --
-#          all GPU tests (the fused
-#          cache writes of the decode-attention kernel among them), the rollout figures, the
-#          decode step's profiles and its time with the kernel's cache writes fused and separate,
-#          the train step's time and peak memory (capture included), and the iteration.
+#   part 6 (9 min of limits, ~6 by run 5's times -- the 30 GPU tests took 99 s there, the
+#          rollouts 80 s -- plus the split-K matmul's Triton builds; not in "all"): the release
+#          check after run 5 -- all GPU tests (the fused cache writes of the decode-attention
+#          kernel and the split-K decode matmul among them), the rollout figures (where "auto"
+#          now also plans the decode matmuls), the decode step's profiles and its time with
+#          the matmuls on cuBLAS alone and with the kernel's cache writes separate, and the
+#          train step's time and peak memory (capture included);
+#   part 7 (5.25 min, not in "all"): what part 6 leaves for a second call -- the iteration
+#          (152 s in run 5), then the decode step's matmuls alone (skinny_matmul.py, as in
+#          part 3).
 #   part 5 (8.8 min, not in "all"): the short check of the captured update micro-steps
 #          (engine/captured_step.py) -- the update's GPU tests (graphs against eager steps), the
 #          train step with and without the graphs and its kernel profile, the CLI check (distill
 #          with and without --update-graphs), and the iteration.
 # JSON lines and a log go to $OUT (or ./gpu-results/).
-#   bash benchmarks/gpu_check.sh [1|2|3|4|5|6|all]   (from the repository root; runs from a checkout:
+#   bash benchmarks/gpu_check.sh [1|2|3|4|5|6|7|all]   (from the repository root; runs from a checkout:
 #                                            PYTHONPATH is set, no install needed; default all)
 PART="${1:-all}"
 LOGNAME_=gpu_check
@@ -76,11 +80,14 @@ if [ "$PART" = 5 ]; then
   run 200 "$PY" benchmarks/iteration.py
 fi
 if [ "$PART" = 6 ]; then
-  run 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
-  run 120 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
-  run 60  "$PY" benchmarks/rollout_profile.py --variants base,separate_writes
+  run 210 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
+  run 150 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
+  run 90  "$PY" benchmarks/rollout_profile.py --variants base,cublas_mm,separate_writes
   run 60  "$PY" benchmarks/train_step.py --variants naive,ours
+fi
+if [ "$PART" = 7 ]; then
   run 180 "$PY" benchmarks/iteration.py
+  run 135 "$PY" benchmarks/skinny_matmul.py
 fi
 fallbacks
 log done

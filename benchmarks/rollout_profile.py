@@ -36,6 +36,10 @@ again with the decode-attention kernel where Triton is at hand. Variants (each t
   separate_writes  fast_sampler.FUSED_CACHE_WRITES = False: where the kernel attends, the step's
                 key and value are written by two copy kernels per layer first (the engine before
                 the kernel wrote them itself)
+  cublas_mm     fast_sampler.DECODE_MATMUL = "cublas": every decode matmul through cuBLAS
+                ("base" runs "auto": engine/decode_matmul.py's split-K kernel for the shapes it
+                measures faster; each record's "matmuls" says which)
+  splitk_mm     DECODE_MATMUL = "kernel": every decode matmul shape through the split-K kernel
 Variants combine with "+" (e.g. gelu_new+efficient). The 2026-11-28 H200 run predates both
 defaults: its "base" was today's gelu_new+bool_mask, its "gelu_tanh" today's bool_mask, and its
 "float_mask" today's gelu_new.
@@ -67,7 +71,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--alpha", type=float, default=0.2)
-    ap.add_argument("--variants", default="base,kernel_attn,sdpa_attn,separate_writes,kernel_attn+separate_writes,plain_head,one_stream,buckets,fp32_student,"
+    ap.add_argument("--variants", default="base,cublas_mm,splitk_mm,kernel_attn,sdpa_attn,separate_writes,kernel_attn+separate_writes,plain_head,one_stream,buckets,fp32_student,"
                                            "fp32_student+per_step_casts,fp32_student+one_stream,gelu_new,bool_mask")
     ap.add_argument("--profile-steps", type=int, default=4)
     args = setup(ap.parse_args(), "rollout_profile")
@@ -160,6 +164,10 @@ def main() -> int:
                 ctx.enter_context(_patched(fs, "DECODE_ATTENTION", "sdpa"))
             if "separate_writes" in parts:
                 ctx.enter_context(_patched(fs, "FUSED_CACHE_WRITES", False))
+            if "cublas_mm" in parts:
+                ctx.enter_context(_patched(fs, "DECODE_MATMUL", "cublas"))
+            if "splitk_mm" in parts:
+                ctx.enter_context(_patched(fs, "DECODE_MATMUL", "kernel"))
             s_model = student
             if "fp32_student" in parts:
                 s_model = copy.deepcopy(student).float()

@@ -7,16 +7,18 @@ Why: run 4's H200 profile of the batch-64 decode step (gpt2-xl + gpt2, bf16) spe
 5.21 ms of kernel time in the 242 matmuls and their split-K reductions, which read 3.36 GB of
 weights: 1.7 TB/s, where a copy moves 4.2. With 64 rows a matmul has one tile row, and cuBLAS's
 64-column tiles give the teacher's layers 25-100 tiles for 132 SMs. A split-K matmul hands every
-SM a slice of the weights. This measures whether one would close the gap, before the engine
-installs anything: each shape as the step runs it (GPT-2's Conv1D, `torch.addmm(bias, x, W)`
-with W [in, out]) against `splitk_matmul` in each config below, all replayed from CUDA graphs
-over copies of the weights that exceed L2 together (as in the step, where every other layer's
-weights pass through L2 between two visits of this one). Prints microseconds and the weights'
-bytes per second per shape, the best config, and both summed over one decode step's layers.
+SM a slice of the weights. This measures, per shape and over more configs than the engine's
+`decode_matmul.plan` tries when it picks the kernel or cuBLAS for a decoder, how close each
+comes: each shape as the step runs it (GPT-2's Conv1D, `torch.addmm(bias, x, W)` with W [in,
+out]) against `splitk_matmul` in each config below, all replayed from CUDA graphs over copies of
+the weights that exceed L2 together (as in the step, where every other layer's weights pass
+through L2 between two visits of this one). Prints microseconds and the weights' bytes per
+second per shape, the best config, and both summed over one decode step's layers.
 
-The split-K partial sums go to a float32 buffer and a second kernel adds them in a fixed order
-with the bias (deterministic, unlike atomic adds). `--tiny`: small shapes in float32 through
-Triton's interpreter on the CPU, outputs checked, nothing timed.
+The kernel is the engine's (engine/decode_matmul.py): the split-K partial sums go to a float32
+buffer and a second kernel adds them in a fixed order with the bias (deterministic, unlike atomic
+adds). `--tiny`: small shapes in float32 through Triton's interpreter on the CPU, outputs
+checked, nothing timed.
 """
 from __future__ import annotations
 
@@ -26,87 +28,15 @@ from _common import base_parser, emit, low_dtype, machine, setup, table
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # (CPU builds of torch have no Triton)
-    triton = tl = None
-
 # one row per layer matmul: (model, name, in, out, per decode step)
 SHAPES = [("teacher", "c_attn", 1600, 4800, 48), ("teacher", "attn.c_proj", 1600, 1600, 48),
           ("teacher", "c_fc", 1600, 6400, 48), ("teacher", "mlp.c_proj", 6400, 1600, 48),
           ("student", "c_attn", 768, 2304, 12), ("student", "attn.c_proj", 768, 768, 12),
           ("student", "c_fc", 768, 3072, 12), ("student", "mlp.c_proj", 3072, 768, 12)]
 TINY_SHAPES = [("teacher", "c_fc", 64, 256, 2), ("teacher", "mlp.c_proj", 256, 64, 2)]
-# (BLOCK_N, BLOCK_K, SPLIT): 64-row tiles throughout (M is the batch: 64 or 256)
+# (BLOCK_N, BLOCK_K, SPLIT): 64-row tiles at the batches 64 and 256 (decode_matmul._block_m)
 CONFIGS = list(itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8)))
 TINY_CONFIGS = [(32, 32, 1), (32, 32, 4)]
-
-
-def _mm(A, W, BIAS, C, P, M, N, K, sa_m, sw_k, sc_m, k_per_split,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # (row tiles first: the programs that read the same weight tile run next to each other)
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = tl.program_id(2)
-    k0 = s * k_per_split
-    k1 = tl.minimum(k0 + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(k0, k1, BLOCK_K):
-        rk = k + tl.arange(0, BLOCK_K)
-        a = tl.load(A + rm[:, None] * sa_m + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k1), other=0.0)
-        w = tl.load(W + rk[:, None] * sw_k + rn[None, :], mask=(rk[:, None] < k1) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(a, w)
-    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(C + rm[:, None] * sc_m + rn[None, :], acc.to(C.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(P + s * M * N + rm[:, None] * N + rn[None, :], acc, mask=out_mask)
-
-
-def _reduce(P, BIAS, C, M, N, sc_m, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < M * N
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in tl.static_range(SPLIT):  # a fixed order: the same sum every run
-        acc += tl.load(P + s * M * N + i, mask=ok, other=0.0)
-    n = i % N
-    if HAS_BIAS:
-        acc += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
-    tl.store(C + (i // N) * sc_m + n, acc.to(C.dtype.element_ty), mask=ok)
-
-
-_KERNELS: list = []
-
-
-def splitk_matmul(x, w, bias, config, out=None, partial=None):
-    """x [M, K] @ w [K, N] + bias [N] (rows contiguous) with `config` = (BLOCK_N, BLOCK_K, SPLIT);
-    `out`, `partial` (float32 [SPLIT, M, N]) may be passed preallocated (a captured graph)."""
-    if not _KERNELS:
-        _KERNELS.extend((triton.jit(_mm), triton.jit(_reduce)))
-    mm, red = _KERNELS
-    block_n, block_k, split = config
-    M, K = x.shape
-    N = w.shape[1]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    if split > 1 and partial is None:
-        partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    per = -(-K // split)
-    per = -(-per // block_k) * block_k
-    has_bias = bias is not None
-    b = bias if has_bias else x
-    p = partial if split > 1 else out
-    mm[(triton.cdiv(M, 64), triton.cdiv(N, block_n), split)](
-        x, w, b, out, p, M, N, K, x.stride(0), w.stride(0), out.stride(0), per,
-        BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, HAS_BIAS=has_bias,
-        num_warps=4, num_stages=4 if x.is_cuda else 1)
-    if split > 1:
-        red[(triton.cdiv(M * N, 1024),)](partial, b, out, M, N, out.stride(0), SPLIT=split, BLOCK=1024,
-                                        HAS_BIAS=has_bias)
-    return out
 
 
 def main() -> int:
@@ -114,6 +44,7 @@ def main() -> int:
     ap.add_argument("--batches", default=None, help="comma list (default 64,256; tiny 4)")
     args = setup(ap.parse_args(), "skinny_matmul")
     from minillm_cli.engine.decode_attention import _l2_bytes, _time, available
+    from minillm_cli.engine.decode_matmul import splitk_matmul, tolerance
 
     if not available(args.device):
         print("needs Triton (on CPU: TRITON_INTERPRET=1 before it is imported)")
@@ -143,14 +74,14 @@ def main() -> int:
             def cublas(i):
                 return torch.addmm(bias, x, ws[i])
             rec["cublas_us"] = 1e6 * _time(cublas, copies, reps)
-        tol = 2e-2 if dt != torch.float32 else 1e-4
         best = None
         for config in configs:
             def ours(i, config=config):
-                return splitk_matmul(x, ws[i], bias, config, out, partial[: config[2]] if config[2] > 1 else None)
+                return splitk_matmul(x, ws[i], bias, config, out=out,
+                                     partial=partial[: config[2]] if config[2] > 1 else None)
             try:
                 err = float((ours(0).float() - want).abs().max())
-                if not err <= tol * max(1.0, float(want.abs().max())):
+                if not err <= tolerance(dt, float(want.abs().max())):
                     rec.setdefault("wrong", []).append([list(config), err])
                     continue
                 if cuda:

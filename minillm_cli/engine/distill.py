@@ -425,18 +425,19 @@ class MiniLLMRun:
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats, row = time.perf_counter(), {}, {}
-        from minillm_cli.engine.fast_sampler import attention_summary
+        from minillm_cli.engine.fast_sampler import attention_summary, matmul_summary
 
-        said_attention = None
+        said = [None, None]  # the decode attention's and matmuls' lines last logged
         with StopSignal() as stop:
             while step < self.steps:
                 if buffer is None or plan_pos >= len(plan):
                     buffer = None  # (its cached teacher logits must not live through the next collect)
                     buffer, roll_stats = self.collect(iteration)
-                    attention = attention_summary()  # (timed per decoder shape: said when it changes)
-                    if attention and attention != said_attention:
-                        progress.log(attention)
-                        said_attention = attention
+                    # (timed per decoder shape: said when it changes)
+                    for i, line in enumerate((attention_summary(), matmul_summary())):
+                        if line and line != said[i]:
+                            progress.log(line)
+                            said[i] = line
                     plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration)
                     iteration, plan_pos = iteration + 1, 0
                 step += 1

@@ -49,7 +49,7 @@ import torch
 from minillm_cli.engine.sampler import (
     Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, causal_allow, mix_and_sample,
     model_kwargs, positions_from_mask, sample as eager_sample)
-from minillm_cli.engine import decode_attention
+from minillm_cli.engine import decode_attention, decode_matmul
 from minillm_cli.engine.fused import fused_activations
 from minillm_cli.engine.sampling_weights import padded_head, sampling_weights
 from minillm_cli.engine.static_cache import make_static_cache, own_writes, rewind
@@ -91,6 +91,14 @@ DECODE_ATTENTION = "auto"
 # gpt2-xl + gpt2 (0.35 of 5.2 ms of kernel time in run 4's H200 profile at batch 64). Not yet
 # measured on a GPU (benchmarks/rollout_profile.py, variant "separate_writes" turns it off).
 FUSED_CACHE_WRITES = True
+# The decode step's matmuls (rows = the batch): "auto" = engine/decode_matmul.py's split-K Triton
+# kernel for each of a captured CUDA decoder's bf16/fp16 matmul shapes that `decode_matmul.plan`
+# measures at <= 90% of cuBLAS's time (output checked against it), cuBLAS for the rest; "kernel"
+# = every shape through the kernel wherever it can run (benchmarks; tests on CPU through
+# Triton's interpreter); "cublas" = never. Not yet measured in a decode step on a GPU
+# (benchmarks/rollout_profile.py, variant "cublas_mm" turns it off; skinny_matmul.py per shape).
+DECODE_MATMUL = "auto"
+DECODE_MATMULS = ("auto", "kernel", "cublas")
 # torch.compile's mode for the compile engine's decode forwards: None (inductor's default) or
 # "max-autotune-no-cudagraphs", where inductor also times its Triton matmul templates against
 # cuBLAS at the decoder's own shapes -- the 64-row matmuls took 1.94 of the batch-64 step's 5.2 ms
@@ -196,6 +204,8 @@ class _StaticModel:
         # decode steps attend through decode_attention's kernel, with this config (set by
         # `_choose_attention`)
         self.decode_kernel, self.decode_config = False, None
+        # decode steps run these matmul signatures through decode_matmul's kernel (`_choose_matmuls`)
+        self.matmul_table: dict | None = None
         self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
         self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
 
@@ -244,7 +254,8 @@ class _StaticModel:
             self.writes.defer = FUSED_CACHE_WRITES
         try:
             with (decode_attention.active(self.writes.at, self.decode_config) if kernel
-                  else contextlib.nullcontext()):
+                  else contextlib.nullcontext()), \
+                    decode_matmul.active(self.matmul_table if ids.shape[1] == 1 else None):
                 out = self.model(input_ids=ids, attention_mask=self.mask(allow),
                                  position_ids=positions, **kw)
         finally:
@@ -305,6 +316,12 @@ def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L
             continue
         m.decode_kernel, m.decode_config, notes[name] = use, config, (use, why)
     return notes
+
+
+def _choose_matmuls(models: dict, *, captured: bool, B: int) -> dict:
+    """Each model's `matmul_table` by DECODE_MATMUL (`decode_matmul.choose_tables`)."""
+    require(DECODE_MATMUL in DECODE_MATMULS, f"DECODE_MATMUL must be one of {DECODE_MATMULS}, got {DECODE_MATMUL!r}")
+    return decode_matmul.choose_tables(models, DECODE_MATMUL, captured=captured, rows=B)
 
 
 # -- self-check: the static path reproduces a full forward on this transformers version ------
@@ -493,6 +510,7 @@ class _Decoder:
         self.compiled = False  # the models decode through torch.compile'd forwards
         self.capture_error: Exception | None = None
         self.attention_notes: dict = {}  # name -> (kernel used?, why): _choose_attention
+        self.matmul_notes: dict = {}  # name -> (kernel used for any shape?, why): _choose_matmuls
         # the width of a bucket of cache columns attention reads (None: the whole cache)
         bucketed = KV_BUCKETS > 1 and all(m.writes is not None for m in models.values())
         self.width = _round_up(-(-T // KV_BUCKETS), 16) if bucketed else None
@@ -657,6 +675,11 @@ class _Decoder:
                 if m.decode_kernel:
                     m.decode_kernel = False
                     self.attention_notes[name] = (False, "SDPA: the step is not captured")
+        if DECODE_MATMUL == "auto":  # (likewise)
+            for name, m in self.models.items():
+                if m.matmul_table:
+                    m.matmul_table = None
+                    self.matmul_notes[name] = (False, "cuBLAS: the step is not captured")
 
     def run_step(self, s: int) -> None:
         """Step `s` (1 <= s < T): its bucket's graph, captured when first needed, or eagerly.
@@ -695,6 +718,8 @@ _KEPT: dict = {}
 # the newest call's decode attention: model name -> (kernel used?, why) (benchmarks print it,
 # distill logs it); empty where the call did not decode on the static path
 ATTENTION_NOTES: dict = {}
+# likewise its decode matmuls: model name -> (split-K kernel for any shape?, why)
+MATMUL_NOTES: dict = {}
 
 
 def attention_summary() -> str | None:
@@ -705,6 +730,13 @@ def attention_summary() -> str | None:
              for name, (used, why) in ATTENTION_NOTES.items()]
     line = "decode attention: " + "; ".join(parts)
     return line + f"; cache writes {cache_writes()}" if _kernel_used() else line
+
+
+def matmul_summary() -> str | None:
+    """One line on the newest call's decode matmuls, or None."""
+    if not MATMUL_NOTES:
+        return None
+    return "decode matmuls: " + "; ".join(f"{name} {why}" for name, (_, why) in MATMUL_NOTES.items())
 
 
 def _kernel_used() -> bool:
@@ -778,6 +810,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                   params=params, alpha=alpha, eos_id=eos_id, pad_id=pad_id,
                   generators=generators, vocab_size=vocab_size)
     ATTENTION_NOTES.clear()  # (filled again below where this call's decoder attends)
+    MATMUL_NOTES.clear()
     if mode == "eager":
         return eager_sample(**common)
     if teacher is None:
@@ -841,6 +874,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             if fresh and mode != "compile":  # (after the prefill: the caches exist. compile keeps
                 # SDPA: dynamo would trace the kernel's switch)
                 dec.attention_notes = _choose_attention(dec.models, captured=captured, B=B, P=P, T=T, L=L)
+                dec.matmul_notes = _choose_matmuls(dec.models, captured=captured and T > 2, B=B)
             # each bucket's step is captured when first reached (run_step); with T <= 2 there is
             # at most one decode step, run eagerly: nothing to capture or to compile for
             if fresh and captured and T > 2:
@@ -859,6 +893,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             if dec.capture_error is not None and mode == "compile" and not _COMPILE_FAILED:
                 _COMPILE_FAILED.append(str(dec.capture_error))
             ATTENTION_NOTES.update(dec.attention_notes)  # (after the steps: a failed capture changes it)
+            MATMUL_NOTES.update(dec.matmul_notes)
         alive = dec.alive[:, :steps].clone()
         width = int(alive.sum(1).max()) if bool(dec.finished.all()) else steps
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),

@@ -1,0 +1,113 @@
+"""GPU checks of the decode step's split-K matmul (engine/decode_matmul.py; skipped without CUDA):
+compiled by Triton at gpt2-xl's and gpt2's decode shapes in bf16 it gives cuBLAS's result in
+every config `plan` may pick, a CUDA graph replays it bit for bit, the graph engine samples the
+reference's tokens with every decode matmul through it, and "auto" plans without an error."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from minillm_cli.engine import decode_matmul as dm  # noqa: E402
+from minillm_cli.engine import fast_sampler  # noqa: E402
+from minillm_cli.engine.sampler import sample  # noqa: E402
+
+from test_gpu_speed import _args, _fail_on_fallback, _gpt2  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not dm.available("cuda"), reason="needs Triton")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_must_not_fail(monkeypatch):
+    """A kernel error would hand the calls to cuBLAS with a warning (and the results would still
+    match): here it fails the test."""
+    monkeypatch.setattr(dm, "_BROKEN", [])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="split-K matmul kernel failed")
+        yield
+    assert not dm._BROKEN
+
+
+@needs_triton
+@pytest.mark.parametrize("M", [64, 256, 5])
+def test_kernel_gives_cublas_result_at_the_decode_shapes(M):
+    g = torch.Generator(device="cuda").manual_seed(M)
+    shapes = [(1600, 4800, True), (6400, 1600, True), (768, 768, True), (1600, 1600, False)]
+    for K, N, k_major in shapes:
+        w = torch.randn(*((K, N) if k_major else (N, K)), device="cuda", generator=g).bfloat16() / K ** 0.5
+        bias = torch.randn(N, device="cuda", generator=g).bfloat16()
+        x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+        want = (torch.addmm(bias, x, w) if k_major else F.linear(x, w, bias)).float()
+        for block_n, block_k in dm.CONFIGS:
+            for split in dm.splits_for(M, N, K, block_n, block_k, "cuda"):
+                out = dm.splitk_matmul(x, w, bias, (block_n, block_k, split), k_major=k_major)
+                err = float((out.float() - want).abs().max())
+                assert err <= 2e-2 * max(1.0, float(want.abs().max())), (K, N, block_n, block_k, split, err)
+
+
+@needs_triton
+def test_a_cuda_graph_replays_the_split_kernel_bit_for_bit():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 1600, device="cuda", generator=g).bfloat16()
+    w = torch.randn(1600, 4800, device="cuda", generator=g).bfloat16() / 40
+    bias = torch.randn(4800, device="cuda", generator=g).bfloat16()
+    config = (64, 64, 8)
+    eager = dm.splitk_matmul(x, w, bias, config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dm.splitk_matmul(x, w, bias, config)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)  # (a fixed order of the partial sums)
+    x.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, dm.splitk_matmul(x, w, bias, config))
+
+
+@needs_triton
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_graph_engine_through_the_split_k_kernel_matches_the_reference(monkeypatch, alpha):
+    V = 13
+    student = _gpt2(1, V, n_layer=2, n_embd=64, n_head=2)
+    teacher = _gpt2(2, V, n_layer=2, n_embd=256, n_head=4)
+    s = None if alpha == 1 else student
+    monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", "kernel")
+    kw = dict(no_repeat_ngram_size=3, top_k=8)
+    ref = sample(s, teacher, **_args(48, 10, V, 24, alpha, **kw))
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        got = fast_sampler.fast_sample(s, teacher, engine="graph", **_args(48, 10, V, 24, alpha, **kw))
+    fast_sampler.release()
+    assert set(fast_sampler.MATMUL_NOTES) == ({"teacher"} if alpha == 1 else {"student", "teacher"})
+    assert all(used for used, _ in fast_sampler.MATMUL_NOTES.values())
+    same = (ref.response_ids.shape == got.response_ids.shape
+            and (ref.response_ids == got.response_ids).all(1).float().mean().item())
+    assert same and same >= 0.95, same
+    rows = (ref.response_ids == got.response_ids).all(1)
+    torch.testing.assert_close(got.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
+
+
+@needs_triton
+def test_auto_plans_the_decode_matmuls(monkeypatch):
+    """"auto" on a captured bf16 decoder: both models get a measured verdict (not an error, not a
+    mismatch), and the rollout comes out whichever wins."""
+    V = 50
+    student = _gpt2(3, V, torch.bfloat16, n_layer=2, n_embd=256, n_head=4)
+    teacher = _gpt2(4, V, torch.bfloat16, n_layer=2, n_embd=1024, n_head=16)
+    monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", "auto")
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        out = sample(student, teacher, engine="graph", **_args(64, 64, V, T=32, alpha=0.2))
+    fast_sampler.release()
+    notes = fast_sampler.MATMUL_NOTES
+    print(notes)
+    assert set(notes) == {"student", "teacher"}
+    assert all(why.startswith("split-K for ") and "differs" not in why for _, why in notes.values()), notes
+    assert out.response_ids.shape[0] == 64
