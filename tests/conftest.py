@@ -48,6 +48,41 @@ def gpt2_numbers(seed: int, *, vocab: int = 11, pad: int = 11, eos: int = 0, n_l
     return GPT2LMHeadModel(cfg).eval()
 
 
+@pytest.fixture(autouse=True)
+def _gpu_tests_decode_matmuls_on_cublas(request, monkeypatch):
+    """GPU tests sample with the decode matmuls on cuBLAS, except tests/gpu/test_gpu_matmul.py.
+    `fast_sampler.DECODE_MATMUL = "auto"` plans the split-K matmul for every new decoder shape,
+    which on a fresh machine means Triton builds per batch size (row tile) and config, ~1 s
+    each: more than the device call has to spare for tests that check other things. Some of
+    those also compare bits between runs whose matmul shapes differ (the student's bf16 weight
+    copies on and off), where the kernel and cuBLAS sum in other orders. (A conftest.py in
+    tests/gpu would shadow this one for `from conftest import`.)"""
+    path = Path(str(request.fspath))
+    if path.parent.name != "gpu" or path.stem == "test_gpu_matmul":
+        return
+    from minillm_cli.engine import fast_sampler
+
+    monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", "cublas")
+
+
+# The toy sampling setup sampler tests share: gpt2_numbers' vocabulary, pad and EOS ids, and four
+# prompts of different lengths (left-padded by toy_sample_args).
+TOY_V, TOY_PAD, TOY_EOS = 11, 11, 0
+TOY_PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 2], [5], [1, 2, 3, 4]]
+
+
+def toy_sample_args(seeds, alpha, **kw) -> dict:
+    """Keyword arguments of sample() / fast_sample() over TOY_PROMPTS: one generator per seed,
+    SamplingParams(max_new_tokens (default 24), **the rest of kw)."""
+    from minillm_cli.data.tokenize import left_pad
+    from minillm_cli.engine.sampler import SamplingParams
+
+    ids, mask = left_pad(TOY_PROMPTS, TOY_PAD)
+    return dict(prompt_ids=ids, prompt_mask=mask, params=SamplingParams(kw.pop("max_new_tokens", 24), **kw),
+                alpha=alpha, eos_id=TOY_EOS, pad_id=TOY_PAD,
+                generators=[torch.Generator().manual_seed(s) for s in seeds], vocab_size=TOY_V)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -15,9 +15,8 @@ pytestmark = [pytest.mark.gpu,
 
 from minillm_cli.engine import decode_matmul as dm  # noqa: E402
 from minillm_cli.engine import fast_sampler  # noqa: E402
-from minillm_cli.engine.sampler import sample  # noqa: E402
 
-from test_gpu_speed import _args, _fail_on_fallback, _gpt2  # noqa: E402
+from test_gpu_speed import _assert_fast_matches_reference, _bf16_graph_rollout, _gpt2  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not dm.available("cuda"), reason="needs Triton")
 
@@ -79,35 +78,18 @@ def test_graph_engine_through_the_split_k_kernel_matches_the_reference(monkeypat
     teacher = _gpt2(2, V, n_layer=2, n_embd=256, n_head=4)
     s = None if alpha == 1 else student
     monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", "kernel")
-    kw = dict(no_repeat_ngram_size=3, top_k=8)
-    ref = sample(s, teacher, **_args(48, 10, V, 24, alpha, **kw))
-    with warnings.catch_warnings():
-        _fail_on_fallback()
-        got = fast_sampler.fast_sample(s, teacher, engine="graph", **_args(48, 10, V, 24, alpha, **kw))
-    fast_sampler.release()
+    _assert_fast_matches_reference(s, teacher, V, alpha, no_repeat_ngram_size=3, top_k=8)
     assert set(fast_sampler.MATMUL_NOTES) == ({"teacher"} if alpha == 1 else {"student", "teacher"})
     assert all(used for used, _ in fast_sampler.MATMUL_NOTES.values())
-    same = (ref.response_ids.shape == got.response_ids.shape
-            and (ref.response_ids == got.response_ids).all(1).float().mean().item())
-    assert same and same >= 0.95, same
-    rows = (ref.response_ids == got.response_ids).all(1)
-    torch.testing.assert_close(got.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
 
 
 @needs_triton
 def test_auto_plans_the_decode_matmuls(monkeypatch):
     """"auto" on a captured bf16 decoder: both models get a measured verdict (not an error, not a
     mismatch), and the rollout comes out whichever wins."""
-    V = 50
-    student = _gpt2(3, V, torch.bfloat16, n_layer=2, n_embd=256, n_head=4)
-    teacher = _gpt2(4, V, torch.bfloat16, n_layer=2, n_embd=1024, n_head=16)
     monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", "auto")
-    with warnings.catch_warnings():
-        _fail_on_fallback()
-        out = sample(student, teacher, engine="graph", **_args(64, 64, V, T=32, alpha=0.2))
-    fast_sampler.release()
+    _bf16_graph_rollout()
     notes = fast_sampler.MATMUL_NOTES
     print(notes)
     assert set(notes) == {"student", "teacher"}
     assert all(why.startswith("split-K for ") and "differs" not in why for _, why in notes.values()), notes
-    assert out.response_ids.shape[0] == 64

@@ -46,6 +46,34 @@ def _args(B, P, V, T, alpha, seed0=0, **kw):
                 vocab_size=V)
 
 
+def _assert_fast_matches_reference(s, t, V, alpha, engine="graph", T=24, **kw):
+    """The fast sampler's rollout (no fallback) against the reference's on 48 rows: >= 95% of
+    rows token for token (float32 kernels differ, so a row may rarely flip a token), their
+    log-probs within 1e-4."""
+    ref = sample(s, t, **_args(48, 10, V, T, alpha, **kw))
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        got = fast_sampler.fast_sample(s, t, engine=engine, **_args(48, 10, V, T, alpha, **kw))
+    fast_sampler.release()
+    same = (ref.response_ids.shape == got.response_ids.shape
+            and (ref.response_ids == got.response_ids).all(1).float().mean().item())
+    assert same and same >= 0.95, same
+    rows = (ref.response_ids == got.response_ids).all(1)
+    torch.testing.assert_close(got.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
+
+
+def _bf16_graph_rollout():
+    """A captured rollout of a bf16 gpt2-like pair at batch 64 (where "auto" measures its kernels)."""
+    V = 50
+    student = _gpt2(3, V, torch.bfloat16, n_layer=2, n_embd=256, n_head=4)
+    teacher = _gpt2(4, V, torch.bfloat16, n_layer=2, n_embd=1024, n_head=16)
+    with warnings.catch_warnings():
+        _fail_on_fallback()
+        out = sample(student, teacher, engine="graph", **_args(64, 64, V, T=32, alpha=0.2))
+    fast_sampler.release()
+    assert out.response_ids.shape[0] == 64
+
+
 @pytest.fixture(scope="module")
 def tiny():
     V = 13
@@ -57,19 +85,8 @@ def tiny():
 def test_fast_engines_match_the_reference_on_cuda(tiny, engine, alpha):
     student, teacher, V = tiny
     s, t = (student, None) if alpha == 0 else ((None, teacher) if alpha == 1 else (student, teacher))
-    T = 24 if engine != "compile" else 8
-    kw = dict(no_repeat_ngram_size=3, top_k=8)
-    ref = sample(s, t, **_args(48, 10, V, T, alpha, **kw))
-    with warnings.catch_warnings():
-        _fail_on_fallback()
-        got = fast_sampler.fast_sample(s, t, engine=engine, **_args(48, 10, V, T, alpha, **kw))
-    fast_sampler.release()
-    same_rows = (ref.response_ids.shape == got.response_ids.shape
-                 and (ref.response_ids == got.response_ids).all(1).float().mean().item())
-    # float32 kernels differ (static vs dynamic cache attention): a row may rarely flip a token
-    assert same_rows and same_rows >= 0.95, same_rows
-    rows = (ref.response_ids == got.response_ids).all(1)
-    torch.testing.assert_close(got.mix_logp[rows], ref.mix_logp[rows], rtol=0, atol=1e-4)
+    _assert_fast_matches_reference(s, t, V, alpha, engine=engine, T=24 if engine != "compile" else 8,
+                                   no_repeat_ngram_size=3, top_k=8)
 
 
 def test_graph_step_one_frequencies_follow_the_mixture(tiny):

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 
-from conftest import gpt2_numbers
+from conftest import TOY_EOS, TOY_PAD, TOY_V, gpt2_numbers, toy_sample_args
 from minillm_cli.engine import decode_attention as da
 from minillm_cli.engine import fast_sampler
 from minillm_cli.engine.fast_sampler import fast_sample
 from minillm_cli.engine.sampler import SamplingParams, sample
-from minillm_cli.data.tokenize import left_pad
 
 pytestmark = pytest.mark.skipif(not da.available("cpu"), reason="needs Triton (interpreter mode)")
 
@@ -521,15 +520,8 @@ def test_the_choice_times_separate_writes_where_the_kernel_cannot_take_them(monk
 
 # -- the sampler through the kernel --------------------------------------------------------------
 
-V, PAD, EOS = 11, 11, 0
-PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 2], [5], [1, 2, 3, 4]]
-
-
-def _args(seeds, alpha, **kw):
-    ids, mask = left_pad(PROMPTS, PAD)
-    return dict(prompt_ids=ids, prompt_mask=mask, params=SamplingParams(kw.pop("max_new_tokens", 24), **kw),
-                alpha=alpha, eos_id=EOS, pad_id=PAD,
-                generators=[torch.Generator().manual_seed(s) for s in seeds], vocab_size=V)
+V, PAD, EOS = TOY_V, TOY_PAD, TOY_EOS
+_args = toy_sample_args
 
 
 @pytest.mark.parametrize("buckets,fused", [(1, True), (3, True), (1, False)])

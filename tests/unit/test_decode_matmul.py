@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import gpt2_numbers
+from conftest import TOY_EOS, TOY_PAD, TOY_V, gpt2_numbers, toy_sample_args
 from minillm_cli.engine import decode_matmul as dm
 from minillm_cli.engine import fast_sampler
 from minillm_cli.engine.fast_sampler import fast_sample
-from minillm_cli.engine.sampler import SamplingParams, sample
-from minillm_cli.data.tokenize import left_pad
+from minillm_cli.engine.sampler import sample
 
 pytestmark = pytest.mark.skipif(not dm.available("cpu"), reason="needs Triton (interpreter mode)")
 
@@ -157,15 +156,8 @@ def test_model_shapes_and_the_forced_table():
     assert set(table) == {dm.signature(4, K, N, km, b, torch.float32, "cpu") for K, N, km, b in shapes}
 
 
-V, PAD, EOS = 11, 11, 0
-PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 2], [5], [1, 2, 3, 4]]
-
-
-def _args(seeds, alpha, **kw):
-    ids, mask = left_pad(PROMPTS, PAD)
-    return dict(prompt_ids=ids, prompt_mask=mask, params=SamplingParams(kw.pop("max_new_tokens", 24), **kw),
-                alpha=alpha, eos_id=EOS, pad_id=PAD,
-                generators=[torch.Generator().manual_seed(s) for s in seeds], vocab_size=V)
+V, PAD, EOS = TOY_V, TOY_PAD, TOY_EOS
+_args = toy_sample_args
 
 
 def test_sampler_with_every_decode_matmul_through_the_kernel_draws_the_reference_tokens(monkeypatch):
