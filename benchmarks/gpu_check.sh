@@ -25,7 +25,8 @@
 #          kernel -- its GPU tests, the rollout figures (where "auto" chooses), the step with the
 #          kernel forced on and off, and the iteration.
 #   part 6 (9 min of limits, ~6 by run 5's times -- the 30 GPU tests took 99 s there, the
-#          rollouts 80 s -- plus the split-K matmul's Triton builds; not in "all"): the release
+#          rollouts 80 s -- plus the split-K matmul's Triton builds, ~20-40 of them at ~1-2 s
+#          each in the tests, ~18 in the rollouts' first "auto" plan; not in "all"): the release
 #          check after run 5 -- all GPU tests (the fused cache writes of the decode-attention
 #          kernel and the split-K decode matmul among them), the rollout figures (where "auto"
 #          now also plans the decode matmuls), the decode step's profiles and its time with
@@ -81,7 +82,7 @@ if [ "$PART" = 5 ]; then
 fi
 if [ "$PART" = 6 ]; then
   run 210 "$PY" -m pytest -q -p no:cacheprovider tests/gpu -rA --junitxml="$RES/gpu_tests.xml"
-  run 150 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
+  run 180 "$PY" benchmarks/rollout.py --batches 64,256 --engines naive,graph
   run 90  "$PY" benchmarks/rollout_profile.py --variants base,cublas_mm,separate_writes
   run 60  "$PY" benchmarks/train_step.py --variants naive,ours
 fi

@@ -33,7 +33,8 @@ def _kernel_must_not_fail(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("M", [64, 256, 5])
+@pytest.mark.parametrize("M", [64, 256])  # (one row tile of 64 for both: the device call's Triton builds
+# are counted; smaller row tiles are checked through the interpreter in tests/unit)
 def test_kernel_gives_cublas_result_at_the_decode_shapes(M):
     g = torch.Generator(device="cuda").manual_seed(M)
     shapes = [(1600, 4800, True), (6400, 1600, True), (768, 768, True), (1600, 1600, False)]
