@@ -192,8 +192,8 @@ def signature(M: int, K: int, N: int, k_major: bool, has_bias: bool, dtype, devi
 
 
 def _call(func, args, kwargs):
-    """(x [M, K], w, bias, k_major, out shape) for an addmm / linear call the kernel could take,
-    else None."""
+    """(x [..., K], w, bias, k_major, out shape) for an addmm / linear call the kernel could
+    take, else None (x is flattened to [M, K] only once the call is served: a reshape may copy)."""
     if func is torch.addmm and len(args) == 3 and not kwargs:
         bias, x, w = args
         if bias is None or bias.dim() != 1 or x.dim() != 2 or w.dim() != 2:
@@ -204,7 +204,7 @@ def _call(func, args, kwargs):
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         if x.dim() < 2 or w.dim() != 2 or (bias is not None and bias.dim() != 1):
             return None
-        return x.reshape(-1, x.shape[-1]), w, bias, False, (*x.shape[:-1], w.shape[0])
+        return x, w, bias, False, (*x.shape[:-1], w.shape[0])
     return None
 
 
@@ -218,12 +218,16 @@ def _serve(func, args, kwargs, table: dict):
         return None
     x, w, bias, k_major, shape = call
     dtype = _run_dtype(x)
-    if not (x.is_floating_point() and w.dtype == dtype and x.device == w.device):
+    # (float64 is never cast by autocast: a float64 input goes to the original, which refuses it)
+    if not (x.is_floating_point() and x.dtype != torch.float64 and w.dtype == dtype and x.device == w.device):
         return None
     K, N = (w.shape[0], w.shape[1]) if k_major else (w.shape[1], w.shape[0])
-    config = table.get(signature(x.shape[0], K, N, k_major, bias is not None, dtype, x.device))
-    if config is None or x.shape[1] != K or (bias is not None and tuple(bias.shape) != (N,)):
+    if x.shape[-1] != K or x.numel() == 0:
         return None
+    config = table.get(signature(x.numel() // K, K, N, k_major, bias is not None, dtype, x.device))
+    if config is None or (bias is not None and tuple(bias.shape) != (N,)):
+        return None
+    x = x.reshape(-1, K)
     if dtype != x.dtype or (bias is not None and bias.dtype != dtype):
         if not torch.is_autocast_enabled(x.device.type):
             return None  # (the original op decides what mixed dtypes mean)

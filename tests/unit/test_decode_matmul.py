@@ -314,6 +314,10 @@ def test_mode_leaves_a_bias_of_another_length_and_mixed_dtypes_without_autocast_
         torch.addmm(torch.randn(1), x, w)  # (broadcast bias: the original's business)
         with pytest.raises(RuntimeError):  # (the original refuses mixed dtypes: so must we)
             torch.addmm(torch.randn(48, dtype=torch.float64), x, w)
+    table16 = {dm.signature(4, 32, 48, True, True, torch.float16, "cpu"): (16, 16, 1)}
+    with torch.autocast("cpu", dtype=torch.float16), dm.active(table16):
+        with pytest.raises(RuntimeError):  # (autocast never casts float64: nor may we)
+            torch.addmm(torch.randn(48), x.double(), w.half())
 
 
 def test_under_autocast_the_bias_is_rounded_to_autocasts_dtype_before_the_sum(monkeypatch):
