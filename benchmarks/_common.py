@@ -290,9 +290,9 @@ def naive_minillm_loss(student, teacher, batch, normalizer: float, vocab: int, c
     return ((ss + pg) * mask).sum() / normalizer
 
 
-def decode_attention_fields() -> dict:
-    """What the newest fast-sampler call's decode steps attended with, for a JSON record: each
-    model's (kernel used?, why), who wrote the new KV columns, and each model's decode matmuls
+def decode_step_fields() -> dict:
+    """What the newest fast-sampler call's decode steps ran, for a JSON record: each model's
+    attention (kernel used?, why), who wrote the new KV columns, and each model's matmuls
     (split-K kernel for any shape?, why)."""
     from minillm_cli.engine import fast_sampler
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 
-from _common import (base_parser, build_pair, decode_attention_fields, emit, low_dtype, machine, naive_minillm_loss, naive_rollout,
+from _common import (base_parser, build_pair, decode_step_fields, emit, low_dtype, machine, naive_minillm_loss, naive_rollout,
                      random_prompts, setup, sync, table)
 
 
@@ -206,8 +206,8 @@ def main() -> int:
                "weights_finite_after": all(bool(torch.isfinite(p).all()) for p in student.parameters()),
                "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                "device": info.get("gpu", info["device"])}
-        if not naive:  # which attention the decode steps ran (fast_sampler.DECODE_ATTENTION)
-            rec.update(decode_attention_fields())
+        if not naive:  # which attention and matmuls the decode steps ran (fast_sampler.DECODE_*)
+            rec.update(decode_step_fields())
             rec["update_micro_steps"] = micro_step.summary  # (captures and replays, both iterations)
         emit(args, rec)
         rows.append(rec)

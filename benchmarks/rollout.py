@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from _common import (base_parser, build_pair, decode_attention_fields, emit, low_dtype, machine,
+from _common import (base_parser, build_pair, decode_step_fields, emit, low_dtype, machine,
                      measure_bandwidth, naive_rollout, random_prompts, setup, sync, table, timed,
                      weight_bytes)
 
@@ -98,8 +98,8 @@ def main() -> int:
                    "ms_per_step": ms, "tokens_per_s": B * steps / secs, "seconds": secs, "first_call_s": first,
                    "peak_gib": peak, "limit_ms_per_step": 1e3 * limit_s, "limit_tokens_per_s": B / limit_s,
                    "pct_of_limit": 100 * limit_s * 1e3 / ms, "device": info.get("gpu", info["device"])}
-            if eng != "naive":  # which attention the decode step ran (fast_sampler.DECODE_ATTENTION)
-                rec.update(decode_attention_fields())
+            if eng != "naive":  # which attention and matmuls the decode step ran (fast_sampler.DECODE_*)
+                rec.update(decode_step_fields())
             emit(args, rec)
             rows.append(rec)
         fast_sampler.release()

@@ -51,7 +51,7 @@ import contextlib
 import copy
 import time
 
-from _common import (base_parser, build_pair, decode_attention_fields, emit, kernel_profile, low_dtype, machine, random_prompts, setup,
+from _common import (base_parser, build_pair, decode_step_fields, emit, kernel_profile, low_dtype, machine, random_prompts, setup,
                      sync)
 
 
@@ -189,7 +189,7 @@ def main() -> int:
             secs = time.perf_counter() - t0
             steps = r.response_ids.shape[1]
             rec = {"kind": "variant", "variant": variant, "batch": B, "ms_per_step": 1e3 * secs / steps,
-                   "tokens_per_s": B * steps / secs, "first_call_s": first, **decode_attention_fields()}
+                   "tokens_per_s": B * steps / secs, "first_call_s": first, **decode_step_fields()}
         except Exception as e:  # report and go on
             rec = {"kind": "variant", "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
         finally:

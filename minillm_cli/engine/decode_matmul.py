@@ -19,10 +19,10 @@ dtype is left to the original (casting it in every step would cost more than the
 decode step (float32 stays on cuBLAS), its output checked against the original's, both timed as
 CUDA-graph replays over weight copies larger than L2 (as in the step, where every other layer's
 weights pass through L2 between two visits of this one); a shape gets the kernel only at <=
-MARGIN of the original's time. The
-fast sampler plans only where the decode step is captured: eagerly, Triton's Python launcher and
-the mode itself cost more than a matmul. A measured choice, not yet measured in a decode step on
-a GPU (benchmarks/skinny_matmul.py and rollout_profile.py's "cublas_mm" variant do that).
+MARGIN of the original's time. The fast sampler plans only where the decode step is captured:
+eagerly, Triton's Python launcher and the mode itself cost more than a matmul. A measured
+choice, not yet measured in a decode step on a GPU (benchmarks/skinny_matmul.py and
+rollout_profile.py's "cublas_mm" variant do that).
 On CPU tensors the kernel runs through Triton's interpreter (tests)."""
 from __future__ import annotations
 
@@ -133,12 +133,12 @@ def splitk_matmul(x, w, bias, config, *, k_major: bool = True, out=None, partial
     M, K = x.shape
     N = w.shape[1] if k_major else w.shape[0]
     sw_k, sw_n = (w.stride(0), w.stride(1)) if k_major else (w.stride(1), w.stride(0))
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    if split > 1 and partial is None:
-        partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     per = -(-K // split)
     per = -(-per // block_k) * block_k
     split = -(-K // per)  # (no program with an empty slice)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    if split > 1 and partial is None:
+        partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     has_bias = bias is not None
     b = bias if has_bias else x  # (an unread placeholder)
     block_m = _block_m(M)
@@ -334,7 +334,8 @@ def plan(model, M: int, dtype, device) -> tuple[dict, str]:
     if _BROKEN:
         return {}, f"the kernel failed earlier ({_BROKEN[0][:120]})"
     table, saved, total, notes = {}, 0.0, 0.0, []
-    for K, N, k_major, has_bias in model_shapes(model, dtype):
+    shapes = model_shapes(model, dtype)
+    for K, N, k_major, has_bias in shapes:
         sig = signature(M, K, N, k_major, has_bias, dtype, device)
         if sig not in _CHOICES:
             try:
@@ -351,8 +352,7 @@ def plan(model, M: int, dtype, device) -> tuple[dict, str]:
             saved += t_orig - t_ours
         elif why:
             notes.append(why)
-    n = len(model_shapes(model, dtype))
-    why = (f"split-K for {len(table)} of {n} matmul shapes, {saved * 1e6:.1f} of {total * 1e6:.1f} us "
+    why = (f"split-K for {len(table)} of {len(shapes)} matmul shapes, {saved * 1e6:.1f} of {total * 1e6:.1f} us "
            f"per pass over them saved by their timing") + (f"; {notes[0]}" if notes else "")
     return table, why
 
