@@ -92,10 +92,10 @@ def main() -> int:
 
     # -- profile of eager static steps ---------------------------------------------------------
     L = -(-(P + T) // 16) * 16
-    models = {"student": fs._StaticModel(student, V, B, L, args.device),
-              "teacher": fs._StaticModel(teacher, V, B, L, args.device)}
-    dec = fs._Decoder(models, B=B, P=P, T=T, L=L, alpha=args.alpha, params=SamplingParams(T), eos_id=eos,
-                      pad_id=eos, vocab_size=V, device=args.device)
+    models = {"student": fs.make_model(student, V, B, L, args.device),
+              "teacher": fs.make_model(teacher, V, B, L, args.device)}
+    dec = fs.make_decoder(models, B=B, P=P, T=T, L=L, alpha=args.alpha, params=SamplingParams(T), eos_id=eos,
+                          pad_id=eos, vocab_size=V, device=args.device)
     with torch.no_grad(), contextlib.ExitStack() as stack:
         stack.enter_context(fs.fused_activations([student, teacher]))  # as the sampler runs them
         for m in models.values():  # (the padded heads; float32 weights' copies)
@@ -147,7 +147,7 @@ def main() -> int:
             if "cudnn" in parts:
                 ctx.enter_context(sdpa_only("CUDNN_ATTENTION"))
             if "bool_mask" in parts:
-                ctx.enter_context(_patched(fs._StaticModel, "mask", lambda self, allow: allow))
+                ctx.enter_context(_patched(fs.StaticModel, "mask", lambda self, allow: allow))
             if "per_step_casts" in parts:
                 ctx.enter_context(_patched(fs, "SAMPLING_WEIGHTS", False))
             if "plain_head" in parts:
@@ -172,7 +172,7 @@ def main() -> int:
             if "fp32_student" in parts:
                 s_model = copy.deepcopy(student).float()
                 ctx.enter_context(torch.autocast(args.device.type, dtype=low_dtype(args)))
-            fs._CHECKED.clear()
+            fs.static_check._CHECKED.clear()
 
             def run():
                 gens = [torch.Generator().manual_seed(b) for b in range(B)]

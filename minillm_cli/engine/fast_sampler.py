@@ -31,6 +31,11 @@ Anything the static path cannot serve (an attention implementation other than sd
 model without StaticCache support, a failed self-check) falls back to `sampler.sample` with a
 warning, so the result is always the reference distribution.
 
+Modules: engine/static_model.py (one model on its static cache), engine/static_check.py (the
+self-check), engine/decode_loop.py (the step and its capture); this one holds the switches
+(module attributes that benchmarks and tests set; read at each call and handed down), the
+choice of decode kernels, and `fast_sample`.
+
 transformers compatibility: the cache is passed through `sampler.model_kwargs` (`cache=` or
 `past_key_values=` by the forward signature); `cache_position` is passed only when the forward
 accepts it (<= 5.2x); StaticCache is built from the keyword arguments its constructor accepts;
@@ -41,18 +46,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import warnings
-import weakref
 from dataclasses import astuple
 
 import torch
 
-from minillm_cli.engine.sampler import (
-    Rollout, SamplingParams, _Stepper, _forward_params, _hf_model, causal_allow, mix_and_sample,
-    model_kwargs, positions_from_mask, sample as eager_sample)
-from minillm_cli.engine import decode_attention, decode_matmul
+from minillm_cli.engine.sampler import Rollout, SamplingParams, sample as eager_sample
+from minillm_cli.engine import decode_attention, decode_matmul, static_check
+from minillm_cli.engine.decode_loop import Decoder
 from minillm_cli.engine.fused import fused_activations
-from minillm_cli.engine.sampling_weights import padded_head, sampling_weights
-from minillm_cli.engine.static_cache import make_static_cache, own_writes, rewind
+from minillm_cli.engine.static_model import (
+    ModelSwitches, StaticModel, Unsupported, autocast_dtype, param_device, round_up)
 from minillm_cli.errors import require
 
 ENGINES = ("auto", "eager", "static", "graph", "compile")
@@ -106,8 +109,9 @@ DECODE_MATMULS = ("auto", "kernel", "cublas")
 # autotuning on the first call. Not a mode with CUDA graphs of its own: the step is captured in
 # ours. Untried on a GPU (benchmarks/rollout.py --compile-mode, in benchmarks/gpu_check.sh 3).
 COMPILE_MODE: str | None = None
-COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
-_SUPPORTED_ATTN = ("sdpa", "eager")
+# device types on which self_check also runs the decode steps through decode_attention's kernel
+# (where "auto" may choose it; tests add "cpu", where Triton's interpreter runs it)
+KERNEL_CHECK_DEVICES: tuple = ("cuda",)
 
 
 def resolve_engine(engine: str, device) -> str:
@@ -121,171 +125,46 @@ def resolve_engine(engine: str, device) -> str:
     return engine
 
 
-# -- one model on a static cache --------------------------------------------------------------
+# -- the switches, handed down ---------------------------------------------------------------
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _autocast_dtype(device):
-    """Autocast's dtype on this device's type, None when off (what a self-check or a captured
-    graph depends on; the argument-less `torch.is_autocast_enabled()` asks about CUDA only)."""
-    dev = torch.device(device).type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+def model_switches() -> ModelSwitches:
+    """The switches a StaticModel is built with, as they are set now."""
+    return ModelSwitches(weight_copies=SAMPLING_WEIGHTS, pad_head_devices=PAD_HEAD_DEVICES,
+                         fused_cache_writes=FUSED_CACHE_WRITES, compile_mode=COMPILE_MODE)
 
 
-def _fresh_casts(device):
-    """Inside the decode step, autocast must cast float32 weights afresh instead of using its
-    cache of cast copies: a CUDA graph captured over cached copies would read them after the
-    autocast region that owned them has exited and freed them (garbage, NaN), and would keep
-    reading stale copies after an optimizer step. The casts become part of the step."""
-    import contextlib
-
-    dtype = _autocast_dtype(device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)
+def make_model(model, vocab_size: int, batch_size: int, max_len: int, device) -> StaticModel:
+    """`model` on a static cache, built with the switches as they are set now."""
+    return StaticModel(model, vocab_size, batch_size, max_len, device, model_switches())
 
 
-def _param_dtype(model) -> torch.dtype:
-    for p in model.parameters():
-        return p.dtype
-    return torch.float32
+def make_decoder(models: dict, **kw) -> Decoder:
+    """A Decoder over `make_model`s (keywords: Decoder's shape and sampling ones), with the
+    switches as they are set now."""
+    return Decoder(models, kv_buckets=KV_BUCKETS, parallel=PARALLEL_MODELS,
+                   timed_attention=DECODE_ATTENTION == "auto", timed_matmuls=DECODE_MATMUL == "auto", **kw)
 
 
-def _param_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _kernel_pass_on(device) -> bool:
+    """Whether the switches let self_check decode through the kernel on this device."""
+    return DECODE_ATTENTION != "sdpa" and torch.device(device).type in KERNEL_CHECK_DEVICES
 
 
-def additive_mask(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask as an additive one in `dtype` (0 where allowed, min elsewhere)."""
-    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
+def _kernel_checkable(sm, device) -> bool:
+    """Whether self_check, with the switches as they are set now, decodes `sm` through the kernel."""
+    return static_check.kernel_checkable(sm, device, _kernel_pass_on(device))
 
 
-class _StaticModel:
-    """A model with its StaticCache: forward(ids [B,q], allow [B,1,q,L] bool, positions [B,q],
-    cache_position [q]) -> next-token logits [B, V] (sliced to the vocabulary)."""
-
-    def __init__(self, model, vocab_size: int, batch_size: int, max_len: int, device):
-        self.model, self.vocab_size = model, vocab_size
-        self.impl = getattr(_hf_model(model).config, "_attn_implementation", None) or "eager"
-        if self.impl not in _SUPPORTED_ATTN:
-            raise _Unsupported(f"attention implementation {self.impl!r}")
-        self.dtype = _param_dtype(model)
-        # where the model runs: a teacher behind TeacherOnDevice runs on its own device, outside the
-        # student device's autocast (its mask must then be in its weights' dtype, its cache columns
-        # on its device)
-        self.device = _param_device(model)
-        amp = _autocast_dtype(self.device)
-        self.mask_dtype = amp or self.dtype
-        # the LM head with its vocabulary rows padded to aligned ones (in the dtype it runs in)
-        self.head = padded_head(_hf_model(model), amp) if self.device.type in PAD_HEAD_DEVICES else None
-        skip = (self.head.head,) if self.head is not None else ()
-        # float32 matmul weights cast once per call instead of in every step, where that is exact
-        self.weights = sampling_weights(model, amp, skip) if SAMPLING_WEIGHTS else None
-        if self.weights is not None and not _copies_exact(model, self.weights, vocab_size, device):
-            self.weights = None
-        try:
-            self.cache = make_static_cache(model, batch_size, max_len, device, self.dtype)
-        except torch.cuda.OutOfMemoryError:
-            raise  # (versions that allocate here) transient: must not switch to the eager loop
-        except Exception as e:  # a model family without static-cache support
-            raise _Unsupported(f"StaticCache: {e}") from e
-        # a sliding-window layer keeps min(window, max_len) positions and rolls over them; the
-        # decode step's [B, 1, 1, max_len] mask does not fit it (it raised mid-rollout)
-        short = min((getattr(layer, "max_cache_len", max_len) for layer in getattr(self.cache, "layers", ())),
-                    default=max_len)
-        if short < max_len:
-            raise _Unsupported(f"a sliding-window cache of {short} positions, shorter than the rollout's {max_len}")
-        # the sampler writes the cache at its own positions (static_cache.CacheWrites), where it can
-        self.writes = own_writes(self.cache)
-        # decode steps attend through decode_attention's kernel, with this config (set by
-        # `_choose_attention`)
-        self.decode_kernel, self.decode_config = False, None
-        # decode steps run these matmul signatures through decode_matmul's kernel (`_choose_matmuls`)
-        self.matmul_table: dict | None = None
-        self.kw = model_kwargs(model, cache=self.cache, logits_to_keep=1, use_cache=True)
-        self.pass_cache_position = "cache_position" in _forward_params(type(_hf_model(model)))
-
-    def refresh_copies(self) -> None:
-        """Cast / pad the current masters (an optimizer step may have run since the last call)
-        into the copies. Every model's, before any is installed: the same model as student and
-        teacher must not copy the other decoder's installed copy."""
-        for copies in (self.weights, self.head):
-            if copies is not None:
-                copies.refresh()
-
-    @contextlib.contextmanager
-    def installed_copies(self):
-        """Inside: the model reads the low-precision copies of its float32 matmul weights and the
-        padded head (after `refresh_copies`)."""
-        with contextlib.ExitStack() as stack:
-            for copies in (self.weights, self.head):
-                if copies is not None:
-                    stack.enter_context(copies.installed())
-            yield
-
-    @contextlib.contextmanager
-    def sampling_weights(self):
-        """One model alone: refresh_copies, then installed_copies."""
-        self.refresh_copies()
-        with self.installed_copies():
-            yield
-
-    def mask(self, allow: torch.Tensor) -> torch.Tensor:
-        """Additive, in the dtype attention runs in (autocast's, else the weights'): eager attention
-        adds it to the scores, and SDPA would otherwise convert a boolean mask in every layer (60
-        layers a step for gpt2-xl + gpt2). Once per model and step instead:
-        H200, batch 64, 7.98 -> 7.77 ms/step (2026-11-28, benchmarks/rollout_profile.py)."""
-        return additive_mask(allow, self.mask_dtype)
-
-    def forward(self, ids, allow, positions, cache_position, kv_len: int | None = None):
-        """kv_len: attend over cache columns [0, kv_len) only (`allow` is that wide); needs
-        `self.writes`."""
-        kw = dict(self.kw)
-        if self.pass_cache_position:
-            kw["cache_position"] = cache_position
-        if self.writes is not None:  # (TeacherOnDevice moves the forward's arguments, not this)
-            self.writes.at, self.writes.kv_len = cache_position.to(self.device), kv_len
-        kernel = self.decode_kernel and ids.shape[1] == 1 and self.writes is not None
-        if kernel:
-            self.writes.defer = FUSED_CACHE_WRITES
-        try:
-            with (decode_attention.active(self.writes.at, self.decode_config) if kernel
-                  else contextlib.nullcontext()), \
-                    decode_matmul.active(self.matmul_table if ids.shape[1] == 1 else None):
-                out = self.model(input_ids=ids, attention_mask=self.mask(allow),
-                                 position_ids=positions, **kw)
-        finally:
-            if self.writes is not None:
-                self.writes.at = self.writes.kv_len = None
-                self.writes.defer = False
-        return out.logits[:, -1, : self.vocab_size]
-
-    def compile_decode(self, backend: str = "inductor") -> None:
-        """Decode steps through torch.compile'd forward (one shape: q = 1; the prefill stays
-        eager). Only the model is compiled -- the usual compiled static-cache decode -- not the
-        sampling around it, whose vocabulary-wide reductions are where torch 2.11's inductor failed
-        when the whole step was compiled (H200, gpt2-xl shapes, 2026-11-28)."""
-        require(COMPILE_MODE in COMPILE_MODES,
-                f"compile mode must be one of {COMPILE_MODES[1:]} (the step is captured in our own CUDA "
-                f"graph), got {COMPILE_MODE!r}")
-        dynamo = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # (the name differs across versions)
-            if hasattr(dynamo, name):  # one compiled version per model x decoder shape: 8 runs out
-                setattr(dynamo, name, max(getattr(dynamo, name), 64))
-        kw = {"mode": COMPILE_MODE} if COMPILE_MODE and backend == "inductor" else {}
-        self.decode = torch.compile(self.forward, backend=backend, dynamic=False, **kw)
-
-    def decode(self, ids, allow, positions, cache_position, kv_len=None):
-        return self.forward(ids, allow, positions, cache_position, kv_len)
+def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
+    """`static_check.self_check` with the switches as they are set now (see there)."""
+    return static_check.self_check(model, vocab_size, device, eos_id, kernel_pass=_kernel_pass_on(device),
+                                   switches=model_switches())
 
 
-class _Unsupported(Exception):
-    pass
+kernel_unsafe = static_check.kernel_unsafe
 
+
+# -- the decode kernels ------------------------------------------------------------------------
 
 def _choose_attention(models: dict, *, captured: bool, B: int, P: int, T: int, L: int) -> dict:
     """Set each model's `decode_kernel` (and config) by DECODE_ATTENTION, after the prefill
@@ -323,393 +202,6 @@ def _choose_matmuls(models: dict, *, captured: bool, B: int) -> dict:
     require(DECODE_MATMUL in DECODE_MATMULS, f"DECODE_MATMUL must be one of {DECODE_MATMULS}, got {DECODE_MATMUL!r}")
     return decode_matmul.choose_tables(models, DECODE_MATMUL, captured=captured, rows=B)
 
-
-# -- self-check: the static path reproduces a full forward on this transformers version ------
-
-_COPIES_EXACT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-@torch.no_grad()
-def _copies_exact(model, weights, vocab_size: int, device) -> bool:
-    """Whether `model` gives bit for bit the same logits reading the low-precision copies as
-    reading its float32 masters under this autocast (code around a covered module may read the
-    weight's dtype: peft's DoRA does). Once per model, autocast dtype and device."""
-    key = (_autocast_dtype(_param_device(model)), str(device))
-    done = _COPIES_EXACT.setdefault(model, {})
-    if key not in done:
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, vocab_size, (2, 8), generator=g).to(device)
-        mask = torch.ones_like(ids)
-        mask[0, :2] = 0
-        kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                  **model_kwargs(model, use_cache=False))
-        with _fresh_casts(device):  # as the decode step runs
-            ref = model(**kw).logits
-            weights.refresh()
-            with weights.installed():
-                got = model(**kw).logits
-        done[key] = torch.equal(ref, got)
-    return done[key]
-
-
-_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# model -> {autocast dtype: why its decode steps through the kernel failed self_check, or None
-# where they passed}; models without an entry were not checked through it
-_KERNEL_UNSAFE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# device types on which self_check also runs the decode steps through decode_attention's kernel
-# (where "auto" may choose it; tests add "cpu", where Triton's interpreter runs it)
-KERNEL_CHECK_DEVICES: tuple = ("cuda",)
-
-
-def _kernel_pass_on(device) -> bool:
-    """Whether the switches let self_check decode through the kernel on this device (part of its
-    cache key: a check made with the pass off must not stand for one with it on)."""
-    return DECODE_ATTENTION != "sdpa" and torch.device(device).type in KERNEL_CHECK_DEVICES
-
-
-def _kernel_checkable(sm, device) -> bool:
-    """Whether self_check also decodes `sm`'s model through the kernel: where "auto" may choose it,
-    and only for a model on the sampler's own device (a teacher on another GPU never attends
-    through the kernel: its steps are not captured)."""
-    return (_kernel_pass_on(device) and sm.impl == "sdpa" and sm.writes is not None
-            and sm.device == torch.device(device)  # (as `fast_sample` decides what it captures)
-            and decode_attention.available(device))
-
-
-def kernel_unsafe(model, device) -> str | None:
-    """Why `model`'s decode steps through the kernel failed self_check here (None: passed or not
-    checked)."""
-    return _KERNEL_UNSAFE.get(model, {}).get(_autocast_dtype(device))
-
-
-@torch.no_grad()
-def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
-    """None when a left-padded static-cache prefill + 3 decode steps give the logits of one
-    uncached forward over the same tokens (within precision); else a reason. Cached per model,
-    autocast dtype, device and `_kernel_pass_on`."""
-    key = (_autocast_dtype(device), str(device), _kernel_pass_on(device))
-    done = _CHECKED.get(model)
-    if done is not None and key in done:
-        return done[key]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (2, 8), generator=g).to(device)
-    mask = torch.ones(2, 8, dtype=torch.long, device=device)
-    mask[0, :1] = 0
-    mask[1, :3] = 0
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, eos_id))
-    P, n_dec = 5, 3
-    was = model.training
-    model.eval()
-    try:
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                    **model_kwargs(model, use_cache=False)).logits[:, :, :vocab_size].float()
-        key_valid = torch.cat([mask[:, :P].bool(), torch.ones(2, 16 - P, dtype=torch.bool,
-                                                              device=device)], 1)
-        pos = positions_from_mask(mask)
-
-        def static_logits(kernel: bool):
-            sm = _StaticModel(model, vocab_size, 2, 16, device)
-            sm.decode_kernel = kernel  # (decode steps through decode_attention's kernel)
-            with sm.sampling_weights():  # as fast_sample runs the model
-                got = [sm.forward(ids[:, :P], causal_allow(key_valid, P), pos[:, :P],
-                                  torch.arange(P, device=device)).float()]
-                ar = torch.arange(16, device=device)
-                for k in range(n_dec):
-                    col = torch.tensor([P + k], device=device)
-                    # where the sampler owns the cache writes, attention reads the used prefix, as
-                    # a step does with KV_BUCKETS (checks the views, too)
-                    n = P + k + 1 if sm.writes is not None else None
-                    allow = (key_valid & (ar <= col))[:, None, None, :n]
-                    got.append(sm.forward(ids[:, P + k : P + k + 1], allow, pos[:, P + k : P + k + 1],
-                                          col, n).float())
-            return sm, torch.stack(got, 1)
-
-        sm, got = static_logits(False)
-        low = _autocast_dtype(device) is not None or sm.dtype in (torch.float16, torch.bfloat16)
-        checkable = _kernel_checkable(sm, device)
-        del sm  # (its weight copies: the kernel's pass below builds its own)
-        want = ref[:, P - 1 : P + n_dec]
-        # the noise floor: how far the eager sampler's own cached decode is from the full forward
-        # (deep bf16 models drift by more than a fixed tolerance; a wrong mask or position drifts
-        # by far more than the floor)
-        st = _Stepper(model, vocab_size)
-        base = [st.prefill(ids[:, :P], mask[:, :P]).float()]
-        for k in range(n_dec):
-            base.append(st.step(ids[:, P + k], mask[:, : P + k + 1], pos[:, P + k]).float())
-        base = torch.stack(base, 1)
-
-        def rel(x):
-            return float((x - want).abs().max() / want.abs().max().clamp(min=1e-6))
-
-        err, floor = rel(got), rel(base)
-        # capped: a drifting dynamic-cache path must not widen the check past what a wrong mask
-        # or position (errors of order one) would show
-        tol = max(3e-2 if low else 1e-4, min(4 * floor, 0.25))
-        reason = None if err <= tol else (f"static-cache logits differ from a full forward (rel {err:.2e}; "
-                                          f"the dynamic cache's {floor:.2e})")
-        if reason is None and checkable:
-            # the same through the decode-attention kernel (and its cache writes): a model whose
-            # attention the kernel does not reproduce keeps SDPA, not the reference loop. (Its
-            # rounding differs from SDPA's: held to 1.5x SDPA's error where that is above tol.)
-            broken = len(decode_attention._BROKEN)
-            try:
-                err_k = rel(static_logits(True)[1])
-                unsafe = (None if err_k <= max(tol, 1.5 * err)
-                          else f"rel {err_k:.2e} from a full forward (SDPA's {err:.2e})")
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:
-                unsafe = f"{type(e).__name__}: {e}"[:200]
-            if len(decode_attention._BROKEN) > broken:  # the kernel failed here (and the dispatch
-                # handed the call to SDPA): this model keeps SDPA, the others may still use it
-                unsafe = f"the kernel failed: {decode_attention._BROKEN[broken][:160]}"
-                del decode_attention._BROKEN[broken:]
-            _KERNEL_UNSAFE.setdefault(model, {})[_autocast_dtype(device)] = unsafe
-    except _Unsupported as e:
-        reason = str(e)
-    except torch.cuda.OutOfMemoryError:
-        raise  # transient, not a property of the model: must not switch the run to the eager loop
-    except Exception as e:  # whatever breaks the static path here falls back to the reference
-        reason = f"static-cache path failed: {type(e).__name__}: {e}"
-    finally:
-        model.train(was)
-    _CHECKED.setdefault(model, {})[key] = reason
-    return reason
-
-
-# -- the decode loop --------------------------------------------------------------------------
-
-class _Decoder:
-    """Static buffers + the step function for one shape (B, P, L, T) and one set of settings.
-    All state the step touches lives in tensors updated in place, so the step can be captured."""
-
-    def __init__(self, models: dict, *, B: int, P: int, T: int, L: int, alpha: float,
-                 params: SamplingParams, eos_id: int, pad_id: int, vocab_size: int, device):
-        self.models = models  # name -> _StaticModel ("student" / "teacher")
-        self.B, self.P, self.T, self.L = B, P, T, L
-        self.alpha, self.params, self.eos, self.pad, self.V = alpha, params, eos_id, pad_id, vocab_size
-        self.n = params.no_repeat_ngram_size
-        self.device = device
-        dev = device
-        self.ar = torch.arange(L, device=dev)
-        self.key_valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
-        self.prompt_real = torch.zeros(B, L, dtype=torch.bool, device=dev)
-        self.next_pos = torch.zeros(B, dtype=torch.long, device=dev)
-        self.uniforms = torch.zeros(B, T, dtype=torch.float32, device=dev)
-        self.seq = torch.zeros(B, L, dtype=torch.long, device=dev)
-        self.t = torch.zeros(1, dtype=torch.long, device=dev)
-        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.fed = torch.zeros(B, dtype=torch.long, device=dev)
-        self.tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
-        self.alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        self.lq = self.lm = None  # allocated at step 0 (dtype of mix_and_sample's output)
-        # kv_len -> captured step (None: capture tried, not possible); graphs share one memory pool
-        self.graphs: dict = {}
-        self.pool = None
-        self.capturing = False  # set by fast_sample for the graph / compile engines
-        self.compiled = False  # the models decode through torch.compile'd forwards
-        self.capture_error: Exception | None = None
-        self.attention_notes: dict = {}  # name -> (kernel used?, why): _choose_attention
-        self.matmul_notes: dict = {}  # name -> (kernel used for any shape?, why): _choose_matmuls
-        # the width of a bucket of cache columns attention reads (None: the whole cache)
-        bucketed = KV_BUCKETS > 1 and all(m.writes is not None for m in models.values())
-        self.width = _round_up(-(-T // KV_BUCKETS), 16) if bucketed else None
-        parallel = PARALLEL_MODELS and torch.device(device).type == "cuda" and len(models) == 2
-        self.side = torch.cuda.Stream(device) if parallel else None  # the student's stream
-
-    # state in, prefill, step 0 ---------------------------------------------------------------
-    def load(self, prompt_ids, prompt_mask, uniforms):
-        P = self.P
-        pm = prompt_mask.bool()
-        self.key_valid.zero_()
-        self.key_valid[:, :P] = pm
-        self.key_valid[:, P:] = True
-        self.prompt_real.zero_()
-        self.prompt_real[:, :P] = pm
-        self.next_pos.copy_(pm.long().sum(-1))
-        self.uniforms.copy_(uniforms)
-        self.seq.zero_()
-        self.seq[:, :P] = prompt_ids
-        self.t.zero_()
-        self.finished.zero_()
-        for m in self.models.values():
-            rewind(m.cache, 0)
-        allow = causal_allow(self.key_valid, P)
-        pos = positions_from_mask(pm.long())
-        cp = torch.arange(P, device=self.device)
-        logits = {name: m.forward(prompt_ids, allow, pos, cp) for name, m in self.models.items()}
-        self._sample_and_record(logits)
-
-    # the step -----------------------------------------------------------------------------------
-    def _ngram_banned(self) -> torch.Tensor:
-        n, t, P = self.n, self.t, self.P
-        real = self.prompt_real | ((self.ar >= P) & (self.ar < P + t))
-        win = self.seq.unfold(1, n, 1)                      # [B, W, n]
-        win_real = real.unfold(1, n, 1).all(-1)             # [B, W]
-        last_idx = (P + t - (n - 1) + torch.arange(n - 1, device=self.device)).clamp(min=0)
-        last = self.seq.index_select(1, last_idx)           # [B, n-1]
-        match = (win[:, :, : n - 1] == last[:, None, :]).all(-1) & win_real
-        match &= ((self.next_pos + t) >= n - 1)[:, None]    # the row has n-1 tokens already
-        nxt = win[:, :, n - 1]
-        col = torch.where(match & (nxt < self.V), nxt, torch.full_like(nxt, self.V))
-        banned = torch.zeros(self.B, self.V + 1, dtype=torch.bool, device=self.device)
-        banned.scatter_(1, col, True)
-        return banned[:, : self.V]
-
-    def _sample_and_record(self, logits: dict) -> None:
-        t = self.t
-        banned = self._ngram_banned() if self.n > 0 else None
-        u = self.uniforms.index_select(1, t).squeeze(1)
-        tok, lq, lm = mix_and_sample(logits.get("student"), logits.get("teacher"), self.alpha,
-                                     self.params, u, banned, never=self.pad)
-        if self.lm is None:  # step 0 runs eagerly: allocate with the dtypes the step produces
-            self.lm = torch.zeros(self.B, self.T, dtype=lm.dtype, device=self.device)
-            if lq is not None:
-                self.lq = torch.zeros(self.B, self.T, dtype=lq.dtype, device=self.device)
-        alive = ~self.finished
-        tok = torch.where(alive, tok, torch.full_like(tok, self.pad))
-        self.tokens.index_copy_(1, t, tok[:, None])
-        self.alive.index_copy_(1, t, alive[:, None])
-        self.lm.index_copy_(1, t, torch.where(alive, lm, torch.zeros_like(lm))[:, None])
-        if lq is not None:
-            self.lq.index_copy_(1, t, torch.where(alive, lq, torch.zeros_like(lq))[:, None])
-        self.finished.logical_or_(alive & (tok == self.eos))
-        # finished rows keep decoding EOS (the pad id need not have an embedding row)
-        self.fed.copy_(torch.where(alive, tok, torch.full_like(tok, self.eos)))
-        if self.n > 0:
-            self.seq.index_copy_(1, self.P + t, tok[:, None])
-        self.t.add_(1)
-
-    def kv_len(self, s: int) -> int | None:
-        """The cache columns step `s` (sampling token s; it feeds column P + s - 1) attends over:
-        the first P + s at least, rounded up to the bucket's end; None: all."""
-        if self.width is None:
-            return None
-        return min(self.L, self.P + _round_up(s, self.width))
-
-    def step(self, kv_len: int | None = None) -> None:
-        """Feed the last token (cache column P + t - 1), run the models, sample token t."""
-        with _fresh_casts(self.device):
-            self._step(kv_len)
-
-    def _step(self, kv_len: int | None) -> None:
-        t = self.t
-        col = self.P + t - 1
-        allow = (self.key_valid[:, :kv_len] & (self.ar[:kv_len] <= col))[:, None, None, :]
-        pos = (self.next_pos + t - 1)[:, None]
-        ids = self.fed[:, None]
-        if self.side is None:
-            logits = {name: m.decode(ids, allow, pos, col, kv_len) for name, m in self.models.items()}
-        else:
-            logits = self._decode_in_parallel(ids, allow, pos, col, kv_len)
-        self._sample_and_record(logits)
-
-    def _decode_in_parallel(self, *args) -> dict:
-        """The student on the side stream, the teacher on the current one; joined before sampling.
-        The student's outputs are allocated on the side stream and read on the current one after
-        the join; their memory can be handed out again only to side-stream work, which starts
-        only after the next step's fork has waited for everything queued on the current stream
-        (the readers included), so no `record_stream` is needed."""
-        main = torch.cuda.current_stream(self.device)
-        self.side.wait_stream(main)  # the fed tokens, mask and positions are written on `main`
-        with torch.cuda.stream(self.side):
-            student = self.models["student"].decode(*args)
-        teacher = self.models["teacher"].decode(*args)
-        main.wait_stream(self.side)
-        return {"student": student, "teacher": teacher}
-
-    # capture ----------------------------------------------------------------------------------
-    def _snapshot(self):
-        return self.t.clone(), self.finished.clone(), self.fed.clone()
-
-    def _restore(self, snap) -> None:
-        t, finished, fed = snap
-        self.t.copy_(t)
-        self.finished.copy_(finished)
-        self.fed.copy_(fed)
-        for m in self.models.values():
-            rewind(m.cache, self.P + int(t) - 1)
-
-    def capture(self, kv_len: int | None = None) -> None:
-        """Record `step(kv_len)` in a CUDA graph (after two warm-up steps on a side stream,
-        undone); the graphs of one decoder share a memory pool (they never run at once)."""
-        snap = self._snapshot()
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.step(kv_len)
-            torch.cuda.current_stream().wait_stream(stream)
-            self._restore(snap)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.step(kv_len)
-            self.graphs[kv_len] = graph
-            self.pool = graph.pool()
-        finally:
-            torch.cuda.synchronize()
-            self._restore(snap)  # capture records without running; undo the warm-up steps
-
-    def compile(self, backend: str = "inductor") -> None:
-        """torch.compile each model's decode forward (inductor fuses the layer norms, residual adds,
-        biases and activations between the matmuls into few kernels); `capture` then records the
-        step -- compiled forwards, eager sampling -- in our own CUDA graph, as for "graph"."""
-        for m in self.models.values():
-            m.compile_decode(backend)
-        self.compiled = True
-
-    def uncompile(self) -> None:
-        """Decode with the plain forwards from now on (graphs captured already keep their kernels:
-        replaying one calls no compiler)."""
-        for m in self.models.values():
-            m.__dict__.pop("decode", None)  # back to the class's eager decode
-        self.compiled = False
-
-    def _give_up_capture(self, e: Exception) -> None:
-        warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=4)
-        self.capture_error, self.capturing = e, False
-        self.uncompile()  # else each step would call the failing compiler again
-        if DECODE_ATTENTION == "auto":  # its choice was for replayed steps (no launch overhead)
-            for name, m in self.models.items():
-                if m.decode_kernel:
-                    m.decode_kernel = False
-                    self.attention_notes[name] = (False, "SDPA: the step is not captured")
-        if DECODE_MATMUL == "auto":  # (likewise)
-            for name, m in self.models.items():
-                if m.matmul_table:
-                    m.matmul_table = None
-                    self.matmul_notes[name] = (False, "cuBLAS: the step is not captured")
-
-    def run_step(self, s: int) -> None:
-        """Step `s` (1 <= s < T): its bucket's graph, captured when first needed, or eagerly.
-        Capture's two warm-up steps write token columns s and s + 1, so a bucket first reached at
-        the last step runs eagerly (with T = 2, s + 1 = T would index past the buffers: a
-        device-side assert on CUDA)."""
-        n = self.kv_len(s)
-        if n not in self.graphs and self.capturing and s + 1 < self.T:
-            try:
-                self.capture(n)  # (for "compile": the warm-up steps compile)
-            except torch.cuda.OutOfMemoryError:
-                raise  # transient, not a property of the step: must not switch capture off for good
-            except Exception as e:  # not capturable, or (compile) the compiler failed
-                self._give_up_capture(e)
-            self.graphs.setdefault(n, None)
-        graph = self.graphs.get(n)
-        if graph is not None:
-            graph.replay()
-        elif not self.compiled:
-            self.step(n)
-        else:  # an eager step through the compiled forwards (a bucket first reached at the last step)
-            snap = self._snapshot()
-            try:
-                self.step(n)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # the compiler failed here: undo, and the plain step
-                self._restore(snap)
-                self._give_up_capture(e)
-                self.step(n)
 
 
 # -- the public entry point -------------------------------------------------------------------
@@ -829,11 +321,11 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         mode = "graph"
     # a model on another device (--teacher-device) runs outside the capture: its kernels would
     # not be in the graph (a replay would reuse stale outputs), or its host copies break it
-    captured = mode in ("graph", "compile") and all(_param_device(m) == device for m in run.values())
+    captured = mode in ("graph", "compile") and all(param_device(m) == device for m in run.values())
     bucket = prompt_bucket or (64 if captured else 1)
     keep = captured if keep is None else keep
-    P = _round_up(P0, bucket)
-    L = _round_up(P + T, 16)
+    P = round_up(P0, bucket)
+    L = round_up(P + T, 16)
     ids, pm = prompt_ids, prompt_mask.bool()
     if P > P0:  # extra left padding (masked; EOS is a valid embedding row)
         ids = torch.cat([torch.full((B, P - P0), eos_id, dtype=ids.dtype, device=device), ids], 1)
@@ -850,20 +342,21 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                     return _fallback(f"{name}: {reason}", states, **common)
         # a kept decoder (its captured graph, its weight copies) reads the parameters' storage:
         # a model whose parameters were replaced since (load_state_dict(assign=True), .to())
-        # needs a new one
+        # needs a new one; so does a switch set since (a benchmark's variant)
         key = (tuple((n, id(m), tuple(p.data_ptr() for p in m.parameters())) for n, m in run.items()),
                B, P, T, L, alpha, astuple(params),
-               eos_id, pad_id, vocab_size, mode, str(device), _autocast_dtype(device))
+               eos_id, pad_id, vocab_size, mode, str(device), autocast_dtype(device),
+               model_switches(), KV_BUCKETS, PARALLEL_MODELS, DECODE_ATTENTION, DECODE_MATMUL)
         dec = _KEPT.get(key)
         fresh = dec is None
         if fresh:
             _drop_kept()  # at most one kept decoder: its caches can be large
             try:
-                models = {n: _StaticModel(m, vocab_size, B, L, device) for n, m in run.items()}
-            except _Unsupported as e:
+                models = {n: make_model(m, vocab_size, B, L, device) for n, m in run.items()}
+            except Unsupported as e:
                 return _fallback(str(e), states, **common)
-            dec = _Decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
-                           pad_id=pad_id, vocab_size=vocab_size, device=device)
+            dec = make_decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
+                               pad_id=pad_id, vocab_size=vocab_size, device=device)
         with contextlib.ExitStack() as stack:
             stack.enter_context(fused_activations(run.values()))  # gelu_new as one kernel (engine/fused.py)
             for m in dec.models.values():  # low-precision copies of float32 weights, padded heads

@@ -3,7 +3,7 @@
 `distill` trains a float32 student under bf16/fp16 autocast. Autocast casts a float32 weight to
 bf16 every time a matmul reads it (it caches the cast only for trainable leaf tensors, within one
 autocast region). The fast sampler's decode step must not use that cache (a CUDA graph captured
-over it reads freed memory once the autocast region exits, see `fast_sampler._fresh_casts`), so
+over it reads freed memory once the autocast region exits, see `static_model.fresh_casts`), so
 every decode step cast the whole model again: per matmul parameter it read 4 bytes and wrote 2
 before the matmul read the copy (gpt2: ~0.75 GB and ~100 small kernels a step, one per weight and
 bias; a 7B student: ~42 GB a step, more than its own bf16 weights).

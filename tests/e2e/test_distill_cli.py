@@ -317,7 +317,7 @@ def test_out_of_device_memory_while_sampling_splits_the_batch(tmp_path, tiny_dir
     with a hint at lowering the batch sizes."""
     import torch
 
-    from minillm_cli.engine import distill, fast_sampler, sampler
+    from minillm_cli.engine import decode_loop, distill, sampler
 
     def oom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
@@ -334,8 +334,8 @@ def test_out_of_device_memory_while_sampling_splits_the_batch(tmp_path, tiny_dir
             monkeypatch.setattr(distill, "sample", guard(distill.sample))
             monkeypatch.setattr(sampler, "sample", guard(sampler.sample))
         else:
-            real_step = fast_sampler._Decoder.run_step
-            monkeypatch.setattr(fast_sampler._Decoder, "run_step",
+            real_step = decode_loop.Decoder.run_step
+            monkeypatch.setattr(decode_loop.Decoder, "run_step",
                                 lambda self, s: oom() if self.B > 2 else real_step(self, s))
 
     args = [a for a in common(tiny_dir, dolly_like) if a != "--quiet"]

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TOY_EOS, TOY_PAD, TOY_V, gpt2_numbers, toy_sample_args
 from minillm_cli.engine import decode_attention as da
-from minillm_cli.engine import fast_sampler
+from minillm_cli.engine import fast_sampler, static_check
 from minillm_cli.engine.fast_sampler import fast_sample
 from minillm_cli.engine.sampler import SamplingParams, sample
 
@@ -620,10 +620,10 @@ def test_a_self_check_made_with_the_kernel_switched_off_does_not_stand_for_one_t
     monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "sdpa")
     assert fast_sampler.self_check(model, V, "cpu", EOS) is None
-    assert not calls and model not in fast_sampler._KERNEL_UNSAFE
+    assert not calls and model not in static_check._KERNEL_UNSAFE
     monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "auto")
     assert fast_sampler.self_check(model, V, "cpu", EOS) is None
-    assert calls and fast_sampler._KERNEL_UNSAFE[model] == {None: None}  # checked, and passed
+    assert calls and static_check._KERNEL_UNSAFE[model] == {None: None}  # checked, and passed
     n = len(calls)
     assert fast_sampler.self_check(model, V, "cpu", EOS) is None and len(calls) == n  # cached
 
@@ -677,8 +677,8 @@ def test_auto_keeps_sdpa_off_cuda_and_for_eager_attention(monkeypatch):
     fast_sample(student, eager, engine="static", **_args(range(4), 0.3, max_new_tokens=6))
     assert fast_sampler.ATTENTION_NOTES == {} and calls == []
     monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
-    models = {"student": fast_sampler._StaticModel(student, V, 4, 16, "cpu"),
-              "teacher": fast_sampler._StaticModel(eager, V, 4, 16, "cpu")}
+    models = {"student": fast_sampler.make_model(student, V, 4, 16, "cpu"),
+              "teacher": fast_sampler.make_model(eager, V, 4, 16, "cpu")}
     notes = fast_sampler._choose_attention(models, captured=True, B=4, P=6, T=8, L=16)
     assert set(notes) == {"student"} and not models["teacher"].decode_kernel
     fast_sampler.release()
@@ -718,12 +718,12 @@ def test_after_a_failed_capture_or_a_kernel_failure_auto_uses_sdpa(monkeypatch):
     to SDPA (Triton's Python launcher costs more per layer), and once the kernel has failed in this
     process no decoder is offered it."""
     student = gpt2_numbers(1, vocab=V, pad=PAD, eos=EOS)
-    models = {"student": fast_sampler._StaticModel(student, V, 4, 16, "cpu")}
-    dec = fast_sampler._Decoder(models, B=4, P=6, T=8, L=16, alpha=0.0, params=SamplingParams(8), eos_id=EOS,
-                                pad_id=PAD, vocab_size=V, device="cpu")
+    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "auto")
+    models = {"student": fast_sampler.make_model(student, V, 4, 16, "cpu")}
+    dec = fast_sampler.make_decoder(models, B=4, P=6, T=8, L=16, alpha=0.0, params=SamplingParams(8), eos_id=EOS,
+                                    pad_id=PAD, vocab_size=V, device="cpu")
     models["student"].decode_kernel = True
     dec.attention_notes = {"student": (True, "measured")}
-    monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "auto")
     with pytest.warns(UserWarning, match="capture failed"):
         dec._give_up_capture(RuntimeError("no graph"))
     assert not models["student"].decode_kernel and dec.attention_notes["student"][0] is False

@@ -379,15 +379,18 @@ def test_a_failed_capture_drops_the_measured_tables_under_auto(monkeypatch, engi
     """"auto" chose the kernel for replayed steps; eagerly the mode and Triton's launcher cost more
     than they save, so a decoder that cannot capture goes back to cuBLAS (and says so). Forced
     ("kernel") tables stay."""
-    from types import SimpleNamespace
+    from minillm_cli.engine.sampler import SamplingParams
 
     monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", engine_mode)
-    models = {name: SimpleNamespace(decode_kernel=False, matmul_table={"sig": (64, 64, 2)})
-              for name in ("student", "teacher")}
-    dec = SimpleNamespace(models=models, attention_notes={}, matmul_notes={"student": (True, "planned")},
-                          uncompile=lambda: None, capture_error=None, capturing=True)
+    models = {name: fast_sampler.make_model(gpt2_numbers(seed, n_layer=1), TOY_V, 4, 16, "cpu")
+              for seed, name in enumerate(("student", "teacher"))}
+    dec = fast_sampler.make_decoder(models, B=4, P=6, T=8, L=16, alpha=0.5, params=SamplingParams(8),
+                                    eos_id=TOY_EOS, pad_id=TOY_PAD, vocab_size=TOY_V, device="cpu")
+    for m in models.values():
+        m.matmul_table = {"sig": (64, 64, 2)}
+    dec.matmul_notes = {"student": (True, "planned")}
     with pytest.warns(UserWarning, match="CUDA graph capture failed"):
-        fast_sampler._Decoder._give_up_capture(dec, RuntimeError("not capturable"))
+        dec._give_up_capture(RuntimeError("not capturable"))
     assert all((m.matmul_table is None) is dropped for m in models.values())
     if dropped:
         assert dec.matmul_notes == {name: (False, "cuBLAS: the step is not captured") for name in models}

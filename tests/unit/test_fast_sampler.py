@@ -12,7 +12,7 @@ import torch
 
 from conftest import gpt2_numbers
 from minillm_cli.data.tokenize import left_pad
-from minillm_cli.engine import fast_sampler
+from minillm_cli.engine import decode_loop, fast_sampler, static_check, static_model
 from minillm_cli.engine.fast_sampler import fast_sample, resolve_engine, self_check
 from minillm_cli.engine.fused import FusedGELU
 from minillm_cli.engine.sampler import SamplingParams, sample
@@ -152,8 +152,8 @@ def test_self_check_passes_and_fallback_is_the_reference(models, monkeypatch):
     student, teacher = models
     assert self_check(student, V, "cpu", EOS) is None
     assert self_check(teacher, V, "cpu", EOS) is None
-    monkeypatch.setattr(fast_sampler, "_SUPPORTED_ATTN", ())
-    monkeypatch.setattr(fast_sampler, "_CHECKED", type(fast_sampler._CHECKED)())
+    monkeypatch.setattr(static_model, "SUPPORTED_ATTN", ())
+    monkeypatch.setattr(static_check, "_CHECKED", type(static_check._CHECKED)())
     seen = []
     hook = student.transformer.h[0].mlp.register_forward_pre_hook(lambda mod, a: seen.append(type(mod.act).__name__))
     with warnings.catch_warnings(record=True) as w:
@@ -170,12 +170,12 @@ def test_an_error_in_the_static_path_falls_back_to_the_reference(models, monkeyp
     dtype: a teacher on another device under the student's autocast did on a GPU) falls back to
     the reference sampler with a warning instead of stopping the run."""
     student, teacher = models
-    monkeypatch.setattr(fast_sampler, "_CHECKED", type(fast_sampler._CHECKED)())
+    monkeypatch.setattr(static_check, "_CHECKED", type(static_check._CHECKED)())
 
     def refused(self, allow):
         raise RuntimeError("Expected attn_mask dtype to be bool or float or to match query dtype")
 
-    monkeypatch.setattr(fast_sampler._StaticModel, "mask", refused)
+    monkeypatch.setattr(static_model.StaticModel, "mask", refused)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         ref, got = _both(student, teacher, PROMPTS, [1, 2, 3, 4], 0.3, fallback=True)
@@ -192,13 +192,13 @@ def test_mask_dtype_follows_where_each_model_runs(models, monkeypatch):
     student, teacher = models
     elsewhere = torch.device("meta")  # stands for the teacher's own device (one CPU here)
     autocast_on = {torch.device("cpu"): torch.bfloat16}  # the sampling device's autocast
-    monkeypatch.setattr(fast_sampler, "_autocast_dtype", lambda device: autocast_on.get(torch.device(device)))
+    monkeypatch.setattr(static_model, "autocast_dtype", lambda device: autocast_on.get(torch.device(device)))
     wrapped = TeacherOnDevice(teacher, torch.device("cpu"))
-    monkeypatch.setattr(fast_sampler, "_param_device", lambda m: elsewhere if m is wrapped else torch.device("cpu"))
-    assert fast_sampler._StaticModel(wrapped, V, 2, 16, "cpu").mask_dtype == torch.float32
-    assert fast_sampler._StaticModel(student, V, 2, 16, "cpu").mask_dtype == torch.bfloat16
-    monkeypatch.setattr(fast_sampler, "_autocast_dtype", lambda device: None)
-    sm = fast_sampler._StaticModel(student.to(torch.float64), V, 2, 16, "cpu")
+    monkeypatch.setattr(static_model, "param_device", lambda m: elsewhere if m is wrapped else torch.device("cpu"))
+    assert fast_sampler.make_model(wrapped, V, 2, 16, "cpu").mask_dtype == torch.float32
+    assert fast_sampler.make_model(student, V, 2, 16, "cpu").mask_dtype == torch.bfloat16
+    monkeypatch.setattr(static_model, "autocast_dtype", lambda device: None)
+    sm = fast_sampler.make_model(student.to(torch.float64), V, 2, 16, "cpu")
     student.float()
     allow = torch.tensor([[True, False]])
     assert sm.mask(allow).dtype == torch.float64 and sm.mask(allow)[0, 1] == torch.finfo(torch.float64).min
@@ -306,7 +306,7 @@ def _broken_compiler(monkeypatch) -> list:
         self.decode = compiled
 
     monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
-    monkeypatch.setattr(fast_sampler._StaticModel, "compile_decode", broken_compile_decode)
+    monkeypatch.setattr(static_model.StaticModel, "compile_decode", broken_compile_decode)
     return calls
 
 
@@ -324,7 +324,7 @@ def test_failed_capture_of_a_compiled_step_decodes_eagerly(models, monkeypatch):
         finally:
             self._restore(snap)
 
-    monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
+    monkeypatch.setattr(decode_loop.Decoder, "capture", capture)
     monkeypatch.setattr(fast_sampler, "_COMPILE_FAILED", [])
     ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
     with warnings.catch_warnings(record=True) as w:
@@ -350,12 +350,12 @@ def test_compile_engine_compiles_the_model_forwards_only(models, monkeypatch):
     from torch._dynamo.utils import counters
 
     student, teacher = models
-    real_compile = fast_sampler._Decoder.compile
+    real_compile = decode_loop.Decoder.compile
     traced = []
     monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "compile")
-    monkeypatch.setattr(fast_sampler._Decoder, "compile", lambda self: real_compile(self, backend="eager"))
-    monkeypatch.setattr(fast_sampler._Decoder, "capture", lambda self, kv_len=None: None)  # no CUDA here
-    monkeypatch.setattr(fast_sampler._StaticModel, "forward", _recording(fast_sampler._StaticModel.forward, traced))
+    monkeypatch.setattr(decode_loop.Decoder, "compile", lambda self: real_compile(self, backend="eager"))
+    monkeypatch.setattr(decode_loop.Decoder, "capture", lambda self, kv_len=None: None)  # no CUDA here
+    monkeypatch.setattr(static_model.StaticModel, "forward", _recording(static_model.StaticModel.forward, traced))
     torch._dynamo.reset()
     counters.clear()
     ref = sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
@@ -374,7 +374,7 @@ def test_compile_mode_reaches_torch_compile_and_modes_with_their_own_graphs_are_
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     monkeypatch.setattr(fast_sampler, "COMPILE_MODE", mode)
-    sm = fast_sampler._StaticModel(models[0], V, 2, 16, "cpu")
+    sm = fast_sampler.make_model(models[0], V, 2, 16, "cpu")
     if mode == "reduce-overhead":
         with pytest.raises(InputError, match="compile mode"):
             sm.compile_decode()
@@ -409,7 +409,7 @@ def _fake_capture(monkeypatch) -> list:
         seen.append(kv_len)
 
     monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "graph")
-    monkeypatch.setattr(fast_sampler._Decoder, "capture", capture)
+    monkeypatch.setattr(decode_loop.Decoder, "capture", capture)
     return seen
 
 
@@ -484,6 +484,30 @@ def test_parallel_decode_runs_the_student_on_the_side_stream_between_fork_and_jo
     assert fake.events == ["side waits main", "student on side", "teacher on main", "main waits side"] * steps
 
 
+@pytest.mark.parametrize("switch,value", [("KV_BUCKETS", 2), ("SAMPLING_WEIGHTS", False),
+                                          ("DECODE_MATMUL", "cublas")])
+def test_a_switch_set_between_calls_is_not_served_by_the_kept_decoder(models, monkeypatch, switch, value):
+    """The switches are read when a decoder is built (engine/static_model.py, decode_loop.py take
+    them as arguments): a benchmark's variant set after a kept decoder of the same shape gets a
+    decoder built with it, not the kept one."""
+    student, teacher = models
+    args = lambda: _args(PROMPTS, [1, 2, 3, 4], 0.3, max_new_tokens=8)  # noqa: E731
+    ref = fast_sample(student, teacher, engine="static", keep=True, **args())
+    (first,) = fast_sampler._KEPT.values()
+    assert fast_sample(student, teacher, engine="static", keep=True, **args()).response_ids.equal(ref.response_ids)
+    assert list(fast_sampler._KEPT.values()) == [first]  # same switches: kept
+    monkeypatch.setattr(fast_sampler, switch, value)
+    got = fast_sample(student, teacher, engine="static", keep=True, **args())
+    (second,) = fast_sampler._KEPT.values()
+    fast_sampler.release()
+    assert second is not first
+    if switch == "KV_BUCKETS":
+        assert first.width is None and second.width == 16
+    if switch == "SAMPLING_WEIGHTS":
+        assert all(m.switches.weight_copies is False for m in second.models.values())
+    _assert_same(ref, got)
+
+
 # -- the sampler's own cache writes and prefix attention (engine/static_cache.py) ---------------
 
 class _Ops(TorchDispatchMode):
@@ -506,7 +530,7 @@ def test_a_decode_step_writes_the_cache_without_per_layer_bookkeeping(models, mo
     from minillm_cli.engine import static_cache
 
     if not owned:
-        monkeypatch.setattr(fast_sampler, "own_writes", lambda cache: None)
+        monkeypatch.setattr(static_model, "own_writes", lambda cache: None)
     student, teacher = models
     n_layers = student.config.n_layer + teacher.config.n_layer
     fast_sample(student, teacher, engine="static", keep=True, **_args(PROMPTS, [1, 2, 3, 4], 0.3))
@@ -579,7 +603,7 @@ def test_each_bucket_is_captured_once_when_first_reached(models, monkeypatch, T,
 
 
 class _FakeCuda:
-    """torch.cuda's stream and graph calls faked on the CPU, so `_Decoder.capture` and `run_step`
+    """torch.cuda's stream and graph calls faked on the CPU, so `Decoder.capture` and `run_step`
     run as on a GPU: capture records (does not run) the step, replay runs the recorded bucket's
     step. Records the captures (kv_len, pool passed) and every replay's kv_len."""
 
@@ -614,7 +638,7 @@ class _FakeCuda:
                 fake.recording = None
                 fake.captures.append((g.kv_len, pool))
 
-        real_step = fast_sampler._Decoder.step
+        real_step = decode_loop.Decoder.step
 
         def step(dec, kv_len=None):
             if fake.recording is not None:  # capture records the launches without running them
@@ -626,7 +650,7 @@ class _FakeCuda:
                             ("stream", lambda s: contextlib.nullcontext()), ("synchronize", lambda *a: None),
                             ("CUDAGraph", Graph), ("graph", graph)):
             monkeypatch.setattr(torch.cuda, name, value)
-        monkeypatch.setattr(fast_sampler._Decoder, "step", step)
+        monkeypatch.setattr(decode_loop.Decoder, "step", step)
         monkeypatch.setattr(fast_sampler, "resolve_engine", lambda engine, device: "graph")
 
 
@@ -638,7 +662,7 @@ def test_capture_and_replay_per_bucket_with_cuda_faked(models, monkeypatch, owne
     each step replaying its own bucket's graph (a bucket first reached at the last step runs
     eagerly); the reference's tokens, again from the kept decoder."""
     if not owned:  # transformers' own cache update: its position counter must be rewound
-        monkeypatch.setattr(fast_sampler, "own_writes", lambda cache: None)
+        monkeypatch.setattr(static_model, "own_writes", lambda cache: None)
     monkeypatch.setattr(fast_sampler, "KV_BUCKETS", 3 if owned else 1)
     fast_sampler.release()
     cuda = _FakeCuda(monkeypatch)
@@ -708,7 +732,7 @@ def test_compile_engine_short_rollouts_and_a_compiler_failure_in_an_eager_step(m
     student, teacher = models
     calls = _broken_compiler(monkeypatch)
 
-    monkeypatch.setattr(fast_sampler._Decoder, "capture", lambda self, kv_len=None: None)  # no graph
+    monkeypatch.setattr(decode_loop.Decoder, "capture", lambda self, kv_len=None: None)  # no graph
     monkeypatch.setattr(fast_sampler, "_COMPILE_FAILED", [])
     for T in (1, 2):
         with warnings.catch_warnings():
