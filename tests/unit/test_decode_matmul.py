@@ -199,6 +199,43 @@ def test_sampler_with_every_decode_matmul_through_the_kernel_draws_the_reference
     assert seen == [] and fast_sampler.MATMUL_NOTES == {} and fast_sampler.matmul_summary() is None
 
 
+def test_a_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
+    """nn.Linear's layout without biases: a Llama student (grouped key/value heads, a gated MLP:
+    seven matmuls a layer, the head) teacher-mixed with a GPT-2 (Conv1D's layout, biases), every
+    decode matmul of both through the kernel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", "kernel")
+    monkeypatch.setattr(dm, "CONFIGS", ((16, 16),))
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=V + 1, max_position_embeddings=96, bos_token_id=EOS,
+        eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.4)).eval()
+    llama.config._attn_implementation = "sdpa"
+    teacher = gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
+    seen = []
+    kernel = dm.splitk_matmul
+
+    def counted(x, w, bias, config, *, k_major=True, **kw):
+        seen.append((tuple(w.shape), k_major, bias is not None))
+        return kernel(x, w, bias, config, k_major=k_major, **kw)
+
+    monkeypatch.setattr(dm, "splitk_matmul", counted)
+    kw = dict(max_new_tokens=12)
+    ref = sample(llama, teacher, **_args(range(4), 0.3, **kw))
+    got = fast_sample(llama, teacher, engine="static", check=False, **_args(range(4), 0.3, **kw))
+    fast_sampler.release()
+    assert torch.equal(ref.response_ids, got.response_ids)
+    torch.testing.assert_close(got.student_logp, ref.student_logp, rtol=0, atol=1e-5)
+    steps = got.response_ids.shape[1] - 1
+    assert steps > 3 and len(seen) == (2 * 7 + 1 + 4 + 1) * steps
+    linear = [s for s in seen if not s[1]]  # the Llama's, and GPT-2's head (a tied nn.Linear)
+    assert len(linear) == 16 * steps and not any(has_bias for *_, has_bias in linear)
+    assert all(has_bias for _, k_major, has_bias in seen if k_major)  # GPT-2's Conv1D
+    assert {(16, 32), (48, 32), (32, 48), (V + 1, 32)} <= {shape for shape, *_ in linear}  # k / v: 2 heads of 8
+
+
 def test_auto_measures_nothing_off_cuda(monkeypatch):
     """"auto" (the default) plans only a captured CUDA decoder: on the CPU no table, no note."""
     assert fast_sampler.DECODE_MATMUL == "auto"
