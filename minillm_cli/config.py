@@ -127,6 +127,10 @@ class SFTConfig:
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
 
+    def inputs(self) -> dict:
+        """The inputs that name files or folders, by flag (`prepare_out_dir` keeps them)."""
+        return {"--model": self.model, "--data": self.data.data, "--valid-data": self.data.valid_data}
+
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
@@ -228,9 +232,24 @@ def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     return notes
 
 
-def prepare_out_dir(out: str, *, overwrite: bool, resume: bool) -> Path:
-    """Refuse a non-empty --out unless --overwrite (we then clear only what a run writes) or
-    --resume. Nothing else the user gave is touched."""
+def inputs_inside(out: str | Path, inputs) -> list[str]:
+    """The local inputs (a dict flag -> path or None, or (flag, path) pairs; Hub ids and aliases
+    are skipped) that are the folder `out` or lie inside it, as "--flag path"."""
+    folder = Path(out).expanduser().resolve()
+    found = []
+    for flag, value in (inputs.items() if isinstance(inputs, dict) else inputs):
+        path = Path(value).expanduser() if value else None
+        if path is not None and path.exists():
+            path = path.resolve()
+            if path == folder or folder in path.parents:
+                found.append(f"{flag} {value}")
+    return found
+
+
+def prepare_out_dir(out: str, *, overwrite: bool, resume: bool, inputs: dict | None = None) -> Path:
+    """Refuse a non-empty --out unless --resume, or --overwrite of a run folder (run_config.json):
+    that clears the whole folder, the evaluations kept in it included (they describe the run being
+    replaced), and is refused where an input (`inputs`: flag -> path) is the folder or lies in it."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
@@ -245,6 +264,10 @@ def prepare_out_dir(out: str, *, overwrite: bool, resume: bool) -> Path:
         if not (path / "run_config.json").exists():
             raise InputError(f"--out {out}: not a minillm run folder (no run_config.json); refusing to clear it "
                              f"even with --overwrite")
+        inside = inputs_inside(path, inputs or {})
+        if inside:
+            raise InputError(f"--out {out}: holds {', '.join(inside)}, which --overwrite would delete; write the "
+                             f"run to another folder")
         shutil.rmtree(path)
     elif resume:
         raise InputError(f"--resume: {out} has no run to resume")
@@ -356,6 +379,11 @@ class DistillConfig:
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
+
+    def inputs(self) -> dict:
+        """The inputs that name files or folders, by flag (`prepare_out_dir` keeps them)."""
+        return {"--teacher": self.teacher, "--student": self.student, "--data": self.data.data,
+                "--valid-data": self.data.valid_data, "--pt-data": self.pt_data, "--teacher-peft": self.teacher_peft}
 
     def unused_options(self) -> list[str]:
         """The flags given (away from their defaults) that this --method does not read."""

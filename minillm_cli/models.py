@@ -287,6 +287,20 @@ def save_pretrained(model, tokenizer, out: str | Path, *, merge_lora: bool = Tru
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    if to_save is model and hasattr(model, "peft_config"):
+        _absolute_base(out / "adapter_config.json")
+
+
+def _absolute_base(cfg: Path) -> None:
+    """peft records the base model as it was named: a folder given relative to the working
+    directory would make the adapter load only from there (or as a Hub id elsewhere)."""
+    if not cfg.is_file():
+        return
+    data = json.loads(cfg.read_text())
+    base = data.get("base_model_name_or_path")
+    if base and not Path(base).is_absolute() and Path(base).expanduser().is_dir():
+        data["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
+        cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -52,4 +52,26 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The console script. Click's usage errors (a missing option, a value of the wrong type, an
+    unknown command) become one stderr line and exit 2, as the command-line contract has every
+    bad usage: Click's own block is four lines. A bare command still prints its help (exit 2)."""
+    import sys
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while Click parses, before a command body runs
+        print("error: stopped by SIGINT before the command finished", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Exception as e:
+        # Click's exceptions by name: typer vendors its own copy of Click in recent versions
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "UsageError" in kinds and "NoArgsIsHelpError" not in kinds:
+            ctx = getattr(e, "ctx", None)
+            path = ctx.command_path if ctx is not None else "minillm"
+            print(f"error: {e.format_message()} (see '{path} --help')", file=sys.stderr, flush=True)
+            sys.exit(2)
+        if "ClickException" in kinds:  # a bare command's help, Click's other messages
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)

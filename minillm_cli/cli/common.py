@@ -15,41 +15,68 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on s
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Use at most N examples.")]
 
 
+class Stopped(BaseException):
+    """SIGTERM outside a training loop's own handling (sft and distill finish their step and
+    checkpoint): a BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+
+
 def run_command(body: Callable[[], object], *, debug: bool) -> None:
     """Run a command body; turn known failures into one stderr line and an exit code.
 
-    InputError -> 2, RunError -> 1, KeyboardInterrupt -> 130. Unknown exceptions are bugs: one
-    line plus a hint to rerun with --debug (or the traceback when --debug is given).
+    InputError -> 2, RunError -> 1, SIGINT / SIGTERM -> 1 (README: "the run failed ... stopped by
+    a signal"). Unknown exceptions are bugs: one line plus a hint to rerun with --debug. --debug
+    prints the traceback before that line and keeps the exit code (scripts may switch it on).
     """
+    import signal
+
     from minillm_cli.errors import MiniLLMError
 
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    try:
+        old_term = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (a test runner's): the default stays
+        old_term = None
+    where = "" if rank() == 0 else f" [rank {rank()}]"
     try:
         quiet_libraries()
         body()
     except MiniLLMError as e:
-        if debug:
-            raise
+        _traceback(debug)
         # Bad input and agreed stops are the same on every process: say it once (rank 0).
         if rank() == 0 or e.exit_code != 2:
-            _say(f"error: {e}" if rank() == 0 else f"error [rank {rank()}]: {e}")
+            _say(f"error{where}: {e}")
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        _say("interrupted")
-        raise typer.Exit(130)
+    except (KeyboardInterrupt, Stopped) as e:
+        _traceback(debug)
+        name = e.args[0] if isinstance(e, Stopped) and e.args else "SIGINT"
+        _say(f"error{where}: stopped by {name} before the command finished")
+        raise typer.Exit(1)
     except typer.Exit:
         raise
     except Exception as e:  # a bug or an environment failure we did not anticipate
-        if debug:
-            raise
+        _traceback(debug)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        where = "" if rank() == 0 else f" [rank {rank()}]"
         if type(e).__name__ == "OutOfMemoryError":  # (torch's, without importing torch here)
             msg += " -- lower the batch sizes (see --help) or raise --grad-accum; docs/SCALING.md, 'Memory'"
-        _say(f"error{where}: {type(e).__name__}: {msg} (rerun with --debug for the traceback)")
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        _say(f"error{where}: {type(e).__name__}: {msg}{hint}")
         raise typer.Exit(1)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
 
 
 def rank() -> int:

@@ -68,10 +68,26 @@ class PretrainMixConfig:
             self.workers = min(os.cpu_count() or 1, 16)
         require(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         require(bool(self.text_field), "--text-field must not be empty")
-        out = Path(self.out)
+        out = Path(self.out).expanduser()
         require(not out.exists() or out.is_dir(), f"--out {self.out}: exists and is not a folder")
-        require(self.overwrite or not (out.is_dir() and any(out.iterdir())),
-                f"--out {self.out}: folder is not empty (pass --overwrite to replace it)")
+        if out.is_dir() and any(out.iterdir()):
+            # --overwrite replaces the whole folder: only one this command wrote, holding no input
+            require(self.overwrite, f"--out {self.out}: folder is not empty (pass --overwrite to replace it)")
+            require(_is_mixture(out), f"--out {self.out}: not a pretrain-mix folder (no meta.json of ours); "
+                                      f"refusing to replace it even with --overwrite")
+            from minillm_cli.config import inputs_inside
+
+            inside = inputs_inside(out, [*(("--source", spec.name) for spec in self.specs),
+                                         ("--tokenizer", self.tokenizer)])
+            require(not inside, f"--out {self.out}: holds {', '.join(inside)}, which --overwrite would delete; "
+                                f"write the mixture to another folder")
+
+
+def _is_mixture(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class _Stream:

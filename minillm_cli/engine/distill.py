@@ -388,7 +388,8 @@ class MiniLLMRun:
 
         cfg = self.cfg  # (FSDP support was checked by run_distill)
         rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
-        out = prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume) if rt.is_main else Path(cfg.run.out)
+        out = (prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume, inputs=cfg.inputs())
+               if rt.is_main else Path(cfg.run.out))
         notes = check_resume(cfg, out, "distill") if cfg.run.resume and rt.is_main else []
         rt.barrier()
         self.setup(rt)

@@ -91,7 +91,9 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            # SIGTERM's default kills even a process stuck in C (the CLI's own handler, the one
+            # outside, raises an exception that such a process never reaches)
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else old)
 
     def agreed(self, rt) -> str | None:
         """The signal every process acts on after this step (None: carry on). A collective: call it

@@ -17,6 +17,7 @@ Metrics (names and directions in `eval.metrics`):
 from __future__ import annotations
 
 import os
+import tempfile
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -248,6 +249,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise InputError(f"{flag} {target}: cannot create its folder ({e.strerror or e})") from None
+            try:  # (a folder that exists may still refuse files: read-only, /proc)
+                tempfile.TemporaryFile(dir=Path(target).parent).close()
+            except OSError as e:
+                raise InputError(f"{flag} {target}: cannot write in its folder ({e.strerror or e})") from None
     t0 = time.perf_counter()
     examples = load_eval_examples(cfg)
     n_read = len(examples)

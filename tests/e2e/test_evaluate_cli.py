@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
@@ -97,6 +98,11 @@ def test_an_out_that_cannot_be_written_is_refused_before_generating(tiny_dir, do
     res = invoke("--model", tiny_dir / "student", "--data", dolly_like, "--out", tmp_path / "f" / "r.json",
                  "--seeds", 1, "--limit", 2, "--max-new-tokens", 4, "--device", "cpu")
     one_error_line(res, "--out", "cannot create its folder")
+    if os.path.isdir("/proc/self"):  # a folder that exists and takes no files (whoever runs the test)
+        res = invoke("--model", tiny_dir / "student", "--data", dolly_like, "--out", tmp_path / "r.json",
+                     "--predictions", "/proc/p.jsonl", "--seeds", 1, "--limit", 2, "--max-new-tokens", 4)
+        one_error_line(res, "--predictions", "cannot write in its folder")
+        assert not (tmp_path / "r.json").exists()
 
 
 def test_references_rouge_cannot_read_are_noted(tiny_dir, tmp_path):

@@ -149,6 +149,44 @@ def test_existing_out_refused_and_user_files_untouched(tmp_path, tiny_dir, dolly
     assert (out / "precious.txt").read_text() == "keep"
 
 
+def test_overwrite_refuses_a_run_folder_that_holds_an_input(tmp_path, tiny_dir, dolly_like):
+    """Training again in place (`--model run --out run --overwrite`) would clear the model before
+    loading it: refused, and the folder is kept whole; the same for data kept in the run folder
+    and for distill's student."""
+    run = tmp_path / "run"
+    common = ["--data", dolly_like, "--steps", 1, "--batch-size", 4, "--quiet"]
+    assert invoke("sft", "--model", tiny_dir / "student", *common, "--out", run).exit_code == 0
+    before = sorted(p.name for p in run.iterdir())
+    res = invoke("sft", "--model", run, *common, "--out", run, "--overwrite")
+    assert res.exit_code == 2 and f"--out {run}: holds --model {run}, which --overwrite would delete" in res.output
+    kept = write_jsonl(run / "mine.jsonl", [{"instruction": "a", "response": "b"}] * 8)
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--valid-data", kept, "--steps", 1,
+                 "--batch-size", 4, "--out", run, "--overwrite")
+    assert res.exit_code == 2 and f"holds --valid-data {kept}" in res.output, res.output
+    res = invoke("distill", "--method", "kd", "--teacher", tiny_dir / "teacher", "--student", run, *common,
+                 "--out", run, "--overwrite")
+    assert res.exit_code == 2 and f"holds --student {run}" in res.output, res.output
+    assert sorted(p.name for p in run.iterdir()) == sorted([*before, "mine.jsonl"])
+    res = invoke("sft", "--model", tiny_dir / "student", *common, "--out", run, "--overwrite")
+    assert res.exit_code == 0 and not kept.exists()  # no input inside: the run is replaced, as before
+
+
+def test_a_saved_adapter_names_its_base_by_absolute_path(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    """peft records the base as the user named it; a relative folder is made absolute, so the
+    adapter loads from any working directory (not as a Hub id)."""
+    from minillm_cli.models import adapter_base
+
+    monkeypatch.chdir(tiny_dir)
+    out = tmp_path / "adapter"
+    res = invoke("sft", "--model", "student", "--data", dolly_like, "--out", out, "--steps", 1, "--batch-size", 4,
+                 "--lora-r", 2, "--save-adapter", "--quiet")
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path)
+    assert adapter_base(str(out)) == str((tiny_dir / "student").resolve())
+    res = invoke("evaluate", "--model", out, "--data", dolly_like, "--metric", "lm-loss", "--limit", 2, "--quiet")
+    assert res.exit_code == 0, res.output
+
+
 def test_exit_code_subprocess(tmp_path, tiny_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-m", "minillm_cli", "sft", "--model", str(tiny_dir / "student"),
@@ -156,6 +194,73 @@ def test_exit_code_subprocess(tmp_path, tiny_dir):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,line", [
+    (["sft", "--model", "m"], "error: Missing option '--data'. (see 'python -m minillm_cli sft --help')"),
+    (["evaluate", "--model", "m", "--data", "d", "--seeds", "abc"], "error: Invalid value for '--seeds': "),
+    (["nosuch"], "error: No such command 'nosuch'. (see 'python -m minillm_cli --help')"),
+])
+def test_usage_errors_are_one_line_exit_2(args, line):
+    """Click's usage errors through the console script: one stderr line (its own block is four)."""
+    out = subprocess.run([sys.executable, "-m", "minillm_cli", *args], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(line), out.stderr
+    bare = subprocess.run([sys.executable, "-m", "minillm_cli", args[0]], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if args[0] == "sft":  # a bare command still shows its help
+        assert bare.returncode == 2 and "Usage:" in bare.stdout + bare.stderr and "--data" in bare.stdout + bare.stderr
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, tiny_dir):
+    """--debug is for diagnostics: scripts that switch it on still read 2 for bad input."""
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "o",
+                 "--debug")
+    assert res.exit_code == 2, res.output
+    assert "Traceback" in res.stderr and res.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_signal_outside_a_training_loop_exits_1_with_one_line(capsys, stop):
+    """evaluate, pretrain-mix and compare (and sft / distill before their loop) stopped by a
+    signal: exit 1 with one line, as the README has it, and SIGTERM's handler put back."""
+    import signal
+
+    import typer
+
+    from minillm_cli.cli.common import run_command
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def body():
+        if stop == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("SIGTERM did not stop the command")
+
+    with pytest.raises(typer.Exit) as e:
+        run_command(body, debug=False)
+    assert e.value.exit_code == 1
+    assert capsys.readouterr().err == f"error: stopped by {stop} before the command finished\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_training_loops_second_sigterm_is_the_default_one():
+    """sft / distill finish their step on the first signal; a second SIGTERM must kill a run stuck
+    in C (the CLI's outer handler only raises an exception), so the loop's handler restores the
+    default one, not the CLI's."""
+    import signal
+
+    from minillm_cli.engine.train_utils import StopSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == "SIGTERM" and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_sft_refuses_data_without_responses(tmp_path, tiny_dir):

@@ -229,6 +229,25 @@ def test_config_validation(tmp_path, tok):
         build_mixture(cfg(tmp_path, [f"{tmp_path}/a.txt"], tok))  # 'hello' is < 32 tokens
 
 
+def test_overwrite_replaces_only_a_mixture_that_holds_no_input(tmp_path, tok):
+    """--overwrite replaces the whole --out folder: not a folder this command did not write (a
+    home directory given by mistake), nor a mixture that holds a source."""
+    good = write_jsonl(tmp_path / "g.jsonl", docs(100, 10, "G"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="not a pretrain-mix folder"):
+        cfg(tmp_path, [good], tok, out=mine, overwrite=True)
+    build_mixture(cfg(tmp_path, [good], tok))
+    inner = write_jsonl(tmp_path / "pt" / "more.jsonl", docs(50, 11, "M"))
+    with pytest.raises(InputError, match=r"holds --source .*more\.jsonl, which --overwrite would delete"):
+        cfg(tmp_path, [good, inner], tok, overwrite=True)
+    (tmp_path / "pt" / "more.jsonl").unlink()
+    build_mixture(cfg(tmp_path, [good], tok, overwrite=True, seq_len=16))  # ours, no input inside: replaced
+    assert json.loads((tmp_path / "pt" / "meta.json").read_text())["seq_len"] == 16
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
 def test_failed_build_leaves_no_folder_and_keeps_the_old_one(tmp_path, tok):
     good = write_jsonl(tmp_path / "g.jsonl", docs(100, 10, "G"))
     build_mixture(cfg(tmp_path, [good], tok))
