@@ -3,12 +3,12 @@ share a tokenizer, and save what we trained as an ordinary Hugging Face folder."
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from minillm_cli import hub
 from minillm_cli.errors import InputError
 
 PAD_TOKEN = "<|pad|>"
@@ -39,15 +39,18 @@ class LoraSettings:
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def _before_lookup(name: str) -> None:
+    """A name that is no local path is looked up on the Hub: find out first whether it can be
+    reached (minillm_cli/hub.py: offline mode when not, instead of ~49 s of retries)."""
+    if not Path(name).expanduser().exists():
+        hub.check_reachable()
 
 
 def _not_found(name: str, what: str, err: Exception) -> InputError:
     if Path(name).expanduser().exists():
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return InputError(f"{what} {name!r}: cannot load this folder ({first})")
-    if _offline() or "connect" in str(err).lower() or "offline" in str(err).lower():
+    if hub.offline() or "connect" in str(err).lower() or "offline" in str(err).lower():
         return InputError(f"{what} {name!r}: not a local folder, and the Hugging Face Hub is unreachable "
                           f"(offline); pass a local model folder")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -85,6 +88,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "t
     source = name
     if base is not None and not any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         source = base
+    _before_lookup(source)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -140,6 +144,7 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
 
     quiet_transformers()
     base = adapter_base(name)
+    _before_lookup(base or name)
     try:
         model = AutoModelForCausalLM.from_pretrained(base or name, dtype=dtype or torch.float32,
                                                      trust_remote_code=trust_remote_code)

@@ -187,22 +187,18 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
     import datasets
 
+    from minillm_cli import hub
+
+    hub.check_reachable()  # (offline mode when not: the local cache, or one line at once)
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # offline, unknown id, no such split: all one message for the user
-        offline = _hub_offline()
+        offline = hub.offline()
         why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0]
         raise InputError(f"data {name!r}: not a local file and could not be loaded from the Hub: {why}; "
                          f"pass a local .jsonl/.json/.csv/.parquet file") from None
     for i, rec in enumerate(ds):
         yield f"{name}[{i}]", rec
-
-
-def _hub_offline() -> bool:
-    import os
-
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def iter_records(spec: str, split: str | None = None) -> Iterator[tuple[str, dict]]:

@@ -167,7 +167,10 @@ class Source:
     def _hub_rows(self):
         import datasets
 
+        from minillm_cli import hub
+
         name, _, config = self.spec.name.partition("#")
+        hub.check_reachable()  # (offline mode when not: the local cache, or one line at once)
         try:
             return datasets.load_dataset(name, config or None, split="train", streaming=True)
         except Exception as e:  # offline, unknown id, gated: all are bad input from here

@@ -1,0 +1,59 @@
+"""Whether the Hugging Face Hub can be reached, asked once per process before the first Hub lookup.
+
+Without a network (a cluster's compute node, say) huggingface_hub retries each request five times
+(~49 s) and logs every retry before a name that is not a local folder fails. So before the first
+lookup we try one TCP connection to the Hub's host (HF_ENDPOINT, or huggingface.co); when that
+fails the Hub libraries are switched to offline mode for the rest of the process: a model or
+dataset in the local Hub cache still loads, at once, and a missing one fails at once with our own
+one-line error. Behind a proxy (HTTPS_PROXY and the like) nothing is tried: the libraries' own
+requests go through it, ours would not.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
+_TRUE = ("1", "true", "yes", "on")
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_REACHABLE: dict = {}  # endpoint -> bool, once per process
+
+
+def offline() -> bool:
+    """Whether the Hub libraries are in offline mode (set by the user, or by `check_reachable`)."""
+    return any(os.environ.get(k, "").lower() in _TRUE for k in _OFFLINE_VARS)
+
+
+def check_reachable(timeout: float = 3.0) -> bool:
+    """False, with the Hub libraries switched to offline mode, when the Hub cannot be reached (or
+    offline mode is on already); True otherwise. Call before a name is looked up on the Hub."""
+    if offline():
+        return False
+    if any(os.environ.get(k) for k in _PROXY_VARS):
+        return True
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if endpoint not in _REACHABLE:
+        url = urlparse(endpoint)
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+            _REACHABLE[endpoint] = True
+        except (OSError, ValueError):  # no route, no name resolution, refused, timed out; a bad port
+            _REACHABLE[endpoint] = False
+    if not _REACHABLE[endpoint]:
+        go_offline()
+    return _REACHABLE[endpoint]
+
+
+def go_offline() -> None:
+    """Offline mode for this process: the environment (for modules not imported yet) and the
+    flags that huggingface_hub and datasets read at import (for those already imported)."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    config = sys.modules.get("datasets.config")
+    if config is not None:
+        config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = True
