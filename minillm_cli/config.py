@@ -129,7 +129,24 @@ class SFTConfig:
 
     def inputs(self) -> dict:
         """The inputs that name files or folders, by flag (`prepare_out_dir` keeps them)."""
-        return {"--model": self.model, "--data": self.data.data, "--valid-data": self.data.valid_data}
+        return with_adapter_bases({"--model": self.model, "--data": self.data.data,
+                                   "--valid-data": self.data.valid_data})
+
+
+def with_adapter_bases(inputs: dict) -> dict:
+    """`inputs` and, for each model given as a LoRA adapter folder, the base model it loads on."""
+    from minillm_cli.models import adapter_base
+
+    out = dict(inputs)
+    for flag in ("--model", "--student", "--teacher"):
+        if inputs.get(flag):
+            try:
+                base = adapter_base(inputs[flag])
+            except InputError:  # (an adapter without a base: refused when it loads)
+                base = None
+            if base:
+                out[f"{flag}'s base model"] = base
+    return out
 
 
 def to_dict(cfg: Any) -> dict:
@@ -382,8 +399,9 @@ class DistillConfig:
 
     def inputs(self) -> dict:
         """The inputs that name files or folders, by flag (`prepare_out_dir` keeps them)."""
-        return {"--teacher": self.teacher, "--student": self.student, "--data": self.data.data,
-                "--valid-data": self.data.valid_data, "--pt-data": self.pt_data, "--teacher-peft": self.teacher_peft}
+        return with_adapter_bases({"--teacher": self.teacher, "--student": self.student, "--data": self.data.data,
+                                   "--valid-data": self.data.valid_data, "--pt-data": self.pt_data,
+                                   "--teacher-peft": self.teacher_peft})
 
     def unused_options(self) -> list[str]:
         """The flags given (away from their defaults) that this --method does not read."""

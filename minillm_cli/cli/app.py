@@ -74,4 +74,7 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if code == 130:  # (typer versions that vendor Click return Ctrl-C while parsing as 130)
+        print("error: stopped by SIGINT before the command finished", file=sys.stderr, flush=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

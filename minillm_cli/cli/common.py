@@ -36,12 +36,17 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one kills, even a process stuck in C
         raise Stopped(signal.Signals(signum).name)
 
-    try:
-        old_term = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread (a test runner's): the default stays
-        old_term = None
+    old_term = None
+    # One process only: under torchrun a rank may wait in a collective (C code, where a Python
+    # handler never runs) and torchrun's SIGTERM must end it at once, as by default.
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        try:
+            old_term = signal.signal(signal.SIGTERM, stop)
+        except ValueError:  # not the main thread (a test runner's): the default stays
+            pass
     where = "" if rank() == 0 else f" [rank {rank()}]"
     try:
         quiet_libraries()

@@ -129,7 +129,7 @@ def resolve_engine(engine: str, device) -> str:
 
 def model_switches() -> ModelSwitches:
     """The switches a StaticModel is built with, as they are set now."""
-    return ModelSwitches(weight_copies=SAMPLING_WEIGHTS, pad_head_devices=PAD_HEAD_DEVICES,
+    return ModelSwitches(weight_copies=SAMPLING_WEIGHTS, pad_head_devices=tuple(PAD_HEAD_DEVICES),
                          fused_cache_writes=FUSED_CACHE_WRITES, compile_mode=COMPILE_MODE)
 
 

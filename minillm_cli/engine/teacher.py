@@ -48,6 +48,11 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
     if peft:
         from peft import PeftModel
 
+        from minillm_cli import hub
+        from pathlib import Path
+
+        if not Path(peft).expanduser().exists():  # a Hub id: no minutes of retries without a network
+            hub.check_reachable()
         try:
             model = PeftModel.from_pretrained(model, peft).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as e:  # (RuntimeError: shapes of another base model)

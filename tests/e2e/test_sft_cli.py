@@ -166,6 +166,10 @@ def test_overwrite_refuses_a_run_folder_that_holds_an_input(tmp_path, tiny_dir, 
     res = invoke("distill", "--method", "kd", "--teacher", tiny_dir / "teacher", "--student", run, *common,
                  "--out", run, "--overwrite")
     assert res.exit_code == 2 and f"holds --student {run}" in res.output, res.output
+    adapter = tmp_path / "adapter"  # an adapter whose base model is the run
+    assert invoke("sft", "--model", run, *common, "--out", adapter, "--lora-r", 2, "--save-adapter").exit_code == 0
+    res = invoke("sft", "--model", adapter, *common, "--out", run, "--overwrite")
+    assert res.exit_code == 2 and f"holds --model's base model {run}" in res.output, res.output
     assert sorted(p.name for p in run.iterdir()) == sorted([*before, "mine.jsonl"])
     res = invoke("sft", "--model", tiny_dir / "student", *common, "--out", run, "--overwrite")
     assert res.exit_code == 0 and not kept.exists()  # no input inside: the run is replaced, as before
@@ -245,6 +249,19 @@ def test_a_signal_outside_a_training_loop_exits_1_with_one_line(capsys, stop):
     assert e.value.exit_code == 1
     assert capsys.readouterr().err == f"error: stopped by {stop} before the command finished\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_under_torchrun_sigterm_keeps_its_default_action(monkeypatch):
+    """A rank may wait in a collective (C code, where no Python handler runs): torchrun's SIGTERM
+    must end it at once, so with several processes the CLI installs no handler."""
+    import signal
+
+    from minillm_cli.cli.common import run_command
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = []
+    run_command(lambda: seen.append(signal.getsignal(signal.SIGTERM)), debug=False)
+    assert seen == [signal.getsignal(signal.SIGTERM)] and seen[0] == signal.SIG_DFL
 
 
 def test_a_training_loops_second_sigterm_is_the_default_one():
