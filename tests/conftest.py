@@ -48,6 +48,20 @@ def gpt2_numbers(seed: int, *, vocab: int = 11, pad: int = 11, eos: int = 0, n_l
     return GPT2LMHeadModel(cfg).eval()
 
 
+def llama_numbers(seed: int, *, vocab: int = 11, pad: int = 11, eos: int = 0):
+    """A tiny Llama over the same toy vocabulary: 2 key/value heads for 4 query heads (query head
+    h reads KV head h // 2), a gated MLP, no biases, rotary positions; sdpa attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab + 1, max_position_embeddings=96, bos_token_id=eos,
+        eos_token_id=eos, pad_token_id=pad, initializer_range=0.4)).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _gpu_tests_decode_matmuls_on_cublas(request, monkeypatch):
     """GPU tests sample with the decode matmuls on cuBLAS, except tests/gpu/test_gpu_matmul.py.

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import TOY_EOS, TOY_PAD, TOY_V, gpt2_numbers, toy_sample_args
+from conftest import TOY_EOS, TOY_PAD, TOY_V, gpt2_numbers, llama_numbers, toy_sample_args
 from minillm_cli.engine import decode_attention as da
 from minillm_cli.engine import fast_sampler, static_check
 from minillm_cli.engine.fast_sampler import fast_sample
@@ -643,14 +643,7 @@ def test_self_check_goes_through_the_kernel_only_for_a_model_on_the_samplers_dev
 def test_a_grouped_query_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
     """A Llama student with 2 key/value heads for 4 query heads (query head h reads KV head
     h // 2), its rotary positions after left padding, teacher-mixed with a GPT-2."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    llama = LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=V + 1, max_position_embeddings=96, bos_token_id=EOS,
-        eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.4)).eval()
-    llama.config._attn_implementation = "sdpa"
+    llama = llama_numbers(3, vocab=V, pad=PAD, eos=EOS)
     teacher = gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
     monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "kernel")
     seen = []

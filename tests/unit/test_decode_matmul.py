@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOY_EOS, TOY_PAD, TOY_V, gpt2_numbers, toy_sample_args
+from conftest import TOY_EOS, TOY_PAD, TOY_V, gpt2_numbers, llama_numbers, toy_sample_args
 from minillm_cli.engine import decode_matmul as dm
 from minillm_cli.engine import fast_sampler
 from minillm_cli.engine.fast_sampler import fast_sample
@@ -203,16 +203,9 @@ def test_a_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
     """nn.Linear's layout without biases: a Llama student (grouped key/value heads, a gated MLP:
     seven matmuls a layer, the head) teacher-mixed with a GPT-2 (Conv1D's layout, biases), every
     decode matmul of both through the kernel."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     monkeypatch.setattr(fast_sampler, "DECODE_MATMUL", "kernel")
     monkeypatch.setattr(dm, "CONFIGS", ((16, 16),))
-    torch.manual_seed(3)
-    llama = LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=V + 1, max_position_embeddings=96, bos_token_id=EOS,
-        eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.4)).eval()
-    llama.config._attn_implementation = "sdpa"
+    llama = llama_numbers(3, vocab=V, pad=PAD, eos=EOS)
     teacher = gpt2_numbers(2, vocab=V, pad=PAD, eos=EOS)
     seen = []
     kernel = dm.splitk_matmul
