@@ -48,8 +48,9 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
     if peft:
         from peft import PeftModel
 
-        from minillm_cli import hub
         from pathlib import Path
+
+        from minillm_cli import hub
 
         if not Path(peft).expanduser().exists():  # a Hub id: no minutes of retries without a network
             hub.check_reachable()
