@@ -163,7 +163,7 @@ def build_mixture(cfg: PretrainMixConfig, *, progress=None) -> dict:
     for s in sources:
         s.check()
 
-    out = Path(cfg.out).resolve()
+    out = Path(cfg.out).expanduser().resolve()  # (the folder the config checked)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

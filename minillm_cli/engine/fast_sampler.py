@@ -150,11 +150,6 @@ def _kernel_pass_on(device) -> bool:
     return DECODE_ATTENTION != "sdpa" and torch.device(device).type in KERNEL_CHECK_DEVICES
 
 
-def _kernel_checkable(sm, device) -> bool:
-    """Whether self_check, with the switches as they are set now, decodes `sm` through the kernel."""
-    return static_check.kernel_checkable(sm, device, _kernel_pass_on(device))
-
-
 def self_check(model, vocab_size: int, device, eos_id: int = 0) -> str | None:
     """`static_check.self_check` with the switches as they are set now (see there)."""
     return static_check.self_check(model, vocab_size, device, eos_id, kernel_pass=_kernel_pass_on(device),

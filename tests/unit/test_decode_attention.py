@@ -628,16 +628,22 @@ def test_a_self_check_made_with_the_kernel_switched_off_does_not_stand_for_one_t
     assert fast_sampler.self_check(model, V, "cpu", EOS) is None and len(calls) == n  # cached
 
 
+def _checkable(sm, device) -> bool:
+    """Whether self_check, with fast_sampler's switches as they are set now, decodes `sm` through
+    the kernel."""
+    return static_check.kernel_checkable(sm, device, fast_sampler._kernel_pass_on(device))
+
+
 def test_self_check_goes_through_the_kernel_only_for_a_model_on_the_samplers_device(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(fast_sampler, "KERNEL_CHECK_DEVICES", ("cuda", "cpu"))
     sm = SimpleNamespace(impl="sdpa", writes=object(), device=torch.device("cpu"))
-    assert fast_sampler._kernel_checkable(sm, "cpu")
-    assert not fast_sampler._kernel_checkable(sm, "meta")  # (a teacher on another device)
-    assert not fast_sampler._kernel_checkable(SimpleNamespace(impl="eager", writes=object(), device=sm.device), "cpu")
+    assert _checkable(sm, "cpu")
+    assert not _checkable(sm, "meta")  # (a teacher on another device)
+    assert not _checkable(SimpleNamespace(impl="eager", writes=object(), device=sm.device), "cpu")
     monkeypatch.setattr(fast_sampler, "DECODE_ATTENTION", "sdpa")
-    assert not fast_sampler._kernel_checkable(sm, "cpu")
+    assert not _checkable(sm, "cpu")
 
 
 def test_a_grouped_query_llama_through_the_kernel_draws_the_reference_tokens(monkeypatch):
