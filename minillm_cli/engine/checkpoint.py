@@ -123,15 +123,7 @@ def save_on_main(rt, run_dir: Path, step: int, **kw) -> None:
 
         kw["model_state"] = fsdp.full_model_state(kw["model"])
         kw["optimizer_state"] = fsdp.full_optimizer_state(kw["model"], kw["optimizer"])
-    error = None
-    if rt.is_main:
-        try:
-            save_checkpoint(run_dir, step, **kw)
-        except RunError as e:
-            error = str(e)
-    error = rt.broadcast_object(error)
-    if error:
-        raise RunError(error)
+    rt.on_main(lambda: save_checkpoint(run_dir, step, **kw))
 
 
 def truncate_metrics(path: Path, step: int) -> None:

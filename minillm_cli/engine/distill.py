@@ -388,10 +388,13 @@ class MiniLLMRun:
 
         cfg = self.cfg  # (FSDP support was checked by run_distill)
         rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
-        out = (prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume, inputs=cfg.inputs())
-               if rt.is_main else Path(cfg.run.out))
-        notes = check_resume(cfg, out, "distill") if cfg.run.resume and rt.is_main else []
-        rt.barrier()
+        out = Path(cfg.run.out).expanduser()
+
+        def claim_out() -> list[str]:  # rank 0 alone touches --out; every rank learns a refusal
+            prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume, inputs=cfg.inputs())
+            return check_resume(cfg, out, "distill") if cfg.run.resume else []
+
+        notes = rt.on_main(claim_out)
         self.setup(rt)
         progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
         for line in notes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm_cli.errors import InputError
+from minillm_cli.errors import InputError, MiniLLMError
 
 
 @dataclass
@@ -105,6 +105,24 @@ class Runtime:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn):
+        """`fn()` on rank 0 alone; every process returns its result or raises its MiniLLMError.
+        A refusal on rank 0 (an --out that may not be replaced, a full disk) then stops every
+        process with the same error, instead of leaving the others in the next collective until
+        the launcher kills them. Other exceptions stay rank 0's own (a bug: its traceback)."""
+        if not self.distributed:
+            return fn()
+        result = error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except MiniLLMError as e:
+                error = (type(e), str(e))
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise error[0](error[1])
+        return result
 
     def barrier(self) -> None:
         if self.distributed:

@@ -78,10 +78,14 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter)
     rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
     seed_everything(cfg.run.seed)
-    out = (prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume,
-                           inputs=(record or cfg).inputs()) if rt.is_main else Path(cfg.run.out))
-    notes = check_resume(record or cfg, out, command) if cfg.run.resume and rt.is_main else []
-    rt.barrier()
+    out = Path(cfg.run.out).expanduser()
+
+    def claim_out() -> list[str]:  # rank 0 alone touches --out; every rank learns a refusal
+        prepare_out_dir(cfg.run.out, overwrite=cfg.run.overwrite, resume=cfg.run.resume,
+                        inputs=(record or cfg).inputs())
+        return check_resume(record or cfg, out, command) if cfg.run.resume else []
+
+    notes = rt.on_main(claim_out)
     progress = Progress(command, quiet=cfg.run.quiet, is_main=rt.is_main)
     for line in notes:
         progress.log(line)

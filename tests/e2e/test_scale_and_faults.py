@@ -173,6 +173,54 @@ def test_sft_with_dropout_two_processes_equal_one(tmp_path, dropout_model, dolly
     assert cfg["resid_pdrop"] == 0.1
 
 
+def _on_main_worker(rank: int, init: str, outcome: str) -> None:
+    """One of two gloo processes: rank 0's result and rank 0's refusal reach both ranks."""
+    import torch.distributed as dist
+
+    from minillm_cli.engine.runtime import Runtime
+    from minillm_cli.errors import InputError
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    rt = Runtime(torch.device("cpu"), rank=rank, world_size=2)
+    ran, got = [], []
+
+    def refuse():
+        ran.append("refuse")
+        raise InputError("--out x: refused")
+
+    for fn in (lambda: ran.append("value") or ["from rank", rt.rank], refuse):
+        try:
+            got.append(rt.on_main(fn))
+        except InputError as e:
+            got.append(f"InputError: {e}")
+    got.append(rt.sum_scalar(1))  # still in step: the next collective has both ranks
+    Path(f"{outcome}.{rank}").write_text(json.dumps({"ran": ran, "got": got}))
+    dist.destroy_process_group()
+
+
+def test_a_refusal_on_rank_zero_stops_every_rank(tmp_path, dropout_model, dolly_like):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_on_main_worker, args=(str(tmp_path / "init"), str(tmp_path / "outcome")), nprocs=2)
+    rank0, rank1 = (json.loads((tmp_path / f"outcome.{r}").read_text()) for r in (0, 1))
+    assert rank0["ran"] == ["value", "refuse"] and rank1["ran"] == []  # rank 0 alone runs it
+    assert rank0["got"] == rank1["got"] == [["from rank", 0], "InputError: --out x: refused", 2.0]
+    # End to end: sft into a non-empty --out under torchrun. Rank 0 refuses (exit 2, one line);
+    # rank 1 learns it rather than failing in the next collective with its own confusing error.
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    log = tmp_path / "refused.log"
+    rc = finish(spawn(torchrun(2, *sft_args(dropout_model, dolly_like), "--out", out), log))
+    text = tail(log)
+    assert rc != 0, text
+    errors = [l for l in text.splitlines() if l.startswith("error")]
+    assert errors == [f"error: --out {out}: folder exists and is not empty; pass --overwrite to replace it "
+                      f"or --resume to continue it"], text
+    assert "exitcode  : 2" in log.read_text() and "exitcode  : 1" not in log.read_text()
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Signals
 # ---------------------------------------------------------------------------------------------
