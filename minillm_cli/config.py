@@ -307,7 +307,8 @@ _SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "sampler
 @dataclass
 class DistillConfig:
     """`minillm distill`. Defaults are the paper's (METHOD.md); the reference code's departures are
-    flags (gamma 0.95, --include-current-reward, --whiten, --reward-scale 0.5, --reward-clip 100)."""
+    flags (gamma 0.95, --include-current-reward, --whiten, --reward-scale 0.5, --reward-clip 100,
+    --pt-kd-ratio 0.5)."""
 
     teacher: str
     student: str

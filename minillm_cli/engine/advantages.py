@@ -39,7 +39,8 @@ def long_term_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, length_no
     """Advantage of the long-term policy-gradient term.  rewards, mask [B, T] -> A [B, T] (0 at padding).
 
     Steps, in order:
-      1. r <- clip(scale * r, -clip, clip) (reference-code reward scaling/clipping; off by default),
+      1. r <- clip(r / scale, -clip, clip) (reference-code reward scaling/clipping, off by default:
+         the reference divides, `rewards / reward_scaling`, so its 0.5 doubles the rewards),
          then r <- r * reward_weights (the per-reward importance weights of "sequence" mode).
       2. G_t = sum_{t' >= t, valid} gamma^(t'-t) r_t' (discounted return including r_t).
       3. include_current=False (paper, default): A_t = G_t - r_t = gamma * G_{t+1}, the return of
@@ -53,7 +54,7 @@ def long_term_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, length_no
          Whitening uses statistics of the rows passed in, so it depends on their grouping.
     """
     m = mask.to(rewards.dtype)
-    r = rewards * scale
+    r = rewards / scale
     if clip is not None:
         r = r.clamp(-clip, clip)
     if reward_weights is not None:
@@ -89,7 +90,7 @@ class ImportanceWeights:
 
 
 def importance_weights(student_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor,
-                       mode: str = "token") -> ImportanceWeights:
+                       mode: str = "token", length_norm: bool = False) -> ImportanceWeights:
     """Importance weights for rollouts drawn from p~ instead of q.
 
     student_logp = log q(y_t), mix_logp = log p~(y_t) at sampling time, mask [B, T] -> ImportanceWeights.
@@ -106,7 +107,10 @@ def importance_weights(student_logp: torch.Tensor, mix_logp: torch.Tensor, mask:
         later reward r_t'', which depends on y_<=t'': weight W_t''. So pg = 1 and every reward
         is pre-multiplied by W_t'' (reward = W), giving A_t = sum_{t''>t} W_t'' r_t''.
         Variance grows with length (products of ratios), which is why the paper avoids it.
-        (With length_norm the estimator targets the length-normalised objective, as in the paper.)
+        length_norm (the advantages divide by the remaining length T - t): then the long-term
+        term of token t depends on the whole response through T, so every reward of a row takes
+        the whole row's weight W_T (reward = W_T); the estimator stays unbiased for the
+        length-normalised objective. (W_t'' would not be: T is not a function of y_<=t''.)
     """
     m = mask.bool()
     log_w = torch.where(m, student_logp - mix_logp, torch.zeros_like(student_logp)).detach()
@@ -121,5 +125,7 @@ def importance_weights(student_logp: torch.Tensor, mix_logp: torch.Tensor, mask:
         cum_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
         W = torch.where(m, cum.exp(), zeros)
         W_prev = torch.where(m, cum_before.exp(), zeros)  # prod over t' < t
+        if length_norm:  # W_T of each row (valid positions are a prefix: the row's sum)
+            W = torch.where(m, log_w.sum(1, keepdim=True).exp(), zeros)
         return ImportanceWeights(ss=W_prev, pg=m.to(log_w.dtype), reward=W)
     raise ValueError(f"importance weight mode must be 'token' or 'sequence', got {mode!r}")

@@ -32,7 +32,7 @@ from minillm_cli.errors import require
 @dataclass
 class MiniLLMOptions:
     """Paper defaults. The reference code's choices: gamma=0.95, include_current_reward=True,
-    whiten=True, reward_scale=0.5, reward_clip=100 (see METHOD.md)."""
+    whiten=True, reward_scale=0.5 (rewards divided by it), reward_clip=100 (see METHOD.md)."""
     single_step: bool = True
     length_norm: bool = True
     gamma: float = 1.0
@@ -374,7 +374,8 @@ def score_rollouts(student, teacher, rollout: Rollout, opts: MiniLLMOptions, voc
     old_logp, teacher_logp = logps["student"], logps["teacher"]
     rewards = token_rewards(teacher_logp, old_logp, mask)
     iw = importance_weights(rollout.student_logp.to(old_logp.dtype),
-                            rollout.mix_logp.to(old_logp.dtype), mask, opts.importance_weight)
+                            rollout.mix_logp.to(old_logp.dtype), mask, opts.importance_weight,
+                            length_norm=opts.length_norm)
     advantages = long_term_advantages(
         rewards, mask, length_norm=opts.length_norm, gamma=opts.gamma,
         include_current=opts.advantage_includes_current, whiten=opts.whiten,

@@ -26,7 +26,7 @@ def _ref_advantages(r, lengths, *, length_norm, gamma, include_current, scale, c
     for b, n in enumerate(lengths):
         rr = []
         for t in range(n):
-            x = r[b][t] * scale
+            x = r[b][t] / scale
             if clip is not None:
                 x = max(-clip, min(clip, x))
             if weights is not None:
@@ -76,6 +76,18 @@ def test_paper_default_is_zero_at_last_token_and_mean_of_later_rewards():
             assert math.isclose(float(a[b, 0]), float(r[b, 1:n].mean()), abs_tol=1e-12)
 
 
+def test_reward_scale_divides_as_the_reference_code():
+    """LMOps minillm/sampler.py: `rewards = rewards / self.args.reward_scaling`, and its GPT-2
+    scripts pass --reward-scaling 0.5: the rewards are doubled, then clipped."""
+    r, r_padded, mask = _data(5)
+    one = long_term_advantages(r_padded, mask, include_current=True)
+    torch.testing.assert_close(long_term_advantages(r_padded, mask, include_current=True, scale=0.5), 2 * one,
+                               rtol=0, atol=1e-12)
+    clipped = long_term_advantages(r_padded, mask, include_current=True, length_norm=False, scale=0.5, clip=0.1)
+    for b, n in enumerate(LENGTHS):  # the last token's advantage is its own reward, doubled then clipped
+        assert math.isclose(float(clipped[b, n - 1]), max(-0.1, min(0.1, 2 * float(r[b, n - 1]))), abs_tol=1e-12)
+
+
 def test_reward_weights_multiply_after_scale_and_clip():
     r, r_padded, mask = _data(3)
     w = torch.rand(len(LENGTHS), T, dtype=torch.float64) + 0.5
@@ -121,6 +133,13 @@ def test_importance_weights_token_and_sequence():
             assert seq.pg[b, t] == 1.0
             assert math.isclose(seq.reward[b, t], prefix, rel_tol=1e-12)  # prod over t' <= t
     assert tok.reward is None
+    # length_norm: each reward takes its whole row's weight W_T (1/(T - t) depends on all of y)
+    seq_ln = importance_weights(q, mix, mask, "sequence", length_norm=True)
+    for b, n in enumerate(LENGTHS):
+        W_T = math.exp(float((q[b, :n] - mix[b, :n]).sum()))
+        for t in range(T):
+            assert (math.isclose(seq_ln.reward[b, t], W_T, rel_tol=1e-12) if t < n else seq_ln.reward[b, t] == 0)
+    assert torch.equal(seq_ln.ss, seq.ss) and torch.equal(seq_ln.pg, seq.pg)
     # sampling from q itself (alpha = 0): every weight is exactly 1
     ones = importance_weights(q, q, mask, "sequence")
     assert torch.equal(ones.reward[mask], torch.ones(int(mask.sum()), dtype=torch.float64))

@@ -198,6 +198,21 @@ def test_expected_estimator_equals_exact_gradient(models, alpha, mode, single_st
     assert _rel(E, exact) < 1e-10, _rel(E, exact)
 
 
+@pytest.mark.parametrize("single_step", [True, False])
+def test_sequence_weights_are_unbiased_for_the_length_normalised_objective(models, monkeypatch, single_step):
+    """With length_norm the term of token t is divided by T - t, a function of the whole response:
+    E_{p~}[sequence-weighted estimator] must equal the on-policy (alpha = 0) expectation. Needs
+    responses of up to 4 tokens: at 3, T is already fixed by y_<=2 and prefix weights pass too."""
+    monkeypatch.setitem(globals(), "TMAX", 4)
+    monkeypatch.setitem(globals(), "RESPONSES", _responses())
+    student, teacher = models
+    opts = MiniLLMOptions(length_norm=True, importance_weight="sequence", single_step=single_step,
+                          clip_ratio=0.2, chunk_size=2)
+    E_q, _ = expectation_and_variance(*per_sequence_estimates(student, teacher, 0.0, opts))
+    E_mix, _ = expectation_and_variance(*per_sequence_estimates(student, teacher, 0.2, opts))
+    assert E_q.norm() > 1e-2 and _rel(E_mix, E_q) < 1e-10, _rel(E_mix, E_q)
+
+
 def test_token_weights_are_the_papers_approximation(models):
     """alpha = 0.2 with per-token weights: a biased estimator; the bias is measurable."""
     student, teacher = models
