@@ -296,6 +296,14 @@ def prepare_out_dir(out: str, *, overwrite: bool, resume: bool, inputs: dict | N
 
 
 METHODS = ("minillm", "kd", "seqkd", "rkl")
+AUTO_MICRO_BATCH = 8  # `distill --grad-accum 0`: the largest micro-batch (issue 7's update step: 8 x 512)
+
+
+def auto_grad_accum(batch_size: int, most: int = AUTO_MICRO_BATCH) -> int:
+    """The fewest micro-batches of equal size, at most `most` rows each, that make up the batch
+    (64 -> 8 of 8; 12 -> 2 of 6; 7 -> 1 of 7). Results do not depend on it: losses are normalised
+    by the mini-batch's global counts."""
+    return next(g for g in range(1, batch_size + 1) if batch_size % g == 0 and batch_size // g <= most)
 # options only some methods read (DistillConfig.unused_options warns about the others)
 _MINILLM_OPTIONS = ("num_rollouts", "rollout_batch_size", "ppo_epochs", "teacher_mix_alpha", "clip_ratio",
                     "single_step", "length_norm", "importance_weight", "gamma", "include_current_reward", "whiten",
@@ -319,8 +327,10 @@ class DistillConfig:
     method: str = "minillm"
     steps: Optional[int] = None
     epochs: Optional[float] = None
-    batch_size: int = 8
-    grad_accum: int = 1
+    # None: 64 for minillm (the reference code's global mini-batch, 4 per GPU on 16 GPUs, over its
+    # 16 x 16 = 256 rollouts: 16 updates per rollout buffer), 8 for the baselines
+    batch_size: Optional[int] = None
+    grad_accum: int = 0  # 0: auto, micro-batches of at most AUTO_MICRO_BATCH rows (memory as batch 8)
     # rollouts and PPO
     num_rollouts: int = 256
     rollout_batch_size: int = 0  # 0: auto (engine/rollout_batch.py)
@@ -361,14 +371,21 @@ class DistillConfig:
         require(self.sampler in ("auto", "eager", "static", "graph", "compile"),
                 f"--sampler {self.sampler!r}: expected auto, eager, static, graph or compile")
         require(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        by_default = self.batch_size is None
+        if by_default:
+            self.batch_size = 64 if self.method == "minillm" else 8
         require(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
-        require(self.grad_accum > 0 and self.batch_size % self.grad_accum == 0,
+        require(self.grad_accum >= 0, f"--grad-accum must be >= 0, got {self.grad_accum}")
+        if self.grad_accum == 0:
+            self.grad_accum = auto_grad_accum(self.batch_size)
+        require(self.batch_size % self.grad_accum == 0,
                 f"--batch-size ({self.batch_size}) must be a positive multiple of --grad-accum ({self.grad_accum})")
         require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         require(self.num_rollouts > 0, f"--num-rollouts must be > 0, got {self.num_rollouts}")
         require(self.num_rollouts >= self.batch_size or self.method != "minillm",
-                f"--num-rollouts ({self.num_rollouts}) must be at least --batch-size ({self.batch_size})")
+                f"--num-rollouts ({self.num_rollouts}) must be at least --batch-size ({self.batch_size}"
+                + (", minillm's default)" if by_default else ")"))
         require(self.rollout_batch_size >= 0, f"--rollout-batch-size must be >= 0, got {self.rollout_batch_size}")
         require(self.ppo_epochs > 0, f"--ppo-epochs must be > 0, got {self.ppo_epochs}")
         require(self.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {self.max_new_tokens}")

@@ -400,7 +400,8 @@ class MiniLLMRun:
         for line in notes:
             progress.log(line)
         progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
-                     f"--max-prompt-length), {self.steps} steps, {rt.world_size} process(es) on {rt.device}"
+                     f"--max-prompt-length), {self.steps} steps of {cfg.batch_size} rollouts ({cfg.grad_accum} "
+                     f"micro-batches), {rt.world_size} process(es) on {rt.device}"
                      + (", student and teacher sharded (FSDP)" if rt.fsdp else ""))
         if self.recomputed:
             progress.log(f"gradient checkpointing: {self.recomputed} student blocks recompute their activations")

@@ -135,7 +135,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             run=RunOptions(out=str(run_out), seed=seed, device=cfg.device, quiet=True,
                            eval_every=max(r.distill_steps // 6, 1)),
             optim=OptimOptions(lr=r.distill_lr, warmup_steps=0, schedule="constant"),
-            model_opts=ModelOptions(), method=method, steps=r.distill_steps, batch_size=r.batch_size,
+            model_opts=ModelOptions(), method=method, steps=r.distill_steps, batch_size=r.batch_size, grad_accum=1,
             num_rollouts=r.num_rollouts, ppo_epochs=4, max_new_tokens=r.max_new_tokens,
             pt_data=str(out / "pt"), pt_coef=r.pt_coef, eval_prompts=32)
         for k, v in overrides.items():

@@ -215,6 +215,25 @@ def test_bad_options(tmp_path, tiny_dir, dolly_like, extra, needle):
     assert not (tmp_path / "x").exists()
 
 
+def test_default_mini_batch_is_the_reference_codes_in_micro_batches_of_eight(tmp_path, tiny_dir, dolly_like):
+    from minillm_cli.config import auto_grad_accum
+
+    assert [auto_grad_accum(b) for b in (64, 8, 12, 7, 1, 24, 9)] == [8, 1, 2, 1, 1, 3, 3]
+    args = ["--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student", "--data", dolly_like,
+            "--max-new-tokens", 3, "--limit", 40, "--device", "cpu", "--eval-prompts", 0, "--steps", 1]
+    res = invoke("distill", *args, "--num-rollouts", 64, "--out", tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    assert "1 steps of 64 rollouts (8 micro-batches)" in res.output
+    cfg = json.loads((tmp_path / "m" / "run_config.json").read_text())
+    assert json.dumps(cfg).count('"batch_size": 64') == 1 and json.dumps(cfg).count('"grad_accum": 8') == 1
+    res = invoke("distill", *args, "--num-rollouts", 16, "--out", tmp_path / "few")
+    assert res.exit_code == 2 and "--num-rollouts (16) must be at least --batch-size (64, minillm's default)" in res.output
+    res = invoke("distill", *args, "--method", "kd", "--quiet", "--out", tmp_path / "kd")
+    assert res.exit_code == 0, res.output
+    cfg = json.dumps(json.loads((tmp_path / "kd" / "run_config.json").read_text()))
+    assert '"batch_size": 8' in cfg and '"grad_accum": 1' in cfg
+
+
 def test_missing_teacher_and_vocab_mismatch(tmp_path, tiny_dir, dolly_like):
     from minillm_cli.toy.tiny import make_gpt2, train_bpe_tokenizer
 
