@@ -394,7 +394,7 @@ class DistillConfig:
         require(self.teacher_mix_alpha < 1.0 or self.method != "minillm",
                 "--teacher-mix-alpha 1 samples from the teacher only: the student's policy gradient needs alpha < 1")
         require(self.clip_ratio >= 0, f"--clip-ratio must be >= 0, got {self.clip_ratio}")
-        require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        require(0 < self.temperature < math.inf, f"--temperature must be a finite number > 0, got {self.temperature}")
         require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         require(self.importance_weight in ("token", "sequence"),

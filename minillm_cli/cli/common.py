@@ -64,6 +64,13 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
         raise typer.Exit(1)
     except typer.Exit:
         raise
+    except BrokenPipeError:  # the log's reader went away (`2>&1 | head`): stop quietly, as on SIGPIPE
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                pass
+        raise typer.Exit(1)
     except Exception as e:  # a bug or an environment failure we did not anticipate
         _traceback(debug)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -90,6 +97,53 @@ def rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+def emit(text: str) -> None:
+    """Output for pipelines, on stdout. A reader that went away (`| head -1`, `| true`, a closed
+    stdout) is not the command's failure: the rest of the output is dropped and the command ends
+    with its own exit code (a tripped --fail-if still exits 1, its lines still on stderr)."""
+    global _STDOUT_GONE
+    if _STDOUT_GONE or sys.stdout is None:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _STDOUT_GONE = True
+        try:  # what is still buffered goes nowhere, also at interpreter exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+_STDOUT_GONE = False
+
+
+def out_json(obj) -> None:
+    """One JSON document on stdout: strict JSON (NaN and infinities become null, as in files)."""
+    import json
+
+    from minillm_cli.eval.results import clean_json
+
+    emit(json.dumps(clean_json(obj)) + "\n")
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout is not None and not _STDOUT_GONE and sys.stdout.isatty()
+
+
+def render_rich(renderable, *, terminal: bool) -> str:
+    """A rich renderable as text: styled for a terminal; plain and 240 columns wide otherwise
+    (off a terminal rich assumes 80 columns and would wrap cells)."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, force_terminal=terminal, width=None if terminal else 240,
+            color_system="auto" if terminal else None).print(renderable)
+    return buf.getvalue()
 
 
 def echo_main(line: str) -> None:

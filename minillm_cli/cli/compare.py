@@ -23,7 +23,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from minillm_cli.cli.common import Debug, Device, Quiet, Seed, run_command
+from minillm_cli.cli.common import Debug, Device, Quiet, Seed, emit, render_rich, run_command, stdout_is_terminal
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -57,6 +57,10 @@ def command(
             raise InputError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
         if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
             raise InputError(f"--plot {plot}: use a .png, .pdf or .svg file name")
+        if plot is not None:
+            from minillm_cli.textfiles import check_writable
+
+            check_writable("--plot", plot)
         gate = parse_gate(fail_if) if fail_if is not None else None  # syntax errors before any loading
         name_list = [n.strip() for n in names.split(",")] if names else None
         entries = load_entries(results, name_list)
@@ -73,16 +77,13 @@ def command(
 
         if fmt == "json":
             extra = {"fail_if": {"expr": fail_if, "tripped": tripped}} if fail_if is not None else {}
-            sys.stdout.write(render_json(comp, **extra))
+            emit(render_json(comp, **extra))
         elif fmt == "csv":
-            sys.stdout.write(render_csv(comp))
+            emit(render_csv(comp))
         elif fmt == "markdown":
-            sys.stdout.write(render_markdown(comp))
+            emit(render_markdown(comp))
         else:
-            from rich.console import Console
-
-            # Off a terminal rich assumes 80 columns and would wrap cells; a wide table stays whole.
-            Console(width=None if sys.stdout.isatty() else 240).print(rich_table(comp))
+            emit(render_rich(rich_table(comp), terminal=stdout_is_terminal()))
         if plot is not None:
             from minillm_cli.eval.plot import plot_comparison
 

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from minillm_cli.cli import options as o
-from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, rank, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, out_json, rank, run_command
 
 Int = lambda flag, help: Annotated[int, typer.Option(flag, help=help)]  # noqa: E731
 Float = lambda flag, help: Annotated[float, typer.Option(flag, help=help)]  # noqa: E731
@@ -90,7 +90,6 @@ def command(
     args = dict(locals())
 
     def body():
-        import json
 
         from minillm_cli.config import DistillConfig
         from minillm_cli.engine.distill import run_distill
@@ -112,7 +111,7 @@ def command(
         )
         summary = run_distill(cfg)
         if json_out and rank() == 0:
-            print(json.dumps(summary))
+            out_json(summary)
         elif not quiet:
             echo_main(f"distill ({method}) done: {summary['steps']} steps -> {summary['out']}")
 

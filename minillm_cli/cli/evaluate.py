@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from minillm_cli.cli import options as o
-from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, out_json, run_command
 
 Metric = Annotated[Optional[list[str]], typer.Option(
     "--metric", help="rougeL, exact-match, dist4, lm-loss, reverse-kl, forward-kl (repeat or comma-separate). "
@@ -52,7 +52,6 @@ def command(
     debug: Debug = False,
 ) -> None:
     def body():
-        import json
 
         from minillm_cli.eval.evaluate import EvaluateConfig, run_evaluate
 
@@ -66,7 +65,7 @@ def command(
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, quiet=quiet)
         result = run_evaluate(cfg)
         if json_out:
-            print(json.dumps(result))
+            out_json(result)
         if not quiet:
             _print_table(result)
 
@@ -77,9 +76,12 @@ def _print_table(result: dict) -> None:
     """A short table of the metrics on stderr (stdout stays for --json)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{result['model']} on {result['data']}: {result['n']} examples, "
-                        f"{len(result['protocol']['seeds'])} seed(s)", title_justify="left")
+    # The heading as plain text on its own line: paths are not markup ('[v2]') and stay unbroken.
+    heading = Text(f"{result['model']} on {result['data']}: {result['n']} examples, "
+                   f"{len(result['protocol']['seeds'])} seed(s)")
+    table = Table()
     for col in ("metric", "mean", "std", "per seed"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for name, m in result["metrics"].items():
@@ -87,4 +89,6 @@ def _print_table(result: dict) -> None:
     for name, buckets in (result.get("by_length") or {}).items():
         for b, m in buckets.items():
             table.add_row(f"  {name} [{b}] (n={m['n']})", f"{m['mean']:.4g}", f"{m['std']:.2g}", "")
-    Console(stderr=True, width=None if sys.stderr.isatty() else 240).print(table)  # (no 80-column cut in logs)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 240)  # (no 80-column cut in logs)
+    console.print(heading, soft_wrap=True)
+    console.print(table)

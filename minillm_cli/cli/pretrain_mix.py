@@ -7,13 +7,12 @@ DIR gets tokens.bin (memory-mapped chunks, a held-out validation slice at the en
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import List, Optional
 
 import typer
 
-from minillm_cli.cli.common import Debug, Device, JsonOut, Quiet, Seed, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Quiet, Seed, out_json, run_command
 
 
 def command(
@@ -46,8 +45,8 @@ def command(
         )
         meta = build_mixture(cfg, progress=Progress("pretrain-mix", quiet=quiet))
         if json_out:
-            print(json.dumps({"out": out, **{k: meta[k] for k in (
-                "num_chunks", "splits", "seq_len", "total_tokens", "sources", "build")}}))
+            out_json({"out": out, **{k: meta[k] for k in (
+                "num_chunks", "splits", "seq_len", "total_tokens", "sources", "build")}})
         elif not quiet:
             shares = ", ".join(f"{s['name']} {s['tokens']} tokens ({100 * s['share']:.1f}%"
                                f"{', ran out' if s['exhausted'] else ''})" for s in meta["sources"])

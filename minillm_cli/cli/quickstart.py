@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from minillm_cli.cli.common import Debug, Device, JsonOut, Quiet, Seed, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Quiet, Seed, emit, out_json, run_command
 
 
 def command(
@@ -22,17 +22,15 @@ def command(
     debug: Debug = False,
 ) -> None:
     def body():
-        import json
 
         from minillm_cli.toy.quickstart import QuickstartConfig, run_quickstart
 
         summary = run_quickstart(QuickstartConfig(out=out, fast=fast, seed=seed, distill_seeds=distill_seeds,
                                                   ablation=ablation, overwrite=overwrite, device=device, quiet=quiet))
         if json_out:
-            print(json.dumps(summary))
+            out_json(summary)
         else:
-            print(summary["table"])
-            print(summary["verdict"])
+            emit(summary["table"] + "\n" + summary["verdict"] + "\n")
             typer.echo(f"quickstart done in {summary['seconds']:.0f} s -> {summary['out']} "
                        f"(comparison.md, comparison.png)", err=True)
 

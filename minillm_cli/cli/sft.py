@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from minillm_cli.cli import options as o
-from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, rank, run_command
+from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, out_json, rank, run_command
 
 
 def command(
@@ -55,7 +55,6 @@ def command(
     args = dict(locals())
 
     def body():
-        import json
 
         from minillm_cli.config import SFTConfig
         from minillm_cli.engine.sft import train_sft
@@ -65,7 +64,7 @@ def command(
                         steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
         summary = train_sft(cfg)
         if json_out and rank() == 0:
-            print(json.dumps(summary))
+            out_json(summary)
         elif not quiet:
             best = summary["best_valid_loss"]
             echo_main(f"sft done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"

@@ -7,12 +7,14 @@ detected from the first record (Dolly, Alpaca/MiniLLM, Self-Instruct, Vicuna, pr
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from minillm_cli.errors import InputError
+from minillm_cli.textfiles import read_utf8
 
 # Aliases: the paper's training set (Dolly) and its evaluation sets as the MiniLLM authors publish them.
 ALIASES = {
@@ -66,8 +68,8 @@ def _prompt_output(r):
 
 
 def _prompt_response(r):
-    key = next(k for k in ("response", "completion", "answer") if k in r)
-    return [Example(str(r["prompt"]), "", _as_refs(r.get(key)))]
+    key = next((k for k in ("response", "completion", "answer") if k in r), None)  # (a row may lack it)
+    return [Example(str(r["prompt"]), "", _as_refs(r.get(key)) if key else [])]
 
 
 def _self_instruct(r):
@@ -116,19 +118,19 @@ def _layout_hint() -> str:
 # ---------------------------------------------------------------------------------------------
 # Readers: yield (where, record) so that errors can say file and line.
 # ---------------------------------------------------------------------------------------------
-# utf-8-sig: a byte-order mark (Windows / spreadsheet exports) is skipped, plain UTF-8 read as is
+# read_utf8: a byte-order mark (Windows / spreadsheet exports) is skipped, plain UTF-8 read as is,
+# and a byte that is not UTF-8 is reported by line and column
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8-sig") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{i}: expected a JSON object per line, got {type(rec).__name__}")
-            yield f"{path}:{i}", rec
+    for i, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{i}: expected a JSON object per line, got {type(rec).__name__}")
+        yield f"{path}:{i}", rec
 
 
 def _looks_like_json_lines(text: str) -> bool:
@@ -142,7 +144,7 @@ def _looks_like_json_lines(text: str) -> bool:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_utf8(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -168,9 +170,9 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        for i, rec in enumerate(csv.DictReader(fh), 2):
-            yield f"{path}:{i}", rec
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    for rec in reader:
+        yield f"{path}:{reader.line_num}", rec
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:

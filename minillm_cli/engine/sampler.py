@@ -13,6 +13,7 @@ and its generator, never on the other rows of the batch, the batch size or the p
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class SamplingParams:
 
     def __post_init__(self):
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(0 < self.temperature < math.inf, f"temperature must be a finite number > 0, got {self.temperature}")
         require(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         require(self.no_repeat_ngram_size >= 0,

@@ -29,6 +29,7 @@ class Entry:
     n: Optional[int] = None
     curve: list[dict] = field(default_factory=list)
     predictions: Optional[Path] = None
+    given: list[Path] = field(default_factory=list)  # the paths that name it (--baseline PATH)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -59,27 +60,34 @@ def load_entries(paths: Sequence[Path], names: Optional[Sequence[str]] = None) -
                 for stem, rp, res in run.results:
                     nm = run.name if len(run.results) == 1 else f"{run.name}/{stem}"
                     e = _from_result(nm, rp, res, train)
-                    e.kind, e.source, e.curve = "run", p, run.curve
+                    e.kind, e.source, e.curve, e.given = "run", p, run.curve, [p, rp]
                     entries.append(e)
             else:
                 cfg = run.config.get("config", run.config)  # run_config.json: {"command", "config", ...}
+                if not isinstance(cfg, dict):
+                    raise InputError(f"{p / 'run_config.json'}: 'config' is not a JSON object")
                 model = cfg.get("student") or cfg.get("model")
                 data = cfg.get("data")
                 data = data.get("data") if isinstance(data, dict) else data
                 entries.append(Entry(name=run.name, source=p, kind="run", metrics=train,
                                      model=model if isinstance(model, str) else None,
-                                     data=data if isinstance(data, str) else None, curve=run.curve))
+                                     data=data if isinstance(data, str) else None, curve=run.curve, given=[p]))
         else:
             entries.append(_from_result(p.stem, p, load_result(p)))
+            entries[-1].given = [p]
     if names is not None:
         if len(names) != len(entries):
             raise InputError(f"--names gives {len(names)} names for {len(entries)} compared results "
                              f"({', '.join(e.name for e in entries)})")
         if any(not nm for nm in names):
             raise InputError(f"--names {','.join(names)!r}: every name must be non-empty")
+        twice = sorted({nm for nm in names if names.count(nm) > 1})
+        if twice:  # names the user chose are kept as given, so they must tell the results apart
+            raise InputError(f"--names: {', '.join(twice)} given more than once")
         for e, nm in zip(entries, names):
             e.name = nm
-    _dedupe_names(entries)
+    else:
+        _dedupe_names(entries)
     return entries
 
 
@@ -107,7 +115,7 @@ def find_entry(entries: Sequence[Entry], key: str, flag: str = "--baseline") -> 
             return e
     kp = Path(key).resolve()
     for e in entries:
-        if e.source.resolve() == kp:
+        if any(p.resolve() == kp for p in (e.source, *e.given)):
             return e
     raise InputError(f"{flag} {key!r} is none of the compared results ({', '.join(e.name for e in entries)})")
 
@@ -203,15 +211,20 @@ def _arrow(up: Optional[bool]) -> str:
     return "" if up is None else (" ↑" if up else " ↓")
 
 
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a name with '|' must not open a column
+
+
 def render_markdown(comp: dict) -> str:
     names = [r["name"] for r in comp["runs"]]
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    cell = _md_cell
+    lines = ["| metric | " + " | ".join(map(cell, names)) + " |", "|---|" + "---:|" * len(names)]
     for metric, row in comp["metrics"].items():
         cells, dec = [], _row_decimals(row)
         for n in names:
             t = _cell_text(row["values"].get(n), dec)
             cells.append(f"**{t}**" if n in row["best"] else t)
-        lines.append(f"| {metric}{_arrow(row['higher_is_better'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {cell(metric)}{_arrow(row['higher_is_better'])} | " + " | ".join(cells) + " |")
     note = "mean ± std over seeds; best in bold; ↑ higher is better, ↓ lower is better"
     if comp["baseline"]:
         note += f"; (Δ) vs {comp['baseline']}"
@@ -380,9 +393,16 @@ def resolve_gate(tree, entries: Sequence[Entry]):
 
     def resolve(node):
         if isinstance(node, Cmp):
-            for cand in (node.metric, canonical_name(node.metric), f"train.{node.metric}"):
-                if cand in present:
-                    return Cmp(cand, node.field, node.op, node.value)
+            if node.metric in present:
+                return node
+            # an alias (loss -> lm-loss) or a training metric (loss -> train.loss): never both,
+            # or what the gate checks would depend on which results happen to be compared
+            found = list(dict.fromkeys(c for c in (canonical_name(node.metric), f"train.{node.metric}")
+                                       if c in present))
+            if len(found) > 1:
+                raise InputError(f"--fail-if: {node.metric!r} could mean {' or '.join(found)}; name one")
+            if found:
+                return Cmp(found[0], node.field, node.op, node.value)
             raise InputError(f"--fail-if: no compared result has metric {node.metric!r} "
                              f"(they have: {', '.join(sorted(present)) or 'none'})")
         return (node[0], [resolve(p) for p in node[1]])
@@ -401,12 +421,21 @@ def _holds(node, e: Entry) -> bool:
     return any(results) if node[0] == "or" else all(results)
 
 
+def _gate_num(v: float, c: Cmp) -> str:
+    """v with as few digits as keep the printed comparison true (not '5.96 > 5.96')."""
+    for digits in range(4, 18):
+        s = f"{v:.{digits}g}"
+        if _OPS[c.op](float(s), c.value) == _OPS[c.op](v, c.value):
+            return s
+    return repr(v)
+
+
 def check_gate(tree, entries: Sequence[Entry]) -> list[str]:
     """One line per entry that meets the (resolved) condition, naming the values that met it."""
     tripped = []
     for e in entries:
         if _holds(tree, e):
-            why = [f"{c.text().split(' ', 1)[0]} = {fmt_num(float(e.metrics[c.metric][c.field]))}"
+            why = [f"{c.text().split(' ', 1)[0]} = {_gate_num(float(e.metrics[c.metric][c.field]), c)}"
                    f" {c.op} {c.value:g}" for c in _leaves(tree) if _holds(c, e)]
             tripped.append(f"{e.name}: " + ", ".join(dict.fromkeys(why)))
     return tripped

@@ -16,8 +16,8 @@ Metrics (names and directions in `eval.metrics`):
 """
 from __future__ import annotations
 
+import math
 import os
-import tempfile
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -81,7 +81,7 @@ class EvaluateConfig:
         require(self.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {self.max_prompt_length}")
         require(self.max_length > self.max_prompt_length,
                 f"--max-length ({self.max_length}) must exceed --max-prompt-length ({self.max_prompt_length})")
-        require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        require(0 < self.temperature < math.inf, f"--temperature must be a finite number > 0, got {self.temperature}")
         require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         require(self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be >= 0, got {self.no_repeat_ngram_size}")
@@ -169,9 +169,9 @@ def resolve_metrics(cfg: EvaluateConfig, examples: list[Example]) -> list[str]:
             raise InputError(f"metric {m}: {cfg.data} has no reference answers (reference-free metrics: "
                              f"dist4, reverse-kl, forward-kl)")
         if needs_references(m) and with_refs < len(examples):
-            first = next(i for i, e in enumerate(examples) if not e.references)
+            i, first = next((i, e) for i, e in enumerate(examples) if not e.references)
             raise InputError(f"metric {m}: {len(examples) - with_refs} of {len(examples)} examples of {cfg.data} "
-                             f"have no reference answer (the first is example {first})")
+                             f"have no reference answer (the first: {first.meta.get('where') or f'example {i}'})")
     if cfg.by_length and with_refs < len(examples):
         raise InputError(f"--by-length groups examples by reference length; {cfg.data} lacks references")
     return metrics
@@ -240,19 +240,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     from minillm_cli.eval.results import make_result, write_predictions, write_result
     from minillm_cli.models import check_context, load_model, load_tokenizer, pick_dtype
     from minillm_cli.progress import Progress
+    from minillm_cli.textfiles import check_writable
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("evaluate runs in one process; launch it without torchrun/accelerate")
     for flag, target in (("--out", cfg.out), ("--predictions", cfg.predictions_file())):
         if target is not None:  # before hours of generation, not after
-            try:
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise InputError(f"{flag} {target}: cannot create its folder ({e.strerror or e})") from None
-            try:  # (a folder that exists may still refuse files: read-only, /proc)
-                tempfile.TemporaryFile(dir=Path(target).parent).close()
-            except OSError as e:
-                raise InputError(f"{flag} {target}: cannot write in its folder ({e.strerror or e})") from None
+            check_writable(flag, target)
     t0 = time.perf_counter()
     examples = load_eval_examples(cfg)
     n_read = len(examples)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from minillm_cli.errors import InputError
+from minillm_cli.textfiles import read_utf8
 
 RESULT_KIND = "minillm-evaluate"
 RESULT_VERSION = 1
@@ -111,10 +112,7 @@ def write_predictions(path: Path, rows: Iterable[dict]) -> None:
 def _read_json(path: Path, what: str = "a minillm evaluate result") -> Any:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not {what} (not a UTF-8 text file)") from None
+    text = read_utf8(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -133,6 +131,9 @@ def check_result(result: Any, where: str) -> dict:
             raise InputError(f"{where}: metric {name!r} has no numeric 'mean'")
         if not _is_number_or_none(m.get("std", 0.0)):
             raise InputError(f"{where}: metric {name!r} has a non-numeric 'std'")
+        per_seed = m.get("per_seed", [])
+        if not isinstance(per_seed, list) or not all(map(_is_number_or_none, per_seed)):
+            raise InputError(f"{where}: metric {name!r} has a 'per_seed' that is not a list of numbers")
     return result
 
 
@@ -167,7 +168,9 @@ def read_jsonl(path: Path, *, tolerate_truncated_tail: bool = False) -> list[dic
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path).split("\n")
+    while lines and not lines[-1].strip():  # (a trailing newline is not a truncated last line)
+        lines.pop()
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -250,5 +253,5 @@ def load_run(path: Path) -> RunSummary:
     for p in candidates:
         if p.exists():
             results.append((p.stem, p, load_result(p)))
-    return RunSummary(name=path.name, path=path, config=config, curve=curve, final=final,
+    return RunSummary(name=path.resolve().name, path=path, config=config, curve=curve, final=final,
                       best=best, results=results)

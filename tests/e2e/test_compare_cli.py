@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -121,6 +122,8 @@ def test_fail_if_exits_exactly_when_condition_holds(files, expr, code, who):
     (["{sft}", "--plot", "{dir}/p.jpeg"], ["--plot", ".png"]),
     (["{dir}"], ["not a run folder"]),
     (["{sft}", "--judge-url", "http://127.0.0.1:9"], ["--judge-model"]),
+    (["{sft}", "{minillm}", "--names", "x,x"], ["--names: x given more than once"]),
+    (["{sft}", "--plot", "/proc/cmp.png"], ["--plot /proc/cmp.png: cannot write"]),  # before the table
 ])
 def test_bad_input_is_one_line_exit_2(files, args, needles):
     fmt = {"other": files["other"], "sft": files["sft"], "minillm": files["minillm"],
@@ -151,3 +154,58 @@ def test_real_process_json_stdout_and_fast_help(files):
                         "minillm_cli.eval.results; print('torch' in sys.modules, 'matplotlib' in sys.modules)"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.stdout.split() == ["False", "False"]
+
+
+def test_names_baselines_and_gates_mean_one_thing(files, tmp_path, monkeypatch):
+    # a run folder's result can be the baseline by the file's own path, not only the folder's
+    run = tmp_path / "run-eval"
+    shutil.copytree(files["run"], run)
+    shutil.copy(files["sft"], run / "eval.json")
+    res = invoke(files["minillm"], run, "--baseline", run / "eval.json", "-f", "json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["baseline"] == "run-eval"
+    # '.' is named after the folder it is
+    monkeypatch.chdir(run)
+    assert [r["name"] for r in json.loads(invoke(".", "-f", "json").stdout)["runs"]] == ["run-eval"]
+    # a name with '|' stays one markdown column
+    md = invoke(files["sft"], files["minillm"], "--names", "a|b,c", "-f", "markdown").stdout.splitlines()
+    assert md[0] == "| metric | a\\|b | c |"
+    # 'loss' is an evaluate metric (lm-loss) and a training one (train.loss): refused, not guessed
+    lm = tmp_path / "lm.json"
+    write_result(lm, make_result(model="m", data="dolly", n=4, protocol={"seeds": [1]},
+                                 metrics={"lm-loss": aggregate([5.9613])}))
+    one_error_line(invoke(lm, files["run"], "--fail-if", "loss > 5"), 2, "'loss' could mean lm-loss or train.loss")
+    res = invoke(lm, files["run"], "--fail-if", "lm-loss > 5.96")
+    assert res.exit_code == 1 and "lm: lm-loss = 5.961 > 5.96" in res.stderr  # not '5.96 > 5.96'
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda r: r["metrics"]["rougeL"].update(per_seed="abc"), "'per_seed' that is not a list of numbers"),
+])
+def test_hand_made_results_are_checked(files, tmp_path, change, needle):
+    result = json.loads(files["sft"].read_text())
+    change(result)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(result))
+    one_error_line(invoke(bad), 2, needle)
+    run = tmp_path / "run-bad"
+    shutil.copytree(files["run"], run)
+    (run / "run_config.json").write_text(json.dumps({"command": "sft", "config": []}))
+    one_error_line(invoke(run), 2, "'config' is not a JSON object")
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "note": "\xff"}\n')
+    one_error_line(invoke(run), 2, "metrics.jsonl:2: not UTF-8 text")
+
+
+def test_a_reader_that_goes_away_changes_no_exit_code(files):
+    """`compare ... | true` (the reader gone before the table is written) and a closed stdout: the
+    gate's exit code and its lines on stderr stay; no 'BrokenPipeError'."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = f"'{sys.executable}' -m minillm_cli compare '{files['sft']}' '{files['minillm']}'"
+    for fmt in ("table", "csv", "json"):
+        for gate, code in (("rougeL >= 0", 1), ("rougeL > 1000", 0)):
+            for to in ("| true; exit ${PIPESTATUS[0]}", ">&-"):
+                p = subprocess.run(["bash", "-c", f"{base} -f {fmt} --fail-if '{gate}' {to}"],
+                                   capture_output=True, text=True, env=env, timeout=60)
+                assert p.returncode == code, (fmt, gate, to, p.stderr)
+                assert "error" not in p.stderr and "Broken" not in p.stderr, p.stderr
+                assert ("met by 2 of 2" in p.stderr) == (code == 1), p.stderr

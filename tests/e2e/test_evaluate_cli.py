@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +124,21 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, dolly_like, vicuna_like, tmp
     one_error_line(invoke(*base, "--data", dolly_like, "--model", "nobody/nothing"), "nobody/nothing")
     one_error_line(invoke(*base, "--data", dolly_like, "--out", tmp_path), "is a folder")
     one_error_line(invoke(*base, "--data", dolly_like, "--max-prompt-length", 2), "longer than --max-prompt-length")
+    # bad bytes, partly missing references and a non-finite temperature: file and line, exit 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d\xff"}\n')
+    one_error_line(invoke(*base, "--data", bad), f"{bad}:2: not UTF-8 text", "column 36")
+    part = write_jsonl(tmp_path / "part.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
+    one_error_line(invoke(*base, "--data", part, "--metric", "rougeL"), f"1 of 2 examples", f"{part}:2")
+    one_error_line(invoke(*base, "--data", dolly_like, "--temperature", "inf"), "--temperature must be a finite")
+
+
+def test_paths_are_not_rich_markup(tiny_dir, dolly_like, tmp_path):
+    odd = tmp_path / "[/old]" / "[v2]"
+    odd.mkdir(parents=True)
+    data = odd / "d.jsonl"
+    data.write_bytes(Path(dolly_like).read_bytes())
+    res = invoke("--model", tiny_dir / "student", "--data", data, "--seeds", 1, "--limit", 2, "--max-new-tokens", 4,
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert f"on {data}: 2 examples" in res.stderr

@@ -195,7 +195,7 @@ def test_gate_names_unknown_metric():
     with pytest.raises(InputError, match="no compared result has metric 'bleu'.*rougeL"):
         C.resolve_gate(C.parse_gate("bleu < 3"), es)
     es[0].metrics["train.valid_loss"] = aggregate([2.0])
-    assert C.check_gate(C.resolve_gate(C.parse_gate("valid_loss > 1"), es), es) == ["a: train.valid_loss = 2.00 > 1"]
+    assert C.check_gate(C.resolve_gate(C.parse_gate("valid_loss > 1"), es), es) == ["a: train.valid_loss = 2 > 1"]
 
 
 # ---------------------------------------------------------------------------- plot

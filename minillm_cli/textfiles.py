@@ -1,0 +1,39 @@
+"""Users' files. Text is read as UTF-8, and a byte that is not says file, line and column (exit 2)
+instead of a UnicodeDecodeError with a byte offset. An output file's folder is checked before
+the work that fills it, not after."""
+from __future__ import annotations
+
+import codecs
+import tempfile
+from pathlib import Path
+
+from minillm_cli.errors import InputError
+
+
+def read_utf8(path: Path, what: str = "") -> str:
+    """The text of `path` (a leading byte-order mark dropped, as spreadsheet exports write it).
+    `what`: how the message names the file's role (e.g. "a minillm evaluate result")."""
+    data = Path(path).read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        role = f" ({what})" if what else ""
+        raise InputError(f"{path}:{line}: not UTF-8 text{role}: byte 0x{data[e.start]:02x} at column {column}; "
+                         f"save the file as UTF-8") from None
+
+
+def check_writable(flag: str, target) -> None:
+    """InputError unless a file can be written where `target` goes (its folder is created)."""
+    folder = Path(target).expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{flag} {target}: cannot create its folder ({e.strerror or e})") from None
+    try:  # (a folder that exists may still refuse files: read-only, /proc)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise InputError(f"{flag} {target}: cannot write in its folder ({e.strerror or e})") from None
