@@ -217,14 +217,13 @@ def _md_cell(text: str) -> str:
 
 def render_markdown(comp: dict) -> str:
     names = [r["name"] for r in comp["runs"]]
-    cell = _md_cell
-    lines = ["| metric | " + " | ".join(map(cell, names)) + " |", "|---|" + "---:|" * len(names)]
+    lines = ["| metric | " + " | ".join(map(_md_cell, names)) + " |", "|---|" + "---:|" * len(names)]
     for metric, row in comp["metrics"].items():
         cells, dec = [], _row_decimals(row)
         for n in names:
             t = _cell_text(row["values"].get(n), dec)
             cells.append(f"**{t}**" if n in row["best"] else t)
-        lines.append(f"| {cell(metric)}{_arrow(row['higher_is_better'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_md_cell(metric)}{_arrow(row['higher_is_better'])} | " + " | ".join(cells) + " |")
     note = "mean ± std over seeds; best in bold; ↑ higher is better, ↓ lower is better"
     if comp["baseline"]:
         note += f"; (Δ) vs {comp['baseline']}"
