@@ -92,7 +92,7 @@ class ModelOptions:
 
     def __post_init__(self):
         require(self.lora_r >= 0, f"--lora-r must be >= 0, got {self.lora_r}")
-        require(not self.save_adapter or self.lora_r > 0, "--save-adapter needs --lora-r")
+        # (--save-adapter's needs depend on the model: models.check_adapter_options)
 
     def lora(self):
         from minillm_cli.models import LoraSettings
@@ -122,6 +122,9 @@ class SFTConfig:
         require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
+        from minillm_cli.models import check_adapter_options
+
+        check_adapter_options(self.model, self.model_opts, "--model")
 
     @property
     def micro_batch_size(self) -> int:
@@ -219,8 +222,9 @@ def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     path = Path(out) / "run_config.json"
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []  # no record to compare with (the checkpoint loader says what is missing)
+    except (OSError, ValueError):  # (the checkpoint loader says what else is missing)
+        return [f"note: {path} is missing or unreadable: this command's settings cannot be checked against "
+                f"the run's, and are taken as given"]
     if saved.get("command") != command:
         raise InputError(f"--resume: {out} holds a {saved.get('command')!r} run, this is {command!r} "
                          f"(--method differs?); start a new --out")
@@ -410,6 +414,9 @@ class DistillConfig:
         require(0 <= self.kd_ratio <= 1, f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
         require(self.eval_prompts >= 0, f"--eval-prompts must be >= 0, got {self.eval_prompts}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
+        from minillm_cli.models import check_adapter_options
+
+        check_adapter_options(self.student, self.model_opts, "--student")
 
     @property
     def micro_batch_size(self) -> int:

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 class MiniLLMError(Exception):
     exit_code = 1
+    everywhere = False  # raised alike on every process (a decision they shared): said once, by rank 0
+
+    def __init__(self, message: str = "", *, everywhere: bool | None = None):
+        super().__init__(message)
+        if everywhere is not None:
+            self.everywhere = everywhere
 
 
 class InputError(MiniLLMError):
     """Bad usage or bad input: exit 2 with one line on stderr."""
 
     exit_code = 2
+    everywhere = True  # (every process reads the same options and files)
 
 
 class RunError(MiniLLMError):

@@ -21,15 +21,23 @@ _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 _REACHABLE: dict = {}  # endpoint -> bool, once per process
 
 
-def offline() -> bool:
-    """Whether the Hub libraries are in offline mode (set by the user, or by `check_reachable`)."""
-    return any(os.environ.get(k, "").lower() in _TRUE for k in _OFFLINE_VARS)
+# which variables put which lookups offline: HF_HUB_OFFLINE all of them; the others one library
+_OFFLINE_FOR = {"hub": ("HF_HUB_OFFLINE",), "models": ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
+                "datasets": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+
+
+def offline(kind: str = "hub") -> bool:
+    """Whether lookups of `kind` are in offline mode (set by the user, or by `check_reachable`):
+    "hub" every library's; "models" (transformers, peft) or "datasets" one library's."""
+    return any(os.environ.get(k, "").lower() in _TRUE for k in _OFFLINE_FOR[kind])
 
 
 def check_reachable(timeout: float = 3.0) -> bool:
     """False, with the Hub libraries switched to offline mode, when the Hub cannot be reached (or
-    offline mode is on already); True otherwise. Call before a name is looked up on the Hub."""
-    if offline():
+    offline mode is on already for all of them); True otherwise. Call before a name is looked up
+    on the Hub. (HF_DATASETS_OFFLINE alone leaves model lookups online, and their retries: the
+    connection is still tried.)"""
+    if offline("hub"):
         return False
     if any(os.environ.get(k) for k in _PROXY_VARS):
         return True

@@ -50,7 +50,7 @@ def _not_found(name: str, what: str, err: Exception) -> InputError:
     if Path(name).expanduser().exists():
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return InputError(f"{what} {name!r}: cannot load this folder ({first})")
-    if hub.offline() or "connect" in str(err).lower() or "offline" in str(err).lower():
+    if hub.offline("models") or "connect" in str(err).lower() or "offline" in str(err).lower():
         return InputError(f"{what} {name!r}: not a local folder, and the Hugging Face Hub is unreachable "
                           f"(offline); pass a local model folder")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -76,6 +76,20 @@ def adapter_base(name: str) -> str | None:
             raise InputError(f"{cfg}: adapter without base_model_name_or_path")
         return base
     return None
+
+
+def check_adapter_options(name: str, opts, flag: str) -> None:
+    """--save-adapter against the trained model `name` (ModelOptions `opts`), before anything loads.
+    An adapter folder keeps training its own adapter (--lora-r 0), which --save-adapter saves on
+    the same base. With --lora-r it is merged into its base first and a new adapter added: that
+    merged model exists nowhere on disk, so the new adapter alone could not be loaded."""
+    base = adapter_base(name)
+    if opts.save_adapter and opts.lora_r <= 0 and base is None:
+        raise InputError(f"--save-adapter needs --lora-r (or a LoRA adapter folder as {flag})")
+    if opts.save_adapter and opts.lora_r > 0 and base is not None:
+        raise InputError(f"--save-adapter with --lora-r: {flag} {name} is an adapter, merged into {base} before "
+                         f"the new one is added, and that merged model is saved nowhere; keep training its own "
+                         f"adapter (--lora-r 0 --save-adapter) or save merged weights (no --save-adapter)")
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "tokenizer"):
@@ -290,6 +304,17 @@ def save_pretrained(model, tokenizer, out: str | Path, *, merge_lora: bool = Tru
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
+    # A run resumed with --save-adapter switched (or an --overwrite-free re-save) must not leave the
+    # other format's files behind: from_pretrained would load those, not this save.
+    adapter = hasattr(to_save, "peft_config")
+    for stale in (out.glob("adapter_model.*") if not adapter else
+                  [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*.bin*")]):
+        stale.unlink()
+    if not adapter:
+        (out / "adapter_config.json").unlink(missing_ok=True)
+    else:
+        for name in ("config.json", "generation_config.json"):  # (the merged model's)
+            (out / name).unlink(missing_ok=True)
     to_save.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     if to_save is model and hasattr(model, "peft_config"):

@@ -54,7 +54,7 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
     except MiniLLMError as e:
         _traceback(debug)
         # Bad input and agreed stops are the same on every process: say it once (rank 0).
-        if rank() == 0 or e.exit_code != 2:
+        if rank() == 0 or not e.everywhere:
             _say(f"error{where}: {e}")
         raise typer.Exit(e.exit_code)
     except (KeyboardInterrupt, Stopped) as e:

@@ -27,7 +27,7 @@ EvalEvery = Annotated[int, typer.Option("--eval-every", help="Validate every N s
 SaveEvery = Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (always at the end).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
-LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank (0: full fine-tuning).")]
+LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank (0: full fine-tuning; an adapter folder as the model keeps training its adapter).")]
 LoraAlpha = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.")]
 LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")]
 LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names (detected per architecture by default).")]

@@ -195,7 +195,7 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # offline, unknown id, no such split: all one message for the user
-        offline = hub.offline()
+        offline = hub.offline("datasets")
         why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0]
         raise InputError(f"data {name!r}: not a local file and could not be loaded from the Hub: {why}; "
                          f"pass a local .jsonl/.json/.csv/.parquet file") from None

@@ -126,6 +126,20 @@ def save_on_main(rt, run_dir: Path, step: int, **kw) -> None:
     rt.on_main(lambda: save_checkpoint(run_dir, step, **kw))
 
 
+def last_logged(path: Path, key: str, default: float) -> float:
+    """The last value of `key` in a metrics.jsonl (default when there is none)."""
+    value = default
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get(key), (int, float)):
+                value = float(row[key])
+    return value
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """On resume from checkpoint `step`: drop metrics rows of later steps (logged by a run killed
     before it could checkpoint them; they are about to be recomputed) and any torn last line."""

@@ -35,6 +35,7 @@ from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_eng
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)
 from minillm_cli.errors import InputError, RunError
+from minillm_cli.eval.results import clean_json
 from minillm_cli.progress import MetricsWriter, Progress
 
 
@@ -43,8 +44,11 @@ def run_distill(cfg: DistillConfig) -> dict:
     from minillm_cli.engine import fsdp
 
     if cfg.run.fsdp or fsdp.fsdp_from_env():
+        from minillm_cli.models import adapter_base
+
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, teacher_device=cfg.teacher_device,
-                             save_adapter=cfg.model_opts.save_adapter)
+                             save_adapter=cfg.model_opts.save_adapter,
+                             adapter=cfg.student if adapter_base(cfg.student) else None)
     unused = cfg.unused_options()
     if unused:  # (a PT loss or a teacher mix a baseline never applied must not look applied)
         Progress("distill", quiet=cfg.run.quiet, is_main=os.environ.get("RANK", "0") == "0").log(
@@ -468,7 +472,7 @@ class MiniLLMRun:
                 if stopping:
                     progress.close()
                     raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue "
-                                   f"with the same command plus --resume")
+                                   f"with the same command plus --resume", everywhere=True)  # (the ranks agreed)
         progress.close()
         summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps, "saved": "final",
                    "seconds": round(time.perf_counter() - t0, 2), "update_micro_steps": self.micro.summary,
@@ -476,7 +480,7 @@ class MiniLLMRun:
         fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                           trust_remote_code=cfg.model_opts.trust_remote_code)
         if rt.is_main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            (out / "summary.json").write_text(json.dumps(clean_json(summary), indent=2))
         metrics.close()
         rt.barrier()
         return summary

@@ -25,12 +25,20 @@ def fsdp_from_env() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
 
 
-def check_supported(*, lora: bool, teacher_device: str | None = None, save_adapter: bool = False) -> None:
+def check_supported(*, lora: bool, teacher_device: str | None = None, save_adapter: bool = False,
+                    adapter: str | None = None) -> None:
+    """Refusals before anything loads. `adapter`: the trained model, when it is a LoRA adapter
+    folder (only the adapter trains: LoRA by another name)."""
+    what = "--fsdp (or accelerate's FSDP config)"
     if lora or save_adapter:
-        raise InputError("--fsdp with --lora-r is not supported: shard a full model, or train LoRA adapters "
+        raise InputError(f"{what} with --lora-r is not supported: shard a full model, or train LoRA adapters "
                          "without --fsdp")
+    if adapter:
+        raise InputError(f"{what}: {adapter} is a LoRA adapter folder (only its weights train), which is not "
+                         f"supported; merge it first (minillm sft --model {adapter} ... without --save-adapter) "
+                         f"or train it without --fsdp")
     if teacher_device:
-        raise InputError("--fsdp with --teacher-device is not supported: under FSDP the teacher is sharded "
+        raise InputError(f"{what} with --teacher-device is not supported: under FSDP the teacher is sharded "
                          "over the processes' devices")
 
 

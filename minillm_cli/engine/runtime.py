@@ -121,7 +121,7 @@ class Runtime:
                 error = (type(e), str(e))
         result, error = self.broadcast_object((result, error))
         if error is not None:
-            raise error[0](error[1])
+            raise error[0](error[1], everywhere=True)
         return result
 
     def barrier(self) -> None:

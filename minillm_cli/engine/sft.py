@@ -24,6 +24,7 @@ from minillm_cli.engine.runtime import (Runtime, autocast, init_runtime, resolve
 from minillm_cli.engine.train_utils import (StopSignal, batches_for_step, check_finite, clip_and_step,
                                             make_optimizer, make_scheduler, micro_batches, micro_seed)
 from minillm_cli.errors import InputError, RunError
+from minillm_cli.eval.results import clean_json
 from minillm_cli.progress import MetricsWriter, Progress
 
 
@@ -70,12 +71,13 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     `keep_best`: OUT holds the best model by validation loss (sft); otherwise the final one
     (distillation, where every method is compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
-    from minillm_cli.models import check_context, compute_dtype, load_model, load_tokenizer, pick_dtype
+    from minillm_cli.models import adapter_base, check_context, compute_dtype, load_model, load_tokenizer, pick_dtype
 
     from minillm_cli.engine import fsdp
 
     if cfg.run.fsdp or fsdp.fsdp_from_env():
-        fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter)
+        fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter,
+                             adapter=cfg.model if adapter_base(cfg.model) else None)
     rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
     seed_everything(cfg.run.seed)
     out = Path(cfg.run.out).expanduser()
@@ -174,6 +176,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         progress.log(line)
     progress.start(steps)
     t0, tokens_seen, loss = time.perf_counter(), 0, float("nan")
+    if cfg.run.resume and rt.is_main:  # a finished run resumed runs no step: its last loss stays the final one
+        loss = ckpt.last_logged(out / "metrics.jsonl", "loss", loss)
     step = start
     with StopSignal() as stop:
         for step in range(start + 1, steps + 1):
@@ -209,7 +213,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             if stopping:
                 progress.close()
                 raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue with "
-                               f"the same command plus --resume")
+                               f"the same command plus --resume", everywhere=True)  # (the ranks agreed)
     progress.close()
     if best["step"] is None or not keep_best:  # the final weights are the result
         fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
@@ -223,7 +227,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                "train_examples": len(train), "valid_examples": len(valid), "dropped": dropped + vdropped,
                "seconds": round(time.perf_counter() - t0, 2)}
     if rt.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.json").write_text(json.dumps(clean_json(summary), indent=2))
     metrics.close()
     rt.barrier()
     return summary

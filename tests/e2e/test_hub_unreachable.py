@@ -69,3 +69,25 @@ def test_reachability_is_asked_once_and_left_to_the_libraries_behind_a_proxy(mon
     assert calls == [("mirror.example", 8443)] and hub.offline() and constants.HF_HUB_OFFLINE
     assert not hub.check_reachable() and len(calls) == 1
 
+
+
+def test_one_librarys_offline_switch_still_asks_for_the_others(monkeypatch):
+    """HF_DATASETS_OFFLINE=1 alone leaves transformers online, with its ~49 s of retries per model:
+    the connection is still tried. HF_HUB_OFFLINE=1 puts everything offline: nothing is tried."""
+    calls = []
+
+    def connect(address, timeout):
+        calls.append(address)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(hub.socket, "create_connection", connect)
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setattr(hub, "go_offline", lambda: None)  # (this test's process keeps its settings)
+    for k in (*hub._OFFLINE_VARS, *hub._PROXY_VARS):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub.offline("datasets") and not hub.offline("models") and not hub.offline()
+    assert not hub.check_reachable() and len(calls) == 1
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub.check_reachable() and len(calls) == 1 and hub.offline("models")

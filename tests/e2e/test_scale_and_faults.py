@@ -240,7 +240,7 @@ def test_sigterm_to_one_rank_stops_both_then_resume_with_one_process(tmp_path, t
                          r"plus --resume", text)
     assert stopped, tail(text)
     k = int(stopped[0])
-    assert all(int(s) == k for s in stopped)  # the ranks agreed on the step
+    assert len(stopped) == 1, tail(text)  # the ranks agreed on the step, and rank 0 alone says so
     assert 1 <= k < STEPS and ckpt_step(out) == k
     assert steps_logged(out) == list(range(1, k + 1))
     # Resume with a different number of processes (1).

@@ -352,3 +352,55 @@ def test_batch_larger_than_the_data_is_noted(tmp_path, tiny_dir, dolly_like):
                  "--batch-size", 64, "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert "note: --batch-size 64 is more than the 38 training examples" in res.output
+
+
+def test_an_adapter_as_the_model_keeps_its_adapter_or_is_refused(tmp_path, tiny_dir, dolly_like):
+    """An adapter folder trains its own adapter (--lora-r 0), which --save-adapter saves on the same
+    base; a new adapter on top (--lora-r) would sit on a merged model saved nowhere: refused, as
+    is --fsdp (only the adapter trains). A resume that switches --save-adapter leaves one format."""
+    from safetensors.torch import load_file
+
+    from minillm_cli.models import adapter_base
+
+    common = ["--data", dolly_like, "--batch-size", 4, "--lr", 1e-2, "--quiet", "--device", "cpu"]
+    first = tmp_path / "first"
+    assert invoke("sft", "--model", tiny_dir / "student", *common, "--steps", 1, "--lora-r", 2, "--save-adapter",
+                  "--out", first).exit_code == 0
+    res = invoke("sft", "--model", first, *common, "--steps", 1, "--lora-r", 2, "--save-adapter", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and f"--model {first} is an adapter, merged into" in res.output, res.output
+    res = invoke("sft", "--model", first, *common, "--steps", 1, "--fsdp", "--out", tmp_path / "y")
+    assert res.exit_code == 2 and f"{first} is a LoRA adapter folder" in res.output, res.output
+    res = invoke("distill", "--method", "kd", "--teacher", tiny_dir / "teacher", "--student", first, *common,
+                 "--steps", 1, "--lora-r", 2, "--save-adapter", "--out", tmp_path / "z")
+    assert res.exit_code == 2 and f"--student {first} is an adapter" in res.output, res.output
+    res = invoke("sft", "--model", tiny_dir / "student", *common, "--steps", 1, "--save-adapter", "--out", tmp_path / "w")
+    assert res.exit_code == 2 and "--save-adapter needs --lora-r" in res.output
+    # --lora-r 0: the same adapter trains on, and is saved as an adapter on the same base
+    more = tmp_path / "more"
+    res = invoke("sft", "--model", first, *common, "--steps", 2, "--save-every", 1, "--save-adapter", "--out", more)
+    assert res.exit_code == 0, res.output
+    assert adapter_base(str(more)) == adapter_base(str(first))
+    a, b = load_file(str(first / "adapter_model.safetensors")), load_file(str(more / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any((a[k] - b[k]).abs().max() > 0 for k in a)  # it trained
+    assert not (more / "model.safetensors").exists()
+    # resumed without --save-adapter: merged weights alone, no stale adapter to load instead
+    res = invoke("sft", "--model", first, *common, "--steps", 3, "--resume", "--out", more)
+    assert res.exit_code == 0, res.output
+    assert (more / "model.safetensors").exists() and not list(more.glob("adapter_*"))
+    assert adapter_base(str(more)) is None
+
+
+def test_resuming_a_finished_run_keeps_its_final_loss(tmp_path, tiny_dir, dolly_like):
+    def strict(text):  # NaN is no JSON
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    run = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--steps", 2, "--batch-size", 4,
+            "--device", "cpu", "--quiet", "--out", run]
+    assert invoke(*args).exit_code == 0
+    final = strict((run / "summary.json").read_text())["final_loss"]
+    assert final > 0
+    res = invoke(*args, "--resume", "--json")
+    assert res.exit_code == 0, res.output
+    assert strict(res.stdout)["final_loss"] == final
+    assert strict((run / "summary.json").read_text())["final_loss"] == final
