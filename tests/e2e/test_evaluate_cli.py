@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, dolly_like, vicuna_like, tmp
     bad.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d\xff"}\n')
     one_error_line(invoke(*base, "--data", bad), f"{bad}:2: not UTF-8 text", "column 36")
     part = write_jsonl(tmp_path / "part.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
-    one_error_line(invoke(*base, "--data", part, "--metric", "rougeL"), f"1 of 2 examples", f"{part}:2")
+    one_error_line(invoke(*base, "--data", part, "--metric", "rougeL"), "1 of 2 examples", f"{part}:2")
     one_error_line(invoke(*base, "--data", dolly_like, "--temperature", "inf"), "--temperature must be a finite")
 
 
