@@ -308,6 +308,8 @@ def auto_grad_accum(batch_size: int, most: int = AUTO_MICRO_BATCH) -> int:
     (64 -> 8 of 8; 12 -> 2 of 6; 7 -> 1 of 7). Results do not depend on it: losses are normalised
     by the mini-batch's global counts."""
     return next(g for g in range(1, batch_size + 1) if batch_size % g == 0 and batch_size // g <= most)
+
+
 # options only some methods read (DistillConfig.unused_options warns about the others)
 _MINILLM_OPTIONS = ("num_rollouts", "rollout_batch_size", "ppo_epochs", "teacher_mix_alpha", "clip_ratio",
                     "single_step", "length_norm", "importance_weight", "gamma", "include_current_reward", "whiten",
