@@ -25,7 +25,7 @@ def command(
     grad_accum: Int("--grad-accum", "Split each mini-batch into this many micro-batches. 0 (auto): micro-batches of at most 8.") = 0,
     lr: o.Lr = 5e-6,
     num_rollouts: Int("--num-rollouts", "Rollouts sampled per MiniLLM iteration (global).") = 256,
-    rollout_batch_size: Int("--rollout-batch-size", "Prompts sampled together. 0 (auto): as many as their KV caches fit in half the free memory, up to --num-rollouts (--batch-size with --whiten or --fsdp).") = 0,
+    rollout_batch_size: Int("--rollout-batch-size", "Prompts sampled together. 0 (auto): as many as their KV caches fit in half the free memory, up to --num-rollouts (--batch-size with --whiten, the update's micro-batch under --fsdp).") = 0,
     ppo_epochs: Int("--ppo-epochs", "Passes over each rollout buffer.") = 4,
     max_new_tokens: Int("--max-new-tokens", "Longest sampled response.") = 256,
     temperature: Float("--temperature", "Sampling temperature (both models).") = 1.0,

@@ -69,7 +69,8 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
                         cache_len=cache_length(cfg.data.max_prompt_length, cfg.max_new_tokens),
                         free_bytes=free_memory_bytes(rt.device))
     size, why = rollout_batch_size(cfg.rollout_batch_size, batch_size=cfg.batch_size, rollouts=max(len(todo), 1),
-                                   processes=rt.world_size, whiten=False, fit=rt.least(fit))
+                                   processes=rt.world_size, whiten=False, fit=rt.least(fit),
+                                   micro_batch=cfg.micro_batch_size)
     if why and progress is not None:
         progress.log(f"seqkd: {why.replace('rollouts', 'prompts')}")
     chunks = micro_batches(todo, size)

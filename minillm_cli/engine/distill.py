@@ -48,7 +48,7 @@ def run_distill(cfg: DistillConfig) -> dict:
 
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, teacher_device=cfg.teacher_device,
                              save_adapter=cfg.model_opts.save_adapter,
-                             adapter=cfg.student if adapter_base(cfg.student) else None)
+                             adapter=cfg.student if adapter_base(cfg.student) else None, flag=cfg.run.fsdp)
     unused = cfg.unused_options()
     if unused:  # (a PT loss or a teacher mix a baseline never applied must not look applied)
         Progress("distill", quiet=cfg.run.quiet, is_main=os.environ.get("RANK", "0") == "0").log(
@@ -196,13 +196,13 @@ class MiniLLMRun:
             max_new_tokens=cfg.max_new_tokens, vocab_size=self.vocab, free_bytes=free, kept_logit_bytes=kept)
         self.rollout_batch, why = rollout_batch_size(
             cfg.rollout_batch_size, batch_size=cfg.batch_size, rollouts=cfg.num_rollouts, processes=rt.world_size,
-            whiten=cfg.whiten, sharded=rt.fsdp, fit=rt.least(fit))
+            whiten=cfg.whiten, sharded=rt.fsdp, fit=rt.least(fit), micro_batch=cfg.micro_batch_size)
         if why:
             note(why)
-        # scoring and the validation KL run their forwards on --batch-size rows at a time (the
-        # size they ran at before rollout batches grew); under FSDP one forward per unit, as
+        # scoring and the validation KL run their forwards on the update's micro-batch of rows at
+        # a time (its memory is the one the user sized); under FSDP one forward per unit, as
         # every process must run as many forwards (each is a collective)
-        self.forward_rows = None if rt.fsdp else cfg.batch_size
+        self.forward_rows = None if rt.fsdp else cfg.micro_batch_size
         self.oom = SplitOnOOM(allowed=not (cfg.whiten or rt.fsdp), release=lambda: release_engine(self.engine),
                               note=note)
         per_iter = cfg.ppo_epochs * (cfg.num_rollouts // cfg.batch_size)

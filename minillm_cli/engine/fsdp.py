@@ -26,10 +26,11 @@ def fsdp_from_env() -> bool:
 
 
 def check_supported(*, lora: bool, teacher_device: str | None = None, save_adapter: bool = False,
-                    adapter: str | None = None) -> None:
+                    adapter: str | None = None, flag: bool = True) -> None:
     """Refusals before anything loads. `adapter`: the trained model, when it is a LoRA adapter
-    folder (only the adapter trains: LoRA by another name)."""
-    what = "--fsdp (or accelerate's FSDP config)"
+    folder (only the adapter trains: LoRA by another name). flag: --fsdp was given (else
+    accelerate's FSDP config turned it on, and the message says so)."""
+    what = "--fsdp" if flag else "accelerate's FSDP config (ACCELERATE_USE_FSDP)"
     if lora or save_adapter:
         raise InputError(f"{what} with --lora-r is not supported: shard a full model, or train LoRA adapters "
                          "without --fsdp")

@@ -133,26 +133,32 @@ def minillm_rows_that_fit(student, teacher, *, device: torch.device, max_prompt_
 
 
 def rollout_batch_size(requested: int, *, batch_size: int, rollouts: int, processes: int, whiten: bool,
-                       fit: int | None, sharded: bool = False) -> tuple[int, str | None]:
+                       fit: int | None, sharded: bool = False, micro_batch: int | None = None
+                       ) -> tuple[int, str | None]:
     """(rows sampled together, a note saying why when decided here). requested > 0 is kept as is.
     rollouts: prompts one sampling phase draws over all processes (each gets its share);
     fit: rows_that_fit, the same on every process (None: unknown); sharded: under FSDP, where
-    scoring runs one forward per rollout batch (every process must run as many), auto keeps
-    --batch-size."""
+    scoring runs one forward per rollout batch (every process must run as many), auto keeps the
+    update's micro-batch (`micro_batch`, default --batch-size), as when nothing is known or too
+    little fits. --whiten keeps --batch-size itself: the advantages are whitened per rollout batch."""
     if requested > 0:
         return requested, None
-    old = max(1, min(batch_size, rollouts))
-    keep = ("--whiten whitens advantages over each rollout micro-batch" if whiten else
-            "under --fsdp scoring runs one forward per rollout micro-batch" if sharded else
+    if whiten:
+        old = max(1, min(batch_size, rollouts))
+        return old, (f"rollouts sampled {old} at a time (--batch-size): --whiten whitens advantages over each "
+                     f"rollout micro-batch (--rollout-batch-size sets it)")
+    old = max(1, min(micro_batch or batch_size, rollouts))
+    keep = ("under --fsdp scoring runs one forward per rollout micro-batch" if sharded else
             "the KV cache size or the free memory is unknown" if fit is None else None)
     if keep:
-        return old, f"rollouts sampled {old} at a time (--batch-size): {keep} (--rollout-batch-size sets it)"
+        return old, (f"rollouts sampled {old} at a time (the update's micro-batch): {keep} "
+                     f"(--rollout-batch-size sets it)")
     share = math.ceil(rollouts / processes)
     rows = max(1, min(share, fit))
     rows = math.ceil(share / math.ceil(share / rows))  # as few micro-batches as fit, near-equal in size
     if rows < min(old, share):
-        return old, (f"rollouts sampled {old} at a time (--batch-size, the least auto takes; about {fit} "
-                     f"fit in the memory free for KV caches; --rollout-batch-size sets it)")
+        return old, (f"rollouts sampled {old} at a time (the update's micro-batch, the least auto takes; about "
+                     f"{fit} fit in the memory free for KV caches; --rollout-batch-size sets it)")
     return rows, (f"rollouts sampled {rows} at a time ({fit} would fit in the memory free for KV caches; "
                   f"--rollout-batch-size sets it)")
 

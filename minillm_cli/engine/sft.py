@@ -77,7 +77,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
 
     if cfg.run.fsdp or fsdp.fsdp_from_env():
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter,
-                             adapter=cfg.model if adapter_base(cfg.model) else None)
+                             adapter=cfg.model if adapter_base(cfg.model) else None, flag=cfg.run.fsdp)
     rt = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp)
     seed_everything(cfg.run.seed)
     out = Path(cfg.run.out).expanduser()

@@ -110,6 +110,12 @@ def test_the_choice():
     assert rollout_batch_size(0, **kw, fit=56)[0] == 52  # five: 4 x 52 + 48
     rows, why = rollout_batch_size(0, **kw, fit=3)
     assert rows == 8 and "the least auto takes; about 3 fit" in why  # below --batch-size: the old default
+    # a mini-batch in micro-batches (distill's default: 64 in 8 of 8): the micro-batch is what memory
+    # was sized for, the least auto takes; --whiten keeps the whole --batch-size (its grouping)
+    big = {**kw, "batch_size": 64, "micro_batch": 8}
+    assert rollout_batch_size(0, **big, fit=3)[0] == 8 and rollout_batch_size(0, **big, fit=None)[0] == 8
+    assert rollout_batch_size(0, **big, fit=1000, sharded=True)[0] == 8
+    assert rollout_batch_size(0, **{**big, "whiten": True}, fit=1000)[0] == 64
     assert rollout_batch_size(0, **{**kw, "processes": 2}, fit=1000)[0] == 128  # each process's share
     assert rollout_batch_size(0, **{**kw, "processes": 3}, fit=50)[0] == 43  # ceil(256 / 3) = 86 in two
     assert rollout_batch_size(0, **{**kw, "rollouts": 4}, fit=1000)[0] == 4
