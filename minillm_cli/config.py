@@ -416,9 +416,13 @@ class DistillConfig:
         require(0 <= self.kd_ratio <= 1, f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
         require(self.eval_prompts >= 0, f"--eval-prompts must be >= 0, got {self.eval_prompts}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
-        from minillm_cli.models import check_adapter_options
+        from minillm_cli.models import adapter_base, check_adapter_options
 
         check_adapter_options(self.student, self.model_opts, "--student")
+        require(not (self.teacher_peft and adapter_base(self.teacher)
+                     and _same_path(self.teacher, self.teacher_peft, None)),
+                f"--teacher-peft {self.teacher_peft} is the --teacher folder itself, whose adapter is applied "
+                f"already: drop --teacher-peft (or name the base model as --teacher)")
 
     @property
     def micro_batch_size(self) -> int:

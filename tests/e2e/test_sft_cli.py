@@ -375,6 +375,9 @@ def test_an_adapter_as_the_model_keeps_its_adapter_or_is_refused(tmp_path, tiny_
     assert res.exit_code == 2 and f"--student {first} is an adapter" in res.output, res.output
     res = invoke("sft", "--model", tiny_dir / "student", *common, "--steps", 1, "--save-adapter", "--out", tmp_path / "w")
     assert res.exit_code == 2 and "--save-adapter needs --lora-r" in res.output
+    res = invoke("distill", "--method", "kd", "--teacher", first, "--teacher-peft", first, "--student",
+                 tiny_dir / "student", *common, "--steps", 1, "--out", tmp_path / "v")  # (applied twice)
+    assert res.exit_code == 2 and "is the --teacher folder itself" in res.output, res.output
     # --lora-r 0: the same adapter trains on, and is saved as an adapter on the same base
     more = tmp_path / "more"
     res = invoke("sft", "--model", first, *common, "--steps", 2, "--save-every", 1, "--save-adapter", "--out", more)
