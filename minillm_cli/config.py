@@ -215,6 +215,16 @@ def _same_path(old, new, old_cwd: str | None) -> bool:
     return po.exists() and po.resolve() == pn.resolve()
 
 
+def saved_config(out: str | Path) -> dict:
+    """The configuration the run in `out` recorded (run_config.json), or {} when there is none."""
+    try:
+        saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    config = saved.get("config") if isinstance(saved, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
 def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     """Refuse --resume when the settings differ from those the run in OUT was started with
     (its run_config.json), except the RESUMABLE ones: the checkpoint's optimizer, scheduler and
@@ -303,11 +313,15 @@ METHODS = ("minillm", "kd", "seqkd", "rkl")
 AUTO_MICRO_BATCH = 8  # `distill --grad-accum 0`: the largest micro-batch (issue 7's update step: 8 x 512)
 
 
-def auto_grad_accum(batch_size: int, most: int = AUTO_MICRO_BATCH) -> int:
+def auto_grad_accum(batch_size: int, most: int = AUTO_MICRO_BATCH, processes: int | None = None) -> int:
     """The fewest micro-batches of equal size, at most `most` rows each, that make up the batch
-    (64 -> 8 of 8; 12 -> 2 of 6; 7 -> 1 of 7). Results do not depend on it: losses are normalised
-    by the mini-batch's global counts."""
-    return next(g for g in range(1, batch_size + 1) if batch_size % g == 0 and batch_size // g <= most)
+    (64 -> 8 of 8; 12 -> 2 of 6; 7 -> 1 of 7), a multiple of the number of processes (WORLD_SIZE
+    by default) where one divides the batch, so that none sits idle (64 on 16 processes -> 16 of 4).
+    Results do not depend on it: losses are normalised by the mini-batch's global counts."""
+    if processes is None:
+        processes = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    fits = [g for g in range(1, batch_size + 1) if batch_size % g == 0 and batch_size // g <= most]
+    return next((g for g in fits if g % processes == 0), fits[0])
 
 
 # options only some methods read (DistillConfig.unused_options warns about the others)

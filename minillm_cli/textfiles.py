@@ -20,7 +20,8 @@ def read_utf8(path: Path, what: str = "") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        start = data.rfind(b"\n", 0, e.start) + 1
+        column = len(data[start:e.start].decode("utf-8", errors="replace")) + 1  # characters, as editors count
         role = f" ({what})" if what else ""
         raise InputError(f"{path}:{line}: not UTF-8 text{role}: byte 0x{data[e.start]:02x} at column {column}; "
                          f"save the file as UTF-8") from None

@@ -65,6 +65,10 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
     except typer.Exit:
         raise
     except BrokenPipeError:  # the log's reader went away (`2>&1 | head`): stop quietly, as on SIGPIPE
+        try:
+            _traceback(debug)
+        except OSError:
+            pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())

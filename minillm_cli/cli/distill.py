@@ -90,15 +90,17 @@ def command(
     args = dict(locals())
 
     def body():
-
-        from minillm_cli.config import DistillConfig
+        from minillm_cli.config import DistillConfig, saved_config
         from minillm_cli.engine.distill import run_distill
 
         data_o, run_o, optim_o, model_o = o.configs(args)
+        size = batch_size
+        if size is None and resume:  # the run's own: the default was 8 before it became 64
+            size = saved_config(out).get("batch_size")
         cfg = DistillConfig(
             teacher=teacher, student=student, method=method, data=data_o, run=run_o, optim=optim_o,
             model_opts=model_o,
-            steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+            steps=steps, epochs=epochs, batch_size=size if isinstance(size, int) else None, grad_accum=grad_accum,
             num_rollouts=num_rollouts, rollout_batch_size=rollout_batch_size, ppo_epochs=ppo_epochs,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             teacher_mix_alpha=teacher_mix_alpha, clip_ratio=clip_ratio, single_step=not no_single_step,

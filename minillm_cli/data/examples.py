@@ -121,7 +121,7 @@ def _layout_hint() -> str:
 # read_utf8: a byte-order mark (Windows / spreadsheet exports) is skipped, plain UTF-8 read as is,
 # and a byte that is not UTF-8 is reported by line and column
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    for i, line in enumerate(read_utf8(path).split("\n"), 1):
+    for i, line in enumerate(io.StringIO(read_utf8(path), newline=None), 1):  # (\n, \r\n or \r)
         if not line.strip():
             continue
         try:

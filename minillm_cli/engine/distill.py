@@ -409,7 +409,7 @@ class MiniLLMRun:
                      + (", student and teacher sharded (FSDP)" if rt.fsdp else ""))
         if self.recomputed:
             progress.log(f"gradient checkpointing: {self.recomputed} student blocks recompute their activations")
-        for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp):
+        for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp, batch_size=cfg.batch_size):
             progress.log(line)
         step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []
         if cfg.run.resume:

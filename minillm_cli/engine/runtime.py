@@ -256,16 +256,22 @@ def run_entry(fn):
     return wrapper
 
 
-def scaling_warnings(world_size: int, micro_batches_per_step: int, fsdp: bool = False) -> list[str]:
+def scaling_warnings(world_size: int, micro_batches_per_step: int, fsdp: bool = False,
+                     batch_size: int | None = None) -> list[str]:
     """Lines rank 0 prints before training: settings under which processes sit idle (under FSDP
-    they run a discarded copy of a micro-batch instead, since every forward is a collective)."""
+    they run a discarded copy of a micro-batch instead, since every forward is a collective).
+    batch_size: when no --grad-accum that divides it is a multiple of world_size, the advice is
+    about --batch-size instead."""
     out = []
     if world_size > 1 and micro_batches_per_step % world_size:
         idle = world_size - micro_batches_per_step % world_size
         what = "compute a discarded micro-batch (FSDP lockstep)" if fsdp else "idle"
+        advice = f"set --grad-accum to a multiple of {world_size}"
+        if batch_size and not any(batch_size % g == 0 for g in range(world_size, batch_size + 1, world_size)):
+            advice = f"make --batch-size ({batch_size}) a multiple of {world_size} and --grad-accum too"
         out.append(f"warning: {micro_batches_per_step} micro-batch(es) per step for {world_size} processes: "
-                   f"{idle} process(es) {what} in the last round of every update; set --grad-accum "
-                   f"to a multiple of {world_size} (the result does not change, only who computes it)")
+                   f"{idle} process(es) {what} in the last round of every update; {advice} (the result "
+                   f"does not change, only who computes it)")
     return out
 
 

@@ -172,7 +172,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                   trust_remote_code=cfg.model_opts.trust_remote_code)
         return vl
 
-    for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp):
+    for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp, batch_size=cfg.batch_size):
         progress.log(line)
     progress.start(steps)
     t0, tokens_seen, loss = time.perf_counter(), 0, float("nan")

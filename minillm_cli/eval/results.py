@@ -131,7 +131,7 @@ def check_result(result: Any, where: str) -> dict:
             raise InputError(f"{where}: metric {name!r} has no numeric 'mean'")
         if not _is_number_or_none(m.get("std", 0.0)):
             raise InputError(f"{where}: metric {name!r} has a non-numeric 'std'")
-        per_seed = m.get("per_seed", [])
+        per_seed = m.get("per_seed") or []
         if not isinstance(per_seed, list) or not all(map(_is_number_or_none, per_seed)):
             raise InputError(f"{where}: metric {name!r} has a 'per_seed' that is not a list of numbers")
     return result
@@ -253,5 +253,6 @@ def load_run(path: Path) -> RunSummary:
     for p in candidates:
         if p.exists():
             results.append((p.stem, p, load_result(p)))
-    return RunSummary(name=path.resolve().name, path=path, config=config, curve=curve, final=final,
+    name = path.name if path.name not in ("", "..") else path.resolve().name  # ('.' has no name; a symlink keeps its own)
+    return RunSummary(name=name, path=path, config=config, curve=curve, final=final,
                       best=best, results=results)

@@ -164,9 +164,11 @@ def test_names_baselines_and_gates_mean_one_thing(files, tmp_path, monkeypatch):
     res = invoke(files["minillm"], run, "--baseline", run / "eval.json", "-f", "json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["baseline"] == "run-eval"
-    # '.' is named after the folder it is
+    # '.' is named after the folder it is; a symlink keeps its own name
     monkeypatch.chdir(run)
     assert [r["name"] for r in json.loads(invoke(".", "-f", "json").stdout)["runs"]] == ["run-eval"]
+    (tmp_path / "latest").symlink_to(run)
+    assert [r["name"] for r in json.loads(invoke(tmp_path / "latest", "-f", "json").stdout)["runs"]] == ["latest"]
     # a name with '|' stays one markdown column
     md = invoke(files["sft"], files["minillm"], "--names", "a|b,c", "-f", "markdown").stdout.splitlines()
     assert md[0] == "| metric | a\\|b | c |"

@@ -232,6 +232,16 @@ def test_default_mini_batch_is_the_reference_codes_in_micro_batches_of_eight(tmp
     assert res.exit_code == 0, res.output
     cfg = json.dumps(json.loads((tmp_path / "kd" / "run_config.json").read_text()))
     assert '"batch_size": 8' in cfg and '"grad_accum": 1' in cfg
+    # a run started when the default was 8 resumes with its own command (no --batch-size)
+    old = tmp_path / "old"
+    res = invoke("distill", *args, "--num-rollouts", 16, "--batch-size", 8, "--grad-accum", 1, "--quiet", "--out", old)
+    assert res.exit_code == 0, res.output
+    res = invoke("distill", *args[:-1], 2, "--num-rollouts", 16, "--quiet", "--resume",  # (--steps 2)
+                 "--out", old)
+    assert res.exit_code == 0, res.output
+    # with several processes the auto micro-batches are a multiple of their number where one fits
+    assert [auto_grad_accum(64, processes=w) for w in (1, 2, 3, 4, 16, 32)] == [8, 8, 8, 8, 16, 32]
+    assert auto_grad_accum(8, processes=2) == 2
 
 
 def test_missing_teacher_and_vocab_mismatch(tmp_path, tiny_dir, dolly_like):

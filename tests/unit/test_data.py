@@ -76,6 +76,14 @@ def test_byte_order_mark_and_json_lines_named_json(tmp_path):
     (tmp_path / "bad.json").write_text('[{"instruction": "a"}] [1]', encoding="utf-8")
     with pytest.raises(InputError, match=r"bad\.json:1: malformed JSON \(Extra data"):
         load_examples(str(tmp_path / "bad.json"))
+    # old Mac line ends (\r alone) and Windows ones, as text-mode files read them
+    for name, end in (("cr.jsonl", "\r"), ("crlf.jsonl", "\r\n")):
+        (tmp_path / name).write_bytes(lines.replace("\n", end).encode("utf-8"))
+        assert [e.references for e in load_examples(str(tmp_path / name))] == [["R0"], ["R1"], ["R2"]], name
+    # a byte that is not UTF-8: line and column in characters, as an editor shows them
+    (tmp_path / "latin1.jsonl").write_bytes((lines + '{"instruction": "ééé ').encode("utf-8") + b'\xe9"}\n')
+    with pytest.raises(InputError, match=r"latin1\.jsonl:4: not UTF-8 text: byte 0xe9 at column 22;"):
+        load_examples(str(tmp_path / "latin1.jsonl"))
 
 
 def test_field_overrides(tmp_path):

@@ -284,3 +284,13 @@ def test_release_frees_the_caches_without_a_garbage_collection():
     finally:
         gc.enable()
         fast_sampler.release()
+
+
+def test_scaling_advice_is_one_that_can_be_followed():
+    from minillm_cli.engine.runtime import scaling_warnings
+
+    assert scaling_warnings(2, 8) == [] and scaling_warnings(1, 3) == []
+    (line,) = scaling_warnings(4, 2, batch_size=8)
+    assert "2 process(es) idle" in line and "set --grad-accum to a multiple of 4" in line
+    (line,) = scaling_warnings(3, 8, batch_size=64)  # no divisor of 64 is a multiple of 3
+    assert "make --batch-size (64) a multiple of 3" in line
