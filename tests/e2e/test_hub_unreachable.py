@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from minillm_cli import hub
 
 
@@ -44,7 +46,10 @@ def test_a_cached_hub_model_loads_and_a_missing_one_fails_at_once(tmp_path, tiny
     assert elapsed < 60  # (two process starts; the retries alone took > 100 s)
 
 
-def test_reachability_is_asked_once_and_left_to_the_libraries_behind_a_proxy(monkeypatch):
+@pytest.fixture()
+def attempts(monkeypatch) -> list:
+    """The connections hub.check_reachable tries (each fails), from a clean slate: nothing known,
+    no offline or proxy variable set (monkeypatch restores them)."""
     calls = []
 
     def connect(address, timeout):
@@ -55,6 +60,11 @@ def test_reachability_is_asked_once_and_left_to_the_libraries_behind_a_proxy(mon
     monkeypatch.setattr(hub, "_REACHABLE", {})
     for k in (*hub._OFFLINE_VARS, *hub._PROXY_VARS):
         monkeypatch.delenv(k, raising=False)
+    return calls
+
+
+def test_reachability_is_asked_once_and_left_to_the_libraries_behind_a_proxy(monkeypatch, attempts):
+    calls = attempts
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
     assert hub.check_reachable() and calls == [] and not hub.offline()
     monkeypatch.delenv("HTTPS_PROXY")
@@ -70,21 +80,11 @@ def test_reachability_is_asked_once_and_left_to_the_libraries_behind_a_proxy(mon
     assert not hub.check_reachable() and len(calls) == 1
 
 
-
-def test_one_librarys_offline_switch_still_asks_for_the_others(monkeypatch):
+def test_one_librarys_offline_switch_still_asks_for_the_others(monkeypatch, attempts):
     """HF_DATASETS_OFFLINE=1 alone leaves transformers online, with its ~49 s of retries per model:
     the connection is still tried. HF_HUB_OFFLINE=1 puts everything offline: nothing is tried."""
-    calls = []
-
-    def connect(address, timeout):
-        calls.append(address)
-        raise OSError("unreachable")
-
-    monkeypatch.setattr(hub.socket, "create_connection", connect)
-    monkeypatch.setattr(hub, "_REACHABLE", {})
+    calls = attempts
     monkeypatch.setattr(hub, "go_offline", lambda: None)  # (this test's process keeps its settings)
-    for k in (*hub._OFFLINE_VARS, *hub._PROXY_VARS):
-        monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert hub.offline("datasets") and not hub.offline("models") and not hub.offline()
     assert not hub.check_reachable() and len(calls) == 1
