@@ -16,14 +16,12 @@ import sys
 from urllib.parse import urlparse
 
 _TRUE = ("1", "true", "yes", "on")
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-_REACHABLE: dict = {}  # endpoint -> bool, once per process
-
-
 # which variables put which lookups offline: HF_HUB_OFFLINE all of them; the others one library
 _OFFLINE_FOR = {"hub": ("HF_HUB_OFFLINE",), "models": ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
                 "datasets": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+_OFFLINE_VARS = tuple(dict.fromkeys(v for names in _OFFLINE_FOR.values() for v in names))
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_REACHABLE: dict = {}  # endpoint -> bool, once per process
 
 
 def offline(kind: str = "hub") -> bool:
@@ -53,6 +51,15 @@ def check_reachable(timeout: float = 3.0) -> bool:
     if not _REACHABLE[endpoint]:
         go_offline()
     return _REACHABLE[endpoint]
+
+
+def before_lookup(name: str) -> None:
+    """Call before `name` (a model, adapter or dataset) is loaded: one that is no local path is
+    looked up on the Hub, so find out first whether the Hub can be reached."""
+    from pathlib import Path
+
+    if not Path(name).expanduser().exists():
+        check_reachable()
 
 
 def go_offline() -> None:

@@ -39,13 +39,6 @@ class LoraSettings:
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
 
 
-def _before_lookup(name: str) -> None:
-    """A name that is no local path is looked up on the Hub: find out first whether it can be
-    reached (minillm_cli/hub.py: offline mode when not, instead of ~49 s of retries)."""
-    if not Path(name).expanduser().exists():
-        hub.check_reachable()
-
-
 def _not_found(name: str, what: str, err: Exception) -> InputError:
     if Path(name).expanduser().exists():
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -102,7 +95,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "t
     source = name
     if base is not None and not any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         source = base
-    _before_lookup(source)
+    hub.before_lookup(source)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -158,7 +151,7 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
 
     quiet_transformers()
     base = adapter_base(name)
-    _before_lookup(base or name)
+    hub.before_lookup(base or name)
     try:
         model = AutoModelForCausalLM.from_pretrained(base or name, dtype=dtype or torch.float32,
                                                      trust_remote_code=trust_remote_code)

@@ -4,6 +4,7 @@ the work that fills it, not after."""
 from __future__ import annotations
 
 import codecs
+import io
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def read_utf8(path: Path, what: str = "") -> str:
         role = f" ({what})" if what else ""
         raise InputError(f"{path}:{line}: not UTF-8 text{role}: byte 0x{data[e.start]:02x} at column {column}; "
                          f"save the file as UTF-8") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """`read_utf8`'s text in lines, as a text-mode file reads them: split at \\n, \\r\\n or \\r
+    only (not at U+2028 and the like, which JSON strings may hold as they are)."""
+    return list(io.StringIO(read_utf8(path), newline=None))
 
 
 def check_writable(flag: str, target) -> None:

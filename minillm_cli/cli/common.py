@@ -70,10 +70,7 @@ def run_command(body: Callable[[], object], *, debug: bool) -> None:
         except OSError:
             pass
         for stream in (sys.stdout, sys.stderr):
-            try:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-            except (AttributeError, OSError, ValueError):
-                pass
+            _to_devnull(stream)
         raise typer.Exit(1)
     except Exception as e:  # a bug or an environment failure we did not anticipate
         _traceback(debug)
@@ -115,13 +112,18 @@ def emit(text: str) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         _STDOUT_GONE = True
-        try:  # what is still buffered goes nowhere, also at interpreter exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        _to_devnull(sys.stdout)
 
 
 _STDOUT_GONE = False
+
+
+def _to_devnull(stream) -> None:
+    """What is still buffered for `stream` (and what follows) goes nowhere, at interpreter exit too."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (AttributeError, OSError, ValueError):  # (None, or a stream without a descriptor)
+        pass
 
 
 def out_json(obj) -> None:

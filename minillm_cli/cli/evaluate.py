@@ -52,7 +52,6 @@ def command(
     debug: Debug = False,
 ) -> None:
     def body():
-
         from minillm_cli.eval.evaluate import EvaluateConfig, run_evaluate
 
         cfg = EvaluateConfig(

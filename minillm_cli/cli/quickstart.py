@@ -22,7 +22,6 @@ def command(
     debug: Debug = False,
 ) -> None:
     def body():
-
         from minillm_cli.toy.quickstart import QuickstartConfig, run_quickstart
 
         summary = run_quickstart(QuickstartConfig(out=out, fast=fast, seed=seed, distill_seeds=distill_seeds,

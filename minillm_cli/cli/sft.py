@@ -55,7 +55,6 @@ def command(
     args = dict(locals())
 
     def body():
-
         from minillm_cli.config import SFTConfig
         from minillm_cli.engine.sft import train_sft
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from minillm_cli.errors import InputError
-from minillm_cli.textfiles import read_utf8
+from minillm_cli.textfiles import read_lines, read_utf8
 
 # Aliases: the paper's training set (Dolly) and its evaluation sets as the MiniLLM authors publish them.
 ALIASES = {
@@ -121,7 +121,7 @@ def _layout_hint() -> str:
 # read_utf8: a byte-order mark (Windows / spreadsheet exports) is skipped, plain UTF-8 read as is,
 # and a byte that is not UTF-8 is reported by line and column
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    for i, line in enumerate(io.StringIO(read_utf8(path), newline=None), 1):  # (\n, \r\n or \r)
+    for i, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         try:

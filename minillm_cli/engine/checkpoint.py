@@ -126,27 +126,14 @@ def save_on_main(rt, run_dir: Path, step: int, **kw) -> None:
     rt.on_main(lambda: save_checkpoint(run_dir, step, **kw))
 
 
-def last_logged(path: Path, key: str, default: float) -> float:
-    """The last value of `key` in a metrics.jsonl (default when there is none)."""
-    value = default
-    if Path(path).is_file():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get(key), (int, float)):
-                value = float(row[key])
-    return value
-
-
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> list[dict]:
     """On resume from checkpoint `step`: drop metrics rows of later steps (logged by a run killed
-    before it could checkpoint them; they are about to be recomputed) and any torn last line."""
+    before it could checkpoint them; they are about to be recomputed) and any torn last line.
+    Returns the rows kept."""
     path = Path(path)
     if not path.is_file():
-        return
-    keep = []
+        return []
+    keep, rows = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
@@ -154,9 +141,12 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if not isinstance(row, dict) or row.get("step", 0) <= step:
             keep.append(line)
+            if isinstance(row, dict):
+                rows.append(row)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)
+    return rows
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -193,7 +183,8 @@ def resume_run(out: Path, *, model, optimizer, scheduler, steps: int, is_main: b
     "path". The optimizer then holds the rate this run's schedule sets for the next step (its saved
     rate came from the first run's schedule, whose length --steps may have changed: a finished
     cosine run would otherwise resume at 0); a step count below the checkpoint's is refused; rows
-    metrics.jsonl holds past the checkpoint are dropped (rank 0)."""
+    metrics.jsonl holds past the checkpoint are dropped (rank 0), and "logged" holds the rows kept
+    (rank 0; [] elsewhere)."""
     last = latest_checkpoint(out)
     if last is None:
         raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
@@ -203,9 +194,8 @@ def resume_run(out: Path, *, model, optimizer, scheduler, steps: int, is_main: b
     if state["step"] > steps:
         raise InputError(f"--resume: the run in {out} is at step {state['step']} already, past the {steps} steps "
                          f"asked for; give more --steps (or --epochs)")
-    if is_main:
-        truncate_metrics(Path(out) / "metrics.jsonl", state["step"])
-    return {**state, "path": last}
+    logged = truncate_metrics(Path(out) / "metrics.jsonl", state["step"]) if is_main else []
+    return {**state, "path": last, "logged": logged}
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:

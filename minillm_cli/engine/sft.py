@@ -147,10 +147,13 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                          fused=rt.device.type == "cuda" and not rt.fsdp)
     sched = make_scheduler(opt, warmup_steps=cfg.optim.warmup_steps, total_steps=steps, schedule=cfg.optim.schedule)
 
-    start, best = 0, {"valid_loss": float("inf"), "step": None}
+    start, best, loss = 0, {"valid_loss": float("inf"), "step": None}, float("nan")
     if cfg.run.resume:
         state = ckpt.resume_run(out, model=model, optimizer=opt, scheduler=sched, steps=steps, is_main=rt.is_main)
         start, best = state["step"], state["extra"].get("best", best)
+        # a finished run resumed runs no step: its last logged loss stays the final one
+        loss = next((float(r["loss"]) for r in reversed(state["logged"]) if isinstance(r.get("loss"), (int, float))),
+                    loss)
         progress.log(f"resumed from {state['path'].name}")
     if rt.is_main:
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
@@ -175,9 +178,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp, batch_size=cfg.batch_size):
         progress.log(line)
     progress.start(steps)
-    t0, tokens_seen, loss = time.perf_counter(), 0, float("nan")
-    if cfg.run.resume and rt.is_main:  # a finished run resumed runs no step: its last loss stays the final one
-        loss = ckpt.last_logged(out / "metrics.jsonl", "loss", loss)
+    t0, tokens_seen = time.perf_counter(), 0
     step = start
     with StopSignal() as stop:
         for step in range(start + 1, steps + 1):

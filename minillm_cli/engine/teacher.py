@@ -48,12 +48,9 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
     if peft:
         from peft import PeftModel
 
-        from pathlib import Path
-
         from minillm_cli import hub
 
-        if not Path(peft).expanduser().exists():  # a Hub id: no minutes of retries without a network
-            hub.check_reachable()
+        hub.before_lookup(peft)  # (a Hub id: no minutes of retries without a network)
         try:
             model = PeftModel.from_pretrained(model, peft).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as e:  # (RuntimeError: shapes of another base model)

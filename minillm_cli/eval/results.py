@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from minillm_cli.errors import InputError
-from minillm_cli.textfiles import read_utf8
+from minillm_cli.textfiles import read_lines, read_utf8
 
 RESULT_KIND = "minillm-evaluate"
 RESULT_VERSION = 1
@@ -168,9 +168,7 @@ def read_jsonl(path: Path, *, tolerate_truncated_tail: bool = False) -> list[dic
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    lines = read_utf8(path).split("\n")
-    while lines and not lines[-1].strip():  # (a trailing newline is not a truncated last line)
-        lines.pop()
+    lines = read_lines(path)
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
