@@ -6,7 +6,8 @@ best run per metric marked (higher or lower is better per metric).
 
 --fail-if 'rougeL < 20' exits 1 when ANY compared result meets the condition (and prints which).
 Comparisons are METRIC OP NUMBER with < <= > >= == !=, joined by 'and'/'or' and parentheses;
-METRIC.std tests the spread across seeds. A result without the metric never meets it.
+METRIC.std tests the spread across seeds. A result without the metric never meets it; a metric
+that no compared result has is an error (exit 2), so a misspelt gate cannot pass silently.
 
 LLM judge (the paper's GPT-4 score): --judge-url URL --judge-model M --judge-reference NAME asks an
 OpenAI-compatible chat endpoint to score, prompt by prompt, the reference result's answer and each

@@ -14,7 +14,7 @@ Bool = lambda flag, help: Annotated[bool, typer.Option(flag, help=help)]  # noqa
 
 
 def command(
-    teacher: Annotated[str, typer.Option("--teacher", help="Teacher MODEL (Hub id or local folder).")],
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher MODEL (Hub id, local folder or LoRA adapter folder).")],
     student: Annotated[str, typer.Option("--student", help="Student MODEL to train (usually an SFT checkpoint).")],
     data: o.Data,
     out: o.Out,
@@ -52,7 +52,7 @@ def command(
     eval_prompts: Int("--eval-prompts", "Validation prompts for the reverse-KL curve (0: off).") = 32,
     sampler: Annotated[str, typer.Option("--sampler", help="Sampling engine for rollouts and validation samples: auto (static KV caches + CUDA graph on GPUs, the eager loop on CPUs) | eager (the reference loop) | static | graph | compile (experimental).")] = "auto",
     cache_teacher_logits: Annotated[Optional[bool], typer.Option("--cache-teacher-logits/--no-cache-teacher-logits", help="Keep the teacher's logits from scoring for all PPO epochs instead of a teacher forward per update (exact; memory rollouts*tokens*vocab). Default: on in one-process runs where twice that fits in 1/4 of the memory free after loading.")] = None,
-    update_graphs: Annotated[bool, typer.Option("--update-graphs/--no-update-graphs", help="MiniLLM on one CUDA GPU (not --fsdp, not --gradient-checkpointing): replay each update micro-step (forward, loss, backward) from a CUDA graph captured per micro-batch shape; same results, far fewer kernel launches. Off: the eager micro-step.")] = True,
+    update_graphs: Annotated[bool, typer.Option("--update-graphs/--no-update-graphs", help="MiniLLM on one CUDA GPU (not --fsdp, --gradient-checkpointing or --teacher-device): replay each update micro-step (forward, loss, backward) from a CUDA graph captured per micro-batch shape; same results, far fewer kernel launches. Off: the eager micro-step.")] = True,
     max_length: o.MaxLength = 512,
     max_prompt_length: o.MaxPrompt = 256,
     limit: Limit = None,
@@ -78,7 +78,7 @@ def command(
     overwrite: o.Overwrite = False,
     resume: o.Resume = False,
     trust_remote_code: o.TrustRemote = False,
-    dtype: o.Dtype = "auto",
+    dtype: o.StudentDtype = "auto",
     gradient_checkpointing: o.GradCkpt = False,
     device: Device = "auto",
     fsdp: o.Fsdp = False,

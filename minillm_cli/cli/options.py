@@ -33,8 +33,9 @@ LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout
 LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names (detected per architecture by default).")]
 SaveAdapter = Annotated[bool, typer.Option("--save-adapter", help="Save the LoRA adapter instead of merged weights.")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the Hub (off by default).")]
-Fsdp = Annotated[bool, typer.Option("--fsdp", help="Shard student and teacher with FSDP2 over the processes (also on when accelerate's FSDP config is used).")]
+Fsdp = Annotated[bool, typer.Option("--fsdp", help="Shard the trained model (and distill's teacher) with FSDP2 over the processes (also on when accelerate's FSDP config is used).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 for loaded weights.")]
+StudentDtype = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 for the student's weights (the frozen teacher is bf16/fp16 on GPUs, float32 on CPUs).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute each transformer block's activations in the backward: much less memory for the trained model, about one more forward of compute.")]
 
 

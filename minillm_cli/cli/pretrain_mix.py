@@ -23,9 +23,9 @@ def command(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many tokens in all."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl/.parquet/Hub sources."),
     split_blank_lines: bool = typer.Option(False, "--split-blank-lines", help="In .txt files, each blank-line-separated block is a document (default: each file)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Tokeniser processes (default: one per core; 0: none)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Tokeniser processes (default: one per core, at most 16; 0: none)."),
     valid_fraction: float = typer.Option(0.01, "--valid-fraction", help="Share of chunks held out for validation."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier pretrain-mix folder (its meta.json) that holds none of the sources or the tokenizer."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom tokenizer code from the Hub."),
     seed: Seed = 0,
     device: Device = "auto",  # accepted for the common contract; tokenisation runs on CPU workers

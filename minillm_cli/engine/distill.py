@@ -401,8 +401,6 @@ class MiniLLMRun:
         notes = rt.on_main(claim_out)
         self.setup(rt)
         progress = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
-        for line in notes:
-            progress.log(line)
         progress.log(f"distill (minillm): {len(self.prompts)} training prompts ({self.dropped} dropped over "
                      f"--max-prompt-length), {self.steps} steps of {cfg.batch_size} rollouts ({cfg.grad_accum} "
                      f"micro-batches), {rt.world_size} process(es) on {rt.device}"
@@ -411,7 +409,7 @@ class MiniLLMRun:
             progress.log(f"gradient checkpointing: {self.recomputed} student blocks recompute their activations")
         for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp, batch_size=cfg.batch_size):
             progress.log(line)
-        step, iteration, plan_pos, buffer, plan = 0, 0, 0, None, []
+        step, iteration, plan_pos, buffer, plan, row = 0, 0, 0, None, [], {}
         if cfg.run.resume:
             state = ckpt.resume_run(out, model=self.student, optimizer=self.opt, scheduler=self.sched,
                                     steps=self.steps, is_main=rt.is_main)
@@ -421,6 +419,10 @@ class MiniLLMRun:
                 buffer = from_state(extra["buffer"], rt.device)
                 plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration - 1)
             progress.log(f"resumed from {state['path'].name} (step {step})")
+            for line in notes:  # (after the checkpoint: a refused resume says only why)
+                progress.log(line)
+            # a finished run resumed runs no step: its summary takes the last logged row's figures
+            row = state["logged"][-1] if state["logged"] else {}
         if rt.is_main:
             from minillm_cli.engine.fast_sampler import resolve_engine
 
@@ -433,7 +435,7 @@ class MiniLLMRun:
                                               rollout_batch_size=self.rollout_batch)})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
-        t0, roll_stats, row = time.perf_counter(), {}, {}
+        t0, roll_stats = time.perf_counter(), {}
         from minillm_cli.engine.fast_sampler import attention_summary, matmul_summary
 
         said = [None, None]  # the decode attention's and matmuls' lines last logged

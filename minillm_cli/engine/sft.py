@@ -89,8 +89,6 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
 
     notes = rt.on_main(claim_out)
     progress = Progress(command, quiet=cfg.run.quiet, is_main=rt.is_main)
-    for line in notes:
-        progress.log(line)
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.model_opts.trust_remote_code, what="model")
     if setup is not None:
@@ -155,6 +153,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         loss = next((float(r["loss"]) for r in reversed(state["logged"]) if isinstance(r.get("loss"), (int, float))),
                     loss)
         progress.log(f"resumed from {state['path'].name}")
+        for line in notes:  # (after the checkpoint: a refused resume says only why)
+            progress.log(line)
     if rt.is_main:
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
                                             "dropped_long_prompts": dropped + vdropped, "steps": steps,

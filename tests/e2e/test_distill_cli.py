@@ -97,6 +97,13 @@ def test_resume_refuses_other_settings_and_a_finished_count(tmp_path, tiny_dir, 
     assert [x["step"] for x in rows(out)] == [1, 2, 3]
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["config"]["sampler"] == "static" and cfg["resolved"]["cache_teacher_logits"] is True
+    # a finished run resumed runs no step, and its summary keeps the last step's figures
+    summary = json.loads((out / "summary.json").read_text())
+    assert isinstance(summary["reverse_kl"], float)
+    res = invoke("distill", *args, "--out", out, "--steps", 3, "--resume", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["reverse_kl"] == summary["reverse_kl"]
+    assert json.loads((out / "summary.json").read_text())["reverse_kl"] == summary["reverse_kl"]
 
 
 def test_sft_resume_refuses_another_batch_size(tmp_path, tiny_dir, dolly_like, monkeypatch):
@@ -105,6 +112,9 @@ def test_sft_resume_refuses_another_batch_size(tmp_path, tiny_dir, dolly_like, m
     assert invoke(*base, "--steps", 2, "--batch-size", 4).exit_code == 0
     res = invoke(*base, "--steps", 3, "--batch-size", 2, "--resume")
     assert res.exit_code == 2 and "--batch-size 4 -> 2" in res.output, res.output
+    res = invoke(*[a for a in base if a != "--quiet"], "--steps", 1, "--batch-size", 4, "--resume")
+    assert res.exit_code == 2 and "at step 2 already" in res.output, res.output
+    assert "laid out again" not in res.output  # a refused resume says only why
     # --grad-accum changes how a batch is split, not the result; the schedule is laid out again
     # over the new length and the first resumed step trains at the new curve's rate
     res = invoke(*[a for a in base if a != "--quiet"], "--steps", 4, "--batch-size", 4, "--grad-accum", 2, "--resume")
