@@ -92,7 +92,8 @@ class ModelOptions:
 
     def __post_init__(self):
         require(self.lora_r >= 0, f"--lora-r must be >= 0, got {self.lora_r}")
-        # (--save-adapter's needs depend on the model: models.check_adapter_options)
+        self.lora()  # (its settings are checked before anything loads)
+        # (--save-adapter's needs depend on the model: models.check_model_options)
 
     def lora(self):
         from minillm_cli.models import LoraSettings
@@ -122,9 +123,9 @@ class SFTConfig:
         require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
-        from minillm_cli.models import check_adapter_options
+        from minillm_cli.models import check_model_options
 
-        check_adapter_options(self.model, self.model_opts, "--model")
+        check_model_options(self.model, self.model_opts, "--model")
 
     @property
     def micro_batch_size(self) -> int:
@@ -430,9 +431,9 @@ class DistillConfig:
         require(0 <= self.kd_ratio <= 1, f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
         require(self.eval_prompts >= 0, f"--eval-prompts must be >= 0, got {self.eval_prompts}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
-        from minillm_cli.models import adapter_base, check_adapter_options
+        from minillm_cli.models import adapter_base, check_model_options
 
-        check_adapter_options(self.student, self.model_opts, "--student")
+        check_model_options(self.student, self.model_opts, "--student")
         require(not (self.teacher_peft and adapter_base(self.teacher)
                      and _same_path(self.teacher, self.teacher_peft, None)),
                 f"--teacher-peft {self.teacher_peft} is the --teacher folder itself, whose adapter is applied "

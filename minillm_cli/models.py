@@ -37,6 +37,8 @@ class LoraSettings:
             raise InputError(f"--lora-r must be > 0, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.alpha < float("inf"):  # (0 scales the adapter's update to nothing: a silent no-op)
+            raise InputError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
 
 
 def _not_found(name: str, what: str, err: Exception) -> InputError:
@@ -71,12 +73,19 @@ def adapter_base(name: str) -> str | None:
     return None
 
 
-def check_adapter_options(name: str, opts, flag: str) -> None:
-    """--save-adapter against the trained model `name` (ModelOptions `opts`), before anything loads.
-    An adapter folder keeps training its own adapter (--lora-r 0), which --save-adapter saves on
-    the same base. With --lora-r it is merged into its base first and a new adapter added: that
-    merged model exists nowhere on disk, so the new adapter alone could not be loaded."""
+def check_model_options(name: str, opts, flag: str) -> None:
+    """ModelOptions `opts` against the trained model `name`, before anything loads.
+    --save-adapter: an adapter folder keeps training its own adapter (--lora-r 0), which
+    --save-adapter saves on the same base. With --lora-r it is merged into its base first and a
+    new adapter added: that merged model exists nowhere on disk, so the new adapter alone could
+    not be loaded. --dtype float16 for weights that AdamW updates: its steps and its eps (1e-8)
+    underflow in float16 without loss scaling (NaN after the first step), so only a frozen base
+    under LoRA may be float16."""
     base = adapter_base(name)
+    if opts.dtype in ("float16", "fp16") and opts.lora_r <= 0 and base is None:
+        raise InputError(f"--dtype {opts.dtype} for the trained weights of {flag} {name}: AdamW cannot update "
+                         f"float16 weights (its steps underflow); use auto (float32 master weights, half-precision "
+                         f"autocast on GPUs) or bfloat16, or train a LoRA adapter on a float16 base (--lora-r)")
     if opts.save_adapter and opts.lora_r <= 0 and base is None:
         raise InputError(f"--save-adapter needs --lora-r (or a LoRA adapter folder as {flag})")
     if opts.save_adapter and opts.lora_r > 0 and base is not None:
@@ -161,6 +170,7 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
         # New rows (our pad token) start at the mean embedding, so their logits look like an
         # average token's instead of taking mass from a trained model's strongly negative logits.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model._minillm_added_rows = True  # (save_pretrained and adapter_note need to know)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -308,10 +318,25 @@ def save_pretrained(model, tokenizer, out: str | Path, *, merge_lora: bool = Tru
     else:
         for name in ("config.json", "generation_config.json"):  # (the merged model's)
             (out / name).unlink(missing_ok=True)
-    to_save.save_pretrained(str(out), safe_serialization=True)
+    # an adapter over a grown vocabulary must carry the embeddings (peft's "auto" does so too, with
+    # a warning on stderr that --quiet cannot silence)
+    grown = {"save_embedding_layers": True} if adapter and getattr(to_save, "_minillm_added_rows", False) else {}
+    to_save.save_pretrained(str(out), safe_serialization=True, **grown)
     tokenizer.save_pretrained(str(out))
     if to_save is model and hasattr(model, "peft_config"):
         _absolute_base(out / "adapter_config.json")
+
+
+def adapter_note(model, save_adapter: bool) -> str | None:
+    """The line to log when the adapter this run will save needs peft to load: its tokenizer
+    gained our pad token, so the base's embeddings grow on loading, which peft's
+    AutoPeftModelForCausalLM (and every minillm command) does and transformers'
+    AutoModelForCausalLM.from_pretrained cannot (a size mismatch)."""
+    if not (save_adapter and getattr(model, "_minillm_added_rows", False)):
+        return None
+    return (f"note: the tokenizer gained {PAD_TOKEN} (its vocabulary is larger than the base model's): load the saved "
+            f"adapter with peft's AutoPeftModelForCausalLM.from_pretrained, which grows the base's embeddings; "
+            f"transformers' AutoModelForCausalLM cannot (or save merged weights: no --save-adapter)")
 
 
 def _absolute_base(cfg: Path) -> None:

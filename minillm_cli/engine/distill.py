@@ -135,7 +135,8 @@ class MiniLLMRun:
         from minillm_cli.data.prepare import load_splits
         from minillm_cli.data.tokenize import encode_prompts
         from minillm_cli.engine.teacher import load_teacher
-        from minillm_cli.models import check_context, compute_dtype, load_model, load_tokenizer, pick_dtype
+        from minillm_cli.models import (adapter_note, check_context, compute_dtype, load_model, load_tokenizer,
+                                        pick_dtype)
 
         cfg = self.cfg
         self.rt = rt
@@ -167,6 +168,8 @@ class MiniLLMRun:
                                   lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
                                   what="student")
         check_context(self.student, *rollout, "student", note)
+        if line := adapter_note(self.student, cfg.model_opts.save_adapter):
+            note(line)
         if self.pt is not None and cfg.pt_coef > 0:
             check_context(self.student, self.pt.seq_len, "--pt-data's sequence length", "student", note)
         # Dropout off for the whole run (as the reference code): rollouts, scoring and updates

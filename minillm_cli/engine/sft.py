@@ -71,7 +71,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     `keep_best`: OUT holds the best model by validation loss (sft); otherwise the final one
     (distillation, where every method is compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
-    from minillm_cli.models import adapter_base, check_context, compute_dtype, load_model, load_tokenizer, pick_dtype
+    from minillm_cli.models import (adapter_base, adapter_note, check_context, compute_dtype, load_model,
+                                    load_tokenizer, pick_dtype)
 
     from minillm_cli.engine import fsdp
 
@@ -132,6 +133,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                        lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
     check_context(model, cfg.data.max_length, "--max-length", "model" if command == "sft" else "student", progress.log)
+    if line := adapter_note(model, cfg.model_opts.save_adapter):
+        progress.log(line)
     if cfg.model_opts.gradient_checkpointing:
         progress.log(f"gradient checkpointing: {recompute_blocks(model)} blocks recompute their activations")
     if rt.fsdp:

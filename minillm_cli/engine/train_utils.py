@@ -43,7 +43,7 @@ def make_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule: 
 def check_finite(value: torch.Tensor | float, *, step: int, term: str) -> None:
     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(v):
-        raise RunError(f"non-finite {term} ({v}) at step {step}; stopping (the last checkpoint is kept)")
+        raise RunError(f"non-finite {term} ({v}) at step {step}; stopping (checkpoints saved before this step are kept)")
 
 
 def clip_and_step(model, optimizer, scheduler, max_grad_norm: float, *, step: int) -> float:

@@ -12,10 +12,11 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = 512):
+def train_bpe_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = 512, pad: bool = True):
     """Train a byte-level BPE on `texts`, save it to `out`, return the fast tokenizer.
 
-    EOS is `<|endoftext|>` (also BOS), PAD is a distinct `<|pad|>` so EOS is always trained."""
+    EOS is `<|endoftext|>` (also BOS), PAD is a distinct `<|pad|>` so EOS is always trained
+    (pad False: no pad token, as GPT-2's own tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,13 +25,13 @@ def train_bpe_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int =
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS, PAD] if pad else [EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD if pad else None, unk_token=None
     )
     fast.model_max_length = 1024
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 from typer.testing import CliRunner
@@ -111,6 +112,8 @@ def _bad(tmp_path, tiny_dir, dolly_like):
         (["--model", "no-such-org/no-such-model", "--data", dolly_like], "Hub is unreachable"),
         (["--model", m, "--data", dolly_like, "--lr", -1], "--lr must be > 0"),
         (["--model", m, "--data", dolly_like, "--batch-size", 0], "--batch-size must be > 0"),
+        (["--model", m, "--data", dolly_like, "--dtype", "float16"], "AdamW cannot update float16 weights"),
+        (["--model", m, "--data", dolly_like, "--lora-r", 2, "--lora-alpha", 0], "--lora-alpha must be a finite"),
     ]
 
 
@@ -189,6 +192,39 @@ def test_a_saved_adapter_names_its_base_by_absolute_path(tmp_path, tiny_dir, dol
     assert adapter_base(str(out)) == str((tiny_dir / "student").resolve())
     res = invoke("evaluate", "--model", out, "--data", dolly_like, "--metric", "lm-loss", "--limit", 2, "--quiet")
     assert res.exit_code == 0, res.output
+
+
+def test_an_adapter_over_a_grown_vocabulary_loads_with_peft(tmp_path, dolly_like):
+    """A tokenizer without a pad token (GPT-2's) gains ours, so the saved adapter carries the grown
+    embeddings: the run says how to load it, peft's warning stays off stderr, and
+    AutoPeftModelForCausalLM loads the same model minillm does."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    from conftest import CORPUS
+    from minillm_cli.models import load_model, load_tokenizer
+    from minillm_cli.toy.tiny import make_gpt2, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(CORPUS, tmp_path / "nopad", vocab_size=300, pad=False)
+    make_gpt2(tok, tmp_path / "nopad", n_layer=1, n_embd=32, n_head=2, seed=3)
+    out = tmp_path / "adapter"
+    with warnings.catch_warnings(record=True) as caught:  # (peft's would reach the user's stderr)
+        warnings.simplefilter("always")
+        res = invoke("sft", "--model", tmp_path / "nopad", "--data", dolly_like, "--out", out, "--steps", 2,
+                     "--batch-size", 4, "--lr", 1e-2, "--lora-r", 2, "--save-adapter")
+    assert res.exit_code == 0, res.output
+    assert "load the saved adapter with peft's AutoPeftModelForCausalLM" in res.output
+    assert not [w for w in caught if "save_embedding_layers" in str(w.message)]
+    ids = torch.tensor([[5, 17, 42, 7]])
+    mine = load_model(str(out), tokenizer=load_tokenizer(str(out)), device=torch.device("cpu"), trainable=False)
+    theirs = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    assert theirs.get_input_embeddings().weight.shape[0] == len(tok) + 1
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, mine(ids).logits)
+    merged = tmp_path / "merged"  # no note where the folder is an ordinary model
+    res = invoke("sft", "--model", tmp_path / "nopad", "--data", dolly_like, "--out", merged, "--steps", 1,
+                 "--batch-size", 4, "--lora-r", 2)
+    assert res.exit_code == 0 and "AutoPeftModelForCausalLM" not in res.output, res.output
 
 
 def test_exit_code_subprocess(tmp_path, tiny_dir):
