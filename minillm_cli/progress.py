@@ -1,8 +1,9 @@
 """Progress on rank 0 at a terminal (rich), silence elsewhere, and machine-readable metrics.
 
 `Progress` is a small facade so engines never import rich themselves: `start(total)`,
-`update(step, **fields)`, `log(line)`, `close()`. With `quiet=True`, off rank 0, or when stderr is
-not a terminal, it prints nothing but occasional plain lines (`log`) when not quiet.
+`update(step, **fields)`, `log(line)`, `warn(line)`, `close()`. With `quiet=True`, off rank 0, or
+when stderr is not a terminal, it prints nothing but occasional plain lines (`log`) when not quiet;
+`warn` lines are printed on rank 0 even when quiet.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 class Progress:
     def __init__(self, description: str, *, quiet: bool = False, is_main: bool = True):
+        self.is_main = is_main
         self.enabled = is_main and not quiet
         self.interactive = self.enabled and sys.stderr.isatty()
         self.description = description
@@ -65,6 +67,16 @@ class Progress:
             self._bar.console.print(line)
         else:
             print(line, file=sys.stderr, flush=True)
+
+    def warn(self, line: str) -> None:
+        """A `warning: ...` line on rank 0, under --quiet too: quiet hides progress, not what may
+        be wrong with the run."""
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.console.print(f"warning: {line}", markup=False, highlight=False)
+        else:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,17 +1,20 @@
 """Instruction data from wherever users keep it, normalised to `Example`s.
 
 DATA is a local .jsonl/.json/.csv/.parquet file, a Hub dataset id, or an alias. Field layouts are
-detected from the first record (Dolly, Alpaca/MiniLLM, Self-Instruct, Vicuna, prompt/response);
-`--prompt-field/--response-field/--input-field` override detection.
+detected from the first record of each file (Dolly, Alpaca/MiniLLM, Self-Instruct, Vicuna,
+prompt/response); a folder is read file by file, subfolders included. `--prompt-field`,
+`--response-field` and `--input-field` each replace one field of the detected layout.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from minillm_cli.errors import InputError
 from minillm_cli.textfiles import read_lines, read_utf8
@@ -44,68 +47,133 @@ class Example:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layouts: (name, required fields, how to build Examples from one record)
+# Field values: text, or refused. str() of a null, a list or an object is Python's repr ("None",
+# "['a', 'b']", "{'k': 1}"), which would be trained on and scored as if it were the data's text.
 # ---------------------------------------------------------------------------------------------
-def _as_refs(value: Any) -> list[str]:
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _text(value: Any, where: str, name: str) -> str:
+    """A prompt, input or answer field as text. Null (or missing) is empty, as an empty string:
+    what an empty field means is then decided in one place for both (an empty instruction is
+    dropped and counted; an empty answer is no reference). A number is taken as written (a CSV
+    would hold the same text); anything else is refused, naming the record and the field."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "" if value != value else str(value)  # (NaN: how pandas writes a missing value to parquet)
+    raise InputError(f"{where}: field {name!r} is {_kind(value)}, expected text (a string)")
+
+
+def _refs(value: Any, where: str, name: str) -> list[str]:
+    """The reference answers in a field: one string, or a list of them (MiniLLM's several
+    outputs); empty ones are no reference."""
+    if isinstance(value, (list, tuple)):
+        texts = [_text(v, where, f"{name}[{i}]") for i, v in enumerate(value)]
+        return [t for t in texts if t.strip() != ""]
+    text = _text(value, where, name)
+    return [text] if text.strip() != "" else []
+
+
+def _list(value: Any, where: str, name: str) -> list:
     if value is None:
         return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if v is not None and str(v).strip() != ""]
-    s = str(value)
-    return [s] if s.strip() != "" else []
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{where}: field {name!r} is {_kind(value)}, expected a list")
+    return list(value)
 
 
-def _dolly(r):
-    return [Example(str(r["instruction"]), str(r.get("context") or ""), _as_refs(r.get("response")))]
+# ---------------------------------------------------------------------------------------------
+# Layouts: which fields hold the prompt, the input and the answer. --prompt-field,
+# --response-field and --input-field replace one role each; the layout's other fields stay
+# (overriding the answer field of Dolly data keeps its context).
+# ---------------------------------------------------------------------------------------------
+PROMPT_FIELDS = ("instruction", "prompt")
+INPUT_FIELDS = ("context", "input")
+RESPONSE_FIELDS = ("response", "output", "completion", "answer")
 
 
-def _alpaca(r):
-    return [Example(str(r["instruction"]), str(r.get("input") or ""), _as_refs(r.get("output")))]
+def _flat(prompt: str, inp: str | None, responses: tuple[str, ...], *, strict_response: bool = False):
+    """Records with the prompt, input and answer in top-level fields. `responses`: the answer's
+    field, or candidates of which a record's first present one is used. A named (--response-field)
+    answer must be in every record; a layout's own may be missing from one (no reference)."""
+
+    def build(r: dict, where: str) -> list[Example]:
+        if strict_response:
+            refs = _refs(r[responses[0]], where, responses[0])
+        else:
+            key = next((k for k in responses if k in r), None)
+            refs = _refs(r[key], where, key) if key else []
+        return [Example(_text(r[prompt], where, prompt), _text(r.get(inp), where, inp) if inp else "", refs)]
+
+    return build
 
 
-def _prompt_output(r):
-    return [Example(str(r["prompt"]), "", _as_refs(r.get("output")))]
+def _self_instruct(prompt: str | None = None, inp: str | None = None, response: str | None = None):
+    """One example per instance (its input and output). A named input replaces every instance's;
+    a named answer field makes one example per record (instances' outputs no longer apply, nor
+    their inputs, which belong to those outputs)."""
+
+    def build(r: dict, where: str) -> list[Example]:
+        instruction = _text(r[prompt or "instruction"], where, prompt or "instruction")
+        named_input = _text(r.get(inp), where, inp) if inp else ""
+        if response:
+            return [Example(instruction, named_input, _refs(r[response], where, response))]
+        out = []
+        for k, inst in enumerate(_list(r.get("instances"), where, "instances") or [{}]):
+            if not isinstance(inst, dict):
+                raise InputError(f"{where}: field 'instances[{k}]' is {_kind(inst)}, expected an object")
+            out.append(Example(instruction,
+                               named_input if inp else _text(inst.get("input"), where, f"instances[{k}].input"),
+                               _refs(inst.get("output"), where, f"instances[{k}].output")))
+        return out
+
+    return build
 
 
-def _prompt_response(r):
-    key = next((k for k in ("response", "completion", "answer") if k in r), None)  # (a row may lack it)
-    return [Example(str(r["prompt"]), "", _as_refs(r.get(key)) if key else [])]
+def _vicuna(prompt: str | None = None, inp: str | None = None, response: str | None = None):
+    """The first turn is the prompt; `reference` (where present) the answer."""
+
+    def build(r: dict, where: str) -> list[Example]:
+        if prompt:
+            instruction = _text(r[prompt], where, prompt)
+        else:
+            turns = _list(r.get("turns"), where, "turns")
+            instruction = _text(turns[0], where, "turns[0]") if turns else ""  # (empty: dropped and counted)
+        refs = _refs(r[response], where, response) if response else _refs(r.get("reference"), where, "reference")
+        return [Example(instruction, _text(r.get(inp), where, inp) if inp else "", refs)]
+
+    return build
 
 
-def _self_instruct(r):
-    out = []
-    for inst in r.get("instances") or [{}]:
-        out.append(Example(str(r["instruction"]), str(inst.get("input") or ""), _as_refs(inst.get("output"))))
-    return out
-
-
-def _vicuna(r):
-    turns = r.get("turns") or []
-    if not turns:
-        return []
-    refs = _as_refs(r.get("reference")) if r.get("reference") else []
-    return [Example(str(turns[0]), "", refs)]
-
-
+# name, the fields that identify it (a tuple: one of them), and for flat layouts the fields of
+# the prompt, the input and the answer; tried in this order
 LAYOUTS = [
-    ("dolly", ("instruction", "context", "response"), _dolly),
-    ("self-instruct", ("instruction", "instances"), _self_instruct),
-    ("alpaca", ("instruction", "output"), _alpaca),
-    ("dolly-no-context", ("instruction", "response"), _dolly),
-    ("prompt/output", ("prompt", "output"), _prompt_output),
-    ("prompt/response", ("prompt",), None),  # response|completion|answer, checked below
-    ("vicuna", ("turns",), _vicuna),
+    ("dolly", ("instruction", "context", "response"), ("instruction", "context", ("response",))),
+    ("self-instruct", ("instruction", "instances"), None),
+    ("alpaca", ("instruction", "output"), ("instruction", "input", ("output",))),
+    ("dolly-no-context", ("instruction", "response"), ("instruction", "context", ("response",))),
+    ("prompt/output", ("prompt", "output"), ("prompt", None, ("output",))),
+    ("prompt/response", ("prompt", ("response", "completion", "answer")),
+     ("prompt", None, ("response", "completion", "answer"))),
+    ("vicuna", ("turns",), None),
 ]
+_NESTED = {"self-instruct": _self_instruct, "vicuna": _vicuna}
 
 
-def _detect(keys: set[str]) -> tuple[str, Any] | None:
-    for name, required, fn in LAYOUTS:
-        if all(k in keys for k in required):
-            if name == "prompt/response":
-                if any(k in keys for k in ("response", "completion", "answer")):
-                    return name, _prompt_response
-                continue
-            return name, fn
+def _detect(keys: set[str]):
+    for layout in LAYOUTS:
+        if all(k in keys if isinstance(k, str) else any(a in keys for a in k) for k in layout[1]):
+            return layout
     return None
 
 
@@ -203,90 +271,142 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
         yield f"{name}[{i}]", rec
 
 
-def iter_records(spec: str, split: str | None = None) -> Iterator[tuple[str, dict]]:
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The data files in a DATA folder: subfolders included, suffixes in any case (B.JSONL), names
+    starting with '.' skipped (.git, editors' and notebooks' copies), sorted by their path in the
+    folder so every run and every process reads them in one order. A linked folder is followed
+    once (a link back up would loop)."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES
+                  and os.path.isfile(os.path.join(root, f))]
+    return sorted(found, key=lambda f: f.relative_to(folder).parts)
+
+
+def _sources(spec: str, split: str | None = None) -> Iterator[tuple[str, Iterator[tuple[str, dict]]]]:
+    """(name, its records) per source of DATA: the file, each file of a folder, or the Hub dataset.
+    Each source gets its own layout (a folder may mix Dolly and Alpaca files)."""
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+            files = data_files(path)
             if not files:
-                raise InputError(f"{path}: a folder with no .jsonl/.json/.csv/.parquet files")
+                raise InputError(f"{path}: a folder with no .jsonl/.json/.csv/.parquet files (subfolders "
+                                 f"included, hidden ones skipped)")
             for f in files:
-                yield from iter_records(str(f))
+                yield str(f), _READERS[f.suffix.lower()](f)
             return
-        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}.get(
-            path.suffix.lower())
+        reader = _READERS.get(path.suffix.lower())
         if reader is None:
             raise InputError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-        yield from reader(path)
+        yield str(path), reader(path)
         return
     if path.suffix.lower() in SUFFIXES or spec.startswith((".", "/", "~")):
         raise InputError(f"{spec}: no such file")
     name = ALIASES.get(spec.lower(), spec)
     if "/" not in name:
         raise InputError(f"data {spec!r}: no such file, and not a known alias ({', '.join(ALIASES)}) or Hub id (org/name)")
-    yield from _read_hub(name, split)
+    yield name, _read_hub(name, split)
+
+
+def iter_records(spec: str, split: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Every record of DATA as (where, record): where is file:line (or record/row n)."""
+    for _, records in _sources(spec, split):
+        yield from records
 
 
 def load_examples(spec: str, *, prompt_field: str | None = None, response_field: str | None = None,
                   input_field: str | None = None, limit: int | None = None,
-                  split: str | None = None) -> list[Example]:
+                  split: str | None = None, note: Callable[[str], None] | None = None) -> list[Example]:
     """Read DATA into Examples. Raises InputError for missing files, malformed records, unknown
-    layouts (naming the fields found), and data with no usable example."""
+    layouts (naming the fields found), a field named by an override that the data lacks, a
+    field that holds no text, and data with no usable example. Examples with an empty
+    instruction are dropped; `note` (a progress log) hears how many, and how many files a
+    folder gave."""
     examples: list[Example] = []
-    builder = None
-    layout = None
-    for where, rec in iter_records(spec, split):
-        if builder is None:
-            layout, builder = _choose_builder(where, rec, prompt_field, response_field, input_field)
-        try:
-            built = builder(rec)
-        except KeyError as e:
-            raise InputError(f"{where}: missing field {e.args[0]!r} (layout {layout}; found: "
-                             f"{', '.join(sorted(rec)) or 'none'})") from None
-        for e in built:
-            e.meta["where"] = where  # file:line (or record n), for messages about this example
-        examples.extend(built)
+    layouts: dict[str, str] = {}  # source -> its layout (a source without records has none)
+    sources = 0
+    input_seen, fields_seen = input_field is None, set()
+    for source, records in _sources(spec, split):
+        sources += 1
+        builder = None
+        for where, rec in records:
+            if builder is None:
+                layouts[source], builder = _choose_builder(where, rec, prompt_field, response_field, input_field)
+            if not input_seen:
+                input_seen = input_field in rec
+                fields_seen.update(rec)
+            try:
+                built = builder(rec, where)
+            except KeyError as e:
+                raise InputError(f"{where}: missing field {e.args[0]!r} (layout {layouts[source]}; found: "
+                                 f"{', '.join(sorted(rec)) or 'none'})") from None
+            for e in built:
+                e.meta["where"] = where  # file:line (or record n), for messages about this example
+                e.meta["layout"] = layouts[source]
+            examples.extend(built)
+            if limit is not None and len(examples) >= limit:
+                examples = examples[:limit]
+                break
         if limit is not None and len(examples) >= limit:
-            examples = examples[:limit]
             break
+    if not input_seen:  # (a typo would blank every input, as a missing --prompt-field is refused)
+        raise InputError(f"{spec}: --input-field {input_field} not found in any record; found: "
+                         f"{', '.join(sorted(fields_seen)) or 'none'}")
+    path = Path(spec).expanduser()
+    if note is not None and path.is_dir():  # (which files a folder gave is not otherwise visible)
+        total = len(data_files(path))
+        kinds = [f"{n} {name}" for name, n in Counter(layouts.values()).items()]
+        kinds += [f"{sources - len(layouts)} empty"] if sources > len(layouts) else []
+        note(f"data: {sources}{'' if sources == total else f' of {total}'} file{'s' * (total != 1)} read from {spec} "
+             f"({', '.join(kinds)})" + ("" if sources == total else f"; --limit {limit} reached"))
+    empty = [e for e in examples if not e.instruction.strip()]
     examples = [e for e in examples if e.instruction.strip()]
     if not examples:
-        raise InputError(f"{spec}: no examples (the file is empty or every record has an empty instruction)")
-    for e in examples:
-        e.meta.setdefault("layout", layout)
+        raise InputError(f"{spec}: no examples (the file is empty or every record has an empty or null instruction)")
+    if empty and note is not None:
+        note(f"note: {len(empty)} examples with an empty instruction dropped (the first: "
+             f"{empty[0].meta['where']})")
     return examples
 
 
 def _choose_builder(where: str, rec: dict, prompt_field, response_field, input_field):
+    """(layout name, builder) for a source, from its first record and the overrides."""
     keys = set(rec)
-    if prompt_field or response_field:
-        pf = prompt_field or "instruction"
-        missing = [f for f in (pf, response_field) if f and f not in keys]
-        if missing:
-            raise InputError(f"{where}: field(s) {', '.join(missing)} not found; found: {', '.join(sorted(keys))}")
-        inf = input_field
-
-        def build(r):
-            return [Example(str(r[pf]), str(r.get(inf) or "") if inf else "",
-                            _as_refs(r[response_field]) if response_field else [])]
-
-        return f"fields {pf}/{response_field or '-'}", build
-    found = _detect(keys)
-    if found is None:
+    missing = [f for f in (prompt_field, response_field) if f and f not in keys]
+    if missing:
+        raise InputError(f"{where}: field(s) {', '.join(missing)} not found; found: {', '.join(sorted(keys))}")
+    layout = _detect(keys)
+    if layout is None and not (prompt_field or response_field):
         raise InputError(f"{where}: no known field layout; found fields: {', '.join(sorted(keys)) or 'none'}; "
                          + _layout_hint())
-    name, fn = found
-    if input_field:
-        base = fn
-
-        def build(r):
-            exs = base(r)
-            for e in exs:
-                e.input = str(r.get(input_field) or "")
-            return exs
-
-        return name, build
-    return name, fn
+    named = ", ".join(f"--{role}-field {f}" for role, f in
+                      (("prompt", prompt_field), ("response", response_field), ("input", input_field)) if f)
+    if layout is None:  # no layout: each field the overrides leave unnamed is found by its usual names
+        prompt = prompt_field or next((k for k in PROMPT_FIELDS if k in keys), None)
+        if prompt is None:
+            raise InputError(f"{where}: no prompt field ({' or '.join(PROMPT_FIELDS)}); found: "
+                             f"{', '.join(sorted(keys))}; name it with --prompt-field")
+        inp = input_field or next((k for k in INPUT_FIELDS if k in keys), None)
+        response = response_field or next((k for k in RESPONSE_FIELDS if k in keys), None)
+        return (f"fields {prompt}/{inp or '-'}/{response or '-'}",
+                _flat(prompt, inp, (response,) if response else (), strict_response=bool(response_field)))
+    name, _, fields = layout
+    label = f"{name}, {named}" if named else name
+    if fields is None:
+        return label, _NESTED[name](prompt_field, input_field, response_field)
+    prompt, inp, responses = fields
+    return label, _flat(prompt_field or prompt, input_field or inp,
+                        (response_field,) if response_field else responses, strict_response=bool(response_field))
 
 
 def has_references(examples: Iterable[Example]) -> bool:

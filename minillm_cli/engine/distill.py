@@ -60,6 +60,12 @@ def run_distill(cfg: DistillConfig) -> dict:
     return MiniLLMRun(cfg).run()
 
 
+def _data_messages(cfg: DistillConfig, is_main: bool) -> dict:
+    """load_splits' note (hidden by --quiet) and warn (not hidden) callbacks."""
+    progress = Progress("distill", quiet=cfg.run.quiet, is_main=is_main)
+    return {"note": progress.log, "warn": progress.warn}
+
+
 # ---------------------------------------------------------------------------------------------
 # Baselines: the SFT loop with another objective or other targets
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +96,8 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
     from minillm_cli.engine.sft import train_sft
     from minillm_cli.engine.teacher import load_teacher
 
-    splits = load_splits(cfg.data)
+    # (before the runtime exists: rank 0 by the launcher's RANK, as for the notes above)
+    splits = load_splits(cfg.data, **_data_messages(cfg, os.environ.get("RANK", "0") == "0"))
 
     def setup(rt, tok):
         # The teacher answers every training prompt once; then it is freed and the student is SFT'd
@@ -156,7 +163,7 @@ class MiniLLMRun:
             self.pt.check_tokenizer(tok)
             if cfg.pt_coef > 0 and cfg.pt_kd_ratio > 0:  # (the teacher sees PT chunks only for their KD term)
                 check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher", note)
-        splits = load_splits(cfg.data)
+        splits = load_splits(cfg.data, **_data_messages(cfg, rt.is_main))
         self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
         self.valid_prompts, _, _ = encode_prompts(tok, splits["valid"][: cfg.eval_prompts], cfg.data.template,
                                                   cfg.data.max_prompt_length)

@@ -98,7 +98,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         responses = prepared.get("responses", responses)
     objective = objective or response_ce_sum
     if train_examples is None:
-        splits = load_splits(cfg.data)
+        splits = load_splits(cfg.data, note=progress.log, warn=progress.warn)
         train_examples, valid_examples = splits["train"], splits["valid"]
     # refuse before tokenising anything
     if responses is None:  # every example trains (and validates) on its reference response

@@ -138,14 +138,15 @@ class EvaluateConfig:
 
 
 # ---------------------------------------------------------------------------- data
-def load_eval_examples(cfg: EvaluateConfig) -> list[Example]:
+def load_eval_examples(cfg: EvaluateConfig, note=None) -> list[Example]:
     """The examples to evaluate: the whole file (`split="all"`) or the split sft/distill held out
-    with the same --valid-size/--test-size/--split-seed (and --limit applied before splitting)."""
+    with the same --valid-size/--test-size/--split-seed (and --limit applied before splitting).
+    `note`: the progress log, for what the data layer read and dropped."""
     from minillm_cli.data.examples import load_examples
     from minillm_cli.data.splits import split_examples
 
     examples = load_examples(cfg.data, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
-                             input_field=cfg.input_field, limit=cfg.limit)
+                             input_field=cfg.input_field, limit=cfg.limit, note=note)
     if cfg.split == "all":
         return examples
     part = split_examples(examples, valid_size=cfg.valid_size, test_size=cfg.test_size,
@@ -248,13 +249,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         if target is not None:  # before hours of generation, not after
             check_writable(flag, target)
     t0 = time.perf_counter()
-    examples = load_eval_examples(cfg)
+    progress = Progress("evaluate", quiet=cfg.quiet)
+    examples = load_eval_examples(cfg, note=progress.log)
     n_read = len(examples)
     metrics = resolve_metrics(cfg, examples)
     rt = init_runtime(cfg.device)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, what="model")
     teacher = None
-    progress = Progress("evaluate", quiet=cfg.quiet)
     if "rougeL" in metrics:
         from minillm_cli.eval.metrics import rouge_scorable
 

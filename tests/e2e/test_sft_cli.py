@@ -103,11 +103,14 @@ def _bad(tmp_path, tiny_dir, dolly_like):
     bad.write_text('{"instruction": "a", "response": "b"}\n{broken\n')
     fields = write_jsonl(tmp_path / "fields.jsonl", [{"question": "a", "answer_text": "b"}])
     long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "response": "x"}] * 3)
+    listed = write_jsonl(tmp_path / "listed.jsonl", [{"instruction": ["a", "b"], "response": "x"}])
     m = tiny_dir / "student"
     return [
         (["--model", m, "--data", tmp_path / "missing.jsonl"], "no such file"),
         (["--model", m, "--data", bad], "bad.jsonl:2"),
         (["--model", m, "--data", fields], "found fields: answer_text, question"),
+        (["--model", m, "--data", listed], "listed.jsonl:1: field 'instruction' is a list"),
+        (["--model", m, "--data", dolly_like, "--input-field", "contxt"], "--input-field contxt not found in any"),
         (["--model", m, "--data", long, "--valid-size", 0], "no training example left"),
         (["--model", "no-such-org/no-such-model", "--data", dolly_like], "Hub is unreachable"),
         (["--model", m, "--data", dolly_like, "--lr", -1], "--lr must be > 0"),
@@ -381,6 +384,15 @@ def test_sequences_longer_than_the_model_are_refused(tmp_path, tiny_dir, dolly_l
     assert res.exit_code == 0, res.output
     assert "note: --max-length (160 tokens) exceeds the model's context of 128 positions " \
            "(config.max_position_embeddings); past it" in res.output
+
+
+def test_valid_data_that_is_training_data_is_a_warning_under_quiet(tmp_path, tiny_dir, dolly_like):
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--valid-data", dolly_like,
+                 "--out", tmp_path / "o", "--steps", 1, "--batch-size", 2, "--quiet", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert [line for line in res.stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: 40 of 40 validation examples (--valid-data {dolly_like}) are also training examples (same "
+        f"prompt and response as one of --data {dolly_like}): validation is not on held-out data"]
 
 
 def test_batch_larger_than_the_data_is_noted(tmp_path, tiny_dir, dolly_like):

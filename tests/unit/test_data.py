@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -120,6 +121,119 @@ def test_override_naming_a_missing_field(tmp_path):
     p = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q"}])
     with pytest.raises(InputError, match="answer not found; found: question"):
         load_examples(str(p), prompt_field="question", response_field="answer")
+
+
+def test_an_override_keeps_the_layouts_other_fields(tmp_path):
+    """Naming one field replaces that field only: the detected layout's input (Dolly's context,
+    Alpaca's input) stays in every prompt, and its answer stays when only the prompt is named."""
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "I", "context": "C", "response": "R", "alt": "A"}])
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "I", "input": "C", "output": "R", "q": "Q"}])
+    for path, fields, want in [
+        (dolly, dict(response_field="response"), ("I", "C", ["R"])),
+        (dolly, dict(response_field="alt"), ("I", "C", ["A"])),
+        (dolly, dict(prompt_field="alt"), ("A", "C", ["R"])),
+        (alpaca, dict(prompt_field="q"), ("Q", "C", ["R"])),
+        (alpaca, dict(response_field="q", input_field="instruction"), ("I", "I", ["Q"])),
+    ]:
+        ex = load_examples(str(path), **fields)
+        assert (ex[0].instruction, ex[0].input, ex[0].references) == want, (path.name, fields)
+    assert load_examples(str(dolly), response_field="response")[0].meta["layout"] == "dolly, --response-field response"
+    # no layout detected: the fields not named are still found by their usual names
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q", "context": "C", "answer": "A"}])
+    ex = load_examples(str(q), prompt_field="question")
+    assert (ex[0].instruction, ex[0].input, ex[0].references) == ("Q", "C", ["A"])
+
+
+def test_an_input_field_that_no_record_has_is_refused(tmp_path):
+    """A typo in --input-field would blank every input (as one in --prompt-field is refused); a
+    field that only some records have is fine (an input is optional)."""
+    rows = [{"instruction": "I0", "context": "", "response": "R"}, {"instruction": "I1", "response": "R", "ctx": "C"}]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(p))}: --input-field contxt not found in any record; "
+                                         r"found: context, ctx, instruction, response$"):
+        load_examples(str(p), input_field="contxt")
+    assert [e.input for e in load_examples(str(p), input_field="ctx")] == ["", "C"]
+
+
+def test_a_folder_is_read_whole_file_by_file(tmp_path):
+    """Subfolders and upper-case suffixes are read, hidden names skipped, in sorted order; each
+    file gets its own layout; the progress log says how many files were read."""
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    (d / ".cache").mkdir()
+    write_jsonl(d / "a.jsonl", [{"instruction": "A", "context": "", "response": "RA"}])
+    write_jsonl(d / "b.JSONL", [{"instruction": "B", "context": "CB", "response": "RB"}])
+    write_jsonl(d / "sub" / "c.jsonl", [{"instruction": "C", "input": "CC", "output": "RC"}])  # Alpaca
+    write_jsonl(d / ".cache" / "x.jsonl", [{"instruction": "hidden", "context": "", "response": "x"}])
+    write_jsonl(d / ".y.jsonl", [{"instruction": "hidden", "context": "", "response": "y"}])
+    (d / "notes.txt").write_text("not data\n")
+    ex = load_examples(str(d))
+    assert [(e.instruction, e.input, e.references) for e in ex] == [
+        ("A", "", ["RA"]), ("B", "CB", ["RB"]), ("C", "CC", ["RC"])]
+    assert [e.meta["layout"] for e in ex] == ["dolly", "dolly", "alpaca"]
+    notes = []
+    load_examples(str(d), note=notes.append)
+    assert notes == [f"data: 3 files read from {d} (2 dolly, 1 alpaca)"]
+    # a file in no known layout is named itself (not judged by the first file's layout)
+    write_jsonl(d / "sub" / "d.jsonl", [{"question": "Q", "answer_text": "A"}])
+    with pytest.raises(InputError, match=r"sub/d\.jsonl:1: no known field layout; found fields: answer_text"):
+        load_examples(str(d))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": ["a", "b"], "context": "", "response": "R"}, "field 'instruction' is a list"),
+    ({"instruction": "I", "context": {"k": "v"}, "response": "R"}, "field 'context' is an object"),
+    ({"instruction": "I", "context": "", "response": {"text": "R"}}, "field 'response' is an object"),
+    ({"instruction": True, "input": "", "output": "R"}, "field 'instruction' is true/false"),
+    ({"instruction": "I", "input": "", "output": ["R", ["x"]]}, r"field 'output\[1\]' is a list"),
+    ({"instruction": "I", "instances": [{"input": "", "output": {"a": 1}}]},
+     r"field 'instances\[0\]\.output' is an object"),
+    ({"turns": [["Q"]]}, r"field 'turns\[0\]' is a list"),
+    ({"turns": "Q"}, "field 'turns' is a str, expected a list"),
+])
+def test_a_field_that_is_not_text_is_refused(tmp_path, row, message):
+    """str() of a list or an object is Python's repr, which would become the prompt or answer."""
+    p = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(p))}:1: {message}"):
+        load_examples(str(p))
+
+
+def test_a_null_instruction_is_dropped_and_counted_as_an_empty_one(tmp_path):
+    """null is an empty field (never the text "None"): an instruction is dropped and counted, an
+    input is empty, an answer is no reference (which sft refuses and evaluate reports)."""
+    rows = [{"instruction": "I0", "context": None, "response": None},
+            {"instruction": None, "context": "", "response": "R1"},
+            {"instruction": "", "context": "", "response": "R2"},
+            {"instruction": "I3", "context": "C3", "response": 42}]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    ex = load_examples(str(p))
+    assert [(e.instruction, e.input, e.references) for e in ex] == [("I0", "", []), ("I3", "C3", ["42"])]
+    notes = []
+    load_examples(str(p), note=notes.append)
+    assert notes == [f"note: 2 examples with an empty instruction dropped (the first: {p}:2)"]
+    write_jsonl(p, [{"instruction": None, "response": "R"}])
+    with pytest.raises(InputError, match="no examples"):
+        load_examples(str(p))
+
+
+def test_valid_data_that_is_training_data_is_warned_about(tmp_path, capsys):
+    """--valid-data naming DATA, or holding some of its examples (same prompt and response): a
+    warning line (on stderr unless the engine passes its own)."""
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.prepare import load_splits
+
+    rows = [{"instruction": f"I{i}", "context": "", "response": f"R{i}"} for i in range(10)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    other = [{**rows[2], "response": "other"}, {**rows[3], "context": "other"}, {**rows[4], "instruction": "I"}]
+    valid = write_jsonl(tmp_path / "valid.jsonl", rows[:2] + other)  # 2 in train.jsonl, 3 differing in one field
+    for data, vdata, want in [(train, train, "10 of 10"), (train, valid, "2 of 5"), (valid, train, "2 of 10")]:
+        load_splits(DataOptions(data=str(data), valid_data=str(vdata)))
+        warned = capsys.readouterr().err.splitlines()
+        assert len(warned) == 1 and warned[0].startswith(
+            f"warning: {want} validation examples (--valid-data {vdata}) are also training examples"), warned
+    held_out = write_jsonl(tmp_path / "held.jsonl", [{"instruction": "new", "response": "R0"}])
+    splits = load_splits(DataOptions(data=str(train), valid_data=str(held_out)))
+    assert capsys.readouterr().err == "" and len(splits["train"]) == 10
 
 
 def test_dolly_template_exact():
