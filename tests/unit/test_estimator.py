@@ -372,6 +372,40 @@ def test_step_statistics_of_micro_batches_equal_the_whole_batch(models):
     assert w_max == float(whole["w_max"]) > 1.0
 
 
+def test_rkl_seq_is_the_mean_sequence_log_ratio(models):
+    """The logged reverse-KL estimate: sum over each response of log q_old - log p, mean over rows."""
+    student, teacher = models
+    rollout, _ = enumerated_rollout(student, teacher, 0.5)
+    batch = score_rollouts(student, teacher, rollout, MiniLLMOptions(), vocab_size=V)
+    rows = list(range(0, 80, 3))
+    part = batch.select(rows)
+    _, st = minillm_loss(student, teacher, part, MiniLLMOptions(), float(batch.tokens_in(rows)), V)
+    want = ((part.old_logp - part.teacher_logp) * part.response_mask).sum(1).mean()
+    assert abs(float(st["rkl_seq"]) - float(want)) < 1e-9 and abs(float(want)) > 1e-3
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_importance_weights_use_the_filtered_sampling_distributions(models, alpha):
+    """Under --temperature/--top-k the weights are q'/p~' of the filtered distributions the tokens
+    were drawn from (the sampler's log-probs), not the unfiltered teacher-forced q_old: at alpha 0
+    exactly 1."""
+    student, teacher = models
+    ids = torch.tensor([[1, 2, 0], [PAD, PAD, 2]] * 4)
+    mask = (ids != PAD).long()
+    rollout = sample(student, teacher, ids, mask, params=SamplingParams(TMAX, temperature=0.7, top_k=2),
+                     alpha=alpha, eos_id=EOS, pad_id=PAD, vocab_size=V,
+                     generators=[torch.Generator().manual_seed(i) for i in range(8)])
+    batch = score_rollouts(student, teacher, rollout, MiniLLMOptions(), vocab_size=V)
+    m = batch.response_mask.bool()
+    want = (rollout.student_logp - rollout.mix_logp).double().exp()
+    torch.testing.assert_close(batch.pg_weights[m].double(), want[m], rtol=0, atol=1e-9)
+    if alpha == 0.0:
+        assert torch.equal(batch.pg_weights[m], torch.ones_like(batch.pg_weights[m]))
+    else:  # (the unfiltered q_old would give other weights)
+        assert not torch.allclose(batch.pg_weights[m].double(),
+                                  (batch.old_logp - rollout.mix_logp.double()).exp()[m], atol=1e-3)
+
+
 def test_the_teacher_logit_cache_is_kept_where_it_fits():
     """distill's default (--cache-teacher-logits unset): kept when twice the buffer's logits (the
     scored parts and the buffer they are joined into) fit in a quarter of the memory free after

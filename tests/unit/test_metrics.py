@@ -114,3 +114,13 @@ def test_length_buckets_and_by_length():
     assert out["<=5"]["n"] == 2 and out["<=5"]["per_seed"] == [20.0, 30.0]
     assert out["<=5"]["std"] == pytest.approx(statistics.stdev([20.0, 30.0]))
     assert out["6-20"]["per_seed"] == [50.0, 70.0]
+
+
+def test_rouge_l_is_not_rouge_lsum():
+    """The paper's rougeL ignores newlines (one LCS over the whole text): LCS(a b c d, c d a b) = 2,
+    F = 50; rougeLsum (per line) would give 100 on these multi-line answers."""
+    assert M.rouge_l("a b\nc d", ["c d\na b"]) == pytest.approx(50.0)
+
+
+def test_distinct_n_is_case_sensitive():
+    assert M.distinct_n(["A b c d", "a b c d"], 4) == pytest.approx(100.0)

@@ -284,3 +284,27 @@ def test_pad_token_is_never_sampled():
     assert torch.allclose(lq, torch.full_like(lq, -math.log(V - 1)))
     tok, _, _ = mix_and_sample(logits, logits, 0.2, params, u, never=PAD - 1)
     assert not (tok == PAD - 1).any()
+
+
+def test_top_p_ties_keep_what_transformers_keeps():
+    """Four equal probabilities, top-p 0.5: the mass before each is 0, .25, .5, .75; two are kept,
+    as transformers' TopPLogitsWarper keeps."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    lp = filtered_logprobs(torch.zeros(1, 4, dtype=torch.float64), SamplingParams(1, top_p=0.5))
+    hf = TopPLogitsWarper(0.5)(None, torch.zeros(1, 4, dtype=torch.float64))
+    assert int(lp.isfinite().sum()) == int(hf.isfinite().sum()) == 2
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_a_uniform_draw_at_either_end_never_picks_an_impossible_token(alpha):
+    """u = 0 (float32 torch.rand returns it with probability 2^-24 per draw) with token 0 banned,
+    and u that rounds up to the total mass with the last token banned: the token drawn has
+    probability > 0 (a -inf log-prob would make the weights and rewards inf/NaN)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, V, generator=g)
+    for u, bad in ((torch.zeros(8), 0), (torch.full((8,), 1.0 - 2.0 ** -40, dtype=torch.float64), V - 1)):
+        banned = torch.zeros(8, V, dtype=torch.bool)
+        banned[:, bad] = True
+        tok, _, lm = mix_and_sample(logits, logits.flip(0), alpha, SamplingParams(1), u, banned)
+        assert (tok != bad).all() and lm.isfinite().all(), (u[0], bad)
