@@ -6,8 +6,8 @@ Text: local files on this machine (Python sources and docs under sys.prefix and 
 one document per file, written once to a .jsonl of at least --mb MB. Tokenizer: --tokenizer, or
 a byte-level BPE (vocabulary 8192) trained here on the first 2 MB (no Hub access needed).
 Ours: `build_mixture` end to end (read, tokenise in --workers processes, pack into --seq-len
-chunks, write). Naive: `datasets.load_dataset("json")` → `.map(tokenizer, batched=True)` with EOS
-appended → concatenate all ids → cut into chunks. Both must give the same chunks; MB/s counts the
+chunks, write). Naive: `datasets.load_dataset("json")` → `.map(tokenizer, batched=True)` (special-
+token text kept as text, as ours does) with EOS appended → concatenate all ids → cut into chunks. Both must give the same chunks; MB/s counts the
 UTF-8 bytes of document text over wall time.
 """
 from __future__ import annotations
@@ -69,7 +69,10 @@ def naive(corpus: Path, tokenizer, seq_len: int, cache: Path) -> np.ndarray:
 
     eos = tokenizer.eos_token_id
     ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(cache))
-    ds = ds.map(lambda b: {"input_ids": [x + [eos] for x in tokenizer(b["text"], add_special_tokens=False)["input_ids"]]},
+    # split_special_tokens: as ours, special-token text in a document (Python sources here hold
+    # "<|endoftext|>") is text, not the special id
+    ds = ds.map(lambda b: {"input_ids": [x + [eos] for x in tokenizer(b["text"], add_special_tokens=False,
+                                                                       split_special_tokens=True)["input_ids"]]},
                 batched=True, remove_columns=ds.column_names)
     ids = np.fromiter(itertools.chain.from_iterable(ds["input_ids"]), dtype=np.uint16)
     return ids[: len(ids) // seq_len * seq_len].reshape(-1, seq_len)

@@ -3,7 +3,8 @@
 `Progress` is a small facade so engines never import rich themselves: `start(total)`,
 `update(step, **fields)`, `log(line)`, `warn(line)`, `close()`. With `quiet=True`, off rank 0, or
 when stderr is not a terminal, it prints nothing but occasional plain lines (`log`) when not quiet;
-`warn` lines are printed on rank 0 even when quiet.
+`warn` lines are printed on rank 0 even when quiet. `unit` names what `step` counts in the plain
+lines ("step 120", or "10976896 tokens" for a count that is no step).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Any
 
 
 class Progress:
-    def __init__(self, description: str, *, quiet: bool = False, is_main: bool = True):
+    def __init__(self, description: str, *, quiet: bool = False, is_main: bool = True, unit: str = "step"):
         self.is_main = is_main
         self.enabled = is_main and not quiet
+        self.unit = unit
         self.interactive = self.enabled and sys.stderr.isatty()
         self.description = description
         self._bar = None
@@ -58,7 +60,8 @@ class Progress:
             now = time.perf_counter()
             if now - self._last_plain >= 10.0:  # plain logs: one line per 10 s at most
                 self._last_plain = now
-                print(f"{self.description} step {step}: {info}", file=sys.stderr, flush=True)
+                count = f"step {step}" if self.unit == "step" else f"{step} {self.unit}"
+                print(f"{self.description} {count}: {info}", file=sys.stderr, flush=True)
 
     def log(self, line: str) -> None:
         if not self.enabled:

@@ -43,7 +43,7 @@ def command(
             workers=workers, valid_fraction=valid_fraction, seed=seed, overwrite=overwrite,
             trust_remote_code=trust_remote_code,
         )
-        meta = build_mixture(cfg, progress=Progress("pretrain-mix", quiet=quiet))
+        meta = build_mixture(cfg, progress=Progress("pretrain-mix", quiet=quiet, unit="tokens"))
         if json_out:
             out_json({"out": out, **{k: meta[k] for k in (
                 "num_chunks", "splits", "seq_len", "total_tokens", "sources", "build")}})

@@ -5,8 +5,10 @@ by weight, and write one memory-mapped token file plus `meta.json`.
 Mixing is per chunk: every chunk holds one source's text, so a long document is never cut by
 another source's text without an EOS, and token counts track the weights to within one chunk.
 Next chunk comes from the active source with the largest deficit share·(chunks+1) − own chunks;
-a source that runs out is reported and the rest keep their relative weights. Each source's last
-partial chunk is dropped (counted in meta as `dropped_tokens`).
+a source that runs out is reported and the rest keep their relative weights (a warning when the
+shares then end up off the weights). A source that gives no chunk at all is an error. Each
+source's last partial chunk is dropped (counted in meta as `dropped_tokens`, with the cut-off
+rest of the last document when --max-tokens stops a source mid-document).
 
 The output is built in a hidden sibling folder and renamed at the end, so an interrupted build
 never looks complete. Layout: `tokens.bin` (uint16 or uint32, train chunks then valid chunks),
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-from array import array
 import shutil
+import sys
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from minillm_cli.data.pretrain_sources import Source, SourceSpec, parse_source
+from minillm_cli.data.pretrain_sources import Source, SourceSpec, check_overlap, parse_source
 from minillm_cli.errors import InputError, RunError, require
 
 FORMAT = "minillm-pretrain-mix"
@@ -92,7 +95,9 @@ def _is_mixture(folder: Path) -> bool:
 
 class _Stream:
     """One source's tokens, arriving from the pool in job order (so output never depends on the
-    number of workers), served as `seq_len` chunks."""
+    number of workers), served as `seq_len` chunks. It keeps each document's place in the token
+    stream for the jobs the buffer still holds, so meta.json counts the documents (and bytes)
+    that are in the mixture, not all that were tokenised."""
 
     def __init__(self, source: Source, submit: Callable, seq_len: int, prefetch: int, dtype):
         self.source, self.submit, self.seq_len, self.prefetch = source, submit, seq_len, prefetch
@@ -101,7 +106,9 @@ class _Stream:
         self.buf = np.zeros(0, dtype=dtype)
         self.pos = 0
         self.done_reading = False
-        self.documents = self.bytes = self.tokens_read = self.chunks = 0
+        self.bytes_read = self.tokens_read = self.chunks = 0
+        self.docs: deque = deque()  # (first token, document ends, document bytes) per job not yet in chunks
+        self.documents = self.text_bytes = 0  # documents wholly in chunks (jobs folded out of `docs`)
         self.exhausted = False
         self._fill()
 
@@ -118,17 +125,36 @@ class _Stream:
             if not self.pending:
                 self.exhausted = True
                 return None
-            ids, docs, nbytes = self.pending.popleft().get()
+            ids, lengths, nbytes = self.pending.popleft().get()
             self._fill()
-            self.documents += docs
-            self.bytes += nbytes
+            if len(lengths):
+                self.docs.append((self.tokens_read, self.tokens_read + np.cumsum(lengths), nbytes))
+            self.bytes_read += int(nbytes.sum())
             self.tokens_read += len(ids)
             self.buf = np.concatenate([self.buf[self.pos:], ids])
             self.pos = 0
         chunk = self.buf[self.pos:self.pos + self.seq_len]
         self.pos += self.seq_len
         self.chunks += 1
+        while self.docs and self.docs[0][1][-1] <= self.chunks * self.seq_len:  # a job wholly in chunks
+            _, ends, nbytes = self.docs.popleft()
+            self.documents += len(ends)
+            self.text_bytes += int(nbytes.sum())
         return chunk
+
+    def in_mixture(self) -> tuple[int, int, int]:
+        """(documents with at least one token in the chunks, their UTF-8 bytes, tokens cut off at
+        the end: for a source read to the end its last partial chunk, else the rest of its last
+        document, which the chunks hold only in part)."""
+        used = self.chunks * self.seq_len
+        documents, text_bytes, cut_end = self.documents, self.text_bytes, used
+        for first, ends, nbytes in self.docs:
+            k = int(np.searchsorted(np.concatenate(([first], ends[:-1])), used))  # documents starting before `used`
+            documents += k
+            text_bytes += int(nbytes[:k].sum())
+            if k:
+                cut_end = max(cut_end, int(ends[k - 1]))
+        return documents, text_bytes, (self.tokens_read if self.exhausted else cut_end) - used
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -160,6 +186,7 @@ def build_mixture(cfg: PretrainMixConfig, *, progress=None) -> dict:
     dtype = token_dtype(max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1))
     sources = [Source(s, text_field=cfg.text_field, split_blank_lines=cfg.split_blank_lines)
                for s in cfg.specs]
+    check_overlap(sources)
     for s in sources:
         s.check()
 
@@ -175,6 +202,12 @@ def build_mixture(cfg: PretrainMixConfig, *, progress=None) -> dict:
         if out.exists():
             shutil.rmtree(out)  # only reached with --overwrite or an empty folder (config checks)
         os.rename(tmp, out)
+        line = share_warning(meta)
+        if line:  # (a warning --quiet keeps: the result is not what the weights say)
+            if progress is not None:
+                progress.warn(line)
+            else:
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,6 +255,11 @@ def _build_into(tmp: Path, cfg, tokenizer, sources, dtype, progress) -> dict:
                 chunk = streams[i].next_chunk()
                 if chunk is None:
                     active[i] = False
+                    # (said now, before the rest is tokenised: the result would lack a source asked for)
+                    require(streams[i].chunks > 0,
+                            f"--source {sources[i].spec.name}: fewer than --seq-len ({L}) tokens "
+                            f"({streams[i].tokens_read}, an EOS after each document): none of it would be "
+                            f"in the mixture; lower --seq-len or leave the source out")
                     if progress is not None:
                         rest = "; the others keep their relative weights" if any(active) else ""
                         progress.log(f"source {sources[i].spec.name} ran out after "
@@ -236,23 +274,27 @@ def _build_into(tmp: Path, cfg, tokenizer, sources, dtype, progress) -> dict:
                 now = time.perf_counter()
                 if progress is not None and now - last_shown > 0.2:
                     last_shown = now
-                    _show(progress, n * L, sum(s.bytes for s in streams), now - t0)
+                    _show(progress, n * L, sum(s.bytes_read for s in streams), now - t0)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
     seconds = time.perf_counter() - t0
-    if n == 0:
-        raise InputError("the sources hold fewer than --seq-len tokens each: nothing to write")
+    # (every source that ran out gave a chunk, or we stopped above: so n > 0 here)
+    for s in streams:
+        require(s.chunks > 0, f"--source {s.source.spec.name}: no chunk of it is in the first --max-tokens "
+                              f"({cfg.max_tokens}): weight {s.source.spec.weight:g} of {sum(weights):g} is too "
+                              f"small a share of {n} chunks for one of them; raise its weight or --max-tokens")
     _append(tmp / TOKEN_FILE, tmp / "valid.part")
     order = np.concatenate([np.frombuffer(chunk_src[k], dtype=np.uint8 if code == "B" else np.uint32)
                             for k in ("train", "valid")])
     np.save(tmp / SOURCE_FILE, order)
     if progress is not None:
-        _show(progress, n * L, sum(s.bytes for s in streams), seconds)
+        _show(progress, n * L, sum(s.bytes_read for s in streams), seconds)
         progress.close()
 
-    total_bytes = sum(s.bytes for s in streams)
+    total_bytes = sum(s.bytes_read for s in streams)  # (what was read and tokenised: the speed)
+    counts = [s.in_mixture() for s in streams]
     meta = {
         "format": FORMAT, "version": VERSION,
         "tokenizer": cfg.tokenizer, "tokenizer_fingerprint": fingerprint(tokenizer),
@@ -264,10 +306,9 @@ def _build_into(tmp: Path, cfg, tokenizer, sources, dtype, progress) -> dict:
         "token_file": TOKEN_FILE, "chunk_source_file": SOURCE_FILE,
         "sources": [{
             "name": s.source.spec.name, "kind": s.source.kind, "weight": s.source.spec.weight,
-            "tokens": s.chunks * L, "share": round(s.chunks / n, 6), "documents": s.documents,
-            "text_bytes_read": s.bytes, "dropped_tokens": (s.tokens_read - s.chunks * L) if s.exhausted else 0,
-            "exhausted": s.exhausted,
-        } for s in streams],
+            "tokens": s.chunks * L, "share": round(s.chunks / n, 6), "documents": docs,
+            "text_bytes": nbytes, "dropped_tokens": dropped, "exhausted": s.exhausted,
+        } for s, (docs, nbytes, dropped) in zip(streams, counts)],
         "build": {"workers": cfg.workers, "seconds": round(seconds, 3),
                   "tokens_per_s": round(n * L / max(seconds, 1e-9)),
                   "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 3)},
@@ -275,6 +316,26 @@ def _build_into(tmp: Path, cfg, tokenizer, sources, dtype, progress) -> dict:
     # meta.json last: a folder without it is never a finished build
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return meta
+
+
+def share_warning(meta: dict) -> Optional[str]:
+    """A warning line when the weights differ and a source's share of the chunks is more than
+    two chunks off its weight's share: a source ran out first, or there was no --max-tokens."""
+    rows, n = meta["sources"], meta["num_chunks"]
+    weights = [r["weight"] for r in rows]
+    if len(set(weights)) < 2:
+        return None
+    target = [w / sum(weights) for w in weights]
+    if all(abs(r["tokens"] // meta["seq_len"] - t * n) <= 2 for r, t in zip(rows, target)):
+        return None
+    ran_out = ", ".join(f"{r['name']} ran out after {r['tokens']} tokens" for r in rows if r["exhausted"])
+    if meta["max_tokens"] is None:
+        why = "without --max-tokens every source is used whole and the weights only set the order"
+    else:
+        why = f"{ran_out or 'a source ran out'} before --max-tokens ({meta['max_tokens']})"
+    asked = ", ".join(f"{r['name']} {100 * t:.1f}% (weight {r['weight']:g})" for r, t in zip(rows, target))
+    got = ", ".join(f"{100 * r['share']:.1f}%" for r in rows)
+    return f"the weights ask for {asked}; the mixture holds {got}: {why}"
 
 
 class _Done:

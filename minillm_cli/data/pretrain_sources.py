@@ -10,10 +10,11 @@ Reading stays in the main process (it is I/O); everything CPU-bound (JSON, token
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from minillm_cli.errors import InputError
 
@@ -49,14 +50,21 @@ def parse_source(text: str) -> SourceSpec:
 
 def list_files(name: str) -> list[Path] | None:
     """Local files behind a source name (a file, or a folder searched recursively), or None when
-    the name is not a local path (then it may be a Hub dataset id)."""
+    the name is not a local path (then it may be a Hub dataset id). A folder's hidden files and
+    folders (names starting with '.') are skipped: they hold copies (`.ipynb_checkpoints/`,
+    editors' backups) and tools' state (`.git/`), never more of the corpus."""
     p = Path(name).expanduser()
     if p.is_file():
         if p.suffix.lower() not in EXTENSIONS:
             raise InputError(f"{name}: unsupported file type {p.suffix!r} (use {', '.join(EXTENSIONS)})")
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
+        files = []
+        for root, dirs, names in os.walk(p):  # (symlinked folders are not entered, as rglob did)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [Path(root, f) for f in names if not f.startswith(".")
+                      and Path(f).suffix.lower() in EXTENSIONS and Path(root, f).is_file()]
+        files.sort()
         if not files:
             raise InputError(f"{name}: folder holds no {'/'.join(EXTENSIONS)} files")
         return files
@@ -66,6 +74,22 @@ def list_files(name: str) -> list[Path] | None:
     if looks_local:
         raise InputError(f"{name}: no such file or folder")
     return None
+
+
+def check_overlap(sources: list["Source"]) -> None:
+    """InputError when one file would be read twice: a file inside a folder source, a folder
+    inside another, or a symlink to a file that is read already (in the same folder or not)."""
+    seen: dict[Path, tuple[str, Path]] = {}
+    for s in sources:
+        for f in s.files or ():
+            real = f.resolve()
+            if real in seen:
+                name, first = seen[real]
+                what = (f"{first} and {f} are the same file" if name == s.spec.name
+                        else f"{'it' if f == Path(s.spec.name).expanduser() else f} is also read by --source {name}")
+                raise InputError(f"--source {s.spec.name}: {what} (its documents would be read twice); "
+                                 f"give each file once")
+            seen[real] = (s.spec.name, f)
 
 
 class Source:
@@ -119,12 +143,14 @@ class Source:
             yield from self._parquet_jobs(path, probe)
 
     def _txt_jobs(self, path: Path) -> Iterator[tuple]:
+        from minillm_cli.textfiles import read_utf8
+
         try:
-            text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+            text = read_utf8(path)  # (a byte-order mark dropped; a bad byte named by line and column)
         except OSError as e:
             raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        if "\r" in text:  # universal newlines, as the text-mode read before read_utf8 gave them
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
         if self.split_blank_lines:
             docs = [d for d in _BLANK_LINES.split(text) if d.strip()]
         else:
@@ -159,9 +185,11 @@ class Source:
         if self.text_field not in names:
             raise InputError(f"{path}: no column {self.text_field!r} (columns: {', '.join(names)}); "
                              "pass --text-field")
-        rows = 64 if probe else 1024
+        rows, row = (64 if probe else 1024), 0
         for batch in pf.iter_batches(batch_size=rows, columns=[self.text_field]):
-            texts = [t for t in batch.column(0).to_pylist() if isinstance(t, str)]
+            values = batch.column(0).to_pylist()
+            texts = _texts(values, self.text_field, lambda i: f"{path}: row {row + i + 1}")
+            row += len(values)
             yield from _group(("texts", str(path)), texts, self.job_bytes)
 
     def _hub_rows(self):
@@ -180,11 +208,19 @@ class Source:
 
     def _hub_jobs(self) -> Iterator[tuple]:
         def texts():
-            for row in self._hub_rows():
-                t = row.get(self.text_field)
-                if isinstance(t, str):
-                    yield t
+            for n, row in enumerate(self._hub_rows(), start=1):
+                yield from _texts([row.get(self.text_field)], self.text_field, lambda i: f"{self.spec.name}: row {n}")
         yield from _group(("texts", self.spec.name), texts(), self.job_bytes)
+
+
+def _texts(values: list, field: str, where: Callable[[int], str]) -> list[str]:
+    """The texts among records' `field` values (None: no text, skipped). Anything else is bad
+    input, said as .jsonl says it: skipped in silence, a number column made the source look empty.
+    `where(i)`: where value i is, for the message."""
+    for i, v in enumerate(values):
+        if v is not None and not isinstance(v, str):
+            raise InputError(f"{where(i)}: field {field!r} is {type(v).__name__}, not text")
+    return [v for v in values if v is not None]
 
 
 def _group(head: tuple, docs, job_bytes: int) -> Iterator[tuple]:

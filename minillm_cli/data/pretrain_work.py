@@ -4,7 +4,10 @@ tokenise its documents, EOS after each one, into one flat numpy array.
 Imports stay light (json, numpy, tokenizers) because every spawned worker imports this module.
 A fast tokenizer travels to the workers as its JSON serialisation and is used through the Rust
 backend's `encode_batch_fast` (no offsets computed), which gives the same ids as
-`tokenizer(texts, add_special_tokens=False)`. Slow tokenizers travel pickled.
+`tokenizer(texts, add_special_tokens=False, split_special_tokens=True)`. Slow tokenizers travel
+pickled. Special-token text inside a document (`<|endoftext|>` in a page about tokenizers) is
+encoded as the plain text it is: as the special id it would put an EOS or a pad id mid-document,
+and the PT loss would train on it. EOS goes in by id, after each document.
 """
 from __future__ import annotations
 
@@ -35,10 +38,12 @@ def init_worker(payload: tuple[str, Any], eos_id: int, dtype: str) -> None:
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_str(obj)
+        backend.encode_special_tokens = True  # (what split_special_tokens=True sets)
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         _STATE["encode"] = lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
     else:
-        _STATE["encode"] = lambda texts: obj(texts, add_special_tokens=False)["input_ids"]
+        _STATE["encode"] = lambda texts: obj(texts, add_special_tokens=False,
+                                             split_special_tokens=True)["input_ids"]
     _STATE["eos"] = eos_id
     _STATE["dtype"] = np.dtype(dtype)
 
@@ -69,13 +74,15 @@ def job_texts(job: tuple) -> list[str]:
     return texts
 
 
-def encode_job(job: tuple) -> tuple[np.ndarray, int, int]:
-    """-> (token ids with EOS after every document, number of documents, UTF-8 bytes of text).
-    Empty documents are skipped: they would only add a lone EOS."""
+def encode_job(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (token ids with EOS after every document, each document's token count (its EOS
+    included), each document's UTF-8 bytes): the counts let meta.json say how many documents,
+    and which bytes, the mixture holds when it stops mid-source. Empty documents are skipped:
+    they would only add a lone EOS."""
     texts = [t for t in job_texts(job) if t]
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
     if not texts:
-        return np.zeros(0, dtype=_STATE["dtype"]), 0, 0
+        return np.zeros(0, dtype=_STATE["dtype"]), np.zeros(0, dtype=np.int64), n_bytes
     ids = _STATE["encode"](texts)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     out = np.empty(int(lengths.sum()), dtype=_STATE["dtype"])
@@ -85,4 +92,4 @@ def encode_job(job: tuple) -> tuple[np.ndarray, int, int]:
         out[pos:end - 1] = seq
         pos = int(end)
     out[ends - 1] = _STATE["eos"]
-    return out, len(texts), n_bytes
+    return out, lengths, n_bytes

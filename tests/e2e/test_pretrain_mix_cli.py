@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,15 +69,31 @@ def test_mix_3_to_1_json_summary_and_reader(sources, tiny_dir, tmp_path):
     ("{a}", ["--text-field", "body"], "a.jsonl:1: no field 'body' (fields: text)"),
     ("{empty}", [], "empty source"),
     ("openwebtext", [], "Hub dataset could not be opened"),
+    ("{tiny}", ["--workers", 0], "tiny.txt: fewer than --seq-len (512) tokens"),
 ])
 def test_bad_input_is_one_line_exit_2(sources, tiny_dir, tmp_path, source, extra, pattern):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    src = source.format(a=sources["a"], root=sources["root"], empty=empty)
+    (tmp_path / "tiny.txt").write_text("hello")
+    src = source.format(a=sources["a"], root=sources["root"], empty=empty, tiny=tmp_path / "tiny.txt")
     r = run("--source", src, "--tokenizer", tiny_dir / "student", "--out", tmp_path / "pt", "--quiet", *extra)
     assert r.exit_code == 2, r.output
     assert pattern in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "pt").exists()
+
+
+def test_shares_warning_survives_quiet_and_progress_counts_tokens(sources, tiny_dir, tmp_path):
+    """Without --max-tokens every source is used whole: weights 3:1 give other shares, which one
+    warning line says even under --quiet. The plain progress line counts tokens, not steps."""
+    args = ["--source", f"{sources['a']}:3", "--source", f"{sources['b']}:1", "--tokenizer", tiny_dir / "student",
+            "--seq-len", 64, "--workers", 0]
+    r = run(*args, "--out", tmp_path / "q", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("warning: the weights ask for ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "without --max-tokens every source is used whole" in r.stderr
+    r = run(*args, "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^pretrain-mix \d+ tokens: tok/s ", r.stderr, re.M) and " step " not in r.stderr, r.stderr
 
 
 def test_command_module_imports_no_heavy_libraries():
