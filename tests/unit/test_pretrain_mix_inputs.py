@@ -4,7 +4,6 @@ documents, sources that give no chunk or run out (shares off the weights), meta.
 in-process workers unless a test says otherwise."""
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
