@@ -249,7 +249,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         if target is not None:  # before hours of generation, not after
             check_writable(flag, target)
     t0 = time.perf_counter()
-    progress = Progress("evaluate", quiet=cfg.quiet)
+    progress = Progress("evaluate", quiet=cfg.quiet, unit="generations")
     examples = load_eval_examples(cfg, note=progress.log)
     n_read = len(examples)
     metrics = resolve_metrics(cfg, examples)
