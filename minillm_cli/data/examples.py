@@ -24,8 +24,10 @@ ALIASES = {
     "dolly": "databricks/databricks-dolly-15k",
     "self-inst": "MiniLLM/self-inst",
     "vicuna": "MiniLLM/Vicuna",
-    "sni": "MiniLLM/sinst",
-    "unni": "MiniLLM/uinst",
+    # S-NI and UnNI: the reference evaluates only their 11_ folders (reference answers of 11 tokens
+    # or more), and UnNI's first 10,000 examples (--limit 10000)
+    "sni": "MiniLLM/sinst/11_",
+    "unni": "MiniLLM/uinst/11_",
 }
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -260,8 +262,24 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
     from minillm_cli import hub
 
     hub.check_reachable()  # (offline mode when not: the local cache, or one line at once)
+    pieces = name.split("/")
+    repo, folder = "/".join(pieces[:2]), "/".join(pieces[2:])
+    where = {"data_dir": folder} if folder else {}  # org/name/folder: the files of that folder only
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        try:
+            ds = datasets.load_dataset(repo, split=split or "train", **where)
+        except ValueError as e:
+            # an evaluation set published with one split only (MiniLLM's: "validation", from
+            # valid.jsonl): without a --split of ours to ask for, that one split is the data
+            if split or "Unknown split" not in str(e):
+                raise
+            splits = datasets.load_dataset(repo, **where)
+            if len(splits) != 1:
+                raise InputError(f"data {name!r}: no train split, and several others ({', '.join(splits)}): "
+                                 f"download the one you mean and pass it as a local file") from None
+            ds = next(iter(splits.values()))
+    except InputError:
+        raise
     except Exception as e:  # offline, unknown id, no such split: all one message for the user
         offline = hub.offline("datasets")
         why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0]

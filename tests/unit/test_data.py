@@ -377,3 +377,31 @@ def test_split_sizes_are_fractions_or_counts():
     assert DataOptions(data="x", valid_size=3).valid_size == 3
     with pytest.raises(InputError, match="--valid-size 2.5: a fraction below 1, or a whole number"):
         DataOptions(data="x", valid_size=2.5)
+
+
+def test_hub_sets_with_one_split_and_a_folder(tmp_path, monkeypatch):
+    """MiniLLM's evaluation sets on the Hub hold valid.jsonl only (a "validation" split), S-NI and
+    UnNI in length folders of which the reference evaluates 11_: the aliases read that folder's
+    one split. Hub repositories are played by local folders of the same layout."""
+    import datasets
+
+    from minillm_cli import hub
+
+    for folder, name, prompt in (("MiniLLM/sinst/11_", "valid", "long"), ("MiniLLM/sinst/0_2", "valid", "short"),
+                                 ("org/two", "valid", "v"), ("org/two", "test", "t")):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / folder / f"{name}.jsonl", [{"prompt": prompt, "output": "x"}])
+    real = datasets.load_dataset
+    asked = []
+
+    def local(repo, **kw):
+        asked.append((repo, kw))
+        return real(str(tmp_path / repo), **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", local)
+    monkeypatch.setattr(hub, "check_reachable", lambda: True)
+    assert [e.instruction for e in load_examples("sni")] == ["long"]
+    assert asked[0] == ("MiniLLM/sinst", {"split": "train", "data_dir": "11_"})
+    assert sorted(e.instruction for e in load_examples("MiniLLM/sinst")) == ["long", "short"]
+    with pytest.raises(InputError, match=r"no train split, and several others \((validation, test|test, validation)\)"):
+        load_examples("org/two")
