@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -410,6 +411,12 @@ class DistillConfig:
         require(self.rollout_batch_size >= 0, f"--rollout-batch-size must be >= 0, got {self.rollout_batch_size}")
         require(self.ppo_epochs > 0, f"--ppo-epochs must be > 0, got {self.ppo_epochs}")
         require(self.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
+        require(self.teacher_device is None or re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.teacher_device.lower()),
+                f"--teacher-device {self.teacher_device!r}: expected auto, cpu, cuda or cuda:N")
+        require(self.method != "minillm" or self.data.max_prompt_length + self.max_new_tokens <= self.data.max_length,
+                f"--max-prompt-length {self.data.max_prompt_length} + --max-new-tokens {self.max_new_tokens} exceed "
+                f"--max-length {self.data.max_length} (the longest prompt + response a rollout may make; 512 by "
+                f"default): raise --max-length or lower one of the others")
         require(math.isfinite(self.teacher_mix_alpha) and 0.0 <= self.teacher_mix_alpha <= 1.0,
                 f"--teacher-mix-alpha must be in [0, 1], got {self.teacher_mix_alpha}")
         require(self.teacher_mix_alpha < 1.0 or self.method != "minillm",
@@ -455,12 +462,15 @@ class DistillConfig:
                 "seqkd": {*_SAMPLING_OPTIONS, "rollout_batch_size"},  # (generates in rollout batches)
                 "kd": {"kd_ratio"}, "rkl": set()}[self.method]
         ignored = {*_MINILLM_OPTIONS, *_SAMPLING_OPTIONS, "kd_ratio"} - used
+        if self.pt_data is None:  # (no PT loss: its settings apply to nothing)
+            ignored |= {"pt_coef", "pt_batch_size", "pt_kd_ratio"}
         out = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in ignored and value != f.default:
                 flag = f.name.replace("_", "-")
-                out.append(f"--no-{flag}" if value is False and f.default is not False else f"--{flag}")
+                out.append((f"--no-{flag}" if value is False and f.default is not False else f"--{flag}")
+                           + (" (no --pt-data)" if f.name.startswith("pt_") and self.method == "minillm" else ""))
         return out
 
     def as_sft(self, model: str) -> SFTConfig:

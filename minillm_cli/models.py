@@ -85,7 +85,7 @@ def check_model_options(name: str, opts, flag: str) -> None:
     if opts.dtype in ("float16", "fp16") and opts.lora_r <= 0 and base is None:
         raise InputError(f"--dtype {opts.dtype} for the trained weights of {flag} {name}: AdamW cannot update "
                          f"float16 weights (its steps underflow); use auto (float32 master weights, half-precision "
-                         f"autocast on GPUs) or bfloat16, or train a LoRA adapter on a float16 base (--lora-r)")
+                         f"autocast on GPUs), or train a LoRA adapter on a float16 base (--lora-r)")
     if opts.save_adapter and opts.lora_r <= 0 and base is None:
         raise InputError(f"--save-adapter needs --lora-r (or a LoRA adapter folder as {flag})")
     if opts.save_adapter and opts.lora_r > 0 and base is not None:
@@ -325,6 +325,19 @@ def save_pretrained(model, tokenizer, out: str | Path, *, merge_lora: bool = Tru
     tokenizer.save_pretrained(str(out))
     if to_save is model and hasattr(model, "peft_config"):
         _absolute_base(out / "adapter_config.json")
+
+
+def low_precision_warning(model, lr: float) -> str | None:
+    """The warning for weights that AdamW updates in bfloat16 (--dtype bfloat16 without LoRA): an
+    update below about 1/256 of a weight rounds away, as most do at distillation's learning rates
+    (a review measured 1,181 of 61,920 weights moved in 60 steps at lr 5e-6, 53,241 in float32)."""
+    import torch
+
+    if not any(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad):
+        return None
+    return (f"the trained weights are bfloat16: AdamW's updates smaller than about 1/256 of a weight are rounded "
+            f"away (at --lr {lr:g} most are), so much of the model may not train; --dtype auto keeps float32 "
+            f"master weights (half-precision autocast on GPUs)")
 
 
 def adapter_note(model, save_adapter: bool) -> str | None:

@@ -195,7 +195,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.rstrip("\r\n"))  # (with its newline, an error at the end says column 1)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):

@@ -143,7 +143,7 @@ class MiniLLMRun:
         from minillm_cli.data.tokenize import encode_prompts
         from minillm_cli.engine.teacher import load_teacher
         from minillm_cli.models import (adapter_note, check_context, compute_dtype, load_model, load_tokenizer,
-                                        pick_dtype)
+                                        low_precision_warning, pick_dtype)
 
         cfg = self.cfg
         self.rt = rt
@@ -163,10 +163,19 @@ class MiniLLMRun:
             self.pt.check_tokenizer(tok)
             if cfg.pt_coef > 0 and cfg.pt_kd_ratio > 0:  # (the teacher sees PT chunks only for their KD term)
                 check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher", note)
-        splits = load_splits(cfg.data, **_data_messages(cfg, rt.is_main))
+        messages = _data_messages(cfg, rt.is_main)
+        warn = messages["warn"]
+        splits = load_splits(cfg.data, **messages)
         self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
-        self.valid_prompts, _, _ = encode_prompts(tok, splits["valid"][: cfg.eval_prompts], cfg.data.template,
-                                                  cfg.data.max_prompt_length)
+        # the first --eval-prompts validation prompts that fit (not the first ones, less those that do not)
+        valid, _, v_dropped = encode_prompts(tok, splits["valid"], cfg.data.template, cfg.data.max_prompt_length)
+        self.valid_prompts = valid[: cfg.eval_prompts]
+        if cfg.eval_prompts and not self.valid_prompts:
+            warn(f"no validation prompt ({len(splits['valid'])} read, {v_dropped} over --max-prompt-length "
+                 f"{cfg.data.max_prompt_length}): valid_reverse_kl will not be logged")
+        elif cfg.eval_prompts and v_dropped and len(self.valid_prompts) < cfg.eval_prompts:  # (lost to length)
+            note(f"validation: {len(self.valid_prompts)} prompts, fewer than --eval-prompts {cfg.eval_prompts} "
+                 f"({len(splits['valid'])} read, {v_dropped} over --max-prompt-length)")
         if not self.prompts:
             raise InputError(f"{cfg.data.data}: no training prompt left after dropping {dropped} over "
                              f"--max-prompt-length {cfg.data.max_prompt_length}")
@@ -177,6 +186,8 @@ class MiniLLMRun:
         check_context(self.student, *rollout, "student", note)
         if line := adapter_note(self.student, cfg.model_opts.save_adapter):
             note(line)
+        if line := low_precision_warning(self.student, cfg.optim.lr):
+            warn(line)
         if self.pt is not None and cfg.pt_coef > 0:
             check_context(self.student, self.pt.seq_len, "--pt-data's sequence length", "student", note)
         # Dropout off for the whole run (as the reference code): rollouts, scoring and updates

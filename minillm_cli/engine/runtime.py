@@ -165,7 +165,7 @@ class Runtime:
         return self.max_scalar(1.0 if flag else 0.0) > 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, flag: str = "--device") -> torch.device:
     name = (name or "auto").lower()
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") and name == "auto":
         name = "cpu"
@@ -173,13 +173,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: no CUDA device is available on this machine")
+            raise InputError(f"{flag} {name}: no CUDA device is available on this machine")
         if name == "cuda":
             return torch.device(f"cuda:{local_rank}")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    raise InputError(f"{flag} {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
 _our_group = None  # the default process group init_runtime created (a caller's own is left alone)

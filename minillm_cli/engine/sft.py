@@ -72,7 +72,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     (distillation, where every method is compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
     from minillm_cli.models import (adapter_base, adapter_note, check_context, compute_dtype, load_model,
-                                    load_tokenizer, pick_dtype)
+                                    load_tokenizer, low_precision_warning, pick_dtype)
 
     from minillm_cli.engine import fsdp
 
@@ -135,6 +135,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     check_context(model, cfg.data.max_length, "--max-length", "model" if command == "sft" else "student", progress.log)
     if line := adapter_note(model, cfg.model_opts.save_adapter):
         progress.log(line)
+    if line := low_precision_warning(model, cfg.optim.lr):
+        progress.warn(line)
     if cfg.model_opts.gradient_checkpointing:
         progress.log(f"gradient checkpointing: {recompute_blocks(model)} blocks recompute their activations")
     if rt.fsdp:

@@ -42,7 +42,7 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
 
     t_tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="teacher")
     vocab = check_same_tokenizer(t_tok, student_tokenizer)
-    where = resolve_device(teacher_device) if teacher_device else device
+    where = resolve_device(teacher_device, flag="--teacher-device") if teacher_device else device
     model = load_model(name, tokenizer=t_tok, device=where, dtype=pick_dtype(where, dtype),
                        trust_remote_code=trust_remote_code, trainable=False, what="teacher")
     if peft:

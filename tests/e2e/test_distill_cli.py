@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import write_jsonl
 from minillm_cli.cli.app import app
 
 runner = CliRunner()
@@ -146,8 +147,9 @@ def test_options_a_method_ignores_are_named(tmp_path, tiny_dir, dolly_like):
     # (common() sets --num-rollouts, --max-new-tokens and --eval-prompts too)
     assert "note: --method kd does not use --num-rollouts, --ppo-epochs, --max-new-tokens, --teacher-mix-alpha, " \
            "--no-single-step, --eval-prompts\n" in res.output
-    res = invoke("distill", *args, "--kd-ratio", 0.3, "--out", tmp_path / "m", "--steps", 1)
-    assert res.exit_code == 0 and "note: --method minillm does not use --kd-ratio" in res.output, res.output
+    res = invoke("distill", *args, "--kd-ratio", 0.3, "--pt-kd-ratio", 0.5, "--out", tmp_path / "m", "--steps", 1)
+    assert res.exit_code == 0, res.output
+    assert "note: --method minillm does not use --pt-kd-ratio (no --pt-data), --kd-ratio" in res.output, res.output
     res = invoke("distill", *args, "--out", tmp_path / "plain", "--steps", 1)
     assert "does not use" not in res.output
     # what the unset --cache-teacher-logits became, and why (4 rollouts x 8 tokens of the tiny vocabulary)
@@ -217,6 +219,9 @@ def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     (["--teacher-mix-alpha", -0.1], "--teacher-mix-alpha must be in [0, 1]"),
     (["--method", "nope"], "--method 'nope'"),
     (["--num-rollouts", 1], "--num-rollouts (1) must be at least --batch-size"),
+    (["--max-length", 80, "--max-prompt-length", 60, "--max-new-tokens", 30],
+     "--max-prompt-length 60 + --max-new-tokens 30 exceed --max-length 80"),
+    (["--teacher-device", "gpu"], "--teacher-device 'gpu': expected auto"),
 ])
 def test_bad_options(tmp_path, tiny_dir, dolly_like, extra, needle):
     res = invoke("distill", *common(tiny_dir, dolly_like), *extra, "--out", tmp_path / "x", "--steps", 1)
@@ -447,3 +452,26 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_dir, d
         assert "grad_norm" in keys and set(keys) <= set(y)
         for k in keys:
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+
+
+def test_validation_takes_the_prompts_that_fit_and_says_when_none_do(tmp_path, tiny_dir, dolly_like):
+    """--eval-prompts N: the first N validation prompts under --max-prompt-length (not the first N
+    less the long ones); none at all is a warning that --quiet keeps (valid_reverse_kl is not logged)."""
+    too_long = {"instruction": "word " * 200, "response": "x"}
+    short = [{"instruction": f"say {w}", "response": w} for w in "abc"]
+    files = {name: write_jsonl(tmp_path / f"{name}.jsonl", data)
+             for name, data in (("long", [too_long] * 3), ("short", short), ("mixed", [too_long, too_long, *short]))}
+    args = [*common(tiny_dir, dolly_like), "--steps", 1, "--max-prompt-length", 120, "--max-length", 128,
+            "--eval-prompts", 3]
+    res = invoke("distill", *args, "--valid-data", files["long"], "--out", tmp_path / "none")
+    assert res.exit_code == 0, res.output
+    assert "warning: no validation prompt (3 read, 3 over --max-prompt-length 120)" in res.stderr, res.stderr
+    assert "valid_reverse_kl" not in rows(tmp_path / "none")[-1]
+    kl = {}
+    for name in ("short", "mixed"):  # the same three prompts validate
+        assert invoke("distill", *args, "--valid-data", files[name], "--out", tmp_path / name).exit_code == 0
+        kl[name] = rows(tmp_path / name)[-1]["valid_reverse_kl"]
+    assert kl["mixed"] == kl["short"]
+    res = invoke("distill", *[a for a in args if a != "--quiet"], "--valid-data", files["mixed"],
+                 "--eval-prompts", 4, "--out", tmp_path / "four")
+    assert "validation: 3 prompts, fewer than --eval-prompts 4 (5 read, 2 over --max-prompt-length)" in res.output

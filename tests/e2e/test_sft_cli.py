@@ -230,6 +230,18 @@ def test_an_adapter_over_a_grown_vocabulary_loads_with_peft(tmp_path, dolly_like
     assert res.exit_code == 0 and "AutoPeftModelForCausalLM" not in res.output, res.output
 
 
+def test_bfloat16_trained_weights_are_warned_about(tmp_path, tiny_dir, dolly_like):
+    """AdamW in bfloat16 rounds most small updates away: a warning --quiet keeps; LoRA (float32
+    adapters on the bfloat16 base) and auto say nothing."""
+    base = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--steps", 1, "--batch-size", 4, "--quiet"]
+    res = invoke(*base, "--dtype", "bfloat16", "--out", tmp_path / "bf16")
+    assert res.exit_code == 0, res.output
+    assert "warning: the trained weights are bfloat16" in res.stderr, res.stderr
+    for extra in (["--dtype", "bfloat16", "--lora-r", 2], []):
+        res = invoke(*base, *extra, "--out", tmp_path / f"r{len(extra)}")
+        assert res.exit_code == 0 and "warning" not in res.stderr, res.stderr
+
+
 def test_exit_code_subprocess(tmp_path, tiny_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-m", "minillm_cli", "sft", "--model", str(tiny_dir / "student"),

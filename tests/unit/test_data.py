@@ -71,6 +71,9 @@ def test_byte_order_mark_and_json_lines_named_json(tmp_path):
     (tmp_path / "broken.json").write_text(lines + "{oops\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"broken\.json:4: malformed JSON line"):
         load_examples(str(tmp_path / "broken.json"))
+    (tmp_path / "cut.jsonl").write_text(lines + '{"instruction": "x", \n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"cut\.jsonl:4: malformed JSON line \(.* at column 22\)"):
+        load_examples(str(tmp_path / "cut.jsonl"))  # (where the line ends, not column 1 of a next one)
     (tmp_path / "extra.json").write_text('{"data": [{"instruction": "a", "response": "b"}]}\n}\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"extra\.json:2: malformed JSON \(Extra data"):  # not a layout error
         load_examples(str(tmp_path / "extra.json"))
