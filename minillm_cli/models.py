@@ -262,6 +262,27 @@ def lora_targets(model, requested: Sequence[str] | None) -> list[str]:
     return sorted(names)
 
 
+def precheck_trained_model(name: str, *, lora: LoraSettings | None, length: int, flags: str, who: str,
+                           trust_remote_code: bool = False) -> None:
+    """What loading the trained model would refuse (too short a context for a learned position
+    table, LoRA targets it lacks), found on a weightless copy on the meta device: for a command
+    with expensive work before it loads the model (seqkd's teacher generation), so that a bad
+    setting is refused before the work, not after it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = adapter_base(name)
+    try:
+        config = AutoConfig.from_pretrained(base or name, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # (loading it later says what is wrong, as without this check)
+    check_context(model, length, flags, who)
+    if lora is not None:
+        apply_lora(model, lora)
+
+
 def apply_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 

@@ -44,11 +44,13 @@ def encode_prompts(tokenizer, examples: list[Example], template: str = "dolly",
 
 
 def encode_sft(tokenizer, examples: list[Example], template: str = "dolly", max_prompt_length: int = 256,
-               max_length: int = 512, responses: list[str] | None = None) -> tuple[list[Encoded], int]:
+               max_length: int = 512, responses: list[str] | None = None,
+               ends: list[bool] | None = None) -> tuple[list[Encoded], int]:
     """Encode prompt + response + EOS. Prompts over `max_prompt_length` are dropped (and counted);
     sequences over `max_length` lose the end of their response (and then carry no EOS, so the model
     is never taught to stop where text was merely cut). `responses` overrides the gold answers
-    (SeqKD trains on teacher generations)."""
+    (SeqKD trains on teacher generations); `ends[i]` False: response i was cut (a generation that
+    reached --max-new-tokens), so it gets no EOS either."""
     out, dropped = [], 0
     eos = tokenizer.eos_token_id
     for i, ex in enumerate(examples):
@@ -57,7 +59,8 @@ def encode_sft(tokenizer, examples: list[Example], template: str = "dolly", max_
         if len(p) > max_prompt_length:
             dropped += 1
             continue
-        r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
+        r = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        r += [eos] if ends is None or ends[i] else []
         ids = (p + r)[:max_length]
         if len(ids) <= len(p):  # nothing of the response fits
             dropped += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from minillm_cli.engine.losses import kd_loss, reverse_kl
+from minillm_cli.errors import InputError
 from minillm_cli.engine.sampler import model_kwargs
 
 
@@ -37,12 +38,15 @@ def teacher_forced_objective(teacher, method: str, kd_ratio: float):
     return objective
 
 
-def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, progress=None) -> list[str]:
+def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
+                        progress=None) -> tuple[list[str], list[bool]]:
     """Teacher-only generation for every training prompt (the paper's decoding settings), written
-    once to `path` (jsonl: one row per generated answer, with the example's `index`; prompts over
-    --max-prompt-length get no row and the answer "", which the SFT encoding drops anyway) and
-    reused on --resume (whose settings check_resume holds to the first run's). Rows are sharded
-    over processes and gathered."""
+    once to `path` (jsonl: one row per generated answer, with the example's `index` and whether
+    the teacher `finished` it with EOS; prompts over --max-prompt-length get no row and the answer
+    "", which the SFT encoding drops anyway) and reused on --resume (whose settings check_resume
+    holds to the first run's). Rows are sharded over processes and gathered. Returns the answers
+    and whether each ended: one cut at --max-new-tokens is trained without EOS, so the student
+    is not taught to stop where the teacher was only cut off."""
     from minillm_cli.data.tokenize import encode_prompts, left_pad
     from minillm_cli.engine.rollout_batch import SplitOnOOM, cache_length, rollout_batch_size, rows_that_fit
     from minillm_cli.engine.runtime import example_generator, free_memory_bytes
@@ -52,18 +56,21 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     if path.is_file():
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
         if rows and all("index" in r for r in rows) and max(r["index"] for r in rows) < len(examples):
-            out = [""] * len(examples)
+            out, ends = [""] * len(examples), [True] * len(examples)
             for r in rows:
-                out[r["index"]] = r["response"]
-            return out
+                out[r["index"]], ends[r["index"]] = r["response"], r.get("finished", True)
+            return out, ends
         if len(rows) == len(examples):  # (a file without indices: one row per example)
-            return [r["response"] for r in rows]
+            return [r["response"] for r in rows], [r.get("finished", True) for r in rows]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p)
     encoded, kept, _ = encode_prompts(tokenizer, examples, cfg.data.template, cfg.data.max_prompt_length)
     prompts = dict(zip(kept, encoded))
+    if not prompts:  # (before the teacher generates anything)
+        raise InputError(f"{cfg.data.data}: no training example left after dropping {len(examples)} with prompts "
+                         f"over --max-prompt-length {cfg.data.max_prompt_length}")
     # Prompts over the limit are dropped by the SFT encoding anyway: nothing to generate for them.
-    mine: dict[int, str] = {i: "" for i in range(len(examples)) if i not in prompts}
+    mine: dict[int, tuple[str, bool]] = {i: ("", True) for i in range(len(examples)) if i not in prompts}
     todo = kept
     fit = rows_that_fit((teacher,), device=rt.device, vocab_size=len(tokenizer),
                         cache_len=cache_length(cfg.data.max_prompt_length, cfg.max_new_tokens),
@@ -78,7 +85,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
     work = rt.lockstep(chunks)  # FSDP: every process runs as many chunks
     total, done = sum(len(c) for _, c, real in work if real), 0
 
-    def answers(piece: list[int]) -> list[tuple[int, str]]:
+    def answers(piece: list[int]) -> list[tuple[int, tuple[str, bool]]]:
         ids, att = left_pad([prompts[i] for i in piece], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -87,9 +94,10 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
         out = []
         for row, i in enumerate(piece):
             toks = roll.response_ids[row][roll.response_mask[row]].tolist()
-            if toks and toks[-1] == tokenizer.eos_token_id:
+            finished = bool(toks) and toks[-1] == tokenizer.eos_token_id
+            if finished:
                 toks = toks[:-1]
-            out.append((i, tokenizer.decode(toks, skip_special_tokens=True)))
+            out.append((i, (tokenizer.decode(toks, skip_special_tokens=True), finished)))
         return out
 
     # (in pieces after an out-of-memory error; not under FSDP, where decoding is a collective)
@@ -111,13 +119,13 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path, pr
         torch.distributed.all_gather_object(parts, mine)
         for p in parts:
             mine.update(p)
-    responses = [mine[i] for i in range(len(examples))]
+    responses, ends = [mine[i][0] for i in range(len(examples))], [mine[i][1] for i in range(len(examples))]
     if rt.is_main:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             for i in sorted(prompts):  # the generated answers only: no empty rows to train on by mistake
                 e = examples[i]
                 fh.write(json.dumps({"index": i, "instruction": e.instruction, "input": e.input,
-                                     "response": responses[i]}) + "\n")
+                                     "response": responses[i], "finished": ends[i]}) + "\n")
         tmp.replace(path)
-    return responses
+    return responses, ends

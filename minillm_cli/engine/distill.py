@@ -95,6 +95,7 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
     from minillm_cli.engine.baselines import generate_seqkd_data
     from minillm_cli.engine.sft import train_sft
     from minillm_cli.engine.teacher import load_teacher
+    from minillm_cli.models import precheck_trained_model
 
     # (before the runtime exists: rank 0 by the launcher's RANK, as for the notes above)
     splits = load_splits(cfg.data, **_data_messages(cfg, os.environ.get("RANK", "0") == "0"))
@@ -112,10 +113,14 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
             from minillm_cli.engine import fsdp
 
             fsdp.shard(teacher, rt, trainable=False)
+        # what loading the student would refuse, before the teacher's generation rather than after
+        precheck_trained_model(cfg.student, lora=cfg.model_opts.lora(), length=cfg.data.max_length,
+                               flags="--max-length", who="student",
+                               trust_remote_code=cfg.model_opts.trust_remote_code)
         progress = Progress("seqkd", quiet=cfg.run.quiet, is_main=rt.is_main)
-        responses = generate_seqkd_data(teacher, tok, splits["train"], cfg=cfg, rt=rt,
-                                        path=Path(cfg.run.out) / "seqkd_data.jsonl", progress=progress)
-        return {"responses": responses}
+        responses, ends = generate_seqkd_data(teacher, tok, splits["train"], cfg=cfg, rt=rt,
+                                              path=Path(cfg.run.out) / "seqkd_data.jsonl", progress=progress)
+        return {"responses": responses, "ends": ends}
 
     return train_sft(cfg.as_sft(cfg.student), command="distill-seqkd", record=cfg, setup=setup,
                      train_examples=splits["train"], valid_examples=splits["valid"], keep_best=False)

@@ -92,10 +92,12 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     progress = Progress(command, quiet=cfg.run.quiet, is_main=rt.is_main)
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.model_opts.trust_remote_code, what="model")
+    ends = None  # (seqkd: which teacher answers ended, see encode_sft)
     if setup is not None:
         prepared = setup(rt, tok) or {}
         objective = prepared.get("objective", objective)
         responses = prepared.get("responses", responses)
+        ends = prepared.get("ends")
     objective = objective or response_ce_sum
     if train_examples is None:
         splits = load_splits(cfg.data, note=progress.log, warn=progress.warn)
@@ -117,7 +119,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             progress.log(f"note: {unanswered} validation examples have no reference answer: validated without "
                          f"them" + ("" if valid_examples else " (no validation loss)"))
     train, dropped = encode_sft(tok, train_examples, cfg.data.template, cfg.data.max_prompt_length,
-                                cfg.data.max_length, responses=responses)
+                                cfg.data.max_length, responses=responses, ends=ends)
     valid, vdropped = encode_sft(tok, valid_examples or [], cfg.data.template, cfg.data.max_prompt_length,
                                  cfg.data.max_length)
     if not train:

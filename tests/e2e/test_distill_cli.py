@@ -184,6 +184,28 @@ def test_seqkd_file_holds_the_generated_answers_only(tmp_path, tiny_dir):
     res = invoke("distill", *args, "--steps", 2, "--resume")
     assert res.exit_code == 0, res.output
     assert "teacher generated" not in res.output  # answers reused
+    # answers cut at --max-new-tokens are marked, and trained without EOS (the teacher never ended them)
+    from minillm_cli.data.examples import Example
+    from minillm_cli.data.tokenize import encode_sft
+    from minillm_cli.models import load_tokenizer
+
+    assert all(isinstance(g["finished"], bool) for g in gen) and not all(g["finished"] for g in gen)
+    tok = load_tokenizer(str(tiny_dir / "student"))
+    ex = [Example("say a", "", ["a"])] * 2
+    enc, _ = encode_sft(tok, ex, responses=["a b", "a b"], ends=[True, False])
+    assert enc[0].input_ids[-1] == tok.eos_token_id and enc[1].input_ids == enc[0].input_ids[:-1]
+
+
+def test_seqkd_refuses_student_settings_before_the_teacher_generates(tmp_path, tiny_dir, dolly_like):
+    """A student setting that loading would refuse (LoRA targets it lacks, too long a --max-length
+    for its positions) is refused before hours of teacher generation, which leaves nothing behind."""
+    args = [*[a for a in common(tiny_dir, dolly_like) if a != "--quiet"], "--method", "seqkd", "--steps", 1]
+    for extra, needle in ((["--lora-r", 2, "--lora-targets", "nonexist"], "LoRA targets ['nonexist']"),
+                          (["--max-length", 4096], "--max-length (4096 tokens) exceeds the student's context")):
+        out = tmp_path / extra[0].strip("-")
+        res = invoke("distill", *args, *extra, "--out", out)
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert "teacher generated" not in res.output and not (out / "seqkd_data.jsonl").exists()
 
 
 def test_seqkd_on_prompts_without_answers(tmp_path, tiny_dir):
