@@ -28,6 +28,9 @@ class DataOptions:
     split_seed: int = 1234
     limit: Optional[int] = None
     valid_data: Optional[str] = None  # a separate validation file (then DATA is not split for validation)
+    # (no flag) warn when --valid-data examples are training examples too; off for a task whose
+    # finite prompt set repeats by design (quickstart's synthetic world)
+    warn_overlap: bool = True
 
     def __post_init__(self):
         require(self.template in ("dolly", "chat", "raw"), f"--template {self.template!r}: expected dolly, chat or raw")
@@ -189,6 +192,7 @@ RESUMABLE = frozenset({
     "steps", "epochs", "run.out", "run.resume", "run.overwrite", "run.quiet", "run.json", "run.eval_every",
     "run.save_every", "run.log_every", "run.device", "run.fsdp", "eval_prompts", "sampler", "cache_teacher_logits",
     "teacher_device", "model_opts.gradient_checkpointing", "grad_accum", "model_opts.save_adapter", "update_graphs",
+    "data.warn_overlap",
 })
 _PATHS = frozenset({"model", "teacher", "student", "data.data", "data.valid_data", "pt_data", "teacher_peft"})
 

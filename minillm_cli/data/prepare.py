@@ -24,7 +24,7 @@ def load_splits(opts, *, note: Callable[[str], None] | None = None,
         # A validation example the model also trains on measures memorisation, not generalisation
         # (and sft keeps the checkpoint it ranks best): said, as it is easy to do by accident
         # (--valid-data naming DATA itself, or a held-out file that shares examples with it).
-        both = overlap(splits["train"], splits["valid"])
+        both = overlap(splits["train"], splits["valid"]) if getattr(opts, "warn_overlap", True) else 0
         if both:
             (warn or _stderr_warning)(
                 f"{both} of {len(splits['valid'])} validation examples (--valid-data {valid_data}) are also "

@@ -226,6 +226,16 @@ def _leave_at_exit() -> None:
     it flushes pending collectives, which can hang a failing rank whose peers never join them."""
     global _our_group
     if _is_ours() and (_last_run_clean or torch.distributed.get_backend() != "nccl"):
+        if _last_run_clean and torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() > 1:
+            # every rank at teardown before any tears down: a rank whose peer is gone while its
+            # gloo threads still talk to it can abort all the same (seen twice under load in CI
+            # runs shared with other work); bounded, as a peer may have died
+            try:
+                import datetime
+
+                torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+            except Exception:  # (a peer that never came: tear down alone, as before)
+                pass
         try:
             torch.distributed.destroy_process_group()
         except Exception as e:  # teardown only: the run's own result is already out

@@ -427,7 +427,7 @@ def test_teacher_on_another_device_changes_nothing(tmp_path, tiny_dir, dolly_lik
         made.append(home)
         real_init(self, model, home)
 
-    monkeypatch.setattr(teacher, "resolve_device", lambda name, local_rank=0: torch.device("cpu", 0))
+    monkeypatch.setattr(teacher, "resolve_device", lambda name, local_rank=0, flag="--device": torch.device("cpu", 0))
     monkeypatch.setattr(teacher.TeacherOnDevice, "__init__", spy)
     out = tmp_path / "run"
     res = invoke(*distill_args(tiny_dir, dolly_like), "--quiet", "--teacher-device", "cpu", "--out", out)
