@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import os
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def read_utf8(path: Path, what: str = "") -> str:
         role = f" ({what})" if what else ""
         raise InputError(f"{path}:{line}: not UTF-8 text{role}: byte 0x{data[e.start]:02x} at column {column}; "
                          f"save the file as UTF-8") from None
+
+
+def files_under(folder: Path, suffixes, *, follow_links: bool) -> list[Path]:
+    """The files under `folder` (subfolders included) whose suffix, in any case (B.JSONL), is one of
+    `suffixes`; names starting with '.' skipped, files and folders (.git, editors' backups,
+    `.ipynb_checkpoints/` copies); sorted by their path in the folder, so every run and every
+    process reads them in one order. follow_links: linked folders are entered, each once (a link
+    back up would loop)."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=follow_links):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, f) for f in names if not f.startswith(".") and Path(f).suffix.lower() in suffixes
+                  and os.path.isfile(os.path.join(root, f))]
+    return sorted(found, key=lambda f: f.relative_to(folder).parts)
 
 
 def read_lines(path: Path) -> list[str]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from minillm_cli.errors import InputError
-from minillm_cli.textfiles import read_lines, read_utf8
+from minillm_cli.textfiles import files_under, read_lines, read_utf8
 
 # Aliases: the paper's training set (Dolly) and its evaluation sets as the MiniLLM authors publish them.
 ALIASES = {
@@ -297,17 +296,7 @@ def data_files(folder: Path) -> list[Path]:
     starting with '.' skipped (.git, editors' and notebooks' copies), sorted by their path in the
     folder so every run and every process reads them in one order. A linked folder is followed
     once (a link back up would loop)."""
-    found, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES
-                  and os.path.isfile(os.path.join(root, f))]
-    return sorted(found, key=lambda f: f.relative_to(folder).parts)
+    return files_under(folder, SUFFIXES, follow_links=True)
 
 
 def _sources(spec: str, split: str | None = None) -> Iterator[tuple[str, Iterator[tuple[str, dict]]]]:

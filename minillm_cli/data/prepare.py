@@ -1,11 +1,11 @@
 """From DataOptions to the split a command needs (shared by sft, distill and evaluate)."""
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 from minillm_cli.data.examples import Example, load_examples
 from minillm_cli.data.splits import split_examples
+from minillm_cli.progress import Progress
 
 
 def load_splits(opts, *, note: Callable[[str], None] | None = None,
@@ -26,7 +26,7 @@ def load_splits(opts, *, note: Callable[[str], None] | None = None,
         # (--valid-data naming DATA itself, or a held-out file that shares examples with it).
         both = overlap(splits["train"], splits["valid"]) if getattr(opts, "warn_overlap", True) else 0
         if both:
-            (warn or _stderr_warning)(
+            (warn or Progress("data").warn)(
                 f"{both} of {len(splits['valid'])} validation examples (--valid-data {valid_data}) are also "
                 f"training examples (same prompt and response as one of --data {opts.data}): validation is not "
                 f"on held-out data")
@@ -42,7 +42,3 @@ def overlap(train: list[Example], valid: list[Example]) -> int:
 
 def _key(e: Example) -> tuple[str, str, str]:
     return e.instruction, e.input, e.response
-
-
-def _stderr_warning(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr, flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from array import array
 from collections import deque
@@ -31,6 +30,7 @@ import numpy as np
 
 from minillm_cli.data.pretrain_sources import Source, SourceSpec, check_overlap, parse_source
 from minillm_cli.errors import InputError, RunError, require
+from minillm_cli.progress import Progress
 
 FORMAT = "minillm-pretrain-mix"
 VERSION = 1
@@ -204,10 +204,7 @@ def build_mixture(cfg: PretrainMixConfig, *, progress=None) -> dict:
         os.rename(tmp, out)
         line = share_warning(meta)
         if line:  # (a warning --quiet keeps: the result is not what the weights say)
-            if progress is not None:
-                progress.warn(line)
-            else:
-                print(f"warning: {line}", file=sys.stderr, flush=True)
+            (progress or Progress("pretrain-mix")).warn(line)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,6 @@ Reading stays in the main process (it is I/O); everything CPU-bound (JSON, token
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +58,9 @@ def list_files(name: str) -> list[Path] | None:
             raise InputError(f"{name}: unsupported file type {p.suffix!r} (use {', '.join(EXTENSIONS)})")
         return [p]
     if p.is_dir():
-        files = []
-        for root, dirs, names in os.walk(p):  # (symlinked folders are not entered, as rglob did)
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            files += [Path(root, f) for f in names if not f.startswith(".")
-                      and Path(f).suffix.lower() in EXTENSIONS and Path(root, f).is_file()]
-        files.sort()
+        from minillm_cli.textfiles import files_under
+
+        files = files_under(p, EXTENSIONS, follow_links=False)  # (linked folders not entered, as rglob did)
         if not files:
             raise InputError(f"{name}: folder holds no {'/'.join(EXTENSIONS)} files")
         return files

@@ -60,12 +60,6 @@ def run_distill(cfg: DistillConfig) -> dict:
     return MiniLLMRun(cfg).run()
 
 
-def _data_messages(cfg: DistillConfig, is_main: bool) -> dict:
-    """load_splits' note (hidden by --quiet) and warn (not hidden) callbacks."""
-    progress = Progress("distill", quiet=cfg.run.quiet, is_main=is_main)
-    return {"note": progress.log, "warn": progress.warn}
-
-
 # ---------------------------------------------------------------------------------------------
 # Baselines: the SFT loop with another objective or other targets
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +92,8 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
     from minillm_cli.models import precheck_trained_model
 
     # (before the runtime exists: rank 0 by the launcher's RANK, as for the notes above)
-    splits = load_splits(cfg.data, **_data_messages(cfg, os.environ.get("RANK", "0") == "0"))
+    messages = Progress("distill", quiet=cfg.run.quiet, is_main=os.environ.get("RANK", "0") == "0")
+    splits = load_splits(cfg.data, note=messages.log, warn=messages.warn)
 
     def setup(rt, tok):
         # The teacher answers every training prompt once; then it is freed and the student is SFT'd
@@ -155,7 +150,8 @@ class MiniLLMRun:
         seed_everything(cfg.run.seed)
         self.tok = tok = load_tokenizer(cfg.student, trust_remote_code=cfg.model_opts.trust_remote_code, what="student")
         rollout = (cfg.data.max_prompt_length + cfg.max_new_tokens, "--max-prompt-length + --max-new-tokens")
-        note = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main).log
+        messages = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
+        note, warn = messages.log, messages.warn
         self.teacher, self.vocab = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                                 teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                                 trust_remote_code=cfg.model_opts.trust_remote_code, context=rollout,
@@ -168,9 +164,7 @@ class MiniLLMRun:
             self.pt.check_tokenizer(tok)
             if cfg.pt_coef > 0 and cfg.pt_kd_ratio > 0:  # (the teacher sees PT chunks only for their KD term)
                 check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher", note)
-        messages = _data_messages(cfg, rt.is_main)
-        warn = messages["warn"]
-        splits = load_splits(cfg.data, **messages)
+        splits = load_splits(cfg.data, note=note, warn=warn)
         self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
         # the first --eval-prompts validation prompts that fit (not the first ones, less those that do not)
         valid, _, v_dropped = encode_prompts(tok, splits["valid"], cfg.data.template, cfg.data.max_prompt_length)
