@@ -52,10 +52,19 @@ class OptimOptions:
     warmup_steps: int = 0
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
-    adam_betas: tuple = (0.9, 0.999)
+    adam_betas: tuple = (0.9, 0.999)  # (--adam-betas "B1,B2" arrives as text)
 
     def __post_init__(self):
         require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        given = self.adam_betas
+        try:
+            betas = tuple(float(b) for b in (given.split(",") if isinstance(given, str) else given))
+        except (TypeError, ValueError):
+            betas = ()
+        require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+                f"--adam-betas {given if isinstance(given, str) else ','.join(map(str, given))}: expected two numbers "
+                f"in [0, 1) as B1,B2, e.g. 0.9,0.999")
+        self.adam_betas = betas
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         require(self.schedule in ("cosine", "constant", "linear"),
@@ -76,9 +85,16 @@ class RunOptions:
     save_every: int = 0  # 0: at the end only
     log_every: int = 1
     fsdp: bool = False  # shard student and teacher with FSDP2 (engine/fsdp.py)
+    # which weights OUT keeps (engine/selection.py): last | loss | rougeL | reverse-kl; None: the
+    # command's default, set by its config (sft: loss; distill: last)
+    select_by: Optional[str] = None
 
     def __post_init__(self):
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.select_by is not None:
+            from minillm_cli.engine.selection import canonical_select
+
+            self.select_by = canonical_select(self.select_by)
         require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
         require(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other")
 
@@ -127,6 +143,11 @@ class SFTConfig:
         require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
+        if self.run.select_by is None:
+            self.run.select_by = "loss"
+        require(self.run.select_by in ("last", "loss", "rougeL"),
+                f"--select-by {self.run.select_by}: sft selects by last, loss or rougeL")
+        check_selection(self.run.select_by, self.data)
         from minillm_cli.models import check_model_options
 
         check_model_options(self.model, self.model_opts, "--model")
@@ -139,6 +160,12 @@ class SFTConfig:
         """The inputs that name files or folders, by flag (`prepare_out_dir` keeps them)."""
         return with_adapter_bases({"--model": self.model, "--data": self.data.data,
                                    "--valid-data": self.data.valid_data})
+
+
+def check_selection(select_by: str, data: DataOptions) -> None:
+    """A selection by a validation metric needs a validation set."""
+    require(select_by == "last" or select_by == "loss" or data.valid_data is not None or data.valid_size > 0,
+            f"--select-by {select_by} needs validation data: --valid-size 0 and no --valid-data leave none")
 
 
 def with_adapter_bases(inputs: dict) -> dict:
@@ -442,6 +469,15 @@ class DistillConfig:
         require(0 <= self.kd_ratio <= 1, f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
         require(self.eval_prompts >= 0, f"--eval-prompts must be >= 0, got {self.eval_prompts}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
+        if self.run.select_by is None:
+            self.run.select_by = "last"
+        require(self.run.select_by != "loss" or self.method != "minillm",
+                "--select-by loss: MiniLLM computes no validation loss; select by rougeL or reverse-kl")
+        require(self.run.select_by != "reverse-kl" or self.method == "minillm",
+                "--select-by reverse-kl: only --method minillm computes valid_reverse_kl; select by loss or rougeL")
+        require(self.run.select_by != "reverse-kl" or self.eval_prompts > 0,
+                "--select-by reverse-kl needs --eval-prompts > 0 (the prompts valid_reverse_kl is computed on)")
+        check_selection(self.run.select_by, self.data)
         from minillm_cli.models import adapter_base, check_model_options
 
         check_model_options(self.student, self.model_opts, "--student")

@@ -158,6 +158,18 @@ def echo_main(line: str) -> None:
         _say(line)
 
 
+def kept_weights(summary: dict) -> str:
+    """The done line's word on which weights --out holds, when not the final ones."""
+    from minillm_cli.engine.selection import SELECT_BY  # (no torch)
+
+    if summary.get("saved") != "best":
+        return ""
+    column = SELECT_BY[summary["select_by"]][0]
+    value = summary.get(f"best_{column}")
+    return (f"; --out holds step {summary['best_step']}, the best by {summary['select_by']}"
+            + (f" ({value:.4g})" if isinstance(value, (int, float)) else ""))
+
+
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from minillm_cli.cli import options as o
-from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, out_json, rank, run_command
+from minillm_cli.cli.common import (Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, kept_weights, out_json, rank,
+                                    run_command)
 
 Int = lambda flag, help: Annotated[int, typer.Option(flag, help=help)]  # noqa: E731
 Float = lambda flag, help: Annotated[float, typer.Option(flag, help=help)]  # noqa: E731
@@ -73,7 +74,9 @@ def command(
     warmup_steps: o.Warmup = 100,
     schedule: Annotated[str, typer.Option("--schedule", help="constant (paper) | cosine | linear, after warm-up.")] = "constant",
     max_grad_norm: o.MaxGradNorm = 1.0,
+    adam_betas: o.AdamBetas = "0.9,0.999",
     eval_every: o.EvalEvery = 0,
+    select_by: o.SelectBy = None,
     save_every: o.SaveEvery = 0,
     overwrite: o.Overwrite = False,
     resume: o.Resume = False,
@@ -115,6 +118,6 @@ def command(
         if json_out and rank() == 0:
             out_json(summary)
         elif not quiet:
-            echo_main(f"distill ({method}) done: {summary['steps']} steps -> {summary['out']}")
+            echo_main(f"distill ({method}) done: {summary['steps']} steps{kept_weights(summary)} -> {summary['out']}")
 
     run_command(body, debug=debug)

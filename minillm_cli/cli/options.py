@@ -22,8 +22,10 @@ Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
 WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
 Warmup = Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps.")]
 Schedule = Annotated[str, typer.Option("--schedule", help="cosine | constant | linear (after warm-up).")]
+AdamBetas = Annotated[str, typer.Option("--adam-betas", help="AdamW's B1,B2 (the reference code's MiniLLM trainer uses 0.9,0.95).")]
 MaxGradNorm = Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).")]
 EvalEvery = Annotated[int, typer.Option("--eval-every", help="Validate every N steps (0: at the end).")]
+SelectBy = Annotated[Optional[str], typer.Option("--select-by", help="Which weights --out keeps: last; loss (best validation loss; sft's default); rougeL (best validation ROUGE-L of one sampled answer per validation prompt, as the paper picks its models; costs a generation per --eval-every); reverse-kl (distill minillm's best valid_reverse_kl). distill's default: last.")]
 SaveEvery = Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (always at the end).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
@@ -54,9 +56,9 @@ def configs(a: dict):
                        split_seed=a["split_seed"], limit=a["limit"], valid_data=a["valid_data"])
     run = RunOptions(out=a["out"], overwrite=a["overwrite"], resume=a["resume"], seed=a["seed"], device=a["device"],
                      quiet=a["quiet"], json=a["json_out"], eval_every=a["eval_every"], save_every=a["save_every"],
-                     fsdp=a.get("fsdp", False))
+                     fsdp=a.get("fsdp", False), select_by=a.get("select_by"))
     optim = OptimOptions(lr=a["lr"], weight_decay=a["weight_decay"], warmup_steps=a["warmup_steps"],
-                         schedule=a["schedule"], max_grad_norm=a["max_grad_norm"])
+                         schedule=a["schedule"], max_grad_norm=a["max_grad_norm"], adam_betas=a["adam_betas"])
     model = ModelOptions(lora_r=a["lora_r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
                          lora_targets=split_targets(a["lora_targets"]), save_adapter=a["save_adapter"],
                          trust_remote_code=a["trust_remote_code"], dtype=a["dtype"],

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from minillm_cli.cli import options as o
-from minillm_cli.cli.common import Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, out_json, rank, run_command
+from minillm_cli.cli.common import (Debug, Device, JsonOut, Limit, Quiet, Seed, echo_main, kept_weights, out_json, rank,
+                                    run_command)
 
 
 def command(
@@ -38,7 +39,9 @@ def command(
     warmup_steps: o.Warmup = 0,
     schedule: o.Schedule = "cosine",
     max_grad_norm: o.MaxGradNorm = 1.0,
+    adam_betas: o.AdamBetas = "0.9,0.999",
     eval_every: o.EvalEvery = 0,
+    select_by: o.SelectBy = None,
     save_every: o.SaveEvery = 0,
     overwrite: o.Overwrite = False,
     resume: o.Resume = False,
@@ -67,7 +70,7 @@ def command(
         elif not quiet:
             best = summary["best_valid_loss"]
             echo_main(f"sft done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
-                      + (f", best valid loss {best:.4f} (step {summary['best_step']})" if best is not None else "")
+                      + (f", best valid loss {best:.4f}" if best is not None else "") + kept_weights(summary)
                       + f" -> {summary['out']}")
 
     run_command(body, debug=debug)

@@ -46,7 +46,12 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     "", which the SFT encoding drops anyway) and reused on --resume (whose settings check_resume
     holds to the first run's). Rows are sharded over processes and gathered. Returns the answers
     and whether each ended: one cut at --max-new-tokens is trained without EOS, so the student
-    is not taught to stop where the teacher was only cut off."""
+    is not taught to stop where the teacher was only cut off.
+
+    Resumable: each process appends every chunk it finishes to its own `partial_paths` file, and
+    a run started again (--resume) generates only the answers none of them holds. An answer
+    depends only on its prompt, the teacher and (seed, index), so the result is the uninterrupted
+    run's. The partial files go once `path` is written."""
     from minillm_cli.data.tokenize import encode_prompts, left_pad
     from minillm_cli.engine.rollout_batch import SplitOnOOM, cache_length, rollout_batch_size, rows_that_fit
     from minillm_cli.engine.runtime import example_generator, free_memory_bytes
@@ -71,7 +76,12 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
                          f"over --max-prompt-length {cfg.data.max_prompt_length}")
     # Prompts over the limit are dropped by the SFT encoding anyway: nothing to generate for them.
     mine: dict[int, tuple[str, bool]] = {i: ("", True) for i in range(len(examples)) if i not in prompts}
-    todo = kept
+    # what an interrupted generation left (read on rank 0 before any process appends to it)
+    earlier = rt.broadcast_object(_partial_answers(path, prompts) if rt.is_main else None)
+    mine.update(earlier)
+    todo = [i for i in kept if i not in earlier]
+    if earlier and progress is not None:
+        progress.log(f"seqkd: {len(earlier)} answers kept from the interrupted generation, {len(todo)} to go")
     fit = rows_that_fit((teacher,), device=rt.device, vocab_size=len(tokenizer),
                         cache_len=cache_length(cfg.data.max_prompt_length, cfg.max_new_tokens),
                         free_bytes=free_memory_bytes(rt.device))
@@ -104,10 +114,13 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     log = progress.log if progress is not None else (lambda line: None)
     oom = SplitOnOOM(allowed=not rt.fsdp, release=lambda: release_engine(engine),
                      note=lambda line: log(f"seqkd: {line}"))
+    partial = partial_paths(path, rt.rank)
     for k, chunk, real in work:
         generated = oom.run(chunk, answers, lambda parts: [x for part in parts for x in part])
         if not real:
             continue
+        with open(partial, "a", encoding="utf-8") as fh:  # (kept should the run stop before the end)
+            fh.write("".join(_row(examples, i, *answer) for i, answer in generated))
         mine.update(generated)
         done += len(chunk)
         if progress is not None:
@@ -120,12 +133,41 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
         for p in parts:
             mine.update(p)
     responses, ends = [mine[i][0] for i in range(len(examples))], [mine[i][1] for i in range(len(examples))]
-    if rt.is_main:
+    if rt.is_main:  # (after the gather: every process has written its partial file)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             for i in sorted(prompts):  # the generated answers only: no empty rows to train on by mistake
-                e = examples[i]
-                fh.write(json.dumps({"index": i, "instruction": e.instruction, "input": e.input,
-                                     "response": responses[i], "finished": ends[i]}) + "\n")
+                fh.write(_row(examples, i, responses[i], ends[i]))
         tmp.replace(path)
+        for old in partial_paths(path):
+            old.unlink(missing_ok=True)
     return responses, ends
+
+
+def partial_paths(path: Path, rank: int | None = None):
+    """The file process `rank` appends its finished answers to while generating (None: those of
+    every process, of this run and of interrupted ones with other process counts)."""
+    if rank is not None:
+        return path.with_name(f"{path.stem}.partial.{rank}{path.suffix}")
+    return sorted(path.parent.glob(f"{path.stem}.partial.*{path.suffix}"))
+
+
+def _row(examples, i: int, response: str, finished: bool) -> str:
+    e = examples[i]
+    return json.dumps({"index": i, "instruction": e.instruction, "input": e.input, "response": response,
+                       "finished": finished}) + "\n"
+
+
+def _partial_answers(path: Path, prompts: dict) -> dict[int, tuple[str, bool]]:
+    """index -> (answer, finished) from the partial files of an interrupted generation; a torn
+    last line (a process killed while writing) and rows for no current prompt are skipped."""
+    found = {}
+    for p in partial_paths(path):
+        for line in p.read_text(encoding="utf-8").split("\n"):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and r.get("index") in prompts and isinstance(r.get("response"), str):
+                found[r["index"]] = (r["response"], bool(r.get("finished", True)))
+    return found

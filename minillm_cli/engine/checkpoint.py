@@ -178,15 +178,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resume_run(out: Path, *, model, optimizer, scheduler, steps: int, is_main: bool) -> dict:
+def resume_run(out: Path, *, model, optimizer, scheduler, steps: int, is_main: bool) -> dict | None:
     """--resume: restore OUT's newest checkpoint; returns load_checkpoint's {"step", "extra"} plus
     "path". The optimizer then holds the rate this run's schedule sets for the next step (its saved
     rate came from the first run's schedule, whose length --steps may have changed: a finished
     cosine run would otherwise resume at 0); a step count below the checkpoint's is refused; rows
     metrics.jsonl holds past the checkpoint are dropped (rank 0), and "logged" holds the rows kept
-    (rank 0; [] elsewhere)."""
+    (rank 0; [] elsewhere). None: a run folder (run_config.json) stopped before its first
+    checkpoint -- seqkd during its teacher's generation, say -- whose training starts at step 0
+    (its metrics rows dropped); a folder that is neither is refused."""
     last = latest_checkpoint(out)
     if last is None:
+        if (Path(out) / "run_config.json").is_file():
+            if is_main:
+                truncate_metrics(Path(out) / "metrics.jsonl", 0)
+            return None
         raise InputError(f"--resume: no checkpoint in {out}/checkpoints")
     state = load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler)
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -25,11 +25,13 @@ class Decoder:
     def __init__(self, models: dict, *, B: int, P: int, T: int, L: int, alpha: float,
                  params: SamplingParams, eos_id: int, pad_id: int, vocab_size: int, device,
                  kv_buckets: int = 1, parallel: bool = True, timed_attention: bool = False,
-                 timed_matmuls: bool = False):
+                 timed_matmuls: bool = False, position_cap: int | None = None):
         """kv_buckets, parallel: fast_sampler's KV_BUCKETS and PARALLEL_MODELS. timed_attention /
         timed_matmuls: the decode kernels are chosen by timing replayed steps (fast_sampler's
         DECODE_ATTENTION / DECODE_MATMUL "auto"), so a decoder that cannot capture drops them."""
         self.models = models  # name -> StaticModel ("student" / "teacher")
+        # (sampler.position_cap) only where a position can pass it: no extra kernel in rollouts
+        self.position_cap = position_cap if position_cap is not None and P + T - 1 > position_cap else None
         self.B, self.P, self.T, self.L = B, P, T, L
         self.alpha, self.params, self.eos, self.pad, self.V = alpha, params, eos_id, pad_id, vocab_size
         self.n = params.no_repeat_ngram_size
@@ -142,6 +144,8 @@ class Decoder:
         col = self.P + t - 1
         allow = (self.key_valid[:, :kv_len] & (self.ar[:kv_len] <= col))[:, None, None, :]
         pos = (self.next_pos + t - 1)[:, None]
+        if self.position_cap is not None:  # rows decoding past their own budget (sampler.position_cap)
+            pos = pos.clamp(max=self.position_cap)
         ids = self.fed[:, None]
         if self.side is None:
             logits = {name: m.decode(ids, allow, pos, col, kv_len) for name, m in self.models.items()}

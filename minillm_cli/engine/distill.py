@@ -32,6 +32,7 @@ from minillm_cli.engine.rollouts import (concat_batches, from_state, gather_part
 from minillm_cli.engine.runtime import (autocast, example_generator, free_memory_bytes, init_runtime,
                                         resolved_settings, run_entry, scaling_warnings, seed_everything, to_device)
 from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_engine, sample
+from minillm_cli.engine.selection import Best
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)
 from minillm_cli.errors import InputError, RunError
@@ -80,8 +81,7 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
             fsdp.shard(teacher, rt, trainable=False)
         return {"objective": teacher_forced_objective(teacher, cfg.method, cfg.kd_ratio)}
 
-    return train_sft(cfg.as_sft(cfg.student), command=f"distill-{cfg.method}", record=cfg, setup=setup,
-                     keep_best=False)
+    return train_sft(cfg.as_sft(cfg.student), command=f"distill-{cfg.method}", record=cfg, setup=setup)
 
 
 def _run_seqkd(cfg: DistillConfig) -> dict:
@@ -98,6 +98,8 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
     def setup(rt, tok):
         # The teacher answers every training prompt once; then it is freed and the student is SFT'd
         # on those answers by the same loop as `sft`.
+        if rt.is_main:  # (now, not after the generation: a run stopped during it can then be resumed)
+            save_run_config(cfg, Path(cfg.run.out).expanduser(), "distill-seqkd", {"stage": "teacher generation"})
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code,
@@ -118,7 +120,7 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
         return {"responses": responses, "ends": ends}
 
     return train_sft(cfg.as_sft(cfg.student), command="distill-seqkd", record=cfg, setup=setup,
-                     train_examples=splits["train"], valid_examples=splits["valid"], keep_best=False)
+                     train_examples=splits["train"], valid_examples=splits["valid"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +180,17 @@ class MiniLLMRun:
         if not self.prompts:
             raise InputError(f"{cfg.data.data}: no training prompt left after dropping {dropped} over "
                              f"--max-prompt-length {cfg.data.max_prompt_length}")
+        self.rouge = None
+        if cfg.run.select_by == "rougeL":
+            from minillm_cli.engine.selection import ValidationRouge
+
+            self.rouge = ValidationRouge(tok, splits["valid"], template=cfg.data.template,
+                                         max_prompt_length=cfg.data.max_prompt_length,
+                                         max_length=cfg.data.max_length, max_new_tokens=cfg.max_new_tokens,
+                                         seed=cfg.run.seed)
+            if not len(self.rouge):
+                raise InputError(f"--select-by rougeL: no validation prompt to score ({self.rouge.describe()})")
+            note(self.rouge.describe())
         self.student = load_model(cfg.student, tokenizer=tok, device=rt.device,
                                   dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                                   lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
@@ -358,9 +371,18 @@ class MiniLLMRun:
             value += loss.detach().to(value.dtype)
         return float(value)
 
-    # -- evaluation: the sequence-level reverse KL of the student's own samples on valid prompts --
-    @torch.no_grad()
+    # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict:
+        """The validation figures: `valid_reverse_kl` (on --eval-prompts prompts) and, under
+        --select-by rougeL, `valid_rougeL` (engine/selection.py)."""
+        found = self.valid_kl() if self.valid_prompts else {}
+        if self.rouge is not None:
+            found["valid_rougeL"] = self.rouge.score(self.student, self.rt, rows=self.rollout_batch, engine=self.engine,
+                                                     vocab_size=self.vocab, autocast_dtype=self.amp)
+        return found
+
+    @torch.no_grad()
+    def valid_kl(self) -> dict:
         """KL(q||p) of whole responses, estimated on student-only samples of the validation prompts
         as E_q sum_t KL(q_t || p_t): the exact per-position KL over the vocabulary (the
         single-step form), which is unbiased for the sequence-level KL and has far less variance
@@ -370,8 +392,6 @@ class MiniLLMRun:
         from minillm_cli.engine.minillm import response_logits_in_chunks
 
         cfg, rt = self.cfg, self.rt
-        if not self.valid_prompts:
-            return {}
 
         def kl_of(piece: list[int]) -> tuple[float, int]:
             """(sum over the piece's rows of their responses' KL(q||p), response tokens)."""
@@ -430,11 +450,15 @@ class MiniLLMRun:
         for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp, batch_size=cfg.batch_size):
             progress.log(line)
         step, iteration, plan_pos, buffer, plan, row = 0, 0, 0, None, [], {}
-        if cfg.run.resume:
-            state = ckpt.resume_run(out, model=self.student, optimizer=self.opt, scheduler=self.sched,
-                                    steps=self.steps, is_main=rt.is_main)
+        chosen = Best(cfg.run.select_by)  # which weights OUT keeps (engine/selection.py)
+        state = (ckpt.resume_run(out, model=self.student, optimizer=self.opt, scheduler=self.sched,
+                                 steps=self.steps, is_main=rt.is_main) if cfg.run.resume else None)
+        if cfg.run.resume and state is None:
+            progress.log(f"note: no checkpoint in {out} yet: training starts at step 0")
+        if state is not None:
             step, extra = state["step"], state["extra"]
             iteration, plan_pos = extra["iteration"], extra["plan_pos"]
+            chosen = Best.from_state(cfg.run.select_by, extra.get("best"))
             if extra.get("buffer") is not None:
                 buffer = from_state(extra["buffer"], rt.device)
                 plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration - 1)
@@ -483,24 +507,30 @@ class MiniLLMRun:
                 roll_stats = {}
                 if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == self.steps:
                     row.update(self.evaluate())
+                    if chosen.improves(row.get(chosen.column)):  # (the same on every process)
+                        chosen.record(row[chosen.column], step)
+                        fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                                          trust_remote_code=cfg.model_opts.trust_remote_code)
                 metrics.write(row)
                 progress.update(step, rkl=row["reverse_kl"], pg=row["pg"], ss=row["single_step"],
                                 **({"pt": row["pt_loss"]} if "pt_loss" in row else {}))
                 stopping = stop.agreed(rt)
                 if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == self.steps or stopping:
                     ckpt.save_on_main(rt, out, step, model=self.student, optimizer=self.opt, scheduler=self.sched,
-                                      extra={"iteration": iteration, "plan_pos": plan_pos,
+                                      extra={"iteration": iteration, "plan_pos": plan_pos, "best": chosen.state(),
                                              "buffer": to_state(buffer) if plan_pos < len(plan) else None})
                 if stopping:
                     progress.close()
                     raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue "
                                    f"with the same command plus --resume", everywhere=True)  # (the ranks agreed)
         progress.close()
-        summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps, "saved": "final",
-                   "seconds": round(time.perf_counter() - t0, 2), "update_micro_steps": self.micro.summary,
-                   **{k: row.get(k) for k in ("reverse_kl", "valid_reverse_kl", "pt_loss") if k in row}}
-        fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
-                          trust_remote_code=cfg.model_opts.trust_remote_code)
+        summary = {"command": "distill", "method": "minillm", "out": str(out), "steps": self.steps,
+                   **chosen.summary(), "seconds": round(time.perf_counter() - t0, 2),
+                   "update_micro_steps": self.micro.summary,
+                   **{k: row.get(k) for k in ("reverse_kl", "valid_reverse_kl", "valid_rougeL", "pt_loss") if k in row}}
+        if chosen.step is None:  # the final weights are the result
+            fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                              trust_remote_code=cfg.model_opts.trust_remote_code)
         if rt.is_main:
             (out / "summary.json").write_text(json.dumps(clean_json(summary), indent=2))
         metrics.close()

@@ -50,7 +50,7 @@ from dataclasses import astuple
 
 import torch
 
-from minillm_cli.engine.sampler import Rollout, SamplingParams, sample as eager_sample
+from minillm_cli.engine.sampler import Rollout, SamplingParams, position_cap, sample as eager_sample
 from minillm_cli.engine import decode_attention, decode_matmul, static_check
 from minillm_cli.engine.decode_loop import Decoder
 from minillm_cli.engine.fused import fused_activations
@@ -351,7 +351,8 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             except Unsupported as e:
                 return _fallback(str(e), states, **common)
             dec = make_decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
-                               pad_id=pad_id, vocab_size=vocab_size, device=device)
+                               pad_id=pad_id, vocab_size=vocab_size, device=device,
+                               position_cap=position_cap(run.values()))
         with contextlib.ExitStack() as stack:
             stack.enter_context(fused_activations(run.values()))  # gelu_new as one kernel (engine/fused.py)
             for m in dec.models.values():  # low-precision copies of float32 weights, padded heads

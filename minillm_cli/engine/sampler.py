@@ -250,6 +250,24 @@ class _Stepper:
         return out.logits[:, -1, : self.vocab_size]
 
 
+def position_cap(models) -> int | None:
+    """The last position a decode step may feed to these models (None: no cap). A batch decodes
+    for as many steps as its longest row's budget, so a row with a long prompt and a smaller
+    budget of its own (evaluate: min(max_new_tokens, max_length - prompt)) keeps decoding past
+    it, and its positions may run past a learned position table (GPT-2's 1024): an index error.
+    Those steps' tokens are discarded, and every kept token lies within the context (the
+    commands' check_context refuses longer lengths for such models), so clamping the positions
+    changes no kept token."""
+    from minillm_cli.models import _learned_positions, context_limit
+
+    caps = []
+    for m in models:
+        limit = context_limit(m) if m is not None else None
+        if limit is not None and _learned_positions(m):
+            caps.append(limit[0] - 1)
+    return min(caps) if caps else None
+
+
 def release_engine(engine: str) -> None:
     """Free what a fast engine keeps between calls (static KV caches, CUDA graph memory) once a
     phase of sampling is over, so the training that follows has the memory; no-op for "eager"."""
@@ -316,6 +334,8 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         mask = prompt_mask.to(torch.long)
         logits = {name: s.prefill(prompt_ids, mask) for name, s in steppers.items()}
         next_pos = mask.sum(-1)  # position of the first response token
+        cap = position_cap(s.model for s in steppers.values())
+        cap = cap if cap is not None and P + T - 1 > cap else None  # (only where a position can pass it)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         toks, alive_steps, lqs, lms = [], [], [], []
         for t in range(T):
@@ -343,7 +363,8 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             # finished rows keep decoding (their outputs are discarded); feed EOS, not the pad id,
             # which need not have an embedding row
             fed = torch.where(alive, tok, torch.full_like(tok, eos_id))
-            logits = {name: s.step(fed, mask, next_pos + t) for name, s in steppers.items()}
+            pos = next_pos + t if cap is None else (next_pos + t).clamp(max=cap)  # (see position_cap)
+            logits = {name: s.step(fed, mask, pos) for name, s in steppers.items()}
     finally:
         for name, s in steppers.items():
             s.model.train(modes[name])

@@ -39,6 +39,12 @@ def response_ce_sum(model, batch: dict, vocab_size: int, device) -> tuple[torch.
     return ce, int(mask.sum())
 
 
+# validation ROUGE-L (--select-by rougeL): new tokens per answer at most (evaluate's default), and
+# the least rows sampled together (the training micro-batch when larger)
+VALID_NEW_TOKENS = 256
+VALID_ROWS = 16
+
+
 @torch.no_grad()
 def validation_loss(model, data: list[Encoded], rt: Runtime, *, micro_batch_size: int, pad_id: int,
                     vocab_size: int, dtype) -> float:
@@ -60,7 +66,7 @@ def validation_loss(model, data: list[Encoded], rt: Runtime, *, micro_batch_size
 @run_entry
 def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examples=None,
               valid_examples=None, command: str = "sft", objective=None, record=None,
-              setup=None, keep_best: bool = True) -> dict:
+              setup=None) -> dict:
     """Run SFT as configured; returns the summary (also written to OUT/summary.json).
 
     The distillation baselines reuse this loop: `objective(model, batch, vocab_size, device) ->
@@ -68,13 +74,15 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     on teacher generations (seqkd); `record` is the config saved as run_config.json;
     `setup(runtime, tokenizer)` runs once the student's tokenizer is loaded (the baselines load
     their teacher there) and may return {"objective": ..., "responses": ...} to use instead.
-    `keep_best`: OUT holds the best model by validation loss (sft); otherwise the final one
-    (distillation, where every method is compared at its last step)."""
+    OUT holds the weights `cfg.run.select_by` picks (engine/selection.py): the best by validation
+    loss (sft's default) or ROUGE-L, or the final ones (distill's default, where every method is
+    compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
     from minillm_cli.models import (adapter_base, adapter_note, check_context, compute_dtype, load_model,
                                     load_tokenizer, low_precision_warning, pick_dtype)
 
     from minillm_cli.engine import fsdp
+    from minillm_cli.engine.selection import Best, ValidationRouge
 
     if cfg.run.fsdp or fsdp.fsdp_from_env():
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter,
@@ -127,6 +135,14 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                          f"--max-prompt-length {cfg.data.max_prompt_length}")
     progress.log(f"data: {len(train)} train, {len(valid)} valid examples; dropped {dropped + vdropped} "
                  f"over --max-prompt-length {cfg.data.max_prompt_length}")
+    rouge = None
+    if cfg.run.select_by == "rougeL":
+        rouge = ValidationRouge(tok, valid_examples or [], template=cfg.data.template,
+                                max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length,
+                                max_new_tokens=VALID_NEW_TOKENS, seed=cfg.run.seed)
+        if not len(rouge):
+            raise InputError(f"--select-by rougeL: no validation prompt to score ({rouge.describe()})")
+        progress.log(rouge.describe())
     if cfg.batch_size > len(train):
         progress.log(f"note: --batch-size {cfg.batch_size} is more than the {len(train)} training examples: "
                      f"every batch repeats examples")
@@ -152,10 +168,16 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                          fused=rt.device.type == "cuda" and not rt.fsdp)
     sched = make_scheduler(opt, warmup_steps=cfg.optim.warmup_steps, total_steps=steps, schedule=cfg.optim.schedule)
 
-    start, best, loss = 0, {"valid_loss": float("inf"), "step": None}, float("nan")
-    if cfg.run.resume:
-        state = ckpt.resume_run(out, model=model, optimizer=opt, scheduler=sched, steps=steps, is_main=rt.is_main)
-        start, best = state["step"], state["extra"].get("best", best)
+    chosen, lowest = Best(cfg.run.select_by), Best("loss")  # what OUT keeps; the lowest validation loss
+    start, loss = 0, float("nan")
+    state = (ckpt.resume_run(out, model=model, optimizer=opt, scheduler=sched, steps=steps, is_main=rt.is_main)
+             if cfg.run.resume else None)
+    if cfg.run.resume and state is None:
+        progress.log(f"note: no checkpoint in {out} yet: training starts at step 0")
+    if state is not None:
+        start = state["step"]
+        chosen = Best.from_state(cfg.run.select_by, state["extra"].get("best"))
+        lowest = Best.from_state("loss", state["extra"].get("lowest", state["extra"].get("best")))
         # a finished run resumed runs no step: its last logged loss stays the final one
         loss = next((float(r["loss"]) for r in reversed(state["logged"]) if isinstance(r.get("loss"), (int, float))),
                     loss)
@@ -169,18 +191,28 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                                      "resolved": resolved_settings(rt, model, amp)})
     metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
 
-    def evaluate_and_keep_best(step: int) -> float | None:
+    def evaluate_and_keep_best(step: int) -> dict:
+        """The validation figures of this step; OUT receives the weights when they are the best
+        by the selection metric (the same decision on every process: the figures are summed
+        over all of them)."""
         if not valid:
-            return None
+            return {}
         vl = validation_loss(model, valid, rt, micro_batch_size=cfg.micro_batch_size, pad_id=tok.pad_token_id,
                              vocab_size=vocab, dtype=amp)
         check_finite(vl, step=step, term="validation loss")
-        if vl < best["valid_loss"]:  # the same on every process: vl is summed over all of them
-            best.update(valid_loss=vl, step=step)
-            if keep_best:
-                fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
-                                  trust_remote_code=cfg.model_opts.trust_remote_code)
-        return vl
+        found = {"valid_loss": vl}
+        if lowest.improves(vl):
+            lowest.record(vl, step)
+        if rouge is not None:
+            found["valid_rougeL"] = rouge.score(model, rt, rows=max(cfg.micro_batch_size, VALID_ROWS),
+                                                engine=rt.sampling_engine("auto"), vocab_size=vocab,
+                                                autocast_dtype=amp)
+        value = found.get(chosen.column)
+        if chosen.improves(value):
+            chosen.record(value, step)
+            fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
+                              trust_remote_code=cfg.model_opts.trust_remote_code)
+        return found
 
     for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp, batch_size=cfg.batch_size):
         progress.log(line)
@@ -211,27 +243,27 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
             if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == steps:
-                row["valid_loss"] = evaluate_and_keep_best(step)
+                row.update(evaluate_and_keep_best(step))
             metrics.write(row)
             progress.update(step, loss=loss, **({"valid": row["valid_loss"]} if row.get("valid_loss") else {}),
+                            **({"rougeL": row["valid_rougeL"]} if "valid_rougeL" in row else {}),
                             tok_s=round(row["tokens_per_s"]))
             stopping = stop.agreed(rt)
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps or stopping:
-                ckpt.save_on_main(rt, out, step, model=model, optimizer=opt, scheduler=sched, extra={"best": best})
+                ckpt.save_on_main(rt, out, step, model=model, optimizer=opt, scheduler=sched,
+                                  extra={"best": chosen.state(), "lowest": lowest.state()})
             if stopping:
                 progress.close()
                 raise RunError(f"stopped by {stopping} after step {step}; checkpoint saved, continue with "
                                f"the same command plus --resume", everywhere=True)  # (the ranks agreed)
     progress.close()
-    if best["step"] is None or not keep_best:  # the final weights are the result
+    if chosen.step is None:  # the final weights are the result
         fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                           trust_remote_code=cfg.model_opts.trust_remote_code)
     # distill's baselines report as `distill` with their method, like MiniLLM runs
     name, _, method = command.partition("-")
     summary = {"command": name, **({"method": method} if method else {}), "out": str(out), "steps": steps,
-               "final_loss": loss,
-               "best_valid_loss": best["valid_loss"] if best["step"] else None, "best_step": best["step"],
-               "saved": "best" if keep_best and best["step"] is not None else "final",
+               "final_loss": loss, "best_valid_loss": lowest.value, **chosen.summary(),
                "train_examples": len(train), "valid_examples": len(valid), "dropped": dropped + vdropped,
                "seconds": round(time.perf_counter() - t0, 2)}
     if rt.is_main:

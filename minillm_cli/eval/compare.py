@@ -46,7 +46,8 @@ def _from_result(name: str, path: Path, result: dict, extra: Optional[dict] = No
 def load_entries(paths: Sequence[Path], names: Optional[Sequence[str]] = None) -> list[Entry]:
     """One entry per evaluate result; a run folder gives one entry per evaluate result found in it
     (or one with its training metrics only). Training metrics are the last logged value of each
-    numeric metrics.jsonl key, named `train.<key>`."""
+    numeric metrics.jsonl key, named `train.<key>` -- up to the step whose weights the folder keeps
+    where `--select-by` kept an earlier step than the last (its summary.json's `best_step`)."""
     from minillm_cli.eval.results import is_run_folder, load_result, load_run
 
     entries: list[Entry] = []

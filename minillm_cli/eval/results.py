@@ -201,9 +201,11 @@ class RunSummary:
     path: Path
     config: dict
     curve: list[dict]  # metrics.jsonl rows, in order
-    final: dict[str, float]  # last logged value of each numeric key
+    final: dict[str, float]  # last logged value of each numeric key, up to the kept step (kept_step)
     best: dict[str, float]  # best logged value of each key with a known direction
     results: list[tuple[str, Path, dict]] = field(default_factory=list)  # (stem, path, evaluate result)
+    # the step whose weights the folder holds when a --select-by kept an earlier one than the last
+    kept_step: Optional[int] = None
 
 
 def is_run_folder(path: Path) -> bool:
@@ -232,15 +234,19 @@ def load_run(path: Path) -> RunSummary:
     curve = []
     if (path / "metrics.jsonl").exists():
         curve = read_jsonl(path / "metrics.jsonl", tolerate_truncated_tail=True)
+    kept_step = _kept_step(path)
     final: dict[str, float] = {}
     best: dict[str, float] = {}
     for row in curve:
+        # the figures of the weights the folder holds: those logged up to the kept step
+        kept = kept_step is None or not isinstance(row.get("step"), int) or row["step"] <= kept_step
         for k, v in row.items():
             if k in _NOT_METRICS or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             if not math.isfinite(v):
                 continue
-            final[k] = float(v)
+            if kept:
+                final[k] = float(v)
             up = higher_is_better(k)
             if up is not None and (k not in best or (v > best[k] if up else v < best[k])):
                 best[k] = float(v)
@@ -253,4 +259,17 @@ def load_run(path: Path) -> RunSummary:
             results.append((p.stem, p, load_result(p)))
     name = path.name if path.name not in ("", "..") else path.resolve().name  # ('.' has no name; a symlink keeps its own)
     return RunSummary(name=name, path=path, config=config, curve=curve, final=final,
-                      best=best, results=results)
+                      best=best, results=results, kept_step=kept_step)
+
+
+def _kept_step(path: Path) -> Optional[int]:
+    """The step of the weights a run folder holds, from its summary.json, where a --select-by
+    kept the best ones (None: the final ones, or no readable summary)."""
+    try:
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("saved") != "best":
+        return None
+    step = summary.get("best_step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

@@ -148,11 +148,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     def sft_more(seed: int, name: str) -> Path:
         run_out = out / "runs" / name
         c = SFTConfig(model=str(out / "sft"), data=data,
+                      # compared at its last step, like every distilled student
                       run=RunOptions(out=str(run_out), seed=seed, device=cfg.device, quiet=True,
-                                     eval_every=max(r.distill_steps // 6, 1)),
+                                     eval_every=max(r.distill_steps // 6, 1), select_by="last"),
                       optim=OptimOptions(lr=r.distill_lr, warmup_steps=0, schedule="constant"),
                       steps=r.distill_steps, batch_size=r.batch_size)
-        train_sft(c, keep_best=False)  # compared at its last step, like every distilled student
+        train_sft(c)
         return run_out
 
     runs: dict[str, list[Path]] = {m: [] for m in ("sft", *METHODS)}

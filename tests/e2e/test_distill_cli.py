@@ -196,6 +196,45 @@ def test_seqkd_file_holds_the_generated_answers_only(tmp_path, tiny_dir):
     assert enc[0].input_ids[-1] == tok.eos_token_id and enc[1].input_ids == enc[0].input_ids[:-1]
 
 
+def test_seqkd_generation_stopped_halfway_resumes_where_it_stopped(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    """A run stopped during the teacher's generation keeps the answers of every chunk finished
+    (per-process partial files) and --resume generates only the others; the answers and the
+    trained student are the uninterrupted run's."""
+    from procs import max_diff
+
+    import minillm_cli.engine.sampler as sampler
+
+    args = [*[a for a in common(tiny_dir, dolly_like) if a != "--quiet"], "--method", "seqkd",
+            "--rollout-batch-size", 3, "--steps", 2]
+    whole = tmp_path / "whole"
+    assert invoke("distill", *args, "--out", whole).exit_code == 0
+    real, calls = sampler.sample, []
+
+    def stops_on_the_third_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the machine went away")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampler, "sample", stops_on_the_third_chunk)
+    cut = tmp_path / "cut"
+    res = invoke("distill", *args, "--out", cut)
+    assert res.exit_code == 1 and "the machine went away" in res.output, res.output
+    assert not (cut / "seqkd_data.jsonl").exists() and (cut / "run_config.json").is_file()
+    kept = (cut / "seqkd_data.partial.0.jsonl").read_text().splitlines()
+    assert len(kept) == 6  # two chunks of 3
+    monkeypatch.setattr(sampler, "sample", real)
+    res = invoke("distill", *args, "--out", cut, "--resume")
+    assert res.exit_code == 0, res.output
+    total = len((whole / "seqkd_data.jsonl").read_text().splitlines())
+    assert f"seqkd: 6 answers kept from the interrupted generation, {total - 6} to go" in res.output
+    assert "no checkpoint in" in res.output and "training starts at step 0" in res.output
+    assert (cut / "seqkd_data.jsonl").read_text() == (whole / "seqkd_data.jsonl").read_text()
+    assert not list(cut.glob("seqkd_data.partial.*"))
+    assert max_diff(whole, cut) == 0.0
+    assert [r["step"] for r in rows(cut)] == [1, 2]
+
+
 def test_seqkd_refuses_student_settings_before_the_teacher_generates(tmp_path, tiny_dir, dolly_like):
     """A student setting that loading would refuse (LoRA targets it lacks, too long a --max-length
     for its positions) is refused before hours of teacher generation, which leaves nothing behind."""
@@ -244,6 +283,13 @@ def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     (["--max-length", 80, "--max-prompt-length", 60, "--max-new-tokens", 30],
      "--max-prompt-length 60 + --max-new-tokens 30 exceed --max-length 80"),
     (["--teacher-device", "gpu"], "--teacher-device 'gpu': expected auto"),
+    (["--adam-betas", "0.9"], "--adam-betas 0.9: expected two numbers in [0, 1) as B1,B2"),
+    (["--adam-betas", "0.9,1.5"], "--adam-betas 0.9,1.5: expected two numbers"),
+    (["--select-by", "bleu"], "--select-by 'bleu': expected one of last, loss, rougeL, reverse-kl"),
+    (["--select-by", "loss"], "--select-by loss: MiniLLM computes no validation loss"),
+    (["--select-by", "reverse-kl", "--method", "kd"], "--select-by reverse-kl: only --method minillm"),
+    (["--select-by", "reverse-kl", "--eval-prompts", 0], "--select-by reverse-kl needs --eval-prompts > 0"),
+    (["--select-by", "rougeL", "--valid-size", 0], "--select-by rougeL needs validation data"),
 ])
 def test_bad_options(tmp_path, tiny_dir, dolly_like, extra, needle):
     res = invoke("distill", *common(tiny_dir, dolly_like), *extra, "--out", tmp_path / "x", "--steps", 1)

@@ -2,6 +2,7 @@
 and the very same script runs end to end at tiny scale, offline."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -37,13 +38,16 @@ def test_full_scale_commands_match_the_paper(tmp_path):
     paper = {"--lr": "5e-6", "--warmup-steps": "100", "--schedule": "constant", "--steps": "5000",
              "--ppo-epochs": "4", "--num-rollouts": "256", "--teacher-mix-alpha": "0.2", "--clip-ratio": "0.2",
              "--max-length": "512", "--max-prompt-length": "256", "--top-k": "0", "--top-p": "1.0",
-             "--temperature": "1.0", "--pt-coef": "1.0"}
+             "--temperature": "1.0", "--pt-coef": "1.0", "--adam-betas": "0.9,0.95", "--weight-decay": "1e-6"}
     for flag, value in paper.items():
         assert _flag(mini, flag) == value, flag
     assert "--pt-data" in mini and "--no-single-step" not in mini and "--no-length-norm" not in mini
     kd = next(c for c in cmds if "--method kd" in c)
     assert _flag(kd, "--kd-ratio") == "0.5"
     assert any("--method seqkd" in c for c in cmds) and any("--method rkl" in c for c in cmds)
+    trained = [c for c in cmds if " sft " in c or " distill " in c]
+    assert len(trained) == 6  # each picked as the reference picks it, by validation ROUGE-L
+    assert all(_flag(c, "--select-by") == "rougeL" and "--eval-every" in c for c in trained)
     evals = [c for c in cmds if " evaluate " in c]
     assert len(evals) == 6 * 5
     assert {_flag(c, "--data") for c in evals} == {"dolly", "self-inst", "vicuna", "sni", "unni"}
@@ -60,5 +64,7 @@ def test_tiny_scale_runs_end_to_end(tmp_path):
     runs = tmp_path / "runs"
     for name in ("teacher-sft", "student-sft", "minillm", "kd", "seqkd", "rkl"):
         assert (runs / name / "config.json").is_file(), name
+        summary = json.loads((runs / name / "summary.json").read_text())
+        assert summary["select_by"] == "rougeL" and summary["saved"] == "best", name
     assert len(list((runs / "eval").glob("*.json"))) == 30
     assert out.stdout.count("| ") > 10  # the markdown comparison tables

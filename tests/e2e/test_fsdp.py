@@ -82,8 +82,13 @@ def test_fsdp_distill_two_processes_equal_one_and_resume_anywhere(tmp_path, tiny
 def test_fsdp_sft_two_processes_equal_one(tmp_path, tiny_dir, dolly_like):
     args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--steps", 3, "--batch-size", 3,
             "--grad-accum", 3, "--limit", 24, "--max-length", 160, "--max-prompt-length", 128, "--lr", 1e-3,
-            "--valid-size", 0.2, "--device", "cpu", "--seed", 5, "--quiet"]
+            "--valid-size", 0.2, "--device", "cpu", "--seed", 5, "--quiet",
+            # validation ROUGE-L: one chunk of prompts, so rank 1 decodes a lockstep copy in step with rank 0
+            "--select-by", "rougeL", "--eval-every", 1]
     one_vs_two_fsdp(args, tmp_path / "one", tmp_path / "two", tmp_path / "two.log", "sft")
+    scores = [[json.loads(l)["valid_rougeL"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (tmp_path / "one", tmp_path / "two")]
+    assert scores[0] == scores[1] and len(scores[0]) == 3
 
 
 def test_fsdp_rejects_lora_and_teacher_device(tmp_path, tiny_dir, dolly_like):

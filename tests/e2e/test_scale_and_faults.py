@@ -159,7 +159,8 @@ def sft_args(model, data, steps=3):
 
 
 def test_sft_with_dropout_two_processes_equal_one(tmp_path, dropout_model, dolly_like):
-    args = sft_args(dropout_model, dolly_like)
+    # validation ROUGE-L on each step: its prompts are shared out over the processes
+    args = [*sft_args(dropout_model, dolly_like), "--select-by", "rougeL", "--eval-every", 1]
     one, two = tmp_path / "one", tmp_path / "two"
     res = invoke(*args, "--out", one)
     assert res.exit_code == 0, res.output
@@ -169,6 +170,11 @@ def test_sft_with_dropout_two_processes_equal_one(tmp_path, dropout_model, dolly
     assert d <= 1e-5, f"sft: 1 vs 2 processes differ by {d}"
     assert files(one) == files(two)
     assert steps_logged(two) == [1, 2, 3]
+    scores = {run: [json.loads(l)["valid_rougeL"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (one, two)}
+    assert scores[one] == scores[two]  # gathered per prompt and averaged in one order: exactly equal
+    assert json.loads((two / "summary.json").read_text())["best_step"] == \
+        json.loads((one / "summary.json").read_text())["best_step"]
     cfg = json.loads((two / "config.json").read_text())  # dropout really was on
     assert cfg["resid_pdrop"] == 0.1
 

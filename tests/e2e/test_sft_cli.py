@@ -117,6 +117,9 @@ def _bad(tmp_path, tiny_dir, dolly_like):
         (["--model", m, "--data", dolly_like, "--batch-size", 0], "--batch-size must be > 0"),
         (["--model", m, "--data", dolly_like, "--dtype", "float16"], "AdamW cannot update float16 weights"),
         (["--model", m, "--data", dolly_like, "--lora-r", 2, "--lora-alpha", 0], "--lora-alpha must be a finite"),
+        (["--model", m, "--data", dolly_like, "--select-by", "reverse-kl"], "sft selects by last, loss or rougeL"),
+        (["--model", m, "--data", dolly_like, "--select-by", "rougeL", "--valid-size", 0],
+         "--select-by rougeL needs validation data"),
     ]
 
 
@@ -467,3 +470,18 @@ def test_resuming_a_finished_run_keeps_its_final_loss(tmp_path, tiny_dir, dolly_
     assert res.exit_code == 0, res.output
     assert strict(res.stdout)["final_loss"] == final
     assert strict((run / "summary.json").read_text())["final_loss"] == final
+
+
+def test_adam_betas_reach_the_optimizer_and_bind_a_resume(tmp_path, tiny_dir, dolly_like):
+    import torch
+
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--device", "cpu", "--quiet", "--adam-betas", "0.9,0.95"]
+    assert invoke(*args, "--steps", 1).exit_code == 0
+    state = torch.load(out / "checkpoints" / "step-00000001" / "state.pt", weights_only=False)
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in state["optimizer"]["param_groups"])
+    assert json.loads((out / "run_config.json").read_text())["config"]["optim"]["adam_betas"] == [0.9, 0.95]
+    res = invoke(*[a for a in args if a != "0.9,0.95"][:-1], "--steps", 2, "--resume")  # the default betas
+    assert res.exit_code == 2 and "--adam-betas [0.9, 0.95] -> [0.9, 0.999]" in res.output, res.output
+    assert invoke(*args, "--steps", 2, "--resume").exit_code == 0

@@ -95,6 +95,22 @@ def test_load_run_folder(tmp_path):
         C.load_entries([tmp_path / "distill-a" / ".."])
 
 
+def test_a_run_folder_that_kept_an_earlier_step_reports_that_steps_figures(tmp_path):
+    run = tmp_path / "sft-best"
+    run.mkdir()
+    rows = [{"step": 1, "loss": 3.0, "valid_rougeL": 10.0}, {"step": 2, "loss": 2.0, "valid_rougeL": 30.0},
+            {"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.0, "valid_rougeL": 20.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert R.load_run(run).final == {"loss": 1.0, "valid_rougeL": 20.0}  # no summary: the last values
+    (run / "summary.json").write_text(json.dumps({"saved": "best", "select_by": "rougeL", "best_step": 2}))
+    s = R.load_run(run)
+    assert s.kept_step == 2 and s.final == {"loss": 2.0, "valid_rougeL": 30.0}  # the weights the folder holds
+    assert s.best == {"loss": 1.0, "valid_rougeL": 30.0} and len(s.curve) == 4  # the curve stays whole
+    assert C.load_entries([run])[0].metrics["train.loss"]["mean"] == 2.0
+    (run / "summary.json").write_text(json.dumps({"saved": "final", "select_by": "last", "best_step": None}))
+    assert R.load_run(run).final == {"loss": 1.0, "valid_rougeL": 20.0}
+
+
 def test_entry_names_are_unique_and_overridable(tmp_path):
     for d in ("a", "b"):
         (tmp_path / d).mkdir()

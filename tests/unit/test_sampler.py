@@ -308,3 +308,24 @@ def test_a_uniform_draw_at_either_end_never_picks_an_impossible_token(alpha):
         banned[:, bad] = True
         tok, _, lm = mix_and_sample(logits, logits.flip(0), alpha, SamplingParams(1), u, banned)
         assert (tok != bad).all() and lm.isfinite().all(), (u[0], bad)
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_rows_decoding_past_their_budget_stay_within_a_learned_position_table(engine):
+    """A batch decodes for its longest budget; a long prompt whose own budget is smaller (its
+    prompt + answer at most max_length = the model's 16 positions) keeps decoding past position
+    15, which GPT-2's position table does not have (an index error before the cap). Its kept
+    tokens are those it gets alone."""
+    from minillm_cli.eval.generate import generate_batches
+
+    model = gpt2_numbers(5, vocab=V, pad=PAD, eos=EOS, n_positions=16)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2], [3, 4, 5]]  # budgets 4 and 8
+
+    def run(ps, ids, max_new):
+        kw = dict(params=SamplingParams(max_new_tokens=max_new), seed=3, example_ids=ids, eos_id=EOS, pad_id=PAD,
+                  vocab_size=V, device=torch.device("cpu"), batch_size=len(ps), max_length=16, engine=engine)
+        return [toks for b in generate_batches(model, ps, **kw) for toks in b.token_lists()]
+
+    together = run(prompts, [0, 1], 8)
+    assert together[0] == run(prompts[:1], [0], 4)[0]
+    assert together[1] == run(prompts[1:], [1], 8)[0]

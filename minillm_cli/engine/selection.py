@@ -1,0 +1,165 @@
+"""Which weights a training run leaves in OUT (`--select-by`), and the validation ROUGE-L behind
+the paper's choice.
+
+The reference code picks every model it reports (SFT, KD, SeqKD and MiniLLM alike) as the
+checkpoint with the best ROUGE-L on the validation set. `--select-by rougeL` does that inside the
+run: at every validation (`--eval-every`, and after the last step) the trained model answers each
+validation prompt once by `minillm evaluate`'s protocol, and OUT receives the weights whenever the
+score beats every earlier one. `loss` does the same by validation loss (sft's default), `reverse-kl`
+by MiniLLM's `valid_reverse_kl`, `last` keeps the final weights (distill's default).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from minillm_cli.errors import InputError  # (no torch at import: the CLI reads SELECT_BY)
+
+# --select-by value -> (metrics.jsonl column, higher is better); `last` has no column
+SELECT_BY = {"last": (None, None), "loss": ("valid_loss", False), "rougeL": ("valid_rougeL", True),
+             "reverse-kl": ("valid_reverse_kl", False)}
+_SPELLINGS = {"rouge-l": "rougeL", "rougel": "rougeL", "rouge_l": "rougeL", "valid-loss": "loss",
+              "reverse_kl": "reverse-kl", "rkl": "reverse-kl", "final": "last"}
+
+
+def canonical_select(name: str) -> str:
+    """The --select-by value as SELECT_BY spells it; InputError for an unknown one."""
+    name = _SPELLINGS.get(str(name).strip().lower(), str(name).strip())
+    if name not in SELECT_BY:
+        raise InputError(f"--select-by {name!r}: expected one of {', '.join(SELECT_BY)}")
+    return name
+
+
+@dataclass
+class Best:
+    """The best validation value so far of the selection metric, and its step (None: none yet)."""
+    select_by: str
+    value: float | None = None
+    step: int | None = None
+
+    @property
+    def column(self) -> str | None:
+        return SELECT_BY[self.select_by][0]
+
+    @property
+    def keeps_best(self) -> bool:
+        return self.column is not None
+
+    def improves(self, value: float | None) -> bool:
+        """Whether `value` beats every earlier one (a tie keeps the earlier step)."""
+        if not self.keeps_best or value is None or not math.isfinite(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if SELECT_BY[self.select_by][1] else value < self.value
+
+    def record(self, value: float, step: int) -> None:
+        self.value, self.step = float(value), step
+
+    def state(self) -> dict:
+        return {"select_by": self.select_by, "value": self.value, "step": self.step}
+
+    @classmethod
+    def from_state(cls, select_by: str, state: dict | None) -> "Best":
+        """A checkpoint's record; one written before --select-by ({"valid_loss", "step"}) reads as
+        selection by loss."""
+        best = cls(select_by)
+        if not isinstance(state, dict):
+            return best
+        if "select_by" not in state and "valid_loss" in state:
+            state = {"select_by": "loss", "value": state["valid_loss"], "step": state.get("step")}
+        if state.get("select_by") == select_by and state.get("step") is not None:
+            v = state.get("value")
+            best.value, best.step = (float(v) if v is not None else None), state["step"]
+        return best
+
+    def summary(self) -> dict:
+        """The summary.json fields: what OUT holds and why."""
+        kept = self.keeps_best and self.step is not None
+        out = {"saved": "best" if kept else "final", "select_by": self.select_by, "best_step": self.step if kept else None}
+        if self.column:
+            out[f"best_{self.column}"] = self.value if kept else None
+        return out
+
+
+class ValidationRouge:
+    """Mean ROUGE-L (x100) of one sampled answer per validation prompt, by `minillm evaluate`'s
+    protocol: the run's template, temperature 1, top-k 0, top-p 1, no-repeat-ngram 6, each row's
+    answer at most min(max_new_tokens, max_length - its prompt) tokens, cut at EOS. Example i always
+    draws from `example_generator(seed, VALID_STREAM, i)`: every validation of a run scores the same
+    random streams (the differences between checkpoints are the models', not the draws'), and the
+    score depends neither on the number of processes nor on which prompts run together.
+
+    examples: validation examples; those without a reference answer or whose prompt is over
+    max_prompt_length are left out (`counts` says how many)."""
+
+    VALID_STREAM = 7_000_003
+
+    def __init__(self, tokenizer, examples, *, template: str, max_prompt_length: int, max_length: int,
+                 max_new_tokens: int, seed: int):
+        from minillm_cli.data.tokenize import encode_prompts
+
+        with_refs = [e for e in examples if e.references]
+        prompts, kept, dropped = encode_prompts(tokenizer, with_refs, template, max_prompt_length)
+        # longest first, so a chunk that does not fit in memory fails at once (and chunks pad little)
+        order = sorted(range(len(prompts)), key=lambda j: (-len(prompts[j]), j))
+        self.prompts = [prompts[j] for j in order]
+        self.references = [with_refs[kept[j]].references for j in order]
+        self.budgets = [max(0, min(max_new_tokens, max_length - len(p))) for p in self.prompts]
+        self.tok, self.seed = tokenizer, seed
+        self.counts = {"scored": len(self.prompts), "no_reference": len(examples) - len(with_refs),
+                       "too_long": dropped}
+        self.max_new_tokens = max_new_tokens
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def describe(self) -> str:
+        c = self.counts
+        left = [f"{c[k]} {what}" for k, what in (("no_reference", "without a reference answer"),
+                                                  ("too_long", "over --max-prompt-length")) if c[k]]
+        return (f"validation ROUGE-L on {c['scored']} prompts, one sampled answer each"
+                + (f" ({', '.join(left)} left out)" if left else ""))
+
+    def score(self, model, rt, *, rows: int, engine: str, vocab_size: int, autocast_dtype) -> float:
+        """The mean ROUGE-L over every prompt, sampled `rows` at a time, the chunks shared out over
+        processes (`rt.lockstep`); the per-prompt scores are gathered and averaged in one order."""
+        import torch
+
+        from minillm_cli.data.tokenize import left_pad
+        from minillm_cli.engine.runtime import autocast, example_generator
+        from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
+        from minillm_cli.engine.train_utils import micro_batches
+        from minillm_cli.eval.generate import cut_to_budgets
+        from minillm_cli.eval.metrics import rouge_l
+
+        tok = self.tok
+        mine: dict[int, float] = {}
+        try:
+            for _, chunk, real in rt.lockstep(micro_batches(list(range(len(self))), max(1, rows))):
+                ids, att = left_pad([self.prompts[j] for j in chunk], tok.pad_token_id)
+                budgets = [self.budgets[j] for j in chunk]
+                params = SamplingParams(max_new_tokens=max(budgets), temperature=1.0, top_k=0, top_p=1.0,
+                                        no_repeat_ngram_size=6)
+                with torch.no_grad(), autocast(rt.device, autocast_dtype):
+                    roll = sample(model, None, ids.to(rt.device), att.to(rt.device), params=params, alpha=0.0,
+                                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                  generators=[example_generator(self.seed, self.VALID_STREAM, j) for j in chunk],
+                                  vocab_size=vocab_size, engine=engine, sync=rt.decode_sync)
+                if not real:  # FSDP lockstep padding: the collectives ran, the answers are discarded
+                    continue
+                mask = cut_to_budgets(roll.response_mask, budgets)
+                for row, j in enumerate(chunk):
+                    toks = roll.response_ids[row][mask[row]].tolist()
+                    if toks and toks[-1] == tok.eos_token_id:
+                        toks = toks[:-1]
+                    mine[j] = rouge_l(tok.decode(toks, skip_special_tokens=True), self.references[j])
+        finally:
+            release_engine(engine)  # free the static caches before the updates need the memory
+        if rt.distributed:
+            parts = [None] * rt.world_size
+            torch.distributed.all_gather_object(parts, mine)
+            for p in parts:
+                mine.update(p)
+        return statistics.fmean(mine[j] for j in range(len(self)))

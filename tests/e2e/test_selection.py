@@ -1,0 +1,142 @@
+"""--select-by: which weights a run leaves in --out (engine/selection.py), through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minillm_cli.cli.app import app
+from minillm_cli.engine.selection import Best, ValidationRouge, canonical_select
+from minillm_cli.errors import InputError
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def rows(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def saved_weights(out) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return weights(AutoModelForCausalLM.from_pretrained(str(out)))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- the record ---------------------------------------------------------------------------------
+def test_best_follows_the_metric_direction_and_keeps_the_earlier_of_a_tie():
+    up, down, last = Best("rougeL"), Best("loss"), Best("last")
+    for value, step in ((3.0, 1), (5.0, 2), (5.0, 3), (4.0, 4)):
+        if up.improves(value):
+            up.record(value, step)
+        if down.improves(value):
+            down.record(value, step)
+        assert not last.improves(value)
+    assert (up.value, up.step) == (5.0, 2) and (down.value, down.step) == (3.0, 1)
+    assert not up.improves(float("nan")) and not up.improves(None)
+    assert up.summary() == {"saved": "best", "select_by": "rougeL", "best_step": 2, "best_valid_rougeL": 5.0}
+    assert last.summary() == {"saved": "final", "select_by": "last", "best_step": None}
+    # a checkpoint's record comes back; one from before --select-by reads as selection by loss
+    assert Best.from_state("rougeL", up.state()) == up
+    old = Best.from_state("loss", {"valid_loss": 2.5, "step": 7})
+    assert (old.value, old.step) == (2.5, 7)
+    assert Best.from_state("rougeL", {"valid_loss": 2.5, "step": 7}).step is None  # another metric's best
+    assert canonical_select("ROUGE-L") == "rougeL" and canonical_select("final") == "last"
+    with pytest.raises(InputError, match="expected one of last, loss, rougeL, reverse-kl"):
+        canonical_select("bleu")
+
+
+# -- sft: the real validation ROUGE-L ----------------------------------------------------------
+def test_sft_keeps_the_weights_whose_validation_rouge_was_best(tmp_path, tiny_dir, dolly_like):
+    out = tmp_path / "run"
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--steps", 4,
+                 "--batch-size", 4, "--lr", 3e-2, "--eval-every", 1, "--valid-size", 6, "--select-by", "rougeL",
+                 "--max-length", 160, "--max-prompt-length", 128, "--device", "cpu", "--json", "--quiet")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    logged = [(r["step"], r["valid_rougeL"]) for r in rows(out)]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    best_step, best = max(logged, key=lambda sv: (sv[1], -sv[0]))  # the first of the highest
+    assert (summary["saved"], summary["select_by"]) == ("best", "rougeL")
+    assert (summary["best_step"], summary["best_valid_rougeL"]) == (best_step, best)
+    assert summary["best_valid_loss"] == min(r["valid_loss"] for r in rows(out))
+    # the weights in --out score that value again: they are that step's, whatever came after
+    from minillm_cli.data.prepare import load_splits
+    from minillm_cli.config import DataOptions
+    from minillm_cli.engine.runtime import Runtime
+    from minillm_cli.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(out))
+    model = load_model(str(out), tokenizer=tok, device=torch.device("cpu"), trainable=False)
+    valid = load_splits(DataOptions(data=str(dolly_like), valid_size=6, max_length=160, max_prompt_length=128))["valid"]
+    rouge = ValidationRouge(tok, valid, template="dolly", max_prompt_length=128, max_length=160, max_new_tokens=256,
+                            seed=0)
+    again = rouge.score(model, Runtime(torch.device("cpu")), rows=16, engine="eager", vocab_size=len(tok),
+                        autocast_dtype=torch.float32)
+    assert again == pytest.approx(best, abs=1e-9)
+
+
+# -- distill: the best step survives --resume, and --out keeps its weights -----------------------
+def test_minillm_keeps_the_best_step_through_a_resume(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    scores = iter([1.0, 5.0, 3.0, 4.0])
+    seen = {}
+
+    def scripted(self, model, rt, **kw):
+        value = next(scores)
+        seen[value] = weights(model)
+        return value
+
+    monkeypatch.setattr(ValidationRouge, "score", scripted)
+    out = tmp_path / "run"
+    base = ["distill", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student", "--data", dolly_like,
+            "--out", out, "--batch-size", 2, "--num-rollouts", 4, "--max-new-tokens", 8, "--limit", 24,
+            "--device", "cpu", "--eval-prompts", 0, "--lr", 1e-2, "--eval-every", 1, "--select-by", "rougeL",
+            "--quiet", "--json"]
+    res = invoke(*base, "--steps", 2)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["best_step"] == 2
+    res = invoke(*base, "--steps", 4, "--resume")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["saved"], summary["best_step"], summary["best_valid_rougeL"]) == ("best", 2, 5.0)
+    assert [r.get("valid_rougeL") for r in rows(out)] == [1.0, 5.0, 3.0, 4.0]
+    assert not same(seen[5.0], seen[4.0])  # the student moved on after step 2
+    assert same(saved_weights(out), seen[5.0])
+
+
+def test_distill_keeps_the_final_weights_by_default(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    called = []
+    monkeypatch.setattr(ValidationRouge, "score", lambda *a, **k: called.append(1) or 0.0)
+    out = tmp_path / "run"
+    res = invoke("distill", "--method", "kd", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student",
+                 "--data", dolly_like, "--out", out, "--batch-size", 2, "--steps", 3, "--limit", 24, "--lr", 1e-2,
+                 "--eval-every", 1, "--device", "cpu", "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["saved"], summary["select_by"], summary["best_step"]) == ("final", "last", None)
+    assert not called and "valid_rougeL" not in rows(out)[-1]
+    assert json.loads((out / "run_config.json").read_text())["config"]["run"]["select_by"] == "last"
+
+
+def test_rouge_selection_without_a_prompt_to_score_is_refused_before_training(tmp_path, tiny_dir, dolly_like):
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"instruction": "word " * 200, "response": "x"}) + "\n" for _ in range(3)))
+    res = invoke("sft", "--model", tiny_dir / "student", "--data", dolly_like, "--valid-data", long, "--out",
+                 tmp_path / "run", "--steps", 1, "--select-by", "rougeL", "--device", "cpu", "--max-length", 160,
+                 "--max-prompt-length", 128)
+    assert res.exit_code == 2, res.output
+    assert "--select-by rougeL: no validation prompt to score" in res.output and "3 over --max-prompt-length" in res.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
