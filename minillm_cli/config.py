@@ -248,6 +248,15 @@ def _same_path(old, new, old_cwd: str | None) -> bool:
     return po.exists() and po.resolve() == pn.resolve()
 
 
+def _same_targets(old, new, saved: dict) -> bool:
+    """--lora-targets: equal, or one side left to detection and the other naming exactly what the
+    run detected (run_config.json's resolved `lora_targets`)."""
+    if (old is None) == (new is None):
+        return old == new
+    detected = (saved.get("resolved") or {}).get("lora_targets")
+    return isinstance(detected, list) and sorted(old or new) == sorted(detected)
+
+
 def saved_config(out: str | Path) -> dict:
     """The configuration the run in `out` recorded (run_config.json), or {} when there is none."""
     try:
@@ -280,7 +289,8 @@ def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     for k in sorted(new):
         if k not in old or k in allowed:
             continue
-        same = _same_path(old[k], new[k], saved.get("cwd")) if k in _PATHS else old[k] == new[k]
+        same = (_same_path(old[k], new[k], saved.get("cwd")) if k in _PATHS
+                else _same_targets(old[k], new[k], saved) if k == "model_opts.lora_targets" else old[k] == new[k])
         if not same:
             changed.append(k)
     if changed:

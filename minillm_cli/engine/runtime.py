@@ -317,12 +317,17 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def resolved_settings(rt: Runtime, model, amp, **extra) -> dict:
-    """What the run's "auto" settings became (device, weights' and autocast dtypes), for
-    run_config.json."""
+    """What the run's "auto" settings became (device, weights' and autocast dtypes, LoRA's target
+    modules), for run_config.json."""
     def name(dtype) -> str:
         return str(dtype).replace("torch.", "")
 
-    return {"device": str(rt.device), "dtype": name(next(model.parameters()).dtype), "autocast": name(amp), **extra}
+    out = {"device": str(rt.device), "dtype": name(next(model.parameters()).dtype), "autocast": name(amp)}
+    peft = getattr(model, "peft_config", None)
+    targets = getattr(peft.get("default"), "target_modules", None) if isinstance(peft, dict) else None
+    if isinstance(targets, (set, list, tuple)):  # the modules LoRA adapts (detected unless named)
+        out["lora_targets"] = sorted(targets)
+    return {**out, **extra}
 
 
 def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):

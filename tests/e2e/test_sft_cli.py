@@ -485,3 +485,17 @@ def test_adam_betas_reach_the_optimizer_and_bind_a_resume(tmp_path, tiny_dir, do
     res = invoke(*[a for a in args if a != "0.9,0.95"][:-1], "--steps", 2, "--resume")  # the default betas
     assert res.exit_code == 2 and "--adam-betas [0.9, 0.95] -> [0.9, 0.999]" in res.output, res.output
     assert invoke(*args, "--steps", 2, "--resume").exit_code == 0
+
+
+def test_lora_targets_named_as_detected_resume_and_others_are_refused(tmp_path, tiny_dir, dolly_like):
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--device", "cpu", "--quiet", "--lora-r", 2]
+    assert invoke(*args, "--steps", 1).exit_code == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["config"]["model_opts"]["lora_targets"] is None
+    assert saved["resolved"]["lora_targets"] == ["c_attn", "c_fc", "c_proj"]
+    res = invoke(*args, "--steps", 2, "--resume", "--lora-targets", "c_fc,c_attn")
+    assert res.exit_code == 2 and "--lora-targets None -> ['c_fc', 'c_attn']" in res.output, res.output
+    res = invoke(*args, "--steps", 2, "--resume", "--lora-targets", "c_proj,c_fc,c_attn")  # what was detected
+    assert res.exit_code == 0, res.output
