@@ -32,7 +32,7 @@ from minillm_cli.engine.rollouts import (concat_batches, from_state, gather_part
 from minillm_cli.engine.runtime import (autocast, example_generator, free_memory_bytes, init_runtime,
                                         resolved_settings, run_entry, scaling_warnings, seed_everything, to_device)
 from minillm_cli.engine.sampler import SamplingParams, model_kwargs, release_engine, sample
-from minillm_cli.engine.selection import Best
+from minillm_cli.engine.selection import Best, validation_line
 from minillm_cli.engine.train_utils import (StopSignal, check_finite, clip_and_step, make_optimizer,
                                             make_scheduler, micro_batches)
 from minillm_cli.errors import InputError, RunError
@@ -506,11 +506,15 @@ class MiniLLMRun:
                            **roll_stats)
                 roll_stats = {}
                 if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == self.steps:
-                    row.update(self.evaluate())
-                    if chosen.improves(row.get(chosen.column)):  # (the same on every process)
+                    found = self.evaluate()
+                    row.update(found)
+                    kept = chosen.improves(row.get(chosen.column))  # (the same on every process)
+                    if kept:
                         chosen.record(row[chosen.column], step)
                         fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                                           trust_remote_code=cfg.model_opts.trust_remote_code)
+                    if found:
+                        progress.log(validation_line(step, found, kept, cfg.run.select_by))
                 metrics.write(row)
                 progress.update(step, rkl=row["reverse_kl"], pg=row["pg"], ss=row["single_step"],
                                 **({"pt": row["pt_loss"]} if "pt_loss" in row else {}))

@@ -83,6 +83,13 @@ class Best:
         return out
 
 
+def validation_line(step: int, found: dict, kept: bool, select_by: str) -> str:
+    """The log line of one validation: its figures, and whether --out received these weights."""
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in found.items() if isinstance(v, (int, float)))
+    return f"validation at step {step}: {figures}" + (f" -- the best by {select_by} so far: saved to --out" if kept
+                                                       else "")
+
+
 class ValidationRouge:
     """Mean ROUGE-L (x100) of one sampled answer per validation prompt, by `minillm evaluate`'s
     protocol: the run's template, temperature 1, top-k 0, top-p 1, no-repeat-ngram 6, each row's

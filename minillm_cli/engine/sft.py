@@ -82,7 +82,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                     load_tokenizer, low_precision_warning, pick_dtype)
 
     from minillm_cli.engine import fsdp
-    from minillm_cli.engine.selection import Best, ValidationRouge
+    from minillm_cli.engine.selection import Best, ValidationRouge, validation_line
 
     if cfg.run.fsdp or fsdp.fsdp_from_env():
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter,
@@ -208,10 +208,12 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                                 engine=rt.sampling_engine("auto"), vocab_size=vocab,
                                                 autocast_dtype=amp)
         value = found.get(chosen.column)
-        if chosen.improves(value):
+        kept = chosen.improves(value)
+        if kept:
             chosen.record(value, step)
             fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                               trust_remote_code=cfg.model_opts.trust_remote_code)
+        progress.log(validation_line(step, found, kept, cfg.run.select_by))
         return found
 
     for line in scaling_warnings(rt.world_size, cfg.grad_accum, fsdp=rt.fsdp, batch_size=cfg.batch_size):
