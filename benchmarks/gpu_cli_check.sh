@@ -20,8 +20,9 @@ make_gpt2(tok, w / "student", n_layer=2, n_embd=64, n_head=2, seed=2)
 PYEOF
 COMMON=(--teacher "$W/teacher" --student "$W/student" --data "$W/data.jsonl" --batch-size 8 --num-rollouts 16
         --max-new-tokens 24 --limit 48 --steps 3 --eval-prompts 8 --quiet --json --device "$DEV")
-echo "-- distill --sampler auto --no-cache-teacher-logits"
-"$PY" -m minillm_cli distill "${COMMON[@]}" --sampler auto --no-cache-teacher-logits --out "$W/plain"
+echo "-- distill --sampler auto --no-cache-teacher-logits --select-by rougeL (validation ROUGE-L each step)"
+"$PY" -m minillm_cli distill "${COMMON[@]}" --sampler auto --no-cache-teacher-logits --select-by rougeL --eval-every 1 \
+    --out "$W/plain"
 echo "-- distill --sampler auto --cache-teacher-logits"
 "$PY" -m minillm_cli distill "${COMMON[@]}" --sampler auto --cache-teacher-logits --out "$W/cached"
 echo "-- distill --sampler auto --cache-teacher-logits --no-update-graphs (the eager micro-steps)"
