@@ -275,6 +275,10 @@ def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):  # (the checkpoint loader says what else is missing)
+        from minillm_cli.engine.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(out) is None:  # (before seqkd's setup writes a run_config.json of its own)
+            raise InputError(f"--resume: {out} holds no run to resume (no run_config.json, no checkpoint)")
         return [f"note: {path} is missing or unreadable: this command's settings cannot be checked against "
                 f"the run's, and are taken as given"]
     if saved.get("command") != command:

@@ -77,7 +77,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     # Prompts over the limit are dropped by the SFT encoding anyway: nothing to generate for them.
     mine: dict[int, tuple[str, bool]] = {i: ("", True) for i in range(len(examples)) if i not in prompts}
     # what an interrupted generation left (read on rank 0 before any process appends to it)
-    earlier = rt.broadcast_object(_partial_answers(path, prompts) if rt.is_main else None)
+    earlier = rt.broadcast_object(_partial_answers(path, prompts, examples) if rt.is_main else None)
     mine.update(earlier)
     todo = [i for i in kept if i not in earlier]
     if earlier and progress is not None:
@@ -115,6 +115,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     oom = SplitOnOOM(allowed=not rt.fsdp, release=lambda: release_engine(engine),
                      note=lambda line: log(f"seqkd: {line}"))
     partial = partial_paths(path, rt.rank)
+    _end_line(partial)  # (a torn last line must not swallow the first row appended after it)
     for k, chunk, real in work:
         generated = oom.run(chunk, answers, lambda parts: [x for part in parts for x in part])
         if not real:
@@ -152,15 +153,26 @@ def partial_paths(path: Path, rank: int | None = None):
     return sorted(path.parent.glob(f"{path.stem}.partial.*{path.suffix}"))
 
 
+def _end_line(path: Path) -> None:
+    """Ends `path`'s last line with a newline where a killed process left it open."""
+    try:
+        with open(path, "rb+") as fh:
+            if fh.seek(0, 2) and (fh.seek(-1, 2), fh.read(1))[1] != b"\n":
+                fh.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def _row(examples, i: int, response: str, finished: bool) -> str:
     e = examples[i]
     return json.dumps({"index": i, "instruction": e.instruction, "input": e.input, "response": response,
                        "finished": finished}) + "\n"
 
 
-def _partial_answers(path: Path, prompts: dict) -> dict[int, tuple[str, bool]]:
+def _partial_answers(path: Path, prompts: dict, examples) -> dict[int, tuple[str, bool]]:
     """index -> (answer, finished) from the partial files of an interrupted generation; a torn
-    last line (a process killed while writing) and rows for no current prompt are skipped."""
+    last line (a process killed while writing), rows for no current prompt and rows whose
+    instruction or input is not that example's (the data changed under the same path) are skipped."""
     found = {}
     for p in partial_paths(path):
         for line in p.read_text(encoding="utf-8").split("\n"):
@@ -168,6 +180,8 @@ def _partial_answers(path: Path, prompts: dict) -> dict[int, tuple[str, bool]]:
                 r = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(r, dict) and r.get("index") in prompts and isinstance(r.get("response"), str):
+            if (isinstance(r, dict) and r.get("index") in prompts and isinstance(r.get("response"), str)
+                    and (r.get("instruction"), r.get("input")) == (examples[r["index"]].instruction,
+                                                                   examples[r["index"]].input)):
                 found[r["index"]] = (r["response"], bool(r.get("finished", True)))
     return found

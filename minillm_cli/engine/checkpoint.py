@@ -189,6 +189,9 @@ def resume_run(out: Path, *, model, optimizer, scheduler, steps: int, is_main: b
     (its metrics rows dropped); a folder that is neither is refused."""
     last = latest_checkpoint(out)
     if last is None:
+        if (Path(out) / "summary.json").is_file():  # (a finished run whose checkpoints were deleted)
+            raise InputError(f"--resume: the run in {out} finished (summary.json) and has no checkpoint left "
+                             f"to continue from; start a new --out (or --overwrite this one)")
         if (Path(out) / "run_config.json").is_file():
             if is_main:
                 truncate_metrics(Path(out) / "metrics.jsonl", 0)

@@ -235,6 +235,35 @@ def test_seqkd_generation_stopped_halfway_resumes_where_it_stopped(tmp_path, tin
     assert [r["step"] for r in rows(cut)] == [1, 2]
 
 
+def test_resume_of_a_folder_that_holds_no_run_is_refused_untouched(tmp_path, tiny_dir, dolly_like):
+    """seqkd writes run_config.json before its teacher generates: --resume of a folder that is no
+    run (say a model folder) must be refused before that, not taken for a run stopped early."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    args = [*common(tiny_dir, dolly_like), "--method", "seqkd", "--steps", 1, "--out", folder, "--resume"]
+    res = invoke("distill", *args)
+    assert res.exit_code == 2 and "holds no run to resume" in res.output, res.output
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_resume_of_a_finished_run_without_checkpoints_is_refused(tmp_path, tiny_dir, dolly_like):
+    """A finished run whose checkpoints were deleted is not started again from step 0 (which
+    would drop its metrics and replace its weights)."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--device", "cpu", "--quiet", "--steps", 2]
+    assert invoke(*args).exit_code == 0
+    shutil.rmtree(out / "checkpoints")
+    logged = (out / "metrics.jsonl").read_text()
+    res = invoke(*args, "--resume")
+    assert res.exit_code == 2 and "finished (summary.json)" in res.output, res.output
+    assert (out / "metrics.jsonl").read_text() == logged
+
+
 def test_seqkd_refuses_student_settings_before_the_teacher_generates(tmp_path, tiny_dir, dolly_like):
     """A student setting that loading would refuse (LoRA targets it lacks, too long a --max-length
     for its positions) is refused before hours of teacher generation, which leaves nothing behind."""
