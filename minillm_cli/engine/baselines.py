@@ -59,6 +59,9 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     from minillm_cli.engine.train_utils import micro_batches
 
     if path.is_file():
+        if rt.is_main:  # (left where a run stopped between writing `path` and deleting them)
+            for old in partial_paths(path):
+                old.unlink(missing_ok=True)
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
         if rows and all("index" in r for r in rows) and max(r["index"] for r in rows) < len(examples):
             out, ends = [""] * len(examples), [True] * len(examples)

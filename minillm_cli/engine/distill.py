@@ -455,6 +455,8 @@ class MiniLLMRun:
                                  steps=self.steps, is_main=rt.is_main) if cfg.run.resume else None)
         if cfg.run.resume and state is None:
             progress.log(f"note: no checkpoint in {out} yet: training starts at step 0")
+            for line in notes:
+                progress.log(line)
         if state is not None:
             step, extra = state["step"], state["extra"]
             iteration, plan_pos = extra["iteration"], extra["plan_pos"]

@@ -174,6 +174,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
              if cfg.run.resume else None)
     if cfg.run.resume and state is None:
         progress.log(f"note: no checkpoint in {out} yet: training starts at step 0")
+        for line in notes:
+            progress.log(line)
     if state is not None:
         start = state["step"]
         chosen = Best.from_state(cfg.run.select_by, state["extra"].get("best"))
