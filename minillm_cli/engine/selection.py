@@ -147,7 +147,11 @@ class ValidationRouge:
             for _, chunk, real in rt.lockstep(micro_batches(list(range(len(self))), max(1, rows))):
                 ids, att = left_pad([self.prompts[j] for j in chunk], tok.pad_token_id)
                 budgets = [self.budgets[j] for j in chunk]
-                params = SamplingParams(max_new_tokens=max(budgets), temperature=1.0, top_k=0, top_p=1.0,
+                # under FSDP every decode step is a collective: every process (its padding chunk
+                # included) decodes for the longest budget of all; each row's kept tokens are the
+                # same whatever the step count, its own budget cutting the rest below
+                params = SamplingParams(max_new_tokens=max(self.budgets) if rt.fsdp else max(budgets),
+                                        temperature=1.0, top_k=0, top_p=1.0,
                                         no_repeat_ngram_size=6)
                 with torch.no_grad(), autocast(rt.device, autocast_dtype):
                     roll = sample(model, None, ids.to(rt.device), att.to(rt.device), params=params, alpha=0.0,

@@ -178,7 +178,12 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             progress.log(line)
     if state is not None:
         start = state["step"]
-        chosen = Best.from_state(cfg.run.select_by, state["extra"].get("best"))
+        record = state["extra"].get("best")
+        if command != "sft" and isinstance(record, dict) and "select_by" not in record:
+            # a distillation baseline's checkpoint from before --select-by: its run tracked the lowest
+            # validation loss but left the final weights in OUT, so the record names no weights OUT holds
+            record = None
+        chosen = Best.from_state(cfg.run.select_by, record)
         lowest = Best.from_state("loss", state["extra"].get("lowest", state["extra"].get("best")))
         # a finished run resumed runs no step: its last logged loss stays the final one
         loss = next((float(r["loss"]) for r in reversed(state["logged"]) if isinstance(r.get("loss"), (int, float))),

@@ -91,6 +91,24 @@ def test_fsdp_sft_two_processes_equal_one(tmp_path, tiny_dir, dolly_like):
     assert scores[0] == scores[1] and len(scores[0]) == 3
 
 
+def test_fsdp_validation_rouge_over_several_chunks_of_unequal_budgets(tmp_path, tiny_dir, dolly_like):
+    """sft's validation ROUGE-L samples each chunk for its longest budget (min(256, --max-length -
+    prompt)); under FSDP every process must decode as many steps, or the collectives of one
+    process's forwards meet another's decode-stop vote (gloo: a size mismatch, an abort)."""
+    from conftest import write_jsonl
+
+    valid = write_jsonl(tmp_path / "valid.jsonl", [
+        {"instruction": f"Name fruit {i}" + " please" * (i % 5), "response": f"Fruit {i}."} for i in range(24)])
+    # 24 prompts of 62..83 tokens: 2 chunks of 16 rows whose longest budgets differ (78 vs 98)
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--valid-data", valid, "--steps", 2,
+            "--batch-size", 2, "--limit", 24, "--max-length", 160, "--max-prompt-length", 128, "--lr", 1e-3,
+            "--device", "cpu", "--seed", 5, "--quiet", "--select-by", "rougeL", "--eval-every", 1]
+    one_vs_two_fsdp(args, tmp_path / "one", tmp_path / "two", tmp_path / "two.log", "sft")
+    scores = [[json.loads(l)["valid_rougeL"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (tmp_path / "one", tmp_path / "two")]
+    assert scores[0] == scores[1] and len(scores[0]) == 2
+
+
 def test_fsdp_rejects_lora_and_teacher_device(tmp_path, tiny_dir, dolly_like):
     res = runner.invoke(app, ["sft", "--model", str(tiny_dir / "student"), "--data", str(dolly_like), "--fsdp",
                               "--lora-r", "4", "--out", str(tmp_path / "x"), "--device", "cpu"])

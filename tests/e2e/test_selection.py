@@ -140,3 +140,27 @@ def test_rouge_selection_without_a_prompt_to_score_is_refused_before_training(tm
     assert res.exit_code == 2, res.output
     assert "--select-by rougeL: no validation prompt to score" in res.output and "3 over --max-prompt-length" in res.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_baselines_checkpoint_from_before_select_by_names_no_weights_in_out(tmp_path, tiny_dir, dolly_like):
+    """Before --select-by, kd/rkl/seqkd checkpoints recorded their lowest validation loss
+    ({"valid_loss", "step"}) but OUT held the final weights: resumed with --select-by loss, that
+    record must not be taken for weights OUT holds."""
+    out = tmp_path / "kd"
+    args = ["distill", "--method", "kd", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student",
+            "--data", dolly_like, "--batch-size", 4, "--lr", 1e-3, "--warmup-steps", 0, "--valid-size", 6,
+            "--max-length", 160, "--max-prompt-length", 128, "--eval-every", 1, "--device", "cpu", "--quiet",
+            "--out", out]
+    assert invoke(*args, "--steps", 2).exit_code == 0
+    # as the previous release wrote them: the old record, and no select_by in run_config.json
+    ckpt = out / "checkpoints" / "step-00000002" / "state.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["extra"] = {"best": {"valid_loss": 0.0, "step": 1}}
+    torch.save(state, ckpt)
+    record = json.loads((out / "run_config.json").read_text())
+    del record["config"]["run"]["select_by"]
+    (out / "run_config.json").write_text(json.dumps(record))
+    res = invoke(*args, "--steps", 3, "--resume", "--select-by", "loss", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["saved"], summary["best_step"]) == ("best", 3)  # not step 1, whose weights OUT never held
