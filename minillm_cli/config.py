@@ -143,11 +143,12 @@ class SFTConfig:
         require(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
-        if self.run.select_by is None:
+        explicit = self.run.select_by is not None
+        if not explicit:
             self.run.select_by = "loss"
         require(self.run.select_by in ("last", "loss", "rougeL"),
                 f"--select-by {self.run.select_by}: sft selects by last, loss or rougeL")
-        check_selection(self.run.select_by, self.data)
+        check_selection(self.run.select_by, self.data, explicit)
         from minillm_cli.models import check_model_options
 
         check_model_options(self.model, self.model_opts, "--model")
@@ -162,9 +163,10 @@ class SFTConfig:
                                    "--valid-data": self.data.valid_data})
 
 
-def check_selection(select_by: str, data: DataOptions) -> None:
-    """A selection by a validation metric needs a validation set."""
-    require(select_by == "last" or select_by == "loss" or data.valid_data is not None or data.valid_size > 0,
+def check_selection(select_by: str, data: DataOptions, explicit: bool = True) -> None:
+    """A selection by a validation metric needs a validation set (sft's default, by loss, keeps
+    the final weights without one)."""
+    require(select_by == "last" or not explicit or data.valid_data is not None or data.valid_size > 0,
             f"--select-by {select_by} needs validation data: --valid-size 0 and no --valid-data leave none")
 
 
@@ -483,7 +485,8 @@ class DistillConfig:
         require(0 <= self.kd_ratio <= 1, f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
         require(self.eval_prompts >= 0, f"--eval-prompts must be >= 0, got {self.eval_prompts}")
         require(not (self.steps and self.epochs), "give --steps or --epochs, not both")
-        if self.run.select_by is None:
+        explicit = self.run.select_by is not None
+        if not explicit:
             self.run.select_by = "last"
         require(self.run.select_by != "loss" or self.method != "minillm",
                 "--select-by loss: MiniLLM computes no validation loss; select by rougeL or reverse-kl")
@@ -491,7 +494,7 @@ class DistillConfig:
                 "--select-by reverse-kl: only --method minillm computes valid_reverse_kl; select by loss or rougeL")
         require(self.run.select_by != "reverse-kl" or self.eval_prompts > 0,
                 "--select-by reverse-kl needs --eval-prompts > 0 (the prompts valid_reverse_kl is computed on)")
-        check_selection(self.run.select_by, self.data)
+        check_selection(self.run.select_by, self.data, explicit)
         from minillm_cli.models import adapter_base, check_model_options
 
         check_model_options(self.student, self.model_opts, "--student")

@@ -54,9 +54,15 @@ def configs(a: dict):
                        input_field=a["input_field"], template=a["template"], max_prompt_length=a["max_prompt_length"],
                        max_length=a["max_length"], valid_size=a["valid_size"], test_size=a["test_size"],
                        split_seed=a["split_seed"], limit=a["limit"], valid_data=a["valid_data"])
+    select_by = a.get("select_by")
+    if select_by is None and a["resume"]:  # the run's own, not this command's default
+        from minillm_cli.config import saved_config
+
+        recorded = (saved_config(a["out"]).get("run") or {}).get("select_by")
+        select_by = recorded if isinstance(recorded, str) else None
     run = RunOptions(out=a["out"], overwrite=a["overwrite"], resume=a["resume"], seed=a["seed"], device=a["device"],
                      quiet=a["quiet"], json=a["json_out"], eval_every=a["eval_every"], save_every=a["save_every"],
-                     fsdp=a.get("fsdp", False), select_by=a.get("select_by"))
+                     fsdp=a.get("fsdp", False), select_by=select_by)
     optim = OptimOptions(lr=a["lr"], weight_decay=a["weight_decay"], warmup_steps=a["warmup_steps"],
                          schedule=a["schedule"], max_grad_norm=a["max_grad_norm"], adam_betas=a["adam_betas"])
     model = ModelOptions(lora_r=a["lora_r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],

@@ -70,7 +70,7 @@ def command(
         elif not quiet:
             best = summary["best_valid_loss"]
             echo_main(f"sft done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
-                      + (f", best valid loss {best:.4f}" if best is not None else "") + kept_weights(summary)
+                      + (f", lowest valid loss {best:.4f}" if best is not None else "") + kept_weights(summary)
                       + f" -> {summary['out']}")
 
     run_command(body, debug=debug)

@@ -98,6 +98,12 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
     def setup(rt, tok):
         # The teacher answers every training prompt once; then it is freed and the student is SFT'd
         # on those answers by the same loop as `sft`.
+        if cfg.run.select_by == "rougeL":  # (refused now, as the SFT after the generation would)
+            from minillm_cli.engine.selection import ValidationRouge
+
+            ValidationRouge(tok, splits["valid"], template=cfg.data.template,
+                            max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length,
+                            seed=cfg.run.seed).check()
         if rt.is_main:  # (now, not after the generation: a run stopped during it can then be resumed)
             save_run_config(cfg, Path(cfg.run.out).expanduser(), "distill-seqkd", {"stage": "teacher generation"})
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
@@ -171,6 +177,9 @@ class MiniLLMRun:
         # the first --eval-prompts validation prompts that fit (not the first ones, less those that do not)
         valid, _, v_dropped = encode_prompts(tok, splits["valid"], cfg.data.template, cfg.data.max_prompt_length)
         self.valid_prompts = valid[: cfg.eval_prompts]
+        if cfg.run.select_by == "reverse-kl" and not self.valid_prompts:
+            raise InputError(f"--select-by reverse-kl: no validation prompt ({len(splits['valid'])} read, {v_dropped} "
+                             f"over --max-prompt-length {cfg.data.max_prompt_length}) to compute valid_reverse_kl on")
         if cfg.eval_prompts and not self.valid_prompts:
             warn(f"no validation prompt ({len(splits['valid'])} read, {v_dropped} over --max-prompt-length "
                  f"{cfg.data.max_prompt_length}): valid_reverse_kl will not be logged")
@@ -186,16 +195,16 @@ class MiniLLMRun:
 
             self.rouge = ValidationRouge(tok, splits["valid"], template=cfg.data.template,
                                          max_prompt_length=cfg.data.max_prompt_length,
-                                         max_length=cfg.data.max_length, max_new_tokens=cfg.max_new_tokens,
-                                         seed=cfg.run.seed)
-            if not len(self.rouge):
-                raise InputError(f"--select-by rougeL: no validation prompt to score ({self.rouge.describe()})")
+                                         max_length=cfg.data.max_length, seed=cfg.run.seed)
+            self.rouge.check()
             note(self.rouge.describe())
         self.student = load_model(cfg.student, tokenizer=tok, device=rt.device,
                                   dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                                   lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
                                   what="student")
         check_context(self.student, *rollout, "student", note)
+        if self.rouge is not None:  # (its answers run to --max-length, as evaluate's do)
+            check_context(self.student, cfg.data.max_length, "--max-length", "student", note)
         if line := adapter_note(self.student, cfg.model_opts.save_adapter):
             note(line)
         if line := low_precision_warning(self.student, cfg.optim.lr):
@@ -465,6 +474,8 @@ class MiniLLMRun:
                 buffer = from_state(extra["buffer"], rt.device)
                 plan = ppo_plan(cfg.num_rollouts, cfg.batch_size, cfg.ppo_epochs, cfg.run.seed, iteration - 1)
             progress.log(f"resumed from {state['path'].name} (step {step})")
+            if line := chosen.reconcile(out):
+                progress.log(line)
             for line in notes:  # (after the checkpoint: a refused resume says only why)
                 progress.log(line)
             # a finished run resumed runs no step: its summary takes the last logged row's figures
@@ -515,6 +526,8 @@ class MiniLLMRun:
                         chosen.record(row[chosen.column], step)
                         fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                                           trust_remote_code=cfg.model_opts.trust_remote_code)
+                        if rt.is_main:
+                            chosen.mark(out)
                     if found:
                         progress.log(validation_line(step, found, kept, cfg.run.select_by))
                 metrics.write(row)

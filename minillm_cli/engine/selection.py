@@ -10,6 +10,7 @@ by MiniLLM's `valid_reverse_kl`, `last` keeps the final weights (distill's defau
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -74,6 +75,34 @@ class Best:
             best.value, best.step = (float(v) if v is not None else None), state["step"]
         return best
 
+    # next to the weights in OUT: the record of the step they are (`mark`, `reconcile`)
+    MARKER = "selected.json"
+
+    def mark(self, out) -> None:
+        """Say in OUT which step's weights were just saved there (rank 0, right after the save)."""
+        from pathlib import Path
+
+        tmp = Path(out) / (self.MARKER + ".tmp")
+        tmp.write_text(json.dumps(self.state()))
+        tmp.replace(Path(out) / self.MARKER)
+
+    def reconcile(self, out) -> str | None:
+        """On --resume: OUT's weights are saved at each new best, the record reaches a checkpoint
+        only at --save-every, so a run stopped in between leaves in OUT the weights of a step the
+        resumed run recomputes (maybe differently) while its record names an older one. Then the
+        record is dropped -- the next validation saves again -- and a note says so."""
+        from pathlib import Path
+
+        try:
+            marked = json.loads((Path(out) / self.MARKER).read_text())
+        except (OSError, ValueError):
+            return None  # (nothing saved yet, or a folder from before the marker)
+        if not self.keeps_best or not isinstance(marked, dict) or marked.get("step") == self.step:
+            return None
+        self.value = self.step = None
+        return (f"note: --out holds the weights of step {marked.get('step')}, saved after the checkpoint this run "
+                f"resumes from; the selection starts again with the next validation")
+
     def summary(self) -> dict:
         """The summary.json fields: what OUT holds and why."""
         kept = self.keeps_best and self.step is not None
@@ -90,6 +119,12 @@ def validation_line(step: int, found: dict, kept: bool, select_by: str) -> str:
                                                        else "")
 
 
+# the validation answers' length: at most evaluate's default new tokens, within --max-length;
+# and the least rows sampled together (the training micro-batch when larger)
+VALID_NEW_TOKENS = 256
+VALID_ROWS = 16
+
+
 class ValidationRouge:
     """Mean ROUGE-L (x100) of one sampled answer per validation prompt, by `minillm evaluate`'s
     protocol: the run's template, temperature 1, top-k 0, top-p 1, no-repeat-ngram 6, each row's
@@ -104,7 +139,7 @@ class ValidationRouge:
     VALID_STREAM = 7_000_003
 
     def __init__(self, tokenizer, examples, *, template: str, max_prompt_length: int, max_length: int,
-                 max_new_tokens: int, seed: int):
+                 seed: int, max_new_tokens: int = VALID_NEW_TOKENS):
         from minillm_cli.data.tokenize import encode_prompts
 
         with_refs = [e for e in examples if e.references]
@@ -122,12 +157,22 @@ class ValidationRouge:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def describe(self) -> str:
+    def left_out(self) -> str:
+        """Which validation examples are not scored, and why ("" when none)."""
         c = self.counts
-        left = [f"{c[k]} {what}" for k, what in (("no_reference", "without a reference answer"),
-                                                  ("too_long", "over --max-prompt-length")) if c[k]]
-        return (f"validation ROUGE-L on {c['scored']} prompts, one sampled answer each"
-                + (f" ({', '.join(left)} left out)" if left else ""))
+        return ", ".join(f"{c[k]} {what}" for k, what in (("no_reference", "without a reference answer"),
+                                                           ("too_long", "over --max-prompt-length")) if c[k])
+
+    def describe(self) -> str:
+        n, left = self.counts["scored"], self.left_out()
+        return (f"validation ROUGE-L on {n} prompt{'s' if n != 1 else ''}, one sampled answer each"
+                + (f" ({left} left out)" if left else ""))
+
+    def check(self) -> None:
+        """InputError when no validation prompt is left to score."""
+        if not len(self):
+            raise InputError("--select-by rougeL: no validation prompt to score"
+                             + (f" ({self.left_out()})" if self.left_out() else " (no validation example)"))
 
     def score(self, model, rt, *, rows: int, engine: str, vocab_size: int, autocast_dtype) -> float:
         """The mean ROUGE-L over every prompt, sampled `rows` at a time, the chunks shared out over

@@ -39,12 +39,6 @@ def response_ce_sum(model, batch: dict, vocab_size: int, device) -> tuple[torch.
     return ce, int(mask.sum())
 
 
-# validation ROUGE-L (--select-by rougeL): new tokens per answer at most (evaluate's default), and
-# the least rows sampled together (the training micro-batch when larger)
-VALID_NEW_TOKENS = 256
-VALID_ROWS = 16
-
-
 @torch.no_grad()
 def validation_loss(model, data: list[Encoded], rt: Runtime, *, micro_batch_size: int, pad_id: int,
                     vocab_size: int, dtype) -> float:
@@ -82,7 +76,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                                     load_tokenizer, low_precision_warning, pick_dtype)
 
     from minillm_cli.engine import fsdp
-    from minillm_cli.engine.selection import Best, ValidationRouge, validation_line
+    from minillm_cli.engine.selection import VALID_ROWS, Best, ValidationRouge, validation_line
 
     if cfg.run.fsdp or fsdp.fsdp_from_env():
         fsdp.check_supported(lora=cfg.model_opts.lora() is not None, save_adapter=cfg.model_opts.save_adapter,
@@ -139,10 +133,11 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     if cfg.run.select_by == "rougeL":
         rouge = ValidationRouge(tok, valid_examples or [], template=cfg.data.template,
                                 max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length,
-                                max_new_tokens=VALID_NEW_TOKENS, seed=cfg.run.seed)
-        if not len(rouge):
-            raise InputError(f"--select-by rougeL: no validation prompt to score ({rouge.describe()})")
+                                seed=cfg.run.seed)
+        rouge.check()
         progress.log(rouge.describe())
+    if not valid and cfg.run.select_by != "last":
+        progress.log(f"note: no validation example{' left' if valid_examples else ''}: --out keeps the final weights")
     if cfg.batch_size > len(train):
         progress.log(f"note: --batch-size {cfg.batch_size} is more than the {len(train)} training examples: "
                      f"every batch repeats examples")
@@ -178,17 +173,19 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             progress.log(line)
     if state is not None:
         start = state["step"]
-        record = state["extra"].get("best")
-        if command != "sft" and isinstance(record, dict) and "select_by" not in record:
+        kept = state["extra"].get("best")
+        if command != "sft" and isinstance(kept, dict) and "select_by" not in kept:
             # a distillation baseline's checkpoint from before --select-by: its run tracked the lowest
             # validation loss but left the final weights in OUT, so the record names no weights OUT holds
-            record = None
-        chosen = Best.from_state(cfg.run.select_by, record)
+            kept = None
+        chosen = Best.from_state(cfg.run.select_by, kept)
         lowest = Best.from_state("loss", state["extra"].get("lowest", state["extra"].get("best")))
         # a finished run resumed runs no step: its last logged loss stays the final one
         loss = next((float(r["loss"]) for r in reversed(state["logged"]) if isinstance(r.get("loss"), (int, float))),
                     loss)
         progress.log(f"resumed from {state['path'].name}")
+        if line := chosen.reconcile(out):
+            progress.log(line)
         for line in notes:  # (after the checkpoint: a refused resume says only why)
             progress.log(line)
     if rt.is_main:
@@ -220,6 +217,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
             chosen.record(value, step)
             fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                               trust_remote_code=cfg.model_opts.trust_remote_code)
+            if rt.is_main:
+                chosen.mark(out)
         progress.log(validation_line(step, found, kept, cfg.run.select_by))
         return found
 

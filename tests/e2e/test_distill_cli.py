@@ -319,6 +319,7 @@ def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     (["--select-by", "reverse-kl", "--method", "kd"], "--select-by reverse-kl: only --method minillm"),
     (["--select-by", "reverse-kl", "--eval-prompts", 0], "--select-by reverse-kl needs --eval-prompts > 0"),
     (["--select-by", "rougeL", "--valid-size", 0], "--select-by rougeL needs validation data"),
+    (["--select-by", "loss", "--method", "kd", "--valid-size", 0], "--select-by loss needs validation data"),
 ])
 def test_bad_options(tmp_path, tiny_dir, dolly_like, extra, needle):
     res = invoke("distill", *common(tiny_dir, dolly_like), *extra, "--out", tmp_path / "x", "--steps", 1)

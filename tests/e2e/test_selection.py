@@ -108,7 +108,8 @@ def test_minillm_keeps_the_best_step_through_a_resume(tmp_path, tiny_dir, dolly_
     res = invoke(*base, "--steps", 2)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["best_step"] == 2
-    res = invoke(*base, "--steps", 4, "--resume")
+    # (--select-by left out: a resume takes the run's own)
+    res = invoke(*[a for a in base if a not in ("--select-by", "rougeL")], "--steps", 4, "--resume")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (summary["saved"], summary["best_step"], summary["best_valid_rougeL"]) == ("best", 2, 5.0)
@@ -140,6 +141,10 @@ def test_rouge_selection_without_a_prompt_to_score_is_refused_before_training(tm
     assert res.exit_code == 2, res.output
     assert "--select-by rougeL: no validation prompt to score" in res.output and "3 over --max-prompt-length" in res.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+    res = invoke("distill", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student", "--data", dolly_like,
+                 "--valid-data", long, "--out", tmp_path / "rkl", "--steps", 1, "--select-by", "reverse-kl",
+                 "--device", "cpu", "--max-length", 160, "--max-prompt-length", 128, "--max-new-tokens", 8)
+    assert res.exit_code == 2 and "--select-by reverse-kl: no validation prompt (3 read, 3 over" in res.output, res.output
 
 
 def test_a_baselines_checkpoint_from_before_select_by_names_no_weights_in_out(tmp_path, tiny_dir, dolly_like):
@@ -164,3 +169,37 @@ def test_a_baselines_checkpoint_from_before_select_by_names_no_weights_in_out(tm
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (summary["saved"], summary["best_step"]) == ("best", 3)  # not step 1, whose weights OUT never held
+    assert json.loads((out / "run_config.json").read_text())["config"]["method"] == "kd"  # the run's own record
+
+
+def test_weights_saved_after_the_last_checkpoint_are_not_taken_for_the_records(tmp_path, tiny_dir, dolly_like,
+                                                                               monkeypatch):
+    """OUT receives the weights at each new best, the record reaches a checkpoint only at
+    --save-every: a run stopped in between leaves OUT ahead of its checkpoint. The resumed run
+    must not report the checkpoint's older best for weights OUT no longer holds."""
+    import shutil
+
+    scores = iter([1.0, 5.0, 9.0, 2.0, 3.0])
+    seen = {}
+
+    def scripted(self, model, rt, **kw):
+        value = next(scores)
+        seen[value] = weights(model)
+        return value
+
+    monkeypatch.setattr(ValidationRouge, "score", scripted)
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--lr", 1e-2, "--schedule", "constant", "--eval-every", 1, "--save-every", 2, "--select-by", "rougeL",
+            "--valid-size", 6, "--max-length", 160, "--max-prompt-length", 128, "--device", "cpu", "--quiet", "--json"]
+    assert invoke(*args, "--steps", 3).exit_code == 0
+    assert json.loads((out / "selected.json").read_text())["step"] == 3
+    # stopped right after step 3's validation saved its weights, before the step-3 checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-00000003")
+    (out / "checkpoints" / "LATEST").write_text("step-00000002")
+    res = invoke(*[a for a in args if a != "--quiet"], "--steps", 4, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "--out holds the weights of step 3, saved after the checkpoint" in res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["best_step"], summary["best_valid_rougeL"]) == (4, 3.0)  # not step 2's 5.0
+    assert same(saved_weights(out), seen[3.0])

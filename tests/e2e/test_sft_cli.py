@@ -120,6 +120,8 @@ def _bad(tmp_path, tiny_dir, dolly_like):
         (["--model", m, "--data", dolly_like, "--select-by", "reverse-kl"], "sft selects by last, loss or rougeL"),
         (["--model", m, "--data", dolly_like, "--select-by", "rougeL", "--valid-size", 0],
          "--select-by rougeL needs validation data"),
+        (["--model", m, "--data", dolly_like, "--select-by", "loss", "--valid-size", 0],
+         "--select-by loss needs validation data"),
     ]
 
 
