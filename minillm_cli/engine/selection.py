@@ -26,10 +26,11 @@ _SPELLINGS = {"rouge-l": "rougeL", "rougel": "rougeL", "rouge_l": "rougeL", "val
 
 def canonical_select(name: str) -> str:
     """The --select-by value as SELECT_BY spells it; InputError for an unknown one."""
-    name = _SPELLINGS.get(str(name).strip().lower(), str(name).strip())
-    if name not in SELECT_BY:
-        raise InputError(f"--select-by {name!r}: expected one of {', '.join(SELECT_BY)}")
-    return name
+    known = {**{k.lower(): k for k in SELECT_BY}, **_SPELLINGS}  # (any letter case)
+    found = known.get(str(name).strip().lower())
+    if found is None:
+        raise InputError(f"--select-by {str(name).strip()!r}: expected one of {', '.join(SELECT_BY)}")
+    return found
 
 
 @dataclass

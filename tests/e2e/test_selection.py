@@ -55,6 +55,7 @@ def test_best_follows_the_metric_direction_and_keeps_the_earlier_of_a_tie():
     assert (old.value, old.step) == (2.5, 7)
     assert Best.from_state("rougeL", {"valid_loss": 2.5, "step": 7}).step is None  # another metric's best
     assert canonical_select("ROUGE-L") == "rougeL" and canonical_select("final") == "last"
+    assert canonical_select("LOSS") == "loss" and canonical_select(" Reverse-KL ") == "reverse-kl"
     with pytest.raises(InputError, match="expected one of last, loss, rougeL, reverse-kl"):
         canonical_select("bleu")
 
