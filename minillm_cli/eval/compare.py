@@ -57,6 +57,8 @@ def load_entries(paths: Sequence[Path], names: Optional[Sequence[str]] = None) -
                 raise InputError(f"{p} is a folder but not a run folder (no metrics.jsonl or run_config.json)")
             run = load_run(p)
             train = {f"train.{k}": {"mean": v, "std": 0.0, "per_seed": [v]} for k, v in run.final.items()}
+            if run.kept_step is not None:  # (the step those figures, and the folder's weights, are from)
+                train["train.kept_step"] = {"mean": float(run.kept_step), "std": 0.0, "per_seed": [float(run.kept_step)]}
             if run.results:
                 for stem, rp, res in run.results:
                     nm = run.name if len(run.results) == 1 else f"{run.name}/{stem}"

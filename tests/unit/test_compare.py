@@ -106,7 +106,8 @@ def test_a_run_folder_that_kept_an_earlier_step_reports_that_steps_figures(tmp_p
     s = R.load_run(run)
     assert s.kept_step == 2 and s.final == {"loss": 2.0, "valid_rougeL": 30.0}  # the weights the folder holds
     assert s.best == {"loss": 1.0, "valid_rougeL": 30.0} and len(s.curve) == 4  # the curve stays whole
-    assert C.load_entries([run])[0].metrics["train.loss"]["mean"] == 2.0
+    metrics = C.load_entries([run])[0].metrics
+    assert metrics["train.loss"]["mean"] == 2.0 and metrics["train.kept_step"]["mean"] == 2
     (run / "summary.json").write_text(json.dumps({"saved": "final", "select_by": "last", "best_step": None}))
     assert R.load_run(run).final == {"loss": 1.0, "valid_rougeL": 20.0}
 
