@@ -148,7 +148,9 @@ class SFTConfig:
             self.run.select_by = "loss"
         require(self.run.select_by in ("last", "loss", "rougeL"),
                 f"--select-by {self.run.select_by}: sft selects by last, loss or rougeL")
-        check_selection(self.run.select_by, self.data, explicit)
+        # (a resume takes the run's own --select-by, its default included, and check_resume holds
+        # it and the data options to the first run's, which this check passed then)
+        check_selection(self.run.select_by, self.data, explicit and not self.run.resume)
         from minillm_cli.models import check_model_options
 
         check_model_options(self.model, self.model_opts, "--model")
@@ -251,12 +253,14 @@ def _same_path(old, new, old_cwd: str | None) -> bool:
 
 
 def _same_targets(old, new, saved: dict) -> bool:
-    """--lora-targets: equal, or one side left to detection and the other naming exactly what the
-    run detected (run_config.json's resolved `lora_targets`)."""
-    if (old is None) == (new is None):
+    """--lora-targets: equal, or the first run left them to detection and this one names exactly
+    what it detected (run_config.json's resolved `lora_targets`)."""
+    if old is not None or new is None:
+        # (a list resumed without --lora-targets is refused: this run would detect its own targets,
+        # not take the recorded ones)
         return old == new
     detected = (saved.get("resolved") or {}).get("lora_targets")
-    return isinstance(detected, list) and sorted(old or new) == sorted(detected)
+    return isinstance(detected, list) and sorted(new) == sorted(detected)
 
 
 def saved_config(out: str | Path) -> dict:
@@ -494,7 +498,9 @@ class DistillConfig:
                 "--select-by reverse-kl: only --method minillm computes valid_reverse_kl; select by loss or rougeL")
         require(self.run.select_by != "reverse-kl" or self.eval_prompts > 0,
                 "--select-by reverse-kl needs --eval-prompts > 0 (the prompts valid_reverse_kl is computed on)")
-        check_selection(self.run.select_by, self.data, explicit)
+        # (a resume takes the run's own --select-by, its default included, and check_resume holds
+        # it and the data options to the first run's, which this check passed then)
+        check_selection(self.run.select_by, self.data, explicit and not self.run.resume)
         from minillm_cli.models import adapter_base, check_model_options
 
         check_model_options(self.student, self.model_opts, "--student")

@@ -104,8 +104,11 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
             ValidationRouge(tok, splits["valid"], template=cfg.data.template,
                             max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length,
                             seed=cfg.run.seed).check()
-        if rt.is_main:  # (now, not after the generation: a run stopped during it can then be resumed)
-            save_run_config(cfg, Path(cfg.run.out).expanduser(), "distill-seqkd", {"stage": "teacher generation"})
+        run_config = Path(cfg.run.out).expanduser() / "run_config.json"
+        # (now, not after the generation: a run stopped during it can then be resumed; not over a
+        # resumed run's own, which a refused resume must leave as it was)
+        if rt.is_main and not run_config.is_file():
+            save_run_config(cfg, run_config.parent, "distill-seqkd", {"stage": "teacher generation"})
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code,

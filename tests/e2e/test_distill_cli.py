@@ -264,6 +264,21 @@ def test_resume_of_a_finished_run_without_checkpoints_is_refused(tmp_path, tiny_
     assert (out / "metrics.jsonl").read_text() == logged
 
 
+def test_a_refused_seqkd_resume_leaves_run_config_as_it_was(tmp_path, tiny_dir, dolly_like):
+    """seqkd writes run_config.json before its teacher generates, but only where the folder has
+    none: a resume refused later (here: a finished run without checkpoints) must not replace it."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = [*common(tiny_dir, dolly_like), "--method", "seqkd", "--steps", 1, "--out", out]
+    assert invoke("distill", *args).exit_code == 0
+    record = (out / "run_config.json").read_text()
+    shutil.rmtree(out / "checkpoints")
+    res = invoke("distill", *args, "--resume")
+    assert res.exit_code == 2 and "finished (summary.json)" in res.output, res.output
+    assert (out / "run_config.json").read_text() == record
+
+
 def test_seqkd_refuses_student_settings_before_the_teacher_generates(tmp_path, tiny_dir, dolly_like):
     """A student setting that loading would refuse (LoRA targets it lacks, too long a --max-length
     for its positions) is refused before hours of teacher generation, which leaves nothing behind."""

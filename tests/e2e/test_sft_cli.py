@@ -501,3 +501,25 @@ def test_lora_targets_named_as_detected_resume_and_others_are_refused(tmp_path, 
     assert res.exit_code == 2 and "--lora-targets None -> ['c_fc', 'c_attn']" in res.output, res.output
     res = invoke(*args, "--steps", 2, "--resume", "--lora-targets", "c_proj,c_fc,c_attn")  # what was detected
     assert res.exit_code == 0, res.output
+
+
+def test_lora_targets_named_then_left_out_on_resume_are_refused(tmp_path, tiny_dir, dolly_like):
+    """Without --lora-targets the resumed run detects its own targets (all of GPT-2's), not the
+    ones the first run named: refused (exit 2), not a failed optimizer load."""
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--device", "cpu", "--quiet", "--lora-r", 2]
+    assert invoke(*args, "--steps", 1, "--lora-targets", "c_attn").exit_code == 0
+    res = invoke(*args, "--steps", 2, "--resume")
+    assert res.exit_code == 2 and "--lora-targets ['c_attn'] -> None" in res.output, res.output
+
+
+def test_a_run_without_validation_data_resumes(tmp_path, tiny_dir, dolly_like):
+    """sft's default --select-by loss is recorded; a resume takes it as the run's own, not as an
+    explicit choice that would need validation data."""
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--valid-size", 0, "--device", "cpu", "--quiet"]
+    assert invoke(*args, "--steps", 1).exit_code == 0
+    res = invoke(*args, "--steps", 2, "--resume")
+    assert res.exit_code == 0, res.output
