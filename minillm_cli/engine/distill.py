@@ -390,7 +390,8 @@ class MiniLLMRun:
         found = self.valid_kl() if self.valid_prompts else {}
         if self.rouge is not None:
             found["valid_rougeL"] = self.rouge.score(self.student, self.rt, rows=self.rollout_batch, engine=self.engine,
-                                                     vocab_size=self.vocab, autocast_dtype=self.amp)
+                                                     vocab_size=self.vocab, autocast_dtype=self.amp,
+                                                     note=self.oom.note)
         return found
 
     @torch.no_grad()

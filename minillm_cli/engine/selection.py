@@ -175,12 +175,15 @@ class ValidationRouge:
             raise InputError("--select-by rougeL: no validation prompt to score"
                              + (f" ({self.left_out()})" if self.left_out() else " (no validation example)"))
 
-    def score(self, model, rt, *, rows: int, engine: str, vocab_size: int, autocast_dtype) -> float:
+    def score(self, model, rt, *, rows: int, engine: str, vocab_size: int, autocast_dtype, note=None) -> float:
         """The mean ROUGE-L over every prompt, sampled `rows` at a time, the chunks shared out over
-        processes (`rt.lockstep`); the per-prompt scores are gathered and averaged in one order."""
+        processes (`rt.lockstep`); the per-prompt scores are gathered and averaged in one order.
+        A chunk that runs out of device memory is sampled again in halves (not under FSDP), as
+        rollouts are (rollout_batch.SplitOnOOM): the same answers, each on its own stream."""
         import torch
 
         from minillm_cli.data.tokenize import left_pad
+        from minillm_cli.engine.rollout_batch import SplitOnOOM
         from minillm_cli.engine.runtime import autocast, example_generator
         from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
         from minillm_cli.engine.train_utils import micro_batches
@@ -188,30 +191,37 @@ class ValidationRouge:
         from minillm_cli.eval.metrics import rouge_l
 
         tok = self.tok
+
+        def scores_of(piece: list[int]) -> dict[int, float]:
+            ids, att = left_pad([self.prompts[j] for j in piece], tok.pad_token_id)
+            budgets = [self.budgets[j] for j in piece]
+            # under FSDP every decode step is a collective: every process (its padding chunk
+            # included) decodes for the longest budget of all; each row's kept tokens are the
+            # same whatever the step count, its own budget cutting the rest below
+            params = SamplingParams(max_new_tokens=max(self.budgets) if rt.fsdp else max(budgets),
+                                    temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6)
+            with torch.no_grad(), autocast(rt.device, autocast_dtype):
+                roll = sample(model, None, ids.to(rt.device), att.to(rt.device), params=params, alpha=0.0,
+                              eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                              generators=[example_generator(self.seed, self.VALID_STREAM, j) for j in piece],
+                              vocab_size=vocab_size, engine=engine, sync=rt.decode_sync)
+            mask = cut_to_budgets(roll.response_mask, budgets)
+            found = {}
+            for row, j in enumerate(piece):
+                toks = roll.response_ids[row][mask[row]].tolist()
+                if toks and toks[-1] == tok.eos_token_id:
+                    toks = toks[:-1]
+                found[j] = rouge_l(tok.decode(toks, skip_special_tokens=True), self.references[j])
+            return found
+
+        oom = SplitOnOOM(allowed=not rt.fsdp, release=lambda: release_engine(engine),
+                         note=lambda line: note(f"validation ROUGE-L: {line}") if note else None)
         mine: dict[int, float] = {}
         try:
             for _, chunk, real in rt.lockstep(micro_batches(list(range(len(self))), max(1, rows))):
-                ids, att = left_pad([self.prompts[j] for j in chunk], tok.pad_token_id)
-                budgets = [self.budgets[j] for j in chunk]
-                # under FSDP every decode step is a collective: every process (its padding chunk
-                # included) decodes for the longest budget of all; each row's kept tokens are the
-                # same whatever the step count, its own budget cutting the rest below
-                params = SamplingParams(max_new_tokens=max(self.budgets) if rt.fsdp else max(budgets),
-                                        temperature=1.0, top_k=0, top_p=1.0,
-                                        no_repeat_ngram_size=6)
-                with torch.no_grad(), autocast(rt.device, autocast_dtype):
-                    roll = sample(model, None, ids.to(rt.device), att.to(rt.device), params=params, alpha=0.0,
-                                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                  generators=[example_generator(self.seed, self.VALID_STREAM, j) for j in chunk],
-                                  vocab_size=vocab_size, engine=engine, sync=rt.decode_sync)
-                if not real:  # FSDP lockstep padding: the collectives ran, the answers are discarded
-                    continue
-                mask = cut_to_budgets(roll.response_mask, budgets)
-                for row, j in enumerate(chunk):
-                    toks = roll.response_ids[row][mask[row]].tolist()
-                    if toks and toks[-1] == tok.eos_token_id:
-                        toks = toks[:-1]
-                    mine[j] = rouge_l(tok.decode(toks, skip_special_tokens=True), self.references[j])
+                found = oom.run(chunk, scores_of, lambda parts: {j: v for part in parts for j, v in part.items()})
+                if real:  # (FSDP lockstep padding: the collectives ran, the answers are discarded)
+                    mine.update(found)
         finally:
             release_engine(engine)  # free the static caches before the updates need the memory
         if rt.distributed:

@@ -210,7 +210,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         if rouge is not None:
             found["valid_rougeL"] = rouge.score(model, rt, rows=max(cfg.micro_batch_size, VALID_ROWS),
                                                 engine=rt.sampling_engine("auto"), vocab_size=vocab,
-                                                autocast_dtype=amp)
+                                                autocast_dtype=amp, note=progress.log)
         value = found.get(chosen.column)
         kept = chosen.improves(value)
         if kept:
@@ -271,7 +271,10 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     # distill's baselines report as `distill` with their method, like MiniLLM runs
     name, _, method = command.partition("-")
     summary = {"command": name, **({"method": method} if method else {}), "out": str(out), "steps": steps,
-               "final_loss": loss, "best_valid_loss": lowest.value, **chosen.summary(),
+               "final_loss": loss, **chosen.summary(),
+               # (after the selection's fields: the lowest validation loss of the run, also where a
+               # selection by loss kept other weights -- one reconciled after a stop, say)
+               "best_valid_loss": lowest.value,
                "train_examples": len(train), "valid_examples": len(valid), "dropped": dropped + vdropped,
                "seconds": round(time.perf_counter() - t0, 2)}
     if rt.is_main:

@@ -204,3 +204,29 @@ def test_weights_saved_after_the_last_checkpoint_are_not_taken_for_the_records(t
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (summary["best_step"], summary["best_valid_rougeL"]) == (4, 3.0)  # not step 2's 5.0
     assert same(saved_weights(out), seen[3.0])
+
+
+def test_validation_rouge_out_of_memory_samples_in_halves_to_the_same_score(tiny_dir, dolly_like, monkeypatch):
+    import minillm_cli.engine.sampler as sampler
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.prepare import load_splits
+    from minillm_cli.engine.runtime import Runtime
+    from minillm_cli.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir / "student"))
+    model = load_model(str(tiny_dir / "student"), tokenizer=tok, device=torch.device("cpu"), trainable=False)
+    valid = load_splits(DataOptions(data=str(dolly_like), valid_size=8, max_length=160, max_prompt_length=128))["valid"]
+    rouge = ValidationRouge(tok, valid, template="dolly", max_prompt_length=128, max_length=160, seed=0)
+    kw = dict(rows=8, engine="eager", vocab_size=len(tok), autocast_dtype=torch.float32)
+    whole = rouge.score(model, Runtime(torch.device("cpu")), **kw)
+    real, notes = sampler.sample, []
+
+    def small_device(*a, **k):
+        if a[2].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampler, "sample", small_device)
+    assert len(rouge) > 2
+    assert rouge.score(model, Runtime(torch.device("cpu")), note=notes.append, **kw) == whole
+    assert notes and notes[0].startswith("validation ROUGE-L: out of device memory")
