@@ -36,6 +36,20 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def scripted_scores(monkeypatch, values: list) -> dict:
+    """Validation ROUGE-L returns `values` in turn; the dict returned maps each value to the
+    weights the model had when it was scored."""
+    scores, seen = iter(values), {}
+
+    def scripted(self, model, rt, **kw):
+        value = next(scores)
+        seen[value] = weights(model)
+        return value
+
+    monkeypatch.setattr(ValidationRouge, "score", scripted)
+    return seen
+
+
 # -- the record ---------------------------------------------------------------------------------
 def test_best_follows_the_metric_direction_and_keeps_the_earlier_of_a_tie():
     up, down, last = Best("rougeL"), Best("loss"), Best("last")
@@ -92,15 +106,7 @@ def test_sft_keeps_the_weights_whose_validation_rouge_was_best(tmp_path, tiny_di
 
 # -- distill: the best step survives --resume, and --out keeps its weights -----------------------
 def test_minillm_keeps_the_best_step_through_a_resume(tmp_path, tiny_dir, dolly_like, monkeypatch):
-    scores = iter([1.0, 5.0, 3.0, 4.0])
-    seen = {}
-
-    def scripted(self, model, rt, **kw):
-        value = next(scores)
-        seen[value] = weights(model)
-        return value
-
-    monkeypatch.setattr(ValidationRouge, "score", scripted)
+    seen = scripted_scores(monkeypatch, [1.0, 5.0, 3.0, 4.0])
     out = tmp_path / "run"
     base = ["distill", "--teacher", tiny_dir / "teacher", "--student", tiny_dir / "student", "--data", dolly_like,
             "--out", out, "--batch-size", 2, "--num-rollouts", 4, "--max-new-tokens", 8, "--limit", 24,
@@ -180,15 +186,7 @@ def test_weights_saved_after_the_last_checkpoint_are_not_taken_for_the_records(t
     must not report the checkpoint's older best for weights OUT no longer holds."""
     import shutil
 
-    scores = iter([1.0, 5.0, 9.0, 2.0, 3.0])
-    seen = {}
-
-    def scripted(self, model, rt, **kw):
-        value = next(scores)
-        seen[value] = weights(model)
-        return value
-
-    monkeypatch.setattr(ValidationRouge, "score", scripted)
+    seen = scripted_scores(monkeypatch, [1.0, 5.0, 9.0, 2.0, 3.0])
     out = tmp_path / "run"
     args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
             "--lr", 1e-2, "--schedule", "constant", "--eval-every", 1, "--save-every", 2, "--select-by", "rougeL",
