@@ -129,8 +129,9 @@ VALID_ROWS = 16
 class ValidationRouge:
     """Mean ROUGE-L (x100) of one sampled answer per validation prompt, by `minillm evaluate`'s
     protocol: the run's template, temperature 1, top-k 0, top-p 1, no-repeat-ngram 6, each row's
-    answer at most min(max_new_tokens, max_length - its prompt) tokens, cut at EOS. Example i always
-    draws from `example_generator(seed, VALID_STREAM, i)`: every validation of a run scores the same
+    answer at most min(max_new_tokens, max_length - its prompt) tokens, cut at EOS. Prompt j (in the
+    fixed longest-first order of the validation split) always draws from
+    `example_generator(seed, VALID_STREAM, j)`: every validation of a run scores the same
     random streams (the differences between checkpoints are the models', not the draws'), and the
     score depends neither on the number of processes nor on which prompts run together.
 
