@@ -158,12 +158,14 @@ def partial_paths(path: Path, rank: int | None = None):
 
 def _end_line(path: Path) -> None:
     """Ends `path`'s last line with a newline where a killed process left it open."""
-    try:
-        with open(path, "rb+") as fh:
-            if fh.seek(0, 2) and (fh.seek(-1, 2), fh.read(1))[1] != b"\n":
-                fh.write(b"\n")
-    except FileNotFoundError:
-        pass
+    if not path.is_file():
+        return
+    with open(path, "rb+") as fh:
+        if fh.seek(0, 2) == 0:  # (empty)
+            return
+        fh.seek(-1, 2)
+        if fh.read(1) != b"\n":
+            fh.write(b"\n")
 
 
 def _row(examples, i: int, response: str, finished: bool) -> str:
@@ -176,9 +178,11 @@ def _partial_answers(path: Path, prompts: dict, examples) -> dict[int, tuple[str
     """index -> (answer, finished) from the partial files of an interrupted generation; a torn
     last line (a process killed while writing), rows for no current prompt and rows whose
     instruction or input is not that example's (the data changed under the same path) are skipped."""
+    from minillm_cli.textfiles import read_lines
+
     found = {}
     for p in partial_paths(path):
-        for line in p.read_text(encoding="utf-8").split("\n"):
+        for line in read_lines(p):
             try:
                 r = json.loads(line)
             except ValueError:

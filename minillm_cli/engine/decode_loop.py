@@ -30,8 +30,7 @@ class Decoder:
         timed_matmuls: the decode kernels are chosen by timing replayed steps (fast_sampler's
         DECODE_ATTENTION / DECODE_MATMUL "auto"), so a decoder that cannot capture drops them."""
         self.models = models  # name -> StaticModel ("student" / "teacher")
-        # (sampler.position_cap) only where a position can pass it: no extra kernel in rollouts
-        self.position_cap = position_cap if position_cap is not None and P + T - 1 > position_cap else None
+        self.position_cap = position_cap  # (sampler.position_cap: None where no position can pass the table)
         self.B, self.P, self.T, self.L = B, P, T, L
         self.alpha, self.params, self.eos, self.pad, self.V = alpha, params, eos_id, pad_id, vocab_size
         self.n = params.no_repeat_ngram_size

@@ -352,7 +352,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 return _fallback(str(e), states, **common)
             dec = make_decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
                                pad_id=pad_id, vocab_size=vocab_size, device=device,
-                               position_cap=position_cap(run.values()))
+                               position_cap=position_cap(run.values(), P + T - 1))
         with contextlib.ExitStack() as stack:
             stack.enter_context(fused_activations(run.values()))  # gelu_new as one kernel (engine/fused.py)
             for m in dec.models.values():  # low-precision copies of float32 weights, padded heads

@@ -250,8 +250,10 @@ class _Stepper:
         return out.logits[:, -1, : self.vocab_size]
 
 
-def position_cap(models) -> int | None:
-    """The last position a decode step may feed to these models (None: no cap). A batch decodes
+def position_cap(models, last: int) -> int | None:
+    """The last position a decode step may feed to these models when positions run up to `last`
+    (None: no cap, as none passes the models' position tables -- rollouts, whose prompt + new
+    tokens fit the context, so they run no extra kernel). A batch decodes
     for as many steps as its longest row's budget, so a row with a long prompt and a smaller
     budget of its own (evaluate: min(max_new_tokens, max_length - prompt)) keeps decoding past
     it, and its positions may run past a learned position table (GPT-2's 1024): an index error.
@@ -263,7 +265,8 @@ def position_cap(models) -> int | None:
     caps = []
     for m in models:
         limit = context_limit(m) if m is not None else None
-        if limit is not None and _learned_positions(m):
+        # (the module scan only where the configured context is passed)
+        if limit is not None and last > limit[0] - 1 and _learned_positions(m):
             caps.append(limit[0] - 1)
     return min(caps) if caps else None
 
@@ -334,8 +337,7 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         mask = prompt_mask.to(torch.long)
         logits = {name: s.prefill(prompt_ids, mask) for name, s in steppers.items()}
         next_pos = mask.sum(-1)  # position of the first response token
-        cap = position_cap(s.model for s in steppers.values())
-        cap = cap if cap is not None and P + T - 1 > cap else None  # (only where a position can pass it)
+        cap = position_cap((s.model for s in steppers.values()), P + T - 1)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         toks, alive_steps, lqs, lms = [], [], [], []
         for t in range(T):

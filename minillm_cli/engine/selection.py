@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 from minillm_cli.errors import InputError  # (no torch at import: the CLI reads SELECT_BY)
 
@@ -81,19 +82,15 @@ class Best:
 
     def mark(self, out) -> None:
         """Say in OUT which step's weights were just saved there (rank 0, right after the save)."""
-        from pathlib import Path
+        from minillm_cli.eval.results import atomic_write_text
 
-        tmp = Path(out) / (self.MARKER + ".tmp")
-        tmp.write_text(json.dumps(self.state()))
-        tmp.replace(Path(out) / self.MARKER)
+        atomic_write_text(Path(out) / self.MARKER, json.dumps(self.state()))
 
     def reconcile(self, out) -> str | None:
         """On --resume: OUT's weights are saved at each new best, the record reaches a checkpoint
         only at --save-every, so a run stopped in between leaves in OUT the weights of a step the
         resumed run recomputes (maybe differently) while its record names an older one. Then the
         record is dropped -- the next validation saves again -- and a note says so."""
-        from pathlib import Path
-
         try:
             marked = json.loads((Path(out) / self.MARKER).read_text())
         except (OSError, ValueError):
@@ -143,6 +140,7 @@ class ValidationRouge:
     def __init__(self, tokenizer, examples, *, template: str, max_prompt_length: int, max_length: int,
                  seed: int, max_new_tokens: int = VALID_NEW_TOKENS):
         from minillm_cli.data.tokenize import encode_prompts
+        from minillm_cli.eval.generate import row_budgets
 
         with_refs = [e for e in examples if e.references]
         prompts, kept, dropped = encode_prompts(tokenizer, with_refs, template, max_prompt_length)
@@ -150,7 +148,7 @@ class ValidationRouge:
         order = sorted(range(len(prompts)), key=lambda j: (-len(prompts[j]), j))
         self.prompts = [prompts[j] for j in order]
         self.references = [with_refs[kept[j]].references for j in order]
-        self.budgets = [max(0, min(max_new_tokens, max_length - len(p))) for p in self.prompts]
+        self.budgets = row_budgets([len(p) for p in self.prompts], max_new_tokens, max_length)
         self.tok, self.seed = tokenizer, seed
         self.counts = {"scored": len(self.prompts), "no_reference": len(examples) - len(with_refs),
                        "too_long": dropped}
