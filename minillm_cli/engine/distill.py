@@ -528,6 +528,8 @@ class MiniLLMRun:
                     kept = chosen.improves(row.get(chosen.column))  # (the same on every process)
                     if kept:
                         chosen.record(row[chosen.column], step)
+                        if rt.is_main:
+                            chosen.mark(out, pending=True)
                         fsdp.save_student(self.student, self.tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                                           trust_remote_code=cfg.model_opts.trust_remote_code)
                         if rt.is_main:

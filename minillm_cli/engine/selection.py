@@ -80,11 +80,13 @@ class Best:
     # next to the weights in OUT: the record of the step they are (`mark`, `reconcile`)
     MARKER = "selected.json"
 
-    def mark(self, out) -> None:
-        """Say in OUT which step's weights were just saved there (rank 0, right after the save)."""
+    def mark(self, out, *, pending: bool = False) -> None:
+        """Say in OUT which step's weights are there (rank 0): with `pending` right before they are
+        saved, then plainly right after, so that a run killed during the save is not mistaken for
+        one whose weights are complete."""
         from minillm_cli.eval.results import atomic_write_text
 
-        atomic_write_text(Path(out) / self.MARKER, json.dumps(self.state()))
+        atomic_write_text(Path(out) / self.MARKER, json.dumps({**self.state(), **({"pending": True} if pending else {})}))
 
     def reconcile(self, out) -> str | None:
         """On --resume: OUT's weights are saved at each new best, the record reaches a checkpoint
@@ -95,11 +97,16 @@ class Best:
             marked = json.loads((Path(out) / self.MARKER).read_text())
         except (OSError, ValueError):
             return None  # (nothing saved yet, or a folder from before the marker)
-        if not self.keeps_best or not isinstance(marked, dict) or marked.get("step") == self.step:
+        if not self.keeps_best or not isinstance(marked, dict):
+            return None
+        if marked.get("pending"):
+            what = f"a save of step {marked.get('step')}'s weights that did not finish"
+        elif marked.get("step") != self.step:
+            what = f"the weights of step {marked.get('step')}, saved after the checkpoint this run resumes from"
+        else:
             return None
         self.value = self.step = None
-        return (f"note: --out holds the weights of step {marked.get('step')}, saved after the checkpoint this run "
-                f"resumes from; the selection starts again with the next validation")
+        return f"note: --out holds {what}; the selection starts again with the next validation"
 
     def summary(self) -> dict:
         """The summary.json fields: what OUT holds and why."""

@@ -215,6 +215,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         kept = chosen.improves(value)
         if kept:
             chosen.record(value, step)
+            if rt.is_main:
+                chosen.mark(out, pending=True)
             fsdp.save_student(model, tok, out, rt, merge_lora=not cfg.model_opts.save_adapter,
                               trust_remote_code=cfg.model_opts.trust_remote_code)
             if rt.is_main:

@@ -204,6 +204,36 @@ def test_weights_saved_after_the_last_checkpoint_are_not_taken_for_the_records(t
     assert same(saved_weights(out), seen[3.0])
 
 
+def test_a_run_killed_between_saving_the_weights_and_naming_them_is_not_taken_for_its_record(
+        tmp_path, tiny_dir, dolly_like, monkeypatch):
+    """The weights are saved, then `selected.json` names their step: a run that dies in between
+    leaves OUT with step 3's weights while the marker and the checkpoint still agree on step 2.
+    The marker says `pending` across the save, so the resumed run starts the selection again."""
+    seen = scripted_scores(monkeypatch, [1.0, 5.0, 9.0, 2.0, 3.0])
+    plain_mark = Best.mark
+
+    def dies_after_saving_step_3(self, out, *, pending=False):
+        if self.step == 3 and not pending:
+            raise RuntimeError("killed")
+        plain_mark(self, out, **({"pending": True} if pending else {}))
+
+    monkeypatch.setattr(Best, "mark", dies_after_saving_step_3)
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--lr", 1e-2, "--schedule", "constant", "--eval-every", 1, "--save-every", 2, "--select-by", "rougeL",
+            "--valid-size", 6, "--max-length", 160, "--max-prompt-length", 128, "--device", "cpu", "--quiet", "--json"]
+    assert invoke(*args, "--steps", 3).exit_code != 0
+    assert same(saved_weights(out), seen[9.0])  # step 3's weights, the last checkpoint step 2's
+    monkeypatch.setattr(Best, "mark", plain_mark)
+    res = invoke(*[a for a in args if a != "--quiet"], "--steps", 4, "--resume")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["best_step"], summary["best_valid_rougeL"]) == (4, 3.0)  # not step 2's 5.0
+    assert same(saved_weights(out), seen[3.0])
+    assert "a save of step 3's weights that did not finish" in res.output
+    assert json.loads((out / "selected.json").read_text()) == {"select_by": "rougeL", "value": 3.0, "step": 4}
+
+
 def test_validation_rouge_out_of_memory_samples_in_halves_to_the_same_score(tiny_dir, dolly_like, monkeypatch):
     import minillm_cli.engine.sampler as sampler
     from minillm_cli.config import DataOptions
