@@ -9,7 +9,6 @@ they are listed here so that names are validated, and compare knows which way is
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import string
 from dataclasses import dataclass
@@ -129,15 +128,14 @@ def rouge_scorable(text: str) -> bool:
     return bool(tokenize.tokenize(text, None))
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lowercase, drop punctuation and English articles, squeeze whitespace."""
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    """Lowercase, drop punctuation, squeeze whitespace: SQuAD's normalisation without its removal
+    of English articles, as S-NI's evaluation and the MiniLLM reference code normalise ("an apple"
+    and "apple" differ)."""
+    return " ".join(text.lower().translate(_PUNCT).split())
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:

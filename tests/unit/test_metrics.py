@@ -35,11 +35,12 @@ def test_rouge_l_without_references_is_an_error():
 
 
 @pytest.mark.parametrize("pred, refs, expected", [
-    ("The Apple!", ["apple"], 100.0),
-    ("  an   apple. ", ["Apple"], 100.0),
+    ("The Apple!", ["the apple"], 100.0),
+    ("  an   apple. ", ["An Apple"], 100.0),
+    ("The Apple!", ["apple"], 0.0),  # articles count, as in S-NI's and the reference code's normalisation
     ("apples", ["apple"], 0.0),
     ("Paris", ["London", "paris,"], 100.0),
-    ("the", [""], 100.0),  # both normalise to the empty string
+    ("?!", [""], 100.0),  # both normalise to the empty string
 ])
 def test_exact_match_normalisation(pred, refs, expected):
     assert M.exact_match(pred, refs) == expected
