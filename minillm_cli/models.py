@@ -21,8 +21,16 @@ LORA_TARGETS = {
     "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
     "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    # families that share some of Llama's names but not all: the llama-like detection below would
+    # adapt only those (Phi-3: o_proj and down_proj, not its fused qkv_proj and gate_up_proj)
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+    "mpt": ["Wqkv", "out_proj", "up_proj", "down_proj"],
 }
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Llama's names, and the fused projections of its derivatives (Phi-3's qkv_proj and gate_up_proj)
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+               "down_proj"]
 
 
 @dataclass

@@ -123,3 +123,34 @@ def test_fused_gelu_same_function_fewer_saved_bytes_same_saved_folder(tmp_path, 
     assert cfg("f") == cfg("p") and cfg("f")["activation_function"] == "gelu_new"
     from safetensors.torch import load_file
     assert load_file(str(tmp_path / "f" / "model.safetensors")).keys() == load_file(str(tmp_path / "p" / "model.safetensors")).keys()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "phi", "starcoder2", "mpt", "gpt_neox", "opt"])
+def test_lora_targets_cover_every_projection_of_the_blocks(family):
+    """Detected LoRA targets adapt every linear layer of the transformer blocks (not the LM head),
+    also for families that share only some of Llama's names: Phi-3 fuses q/k/v into qkv_proj and
+    gate/up into gate_up_proj (Llama's list alone found o_proj and down_proj only), Phi-1/2 has
+    dense/fc1/fc2 beside q/k/v_proj, StarCoder2 c_fc/c_proj, MPT Wqkv/out_proj."""
+    import torch
+    import transformers as T
+
+    from minillm_cli.models import lora_targets
+
+    small = dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=64,
+                 bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    configs = {
+        "llama": lambda: T.LlamaConfig(num_key_value_heads=1, **small),
+        "qwen2": lambda: T.Qwen2Config(num_key_value_heads=1, **small),
+        "phi3": lambda: T.Phi3Config(num_key_value_heads=1, **small),
+        "phi": lambda: T.PhiConfig(**small),
+        "starcoder2": lambda: T.Starcoder2Config(num_key_value_heads=1, **small),
+        "mpt": lambda: T.MptConfig(n_layers=1, d_model=16, n_heads=2, vocab_size=64),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**small),
+        "opt": lambda: T.OPTConfig(ffn_dim=32, word_embed_proj_dim=16, **{k: v for k, v in small.items()
+                                                                           if k != "intermediate_size"}),
+    }
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(configs[family]())
+    assert model.config.model_type == family
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(lora_targets(model, None)) == linear - {"lm_head"}
