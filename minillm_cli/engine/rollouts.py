@@ -60,7 +60,8 @@ def concat_batches(parts: list[RolloutBatch]) -> RolloutBatch:
 
 def to_state(batch: RolloutBatch, *, keep_teacher_logits: bool = False) -> dict:
     """CPU copy of a buffer. Cached teacher logits (N×T×V) are left out unless asked for: they are
-    huge in checkpoints, and after a resume the teacher simply computes them again (exactly)."""
+    huge in checkpoints. After a resume the teacher computes them again per update micro-batch:
+    the same logits to float rounding, not bit for bit (other batch shapes than the scoring's)."""
     state = {}
     for f in dataclasses.fields(batch):
         v = getattr(batch, f.name)
