@@ -34,3 +34,8 @@ def require(condition: bool, message: str) -> None:
     """Raise `InputError(message)` unless `condition` holds (for config validation)."""
     if not condition:
         raise InputError(message)
+
+
+class MiniLLMWarning(UserWarning):
+    """A fallback the run takes by itself (a kernel, graph or engine it cannot use here; the run
+    goes on): the commands print it as one `warning: ...` line on rank 0, under --quiet too."""

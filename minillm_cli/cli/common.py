@@ -180,7 +180,25 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    if not getattr(warnings.showwarning, "plain_lines", False):
+        warnings.showwarning = _plain_line_for_ours(warnings.showwarning)
     for name in ("transformers", "datasets", "huggingface_hub", "accelerate", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ["DATASETS_VERBOSITY"] = "error"
+
+
+def _plain_line_for_ours(show):
+    """warnings.showwarning that prints our own fallbacks (MiniLLMWarning: an engine or kernel the
+    run cannot use here) as one `warning: ...` line on rank 0, not Python's two lines naming
+    whichever library frame warned; other libraries' warnings keep their form."""
+    from minillm_cli.errors import MiniLLMWarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, MiniLLMWarning):
+            return show(message, category, filename, lineno, file, line)
+        if rank() == 0:
+            _say(f"warning: {message}")
+
+    showwarning.plain_lines = True
+    return showwarning

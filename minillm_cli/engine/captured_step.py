@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from minillm_cli.errors import MiniLLMWarning
+
 
 class CapturedSteps:
     """`step(batch, normalizer)` -> outputs, replayed from a CUDA graph per batch shape.
@@ -118,7 +120,7 @@ class CapturedSteps:
         self.enabled, self.error = False, why
         self.release()
         warnings.warn(f"CUDA graph capture of the training micro-step not possible ({why}); running it eagerly",
-                      stacklevel=4)
+                      MiniLLMWarning, stacklevel=4)
 
     def _warm_up(self, static, static_norm):
         """(fn's result, what synchronised or ""): fn eagerly on the stream the capture will use

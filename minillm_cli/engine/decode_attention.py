@@ -37,6 +37,7 @@ import torch
 
 from minillm_cli.engine.rollout_batch import attention_dims
 from minillm_cli.engine.sampler import _hf_model
+from minillm_cli.errors import MiniLLMWarning
 
 try:  # (the kernels' bodies read `tl` from this module's globals, as Triton resolves names there)
     import triton
@@ -381,14 +382,14 @@ def _dispatch(original):
                 out = decode_attention(query, key, value, attention_mask, last_col, scaling, config=config)
                 _NO_FUSION.append(f"{type(error).__name__}: {error}")
                 warnings.warn(f"decode-attention kernel failed with the cache writes ({_NO_FUSION[-1][:200]}); "
-                              "writing the cache separately", stacklevel=2)
+                              "writing the cache separately", MiniLLMWarning, stacklevel=2)
                 return out, None
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:
                 error = e
         _BROKEN.append(f"{type(error).__name__}: {error}")  # SDPA from here on
-        warnings.warn(f"decode-attention kernel failed ({_BROKEN[-1][:200]}); using SDPA", stacklevel=2)
+        warnings.warn(f"decode-attention kernel failed ({_BROKEN[-1][:200]}); using SDPA", MiniLLMWarning, stacklevel=2)
         return original(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, is_causal=is_causal, **kwargs)
 

@@ -16,6 +16,7 @@ import torch
 from minillm_cli.engine.sampler import SamplingParams, causal_allow, mix_and_sample, positions_from_mask
 from minillm_cli.engine.static_cache import rewind
 from minillm_cli.engine.static_model import fresh_casts, round_up
+from minillm_cli.errors import MiniLLMWarning
 
 
 class Decoder:
@@ -215,7 +216,7 @@ class Decoder:
         self.compiled = False
 
     def _give_up_capture(self, e: Exception) -> None:
-        warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", stacklevel=4)
+        warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly", MiniLLMWarning, stacklevel=4)
         self.capture_error, self.capturing = e, False
         self.uncompile()  # else each step would call the failing compiler again
         if self.timed_attention:  # its choice was for replayed steps (no launch overhead)

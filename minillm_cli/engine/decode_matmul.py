@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from minillm_cli.engine import decode_attention
 from minillm_cli.engine.decode_attention import _l2_bytes, _measurable, _sm_count, _time, triton, tl
+from minillm_cli.errors import MiniLLMWarning
 
 # (columns per tile, inner slice per loop iteration) tried by `plan`; the split of the inner
 # dimension is derived from the tiles and the SMs (`splits_for`)
@@ -240,7 +241,7 @@ def _serve(func, args, kwargs, table: dict):
         raise
     except Exception as e:  # e.g. Triton cannot build a specialisation here: cuBLAS from now on
         _BROKEN.append(f"{type(e).__name__}: {e}")
-        warnings.warn(f"split-K matmul kernel failed ({_BROKEN[-1][:200]}); using cuBLAS", stacklevel=3)
+        warnings.warn(f"split-K matmul kernel failed ({_BROKEN[-1][:200]}); using cuBLAS", MiniLLMWarning, stacklevel=3)
         return None
 
 

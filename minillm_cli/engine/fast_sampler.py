@@ -56,7 +56,7 @@ from minillm_cli.engine.decode_loop import Decoder
 from minillm_cli.engine.fused import fused_activations
 from minillm_cli.engine.static_model import (
     ModelSwitches, StaticModel, Unsupported, autocast_dtype, param_device, round_up)
-from minillm_cli.errors import require
+from minillm_cli.errors import MiniLLMWarning, require
 
 ENGINES = ("auto", "eager", "static", "graph", "compile")
 # float32 weights under autocast are cast once per call into copies the decoder owns, not in
@@ -269,7 +269,7 @@ def _drop_kept() -> None:
 
 
 def _fallback(reason: str, states: list, **kw) -> Rollout:
-    warnings.warn(f"fast sampler unavailable ({reason}); using the eager sampler", stacklevel=3)
+    warnings.warn(f"fast sampler unavailable ({reason}); using the eager sampler", MiniLLMWarning, stacklevel=3)
     for g, st in zip(kw["generators"], states):  # the uniforms were drawn already: draw them again
         g.set_state(st)
     return eager_sample(**kw)

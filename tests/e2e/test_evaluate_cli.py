@@ -142,3 +142,19 @@ def test_paths_are_not_rich_markup(tiny_dir, dolly_like, tmp_path):
                  "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert f"on {data}: 2 examples" in res.stderr
+
+
+def test_a_sampler_fallback_is_one_warning_line_also_under_quiet(tiny_dir, dolly_like, tmp_path, monkeypatch):
+    """The run's own fallbacks (here: the static sampler cannot serve this model) are one
+    `warning:` line on stderr, under --quiet too, not Python's two lines naming a library frame."""
+    from minillm_cli.engine import static_check, static_model
+
+    monkeypatch.setattr(static_model, "SUPPORTED_ATTN", ())
+    monkeypatch.setattr(static_check, "_CHECKED", type(static_check._CHECKED)())
+    res = invoke("--model", tiny_dir / "student", "--data", dolly_like, "--metric", "dist4", "--seeds", 1,
+                 "--limit", 2, "--max-new-tokens", 4, "--sampler", "static", "--out", tmp_path / "e.json",
+                 "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if "fast sampler unavailable" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: fast sampler unavailable ("), res.stderr
+    assert "Warning" not in res.stderr and ".py:" not in res.stderr, res.stderr
