@@ -356,6 +356,18 @@ def save_pretrained(model, tokenizer, out: str | Path, *, merge_lora: bool = Tru
         _absolute_base(out / "adapter_config.json")
 
 
+def end_generation_at(model, tokenizer, stop_id: int | None) -> None:
+    """A saved model's `generate` stops where its training ends answers: where that is not EOS (the
+    chat template's end of turn under --template chat), generation_config.eos_token_id lists it
+    beside EOS (as instruct models' own configs do)."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None or stop_id is None or stop_id == tokenizer.eos_token_id:
+        return
+    ids = gc.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    gc.eos_token_id = ids + [i for i in (tokenizer.eos_token_id, stop_id) if i is not None and i not in ids]
+
+
 def low_precision_warning(model, lr: float) -> str | None:
     """The warning for weights that AdamW updates in bfloat16 (--dtype bfloat16 without LoRA): an
     update below about 1/256 of a weight rounds away, as most do at distillation's learning rates

@@ -36,7 +36,7 @@ def command(
     sampler: Annotated[str, typer.Option("--sampler", help="Generation engine: auto (static KV cache + CUDA graph on GPUs, the eager loop on CPUs) | eager (the reference loop) | static | graph | compile (experimental).")] = "auto",
     max_prompt_length: o.MaxPrompt = 256,
     max_length: o.MaxLength = 512,
-    template: o.Template = "dolly",
+    template: Annotated[Optional[str], typer.Option("--template", help="Prompt template: dolly (the paper's), chat (tokenizer's chat template), raw. Default: the one MODEL was trained with (a run folder's run_config.json), else dolly.")] = None,
     prompt_field: o.PromptField = None,
     response_field: o.ResponseField = None,
     input_field: o.InputField = None,

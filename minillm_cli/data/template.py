@@ -18,6 +18,34 @@ DOLLY_WITH_INPUT = (
 )
 
 
+# the assistant's text in the conversation rendered to find what closes its turn (`end_of_answer_id`)
+_SENTINEL = "MINILLMANSWERSENTINEL"
+
+
+def end_of_answer_id(tokenizer, template: str = "dolly") -> int:
+    """The token an answer ends with: what training appends after a response and where sampling
+    stops. EOS, except under `--template chat` where the chat template closes the assistant's turn
+    with a special token of its own (Gemma's `<end_of_turn>`, ChatML's `<|im_end|>` in a base
+    model's tokenizer whose EOS is `<|endoftext|>`): a model taught to end with EOS there would
+    learn turns the template never closes, and a rollout would run on past the turn's end."""
+    eos = tokenizer.eos_token_id
+    if template != "chat" or not getattr(tokenizer, "chat_template", None):
+        return eos
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+        tail = text[text.index(_SENTINEL) + len(_SENTINEL):] if _SENTINEL in text else ""
+        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail.strip() else []
+    except Exception:  # (a template that refuses this conversation: EOS, as before)
+        return eos
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                if getattr(t, "special", False)}
+    if first and first[0] in special and first[0] != tokenizer.pad_token_id:
+        return first[0]
+    return eos
+
+
 def render_prompt(example: Example, template: str = "dolly", tokenizer=None) -> str:
     if template == "dolly":
         if example.input.strip():

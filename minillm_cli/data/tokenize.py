@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minillm_cli.data.examples import Example
-from minillm_cli.data.template import render_prompt
+from minillm_cli.data.template import end_of_answer_id, render_prompt
 
 
 @dataclass
@@ -50,9 +50,10 @@ def encode_sft(tokenizer, examples: list[Example], template: str = "dolly", max_
     sequences over `max_length` lose the end of their response (and then carry no EOS, so the model
     is never taught to stop where text was merely cut). `responses` overrides the gold answers
     (SeqKD trains on teacher generations); `ends[i]` False: response i was cut (a generation that
-    reached --max-new-tokens), so it gets no EOS either."""
+    reached --max-new-tokens), so it gets no EOS either. Under `--template chat` "EOS" is the token
+    that closes the template's assistant turn where it has one (`end_of_answer_id`)."""
     out, dropped = [], 0
-    eos = tokenizer.eos_token_id
+    eos = end_of_answer_id(tokenizer, template)
     for i, ex in enumerate(examples):
         response = responses[i] if responses is not None else ex.response
         p = _prompt_ids(tokenizer, render_prompt(ex, template, tokenizer), template)

@@ -72,8 +72,9 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     loss (sft's default) or ROUGE-L, or the final ones (distill's default, where every method is
     compared at its last step)."""
     from minillm_cli.data.prepare import load_splits
-    from minillm_cli.models import (adapter_base, adapter_note, check_context, compute_dtype, load_model,
-                                    load_tokenizer, low_precision_warning, pick_dtype)
+    from minillm_cli.data.template import end_of_answer_id
+    from minillm_cli.models import (adapter_base, adapter_note, check_context, compute_dtype, end_generation_at,
+                                    load_model, load_tokenizer, low_precision_warning, pick_dtype)
 
     from minillm_cli.engine import fsdp
     from minillm_cli.engine.selection import VALID_ROWS, Best, ValidationRouge, validation_line
@@ -146,6 +147,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
                        lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
     check_context(model, cfg.data.max_length, "--max-length", "model" if command == "sft" else "student", progress.log)
+    end_generation_at(model, tok, end_of_answer_id(tok, cfg.data.template))
     if line := adapter_note(model, cfg.model_opts.save_adapter):
         progress.log(line)
     if line := low_precision_warning(model, cfg.optim.lr):

@@ -16,6 +16,7 @@ Metrics (names and directions in `eval.metrics`):
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -31,6 +32,17 @@ GENERATION_METRICS = ("rougeL", "exact-match", "dist4", "validity")
 PER_EXAMPLE_METRICS = ("rougeL", "exact-match", "validity")  # the ones --by-length can split
 KL_METRICS = ("reverse-kl", "forward-kl")
 MODEL_CHUNK_ROWS = 8  # rows per scoring forward: bounds the [rows, T, V] logits in memory
+
+
+def trained_template(model: str) -> tuple[str, str | None]:
+    """The prompt template a run folder's model was trained with (its run_config.json, written by
+    sft and distill), and where that was read; ("dolly", None) for any other model."""
+    path = Path(model) / "run_config.json"
+    try:
+        template = json.loads(path.read_text())["config"]["data"]["template"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "dolly", None
+    return (template, "its run_config.json") if template in ("dolly", "chat", "raw") else ("dolly", None)
 
 
 @dataclass
@@ -51,7 +63,7 @@ class EvaluateConfig:
     greedy: bool = False  # exact argmax decoding, as top-k 1 (every seed then gives the same text)
     batch_size: int = 32
     limit: Optional[int] = None
-    template: str = "dolly"
+    template: Optional[str] = None  # None: the one MODEL was trained with (`trained_template`)
     prompt_field: Optional[str] = None
     response_field: Optional[str] = None
     input_field: Optional[str] = None
@@ -69,8 +81,11 @@ class EvaluateConfig:
     quiet: bool = False
     # Oracle of the "validity" metric (the quickstart's synthetic task): (example, prediction) -> ok.
     validity: Optional[Callable[[Example, str], bool]] = field(default=None, repr=False)
+    template_source: Optional[str] = field(default=None, init=False)  # where a template not given came from
 
     def __post_init__(self):
+        if self.template is None:
+            self.template, self.template_source = trained_template(self.model)
         require(self.sampler in ("auto", "eager", "static", "graph", "compile"),
                 f"--sampler {self.sampler!r}: expected auto, eager, static, graph or compile")
         from minillm_cli.data.splits import SPLITS
@@ -232,7 +247,7 @@ def reference_lm_loss(model, tokenizer, examples: list[Example], cfg: EvaluateCo
 # ---------------------------------------------------------------------------- the run
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Generate, score, write the result (and predictions) when asked; return the result dict."""
-    from minillm_cli.data.template import render_prompt
+    from minillm_cli.data.template import end_of_answer_id, render_prompt
     from minillm_cli.data.tokenize import encode_prompts
     from minillm_cli.engine.runtime import init_runtime
     from minillm_cli.eval.generate import generate_batches
@@ -250,6 +265,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             check_writable(flag, target)
     t0 = time.perf_counter()
     progress = Progress("evaluate", quiet=cfg.quiet, unit="generations")
+    if cfg.template_source is not None and cfg.template != "dolly":
+        progress.log(f"note: --template {cfg.template}, the template {cfg.model} was trained with "
+                     f"({cfg.template_source})")
     examples = load_eval_examples(cfg, note=progress.log)
     n_read = len(examples)
     metrics = resolve_metrics(cfg, examples)
@@ -305,7 +323,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             rkl = fkl = 0.0
             ntok = 0
             for batch in generate_batches(model, prompts, params=cfg.sampling_params(), seed=seed, example_ids=kept,
-                                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, vocab_size=V,
+                                          eos_id=end_of_answer_id(tok, cfg.template), pad_id=tok.pad_token_id, vocab_size=V,
                                           device=rt.device, batch_size=cfg.batch_size, max_length=cfg.max_length, engine=cfg.sampler):
                 toks = batch.token_lists()
                 for r, ids, ended in zip(batch.rows, toks, batch.ended()):
