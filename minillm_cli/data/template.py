@@ -38,10 +38,10 @@ def end_of_answer_id(tokenizer, template: str = "dolly") -> int:
         first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail.strip() else []
     except Exception:  # (a template that refuses this conversation: EOS, as before)
         return eos
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
-                if getattr(t, "special", False)}
-    if first and first[0] in special and first[0] != tokenizer.pad_token_id:
+    # a token of its own: special, or added to the vocabulary whole (never a piece of plain text)
+    own = set(getattr(tokenizer, "all_special_ids", []) or [])
+    own |= set(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    if first and first[0] in own and first[0] != tokenizer.pad_token_id:
         return first[0]
     return eos
 
