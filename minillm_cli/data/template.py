@@ -34,8 +34,10 @@ def end_of_answer_id(tokenizer, template: str = "dolly") -> int:
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": _SENTINEL}], tokenize=False)
-        tail = text[text.index(_SENTINEL) + len(_SENTINEL):] if _SENTINEL in text else ""
-        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail.strip() else []
+        # (whitespace between the answer and the closing token -- "{{ content }}\n<|im_end|>" --
+        # does not make the template's turns plain-text-closed)
+        tail = text[text.index(_SENTINEL) + len(_SENTINEL):].lstrip() if _SENTINEL in text else ""
+        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
     except Exception:  # (a template that refuses this conversation: EOS, as before)
         return eos
     # a token of its own: special, or added to the vocabulary whole (never a piece of plain text)

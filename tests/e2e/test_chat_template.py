@@ -48,6 +48,10 @@ def test_the_end_of_an_answer_is_the_templates_end_of_turn(tmp_path):
     assert enc.input_ids[-1] == im_end and tok.decode(enc.input_ids[enc.prompt_len:-1]) == "A pear."
     (enc,), _ = encode_sft(tok, [Example("Name item 3.", references=["A pear."])], "dolly")
     assert enc.input_ids[-1] == tok.eos_token_id
+    # whitespace between the answer and the closing token: still the closing token
+    for gap in ("\n", " ", "\n\n"):
+        spaced = CHATML.replace("{{ m['content'] }}<|im_end|>", "{{ m['content'] }}" + gap + "<|im_end|>")
+        assert end_of_answer_id(chat_tokenizer(tmp_path / "s", spaced), "chat") == im_end, repr(gap)
     # a template that closes turns with plain text, or has none: EOS as before
     assert end_of_answer_id(chat_tokenizer(tmp_path / "p", PLAIN_END), "chat") == tok.eos_token_id
 
