@@ -16,7 +16,6 @@ Metrics (names and directions in `eval.metrics`):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -37,11 +36,10 @@ MODEL_CHUNK_ROWS = 8  # rows per scoring forward: bounds the [rows, T, V] logits
 def trained_template(model: str) -> tuple[str, str | None]:
     """The prompt template a run folder's model was trained with (its run_config.json, written by
     sft and distill), and where that was read; ("dolly", None) for any other model."""
-    path = Path(model) / "run_config.json"
-    try:
-        template = json.loads(path.read_text())["config"]["data"]["template"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "dolly", None
+    from minillm_cli.config import saved_config
+
+    data = saved_config(model).get("data")
+    template = data.get("template") if isinstance(data, dict) else None
     return (template, "its run_config.json") if template in ("dolly", "chat", "raw") else ("dolly", None)
 
 

@@ -353,3 +353,21 @@ def test_result_files_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+def test_trained_template_reads_the_run_config_as_resume_does(tmp_path, monkeypatch):
+    """`evaluate` without --template takes a run folder's recorded template (config.saved_config,
+    the reader --resume uses: `~` expanded, malformed records ignored); dolly for anything else."""
+    import json
+
+    from minillm_cli.eval.evaluate import trained_template
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"command": "sft", "config": {"data": {"template": "chat"}}}))
+    assert trained_template(str(run)) == trained_template("~/run") == ("chat", "its run_config.json")
+    for body in ("[1]", "{", json.dumps({"config": {"data": "chat"}}), json.dumps({"config": {"data": {"template": "x"}}})):
+        (run / "run_config.json").write_text(body)
+        assert trained_template(str(run)) == ("dolly", None)
+    assert trained_template(str(tmp_path / "none")) == ("dolly", None)
