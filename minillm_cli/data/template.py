@@ -48,6 +48,15 @@ def end_of_answer_id(tokenizer, template: str = "dolly") -> int:
     return eos
 
 
+
+def answer_stops(tokenizer, template: str = "dolly") -> tuple[int, ...]:
+    """The tokens a sampled answer ends at: the end of an answer (`end_of_answer_id`, what
+    training appends) first, then EOS where that differs -- a model that ends its answers with
+    EOS (one trained before the end of turn was learnt, a base teacher) stops there too."""
+    end, eos = end_of_answer_id(tokenizer, template), tokenizer.eos_token_id
+    return (end,) if eos is None or eos == end else (end, eos)
+
+
 def render_prompt(example: Example, template: str = "dolly", tokenizer=None) -> str:
     if template == "dolly":
         if example.input.strip():

@@ -52,7 +52,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     a run started again (--resume) generates only the answers none of them holds. An answer
     depends only on its prompt, the teacher and (seed, index), so the result is the uninterrupted
     run's. The partial files go once `path` is written."""
-    from minillm_cli.data.template import end_of_answer_id
+    from minillm_cli.data.template import answer_stops
     from minillm_cli.data.tokenize import encode_prompts, left_pad
     from minillm_cli.engine.rollout_batch import SplitOnOOM, cache_length, rollout_batch_size, rows_that_fit
     from minillm_cli.engine.runtime import example_generator, free_memory_bytes
@@ -99,18 +99,18 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     work = rt.lockstep(chunks)  # FSDP: every process runs as many chunks
     total, done = sum(len(c) for _, c, real in work if real), 0
 
-    stop = end_of_answer_id(tokenizer, cfg.data.template)  # (EOS, or the chat template's end of turn)
+    stops = answer_stops(tokenizer, cfg.data.template)  # (EOS, or the chat template's end of turn and EOS)
 
     def answers(piece: list[int]) -> list[tuple[int, tuple[str, bool]]]:
         ids, att = left_pad([prompts[i] for i in piece], tokenizer.pad_token_id)
         roll = sample(None, teacher, ids.to(rt.device), att.to(rt.device), params=params, alpha=1.0,
-                      eos_id=stop, pad_id=tokenizer.pad_token_id,
+                      eos_id=stops, pad_id=tokenizer.pad_token_id,
                       generators=[example_generator(cfg.run.seed, 0, i) for i in piece], vocab_size=len(tokenizer),
                       engine=engine, sync=rt.decode_sync)
         out = []
         for row, i in enumerate(piece):
             toks = roll.response_ids[row][roll.response_mask[row]].tolist()
-            finished = bool(toks) and toks[-1] == stop
+            finished = bool(toks) and toks[-1] in stops
             if finished:
                 toks = toks[:-1]
             out.append((i, (tokenizer.decode(toks, skip_special_tokens=True), finished)))

@@ -13,7 +13,8 @@ import warnings
 
 import torch
 
-from minillm_cli.engine.sampler import SamplingParams, causal_allow, mix_and_sample, positions_from_mask
+from minillm_cli.engine.sampler import (SamplingParams, causal_allow, is_stop, mix_and_sample, positions_from_mask,
+                                       stop_tuple)
 from minillm_cli.engine.static_cache import rewind
 from minillm_cli.engine.static_model import fresh_casts, round_up
 from minillm_cli.errors import MiniLLMWarning
@@ -24,7 +25,7 @@ class Decoder:
     All state the step touches lives in tensors updated in place, so the step can be captured."""
 
     def __init__(self, models: dict, *, B: int, P: int, T: int, L: int, alpha: float,
-                 params: SamplingParams, eos_id: int, pad_id: int, vocab_size: int, device,
+                 params: SamplingParams, eos_id: int | tuple[int, ...], pad_id: int, vocab_size: int, device,
                  kv_buckets: int = 1, parallel: bool = True, timed_attention: bool = False,
                  timed_matmuls: bool = False, position_cap: int | None = None):
         """kv_buckets, parallel: fast_sampler's KV_BUCKETS and PARALLEL_MODELS. timed_attention /
@@ -33,7 +34,9 @@ class Decoder:
         self.models = models  # name -> StaticModel ("student" / "teacher")
         self.position_cap = position_cap  # (sampler.position_cap: None where no position can pass the table)
         self.B, self.P, self.T, self.L = B, P, T, L
-        self.alpha, self.params, self.eos, self.pad, self.V = alpha, params, eos_id, pad_id, vocab_size
+        self.alpha, self.params, self.pad, self.V = alpha, params, pad_id, vocab_size
+        self.stops = stop_tuple(eos_id)  # (any of them ends a row; the first is fed after it)
+        self.eos = self.stops[0]
         self.n = params.no_repeat_ngram_size
         self.device = device
         dev = device
@@ -120,7 +123,7 @@ class Decoder:
         self.lm.index_copy_(1, t, torch.where(alive, lm, torch.zeros_like(lm))[:, None])
         if lq is not None:
             self.lq.index_copy_(1, t, torch.where(alive, lq, torch.zeros_like(lq))[:, None])
-        self.finished.logical_or_(alive & (tok == self.eos))
+        self.finished.logical_or_(alive & is_stop(tok, self.stops))
         # finished rows keep decoding EOS (the pad id need not have an embedding row)
         self.fed.copy_(torch.where(alive, tok, torch.full_like(tok, self.eos)))
         if self.n > 0:

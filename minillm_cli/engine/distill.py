@@ -151,7 +151,7 @@ class MiniLLMRun:
     # -- setup -------------------------------------------------------------------------------
     def setup(self, rt) -> None:
         from minillm_cli.data.prepare import load_splits
-        from minillm_cli.data.template import end_of_answer_id
+        from minillm_cli.data.template import answer_stops
         from minillm_cli.data.tokenize import encode_prompts
         from minillm_cli.engine.teacher import load_teacher
         from minillm_cli.models import (adapter_note, check_context, compute_dtype, end_generation_at, load_model,
@@ -178,7 +178,7 @@ class MiniLLMRun:
                 check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher", note)
         splits = load_splits(cfg.data, note=note, warn=warn)
         self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
-        self.stop_id = end_of_answer_id(tok, cfg.data.template)  # where rollouts end: EOS, or the chat turn's end
+        self.stops = answer_stops(tok, cfg.data.template)  # where rollouts end: EOS, or the chat turn's end and EOS
         # the first --eval-prompts validation prompts that fit (not the first ones, less those that do not)
         valid, _, v_dropped = encode_prompts(tok, splits["valid"], cfg.data.template, cfg.data.max_prompt_length)
         self.valid_prompts = valid[: cfg.eval_prompts]
@@ -208,7 +208,7 @@ class MiniLLMRun:
                                   lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
                                   what="student")
         check_context(self.student, *rollout, "student", note)
-        end_generation_at(self.student, tok, self.stop_id)
+        end_generation_at(self.student, tok, self.stops[0])
         if self.rouge is not None:  # (its answers run to --max-length, as evaluate's do)
             check_context(self.student, cfg.data.max_length, "--max-length", "student", note)
         if line := adapter_note(self.student, cfg.model_opts.save_adapter):
@@ -279,7 +279,7 @@ class MiniLLMRun:
         by the --sampler engine (the eager loop under FSDP, where every forward is a collective)."""
         rt = self.rt
         return sample(self.student, teacher, ids.to(rt.device), att.to(rt.device), params=self.params, alpha=alpha,
-                      eos_id=self.stop_id, pad_id=self.tok.pad_token_id, generators=generators,
+                      eos_id=self.stops, pad_id=self.tok.pad_token_id, generators=generators,
                       vocab_size=self.vocab, engine=self.engine, sync=rt.decode_sync)
 
     @torch.no_grad()

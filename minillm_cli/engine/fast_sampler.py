@@ -50,7 +50,7 @@ from dataclasses import astuple
 
 import torch
 
-from minillm_cli.engine.sampler import Rollout, SamplingParams, position_cap, sample as eager_sample
+from minillm_cli.engine.sampler import Rollout, SamplingParams, position_cap, sample as eager_sample, stop_tuple
 from minillm_cli.engine import decode_attention, decode_matmul, static_check
 from minillm_cli.engine.decode_loop import Decoder
 from minillm_cli.engine.fused import fused_activations
@@ -277,7 +277,7 @@ def _fallback(reason: str, states: list, **kw) -> Rollout:
 
 @torch.no_grad()
 def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
-                params: SamplingParams, alpha: float, eos_id: int, pad_id: int,
+                params: SamplingParams, alpha: float, eos_id: int | tuple[int, ...], pad_id: int,
                 generators: list[torch.Generator], vocab_size: int, engine: str = "auto",
                 check_every: int | None = None, prompt_bucket: int | None = None,
                 keep: bool | None = None, check: bool = True) -> Rollout:
@@ -293,6 +293,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     require(len(generators) == B, f"need one generator per row: {len(generators)} for {B} rows")
     device = prompt_ids.device
     mode = resolve_engine(engine, device)
+    stops = stop_tuple(eos_id)  # (eos_id: one id or several; the first fills and feeds)
     common = dict(student=student, teacher=teacher, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                   params=params, alpha=alpha, eos_id=eos_id, pad_id=pad_id,
                   generators=generators, vocab_size=vocab_size)
@@ -323,7 +324,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     L = round_up(P + T, 16)
     ids, pm = prompt_ids, prompt_mask.bool()
     if P > P0:  # extra left padding (masked; EOS is a valid embedding row)
-        ids = torch.cat([torch.full((B, P - P0), eos_id, dtype=ids.dtype, device=device), ids], 1)
+        ids = torch.cat([torch.full((B, P - P0), stops[0], dtype=ids.dtype, device=device), ids], 1)
         pm = torch.cat([torch.zeros(B, P - P0, dtype=torch.bool, device=device), pm], 1)
 
     modes = {name: m.training for name, m in run.items()}
@@ -332,7 +333,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     try:
         if check:  # with the model's own modules (the fallback, too, is the reference)
             for name, m in run.items():
-                reason = self_check(m, vocab_size, device, eos_id)
+                reason = self_check(m, vocab_size, device, stops[0])
                 if reason is not None:
                     return _fallback(f"{name}: {reason}", states, **common)
         # a kept decoder (its captured graph, its weight copies) reads the parameters' storage:
@@ -340,7 +341,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         # needs a new one; so does a switch set since (a benchmark's variant)
         key = (tuple((n, id(m), tuple(p.data_ptr() for p in m.parameters())) for n, m in run.items()),
                B, P, T, L, alpha, astuple(params),
-               eos_id, pad_id, vocab_size, mode, str(device), autocast_dtype(device),
+               stops, pad_id, vocab_size, mode, str(device), autocast_dtype(device),
                model_switches(), KV_BUCKETS, PARALLEL_MODELS, DECODE_ATTENTION, DECODE_MATMUL)
         dec = _KEPT.get(key)
         fresh = dec is None
@@ -350,7 +351,7 @@ def fast_sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 models = {n: make_model(m, vocab_size, B, L, device) for n, m in run.items()}
             except Unsupported as e:
                 return _fallback(str(e), states, **common)
-            dec = make_decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=eos_id,
+            dec = make_decoder(models, B=B, P=P, T=T, L=L, alpha=alpha, params=params, eos_id=stops,
                                pad_id=pad_id, vocab_size=vocab_size, device=device,
                                position_cap=position_cap(run.values(), P + T - 1))
         with contextlib.ExitStack() as stack:

@@ -280,9 +280,26 @@ def release_engine(engine: str) -> None:
         release()
 
 
+def stop_tuple(eos_id) -> tuple[int, ...]:
+    """The tokens that end a row, from a sampler's `eos_id`: one id, or several (`--template
+    chat`: the template's end of turn, then EOS). The first is fed to rows that have ended."""
+    stops = (int(eos_id),) if isinstance(eos_id, int) else tuple(int(i) for i in eos_id)
+    if not stops:
+        raise ValueError("eos_id: at least one stop token")
+    return stops
+
+
+def is_stop(tok: torch.Tensor, stops: tuple[int, ...]) -> torch.Tensor:
+    """tok == any of `stops` (elementwise; one comparison per stop, no host read)."""
+    hit = tok == stops[0]
+    for s in stops[1:]:
+        hit = hit | (tok == s)
+    return hit
+
+
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
-           params: SamplingParams, alpha: float, eos_id: int, pad_id: int,
+           params: SamplingParams, alpha: float, eos_id: int | tuple[int, ...], pad_id: int,
            generators: list[torch.Generator], vocab_size: int, engine: str = "eager", sync=None) -> Rollout:
     """Sample one response per prompt.
 
@@ -290,7 +307,8 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     generators (row b draws its uniforms from generators[b]). Mode: teacher-mixed for
     0 < alpha < 1; student-only when teacher is None or alpha = 0 (the teacher never runs);
     teacher-only when student is None or alpha = 1 (the student never runs). Stops when every
-    row has produced EOS or after params.max_new_tokens. Models run in eval mode; their previous
+    row has produced EOS (any of eos_id's tokens where it names several: `stop_tuple`) or after
+    params.max_new_tokens. Models run in eval mode; their previous
     mode is restored afterwards.
 
     engine: "eager" (this loop, the reference) or one of fast_sampler.ENGINES ("auto": CUDA
@@ -309,6 +327,7 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                                vocab_size=vocab_size, engine=engine)
     require(0.0 <= alpha <= 1.0, f"teacher-mix alpha must be in [0, 1], got {alpha}")
     require(student is not None or teacher is not None, "sample() needs a student or a teacher")
+    stops = stop_tuple(eos_id)
     if teacher is None:
         alpha = 0.0
     if student is None:
@@ -355,7 +374,7 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                 lqs.append(torch.where(alive, lq, torch.zeros_like(lq)))
             if blocker is not None:
                 blocker.append(tok.tolist(), alive.tolist())
-            finished = finished | (alive & (tok == eos_id))
+            finished = finished | (alive & is_stop(tok, stops))
             done = bool(finished.all())
             if sync is not None:
                 done = sync(done)
@@ -364,7 +383,7 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             # finished rows keep decoding (their outputs are discarded); feed EOS, not the pad id,
             # which need not have an embedding row
-            fed = torch.where(alive, tok, torch.full_like(tok, eos_id))
+            fed = torch.where(alive, tok, torch.full_like(tok, stops[0]))
             pos = next_pos + t if cap is None else (next_pos + t).clamp(max=cap)  # (see position_cap)
             logits = {name: s.step(fed, mask, pos) for name, s in steppers.items()}
     finally:

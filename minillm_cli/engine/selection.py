@@ -146,7 +146,7 @@ class ValidationRouge:
 
     def __init__(self, tokenizer, examples, *, template: str, max_prompt_length: int, max_length: int,
                  seed: int, max_new_tokens: int = VALID_NEW_TOKENS):
-        from minillm_cli.data.template import end_of_answer_id
+        from minillm_cli.data.template import answer_stops
         from minillm_cli.data.tokenize import encode_prompts
         from minillm_cli.eval.generate import row_budgets
 
@@ -158,7 +158,7 @@ class ValidationRouge:
         self.references = [with_refs[kept[j]].references for j in order]
         self.budgets = row_budgets([len(p) for p in self.prompts], max_new_tokens, max_length)
         self.tok, self.seed = tokenizer, seed
-        self.stop_id = end_of_answer_id(tokenizer, template)  # (EOS, or the chat template's end of turn)
+        self.stops = answer_stops(tokenizer, template)  # (EOS, or the chat template's end of turn and EOS)
         self.counts = {"scored": len(self.prompts), "no_reference": len(examples) - len(with_refs),
                        "too_long": dropped}
         self.max_new_tokens = max_new_tokens
@@ -210,14 +210,14 @@ class ValidationRouge:
                                     temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6)
             with torch.no_grad(), autocast(rt.device, autocast_dtype):
                 roll = sample(model, None, ids.to(rt.device), att.to(rt.device), params=params, alpha=0.0,
-                              eos_id=self.stop_id, pad_id=tok.pad_token_id,
+                              eos_id=self.stops, pad_id=tok.pad_token_id,
                               generators=[example_generator(self.seed, self.VALID_STREAM, j) for j in piece],
                               vocab_size=vocab_size, engine=engine, sync=rt.decode_sync)
             mask = cut_to_budgets(roll.response_mask, budgets)
             found = {}
             for row, j in enumerate(piece):
                 toks = roll.response_ids[row][mask[row]].tolist()
-                if toks and toks[-1] == self.stop_id:
+                if toks and toks[-1] in self.stops:
                     toks = toks[:-1]
                 found[j] = rouge_l(tok.decode(toks, skip_special_tokens=True), self.references[j])
             return found

@@ -245,7 +245,7 @@ def reference_lm_loss(model, tokenizer, examples: list[Example], cfg: EvaluateCo
 # ---------------------------------------------------------------------------- the run
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Generate, score, write the result (and predictions) when asked; return the result dict."""
-    from minillm_cli.data.template import end_of_answer_id, render_prompt
+    from minillm_cli.data.template import answer_stops, render_prompt
     from minillm_cli.data.tokenize import encode_prompts
     from minillm_cli.engine.runtime import init_runtime
     from minillm_cli.eval.generate import generate_batches
@@ -321,7 +321,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             rkl = fkl = 0.0
             ntok = 0
             for batch in generate_batches(model, prompts, params=cfg.sampling_params(), seed=seed, example_ids=kept,
-                                          eos_id=end_of_answer_id(tok, cfg.template), pad_id=tok.pad_token_id, vocab_size=V,
+                                          eos_id=answer_stops(tok, cfg.template), pad_id=tok.pad_token_id, vocab_size=V,
                                           device=rt.device, batch_size=cfg.batch_size, max_length=cfg.max_length, engine=cfg.sampler):
                 toks = batch.token_lists()
                 for r, ids, ended in zip(batch.rows, toks, batch.ended()):

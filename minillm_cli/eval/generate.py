@@ -19,7 +19,7 @@ import torch
 
 from minillm_cli.data.tokenize import left_pad
 from minillm_cli.engine.runtime import example_generator
-from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
+from minillm_cli.engine.sampler import SamplingParams, is_stop, release_engine, sample, stop_tuple
 
 
 @dataclass
@@ -33,14 +33,14 @@ class GeneratedBatch:
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
-    eos_id: int
+    eos_id: int | tuple[int, ...]  # (several: any of them ends a row, sampler.stop_tuple)
 
     def token_lists(self) -> list[list[int]]:
         """Each row's response tokens, cut at EOS (EOS itself excluded)."""
-        out = []
+        out, stops = [], stop_tuple(self.eos_id)
         for ids, m in zip(self.response_ids.tolist(), self.response_mask.tolist()):
             toks = [t for t, keep in zip(ids, m) if keep]
-            if toks and toks[-1] == self.eos_id:
+            if toks and toks[-1] in stops:
                 toks = toks[:-1]
             out.append(toks)
         return out
@@ -48,7 +48,7 @@ class GeneratedBatch:
     def ended(self) -> list[bool]:
         """Whether each row stopped on EOS (False: cut by its length budget)."""
         last = (self.response_mask.sum(1) - 1).clamp(min=0)
-        hit = self.response_ids.gather(1, last[:, None]).squeeze(1) == self.eos_id
+        hit = is_stop(self.response_ids.gather(1, last[:, None]).squeeze(1), stop_tuple(self.eos_id))
         return (hit & self.response_mask.any(1)).tolist()
 
 
@@ -74,7 +74,7 @@ def cut_to_budgets(response_mask: torch.Tensor, budgets: list[int]) -> torch.Ten
 
 
 def generate_batches(model, prompts: list[list[int]], *, params: SamplingParams, seed: int,
-                     example_ids: Optional[list[int]] = None, eos_id: int, pad_id: int,
+                     example_ids: Optional[list[int]] = None, eos_id: int | tuple[int, ...], pad_id: int,
                      vocab_size: int, device: torch.device, batch_size: int, max_length: int,
                      engine: str = "eager") -> Iterator[GeneratedBatch]:
     """Sample one response per prompt, batch by batch (see the module docstring).

@@ -37,13 +37,16 @@ def chat_tokenizer(out, template: str = CHATML):
 
 def test_the_end_of_an_answer_is_the_templates_end_of_turn(tmp_path):
     from minillm_cli.data.examples import Example
-    from minillm_cli.data.template import end_of_answer_id
+    from minillm_cli.data.template import answer_stops, end_of_answer_id
     from minillm_cli.data.tokenize import encode_sft
 
     tok = chat_tokenizer(tmp_path / "t")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert end_of_answer_id(tok, "chat") == im_end != tok.eos_token_id
     assert end_of_answer_id(tok, "dolly") == end_of_answer_id(tok, "raw") == tok.eos_token_id
+    # sampling stops at either: a model that ends its answers with EOS (trained before) stops too
+    assert answer_stops(tok, "chat") == (im_end, tok.eos_token_id)
+    assert answer_stops(tok, "dolly") == (tok.eos_token_id,)
     (enc,), _ = encode_sft(tok, [Example("Name item 3.", references=["A pear."])], "chat")
     assert enc.input_ids[-1] == im_end and tok.decode(enc.input_ids[enc.prompt_len:-1]) == "A pear."
     (enc,), _ = encode_sft(tok, [Example("Name item 3.", references=["A pear."])], "dolly")

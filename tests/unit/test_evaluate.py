@@ -94,6 +94,9 @@ def test_token_lists_cut_at_eos_and_ended_flags():
                        response_mask=torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]).bool(), eos_id=eos)
     assert b.token_lists() == [[5, 6], [], [4, 4, 4, 4]]
     assert b.ended() == [True, True, False]
+    b.eos_id = (4, eos)  # several stops (--template chat: the end of turn, then EOS): any ends a row
+    assert b.token_lists() == [[5, 6], [], [4, 4, 4]]
+    assert b.ended() == [True, True, True]
 
 
 def test_a_model_that_always_ends_gives_empty_predictions(loaded, tiny_dir, dolly_like, tmp_path):

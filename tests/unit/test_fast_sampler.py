@@ -748,3 +748,28 @@ def test_compile_engine_short_rollouts_and_a_compiler_failure_in_an_eager_step(m
     assert len(calls) == 1 and sum("CUDA graph capture failed" in str(x.message) for x in w) == 1
     _assert_same(sample(student, teacher, **_args(PROMPTS, [1, 2, 3, 4], 0.3)), got)
     assert fast_sampler._COMPILE_FAILED
+
+
+def test_several_stop_tokens_end_a_row_at_the_first_of_any_in_both_engines(models):
+    """eos_id may name several stops (`--template chat`: the template's end of turn, then EOS):
+    a row ends at the first of any; the static engine draws the reference's tokens."""
+    student, teacher = models
+    seeds = list(range(12))
+    prompts = [PROMPTS[i % 4] for i in range(12)]
+    plain = sample(student, teacher, **_args(prompts, seeds, 0.3, max_new_tokens=16))
+    STOP = 5  # a token some rows draw before EOS (or never draw EOS)
+    args = _args(prompts, seeds, 0.3, max_new_tokens=16)
+    args["eos_id"] = (STOP, EOS)
+    ref = sample(student, teacher, **args)
+    args = _args(prompts, seeds, 0.3, max_new_tokens=16)
+    args["eos_id"] = (STOP, EOS)
+    got = fast_sample(student, teacher, engine="static", **args)
+    _assert_same(ref, got)
+    cut = 0
+    for b in range(len(prompts)):
+        toks = plain.response_ids[b][plain.response_mask[b]].tolist()
+        first = next((i for i, t in enumerate(toks) if t in (STOP, EOS)), None)
+        want = toks if first is None else toks[: first + 1]  # (same draws up to the first stop)
+        assert ref.response_ids[b][ref.response_mask[b]].tolist() == want, b
+        cut += first is not None and toks[first] == STOP and first < len(toks) - 1
+    assert cut >= 2  # the extra stop did end rows early
