@@ -316,6 +316,44 @@ def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     return notes
 
 
+def resumed_lora(settings, out: str | Path, resume: bool):
+    """LoRA settings for this run: on --resume without --lora-targets, the targets the run detected
+    when it started (run_config.json's resolved `lora_targets`), not a new detection, which another
+    release may make differently (Phi-3's grew): the checkpoint's adapter and optimizer hold those."""
+    if not resume or settings is None or settings.targets is not None:
+        return settings
+    try:
+        saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return settings
+    resolved = saved.get("resolved") if isinstance(saved, dict) else None
+    detected = resolved.get("lora_targets") if isinstance(resolved, dict) else None
+    if isinstance(detected, list) and detected and all(isinstance(t, str) for t in detected):
+        return dataclasses.replace(settings, targets=list(detected))
+    return settings
+
+
+def check_resumed_answer_end(out: str | Path, tokenizer, template: str) -> None:
+    """--resume: a run goes on ending answers with the token it was trained to end them with
+    (run_config.json's resolved `end_of_answer`; a record without it comes from a release that
+    ended every answer with EOS, also under --template chat)."""
+    from minillm_cli.data.template import end_of_answer_id
+
+    try:
+        saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    resolved = saved.get("resolved") if isinstance(saved, dict) else None
+    was = (resolved if isinstance(resolved, dict) else {}).get("end_of_answer", tokenizer.eos_token_id)
+    now = end_of_answer_id(tokenizer, template)
+    if was != now:
+        name = tokenizer.convert_ids_to_tokens
+        raise InputError(f"--resume: the run in {out} was trained to end answers with {name(was)!r} (id {was}); this "
+                         f"release ends --template {template} answers with {name(now)!r} (id {now}), the chat "
+                         f"template's end of turn: start a new --out, or finish the run with the release that "
+                         f"started it")
+
+
 def inputs_inside(out: str | Path, inputs) -> list[str]:
     """The local inputs (a dict flag -> path or None, or (flag, path) pairs; Hub ids and aliases
     are skipped) that are the folder `out` or lie inside it, as "--flag path"."""

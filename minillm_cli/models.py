@@ -303,9 +303,13 @@ def apply_lora(model, lora: LoraSettings):
         raise InputError(f"LoRA targets {targets}: {str(e).splitlines()[0]}") from None
 
 
-def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str = "teacher", student: str = "student") -> int:
+def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str = "teacher", student: str = "student",
+                         template: str = "dolly", note=None) -> int:
     """Teacher and student must share a tokenizer. Embedding sizes may differ (padded vocabularies,
-    e.g. 151936 vs 152064): what counts is the tokenizer. Returns the shared vocabulary size."""
+    e.g. 151936 vs 152064): what counts is the tokenizer. Returns the shared vocabulary size.
+    Under --template chat they must end answers alike (`end_of_answer_id`; their EOS may then
+    differ: an instruct teacher's EOS is often its end of turn); prompts are the student's template's
+    (`note` says so where the teacher's own would render them otherwise)."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     if tv != sv:
         only_t = sorted(set(tv) - set(sv), key=lambda t: tv[t])[:3]
@@ -320,7 +324,26 @@ def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str = "teacher", 
             parts.append(f"different ids for {moved}")
         raise InputError("teacher and student tokenizers differ (" + "; ".join(parts) +
                          "); MiniLLM needs a shared vocabulary")
-    if teacher_tok.eos_token_id != student_tok.eos_token_id:
+    if template == "chat":
+        from minillm_cli.data.examples import Example
+        from minillm_cli.data.template import end_of_answer_id, render_prompt
+
+        t_end, s_end = end_of_answer_id(teacher_tok, template), end_of_answer_id(student_tok, template)
+        if t_end != s_end:
+            raise InputError(f"--template chat: the {teacher}'s chat template ends an answer with "
+                             f"{teacher_tok.convert_ids_to_tokens(t_end)!r} (id {t_end}), the {student}'s with "
+                             f"{student_tok.convert_ids_to_tokens(s_end)!r} (id {s_end}); give both the same chat "
+                             f"template (tokenizer_config.json's chat_template), or use --template dolly")
+        if note is not None and getattr(teacher_tok, "chat_template", None):
+            probe = Example("hi")
+            try:
+                differs = render_prompt(probe, "chat", teacher_tok) != render_prompt(probe, "chat", student_tok)
+            except (InputError, ValueError, TypeError):
+                differs = False
+            if differs:
+                note(f"note: the {teacher}'s chat template renders prompts otherwise than the {student}'s; "
+                     f"prompts are rendered with the {student}'s")
+    elif teacher_tok.eos_token_id != student_tok.eos_token_id:
         raise InputError(f"teacher and student use different EOS ids ({teacher_tok.eos_token_id} vs "
                          f"{student_tok.eos_token_id})")
     return len(student_tok)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from minillm_cli.config import DistillConfig, check_resume, prepare_out_dir, save_run_config
+from minillm_cli.config import (DistillConfig, check_resume, check_resumed_answer_end, prepare_out_dir,
+                                resumed_lora, save_run_config)
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.captured_step import CapturedSteps
 from minillm_cli.engine.minillm import (MiniLLMOptions, StatsSum, minillm_loss, score_rollouts, teacher_logit_bytes,
@@ -73,7 +74,7 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code,
-                                  context=(cfg.data.max_length, "--max-length"),
+                                  context=(cfg.data.max_length, "--max-length"), template=cfg.data.template,
                                   note=Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main).log)
         if rt.fsdp:
             from minillm_cli.engine import fsdp
@@ -86,6 +87,7 @@ def _run_teacher_forced(cfg: DistillConfig) -> dict:
 
 def _run_seqkd(cfg: DistillConfig) -> dict:
     from minillm_cli.data.prepare import load_splits
+    from minillm_cli.data.template import end_of_answer_id
     from minillm_cli.engine.baselines import generate_seqkd_data
     from minillm_cli.engine.sft import train_sft
     from minillm_cli.engine.teacher import load_teacher
@@ -108,12 +110,13 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
         # (now, not after the generation: a run stopped during it can then be resumed; not over a
         # resumed run's own, which a refused resume must leave as it was)
         if rt.is_main and not run_config.is_file():
-            save_run_config(cfg, run_config.parent, "distill-seqkd", {"stage": "teacher generation"})
+            save_run_config(cfg, run_config.parent, "distill-seqkd", {
+                "stage": "teacher generation", "resolved": {"end_of_answer": end_of_answer_id(tok, cfg.data.template)}})
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                   trust_remote_code=cfg.model_opts.trust_remote_code,
                                   context=(cfg.data.max_prompt_length + cfg.max_new_tokens,
-                                           "--max-prompt-length + --max-new-tokens"),
+                                           "--max-prompt-length + --max-new-tokens"), template=cfg.data.template,
                                   note=Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main).log)
         if rt.fsdp:
             from minillm_cli.engine import fsdp
@@ -161,13 +164,15 @@ class MiniLLMRun:
         self.rt = rt
         seed_everything(cfg.run.seed)
         self.tok = tok = load_tokenizer(cfg.student, trust_remote_code=cfg.model_opts.trust_remote_code, what="student")
+        if cfg.run.resume:
+            check_resumed_answer_end(cfg.run.out, tok, cfg.data.template)
         rollout = (cfg.data.max_prompt_length + cfg.max_new_tokens, "--max-prompt-length + --max-new-tokens")
         messages = Progress("distill", quiet=cfg.run.quiet, is_main=rt.is_main)
         note, warn = messages.log, messages.warn
         self.teacher, self.vocab = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                                 teacher_device=cfg.teacher_device, peft=cfg.teacher_peft,
                                                 trust_remote_code=cfg.model_opts.trust_remote_code, context=rollout,
-                                                note=note)
+                                                note=note, template=cfg.data.template)
         self.pt = None
         if cfg.pt_data:
             from minillm_cli.data.pretrain_read import PretrainData
@@ -205,7 +210,8 @@ class MiniLLMRun:
             note(self.rouge.describe())
         self.student = load_model(cfg.student, tokenizer=tok, device=rt.device,
                                   dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
-                                  lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code,
+                                  lora=resumed_lora(cfg.model_opts.lora(), cfg.run.out, cfg.run.resume),
+                                  trust_remote_code=cfg.model_opts.trust_remote_code,
                                   what="student")
         check_context(self.student, *rollout, "student", note)
         end_generation_at(self.student, tok, self.stops[0])
@@ -496,7 +502,8 @@ class MiniLLMRun:
                 "resolved": resolved_settings(rt, self.student, self.amp,
                                               sampler=resolve_engine(self.engine, rt.device),
                                               cache_teacher_logits=self.opts.caches_teacher_logits,
-                                              rollout_batch_size=self.rollout_batch)})
+                                              rollout_batch_size=self.rollout_batch,
+                                              end_of_answer=self.stops[0])})
         metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
         progress.start(self.steps)
         t0, roll_stats = time.perf_counter(), {}

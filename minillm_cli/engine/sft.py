@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from minillm_cli.config import SFTConfig, check_resume, prepare_out_dir, save_run_config
+from minillm_cli.config import (SFTConfig, check_resume, check_resumed_answer_end, prepare_out_dir, resumed_lora,
+                                save_run_config)
 from minillm_cli.data.tokenize import Encoded, collate_sft, encode_sft
 from minillm_cli.engine import checkpoint as ckpt
 from minillm_cli.engine.losses import lm_loss
@@ -95,6 +96,8 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     progress = Progress(command, quiet=cfg.run.quiet, is_main=rt.is_main)
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.model_opts.trust_remote_code, what="model")
+    if cfg.run.resume:
+        check_resumed_answer_end(out, tok, cfg.data.template)
     ends = None  # (seqkd: which teacher answers ended, see encode_sft)
     if setup is not None:
         prepared = setup(rt, tok) or {}
@@ -145,9 +148,11 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
 
     model = load_model(cfg.model, tokenizer=tok, device=rt.device,
                        dtype=pick_dtype(rt.device, cfg.model_opts.dtype, training=True),
-                       lora=cfg.model_opts.lora(), trust_remote_code=cfg.model_opts.trust_remote_code)
+                       lora=resumed_lora(cfg.model_opts.lora(), out, cfg.run.resume),
+                       trust_remote_code=cfg.model_opts.trust_remote_code)
     check_context(model, cfg.data.max_length, "--max-length", "model" if command == "sft" else "student", progress.log)
-    end_generation_at(model, tok, end_of_answer_id(tok, cfg.data.template))
+    answer_end = end_of_answer_id(tok, cfg.data.template)  # (EOS, or the chat template's end of turn)
+    end_generation_at(model, tok, answer_end)
     if line := adapter_note(model, cfg.model_opts.save_adapter):
         progress.log(line)
     if line := low_precision_warning(model, cfg.optim.lr):
@@ -194,7 +199,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         save_run_config(record or cfg, out, command, {"train_examples": len(train), "valid_examples": len(valid),
                                             "dropped_long_prompts": dropped + vdropped, "steps": steps,
                                                      "world_size": rt.world_size, "sharded": rt.fsdp,
-                                                     "resolved": resolved_settings(rt, model, amp)})
+                                                     "resolved": resolved_settings(rt, model, amp, end_of_answer=answer_end)})
     metrics = MetricsWriter(out / "metrics.jsonl" if rt.is_main else None)
 
     def evaluate_and_keep_best(step: int) -> dict:

@@ -34,14 +34,15 @@ class TeacherOnDevice(torch.nn.Module):
 
 def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_device: str | None = None,
                  peft: str | None = None, trust_remote_code: bool = False, dtype: str = "auto",
-                 context: tuple[int, str] | None = None, note=None):
+                 context: tuple[int, str] | None = None, note=None, template: str = "dolly"):
     """Load the teacher frozen; returns (teacher, vocab_size shared with the student).
     context: (longest sequence it will see, the flags that set it), checked against its positions
-    (models.check_context; `note` logs what is not refused)."""
+    (models.check_context; `note` logs what is not refused). template: the prompts' (--template chat
+    compares how the two tokenizers end answers, not their EOS)."""
     from minillm_cli.models import check_context, check_same_tokenizer, load_model, load_tokenizer, pick_dtype
 
     t_tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="teacher")
-    vocab = check_same_tokenizer(t_tok, student_tokenizer)
+    vocab = check_same_tokenizer(t_tok, student_tokenizer, template=template, note=note)
     where = resolve_device(teacher_device, flag="--teacher-device") if teacher_device else device
     model = load_model(name, tokenizer=t_tok, device=where, dtype=pick_dtype(where, dtype),
                        trust_remote_code=trust_remote_code, trainable=False, what="teacher")

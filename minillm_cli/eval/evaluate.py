@@ -292,7 +292,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
         teacher, _ = load_teacher(cfg.teacher, student_tokenizer=tok, device=rt.device,
                                   trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
-                                  context=(cfg.max_length, "--max-length"),
+                                  context=(cfg.max_length, "--max-length"), template=cfg.template,
                                   note=progress.log)
     model = load_model(cfg.model, tokenizer=tok, device=rt.device, dtype=pick_dtype(rt.device, cfg.dtype),
                        trust_remote_code=cfg.trust_remote_code, trainable=False)

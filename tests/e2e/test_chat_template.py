@@ -17,7 +17,7 @@ PLAIN_END = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n### en
              "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
-def chat_tokenizer(out, template: str = CHATML):
+def chat_tokenizer(out, template: str = CHATML, eos: str = "<|endoftext|>"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,7 +28,7 @@ def chat_tokenizer(out, template: str = CHATML):
     tok.train_from_iterator(["Name item number 3 of the list. Item 3 is an apple. A pear. user assistant"] * 4,
                             trainers.BpeTrainer(vocab_size=320, special_tokens=special, show_progress=False,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token="<|endoftext|>",
                                    pad_token="<|pad|>", additional_special_tokens=special[2:])
     fast.chat_template = template
     fast.save_pretrained(str(out))
@@ -100,3 +100,57 @@ def test_chat_sft_then_evaluate_stops_at_the_end_of_turn(tmp_path, dolly_like):
     answers = [json.loads(line) for line in open(tmp_path / "seqkd" / "seqkd_data.jsonl")]
     # (sampled to EOS they run on past the turn's end: "Item 39 is an apple.leA pear.3 is an")
     assert all(a["finished"] and a["response"].count(".") == 1 for a in answers), answers
+
+
+def test_teacher_and_student_must_end_answers_alike_under_chat(tmp_path):
+    """Under --template chat what must agree is how the two end an answer, not their EOS: an
+    instruct teacher whose EOS is <|im_end|> and its base student whose EOS is <|endoftext|> share
+    the ChatML turn's end; a teacher whose template closes turns otherwise is refused."""
+    from minillm_cli.errors import InputError
+    from minillm_cli.models import check_same_tokenizer
+
+    base = chat_tokenizer(tmp_path / "base")
+    instruct = chat_tokenizer(tmp_path / "instruct", eos="<|im_end|>")
+    notes = []
+    assert check_same_tokenizer(instruct, base, template="chat", note=notes.append) == len(base)
+    assert notes == []  # (the same template renders the same prompts)
+    with pytest.raises(InputError, match="different EOS ids"):
+        check_same_tokenizer(instruct, base, template="dolly")
+    with pytest.raises(InputError, match="ends an answer with"):
+        check_same_tokenizer(chat_tokenizer(tmp_path / "plain", PLAIN_END), base, template="chat")
+    spaced = chat_tokenizer(tmp_path / "sys", "{{ 'system: be brief' }}" + CHATML)
+    check_same_tokenizer(spaced, base, template="chat", note=notes.append)
+    assert len(notes) == 1 and "prompts are rendered with the student's" in notes[0]
+
+
+def test_a_run_trained_to_end_with_eos_is_not_resumed_with_the_end_of_turn(tmp_path, dolly_like):
+    """A --template chat run started by a release that ended answers with EOS (its record has no
+    resolved `end_of_answer`) would switch targets mid-run: its resume is refused (exit 2); a run
+    of this release resumes."""
+    from minillm_cli.toy.tiny import make_gpt2
+
+    tok = chat_tokenizer(tmp_path / "tok")
+    make_gpt2(tok, tmp_path / "m", n_layer=1, n_embd=32, n_head=2, seed=0)
+    out = tmp_path / "run"
+    args = ["sft", "--model", str(tmp_path / "m"), "--data", str(dolly_like), "--out", str(out), "--template", "chat",
+            "--batch-size", "4", "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(app, [*args, "--steps", "1"]).exit_code == 0
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["resolved"]["end_of_answer"] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert CliRunner().invoke(app, [*args, "--steps", "2", "--resume"]).exit_code == 0
+    del record["resolved"]["end_of_answer"]  # (as an older release wrote it)
+    (out / "run_config.json").write_text(json.dumps(record))
+    res = CliRunner().invoke(app, [*args, "--steps", "3", "--resume"])
+    assert res.exit_code == 2, res.output
+    assert "trained to end answers with '<|endoftext|>'" in res.stderr and "'<|im_end|>'" in res.stderr
+    # MiniLLM's own loop checks it too
+    mini = tmp_path / "mini"
+    margs = ["distill", "--teacher", str(tmp_path / "m"), "--student", str(tmp_path / "m"), "--data", str(dolly_like),
+             "--out", str(mini), "--template", "chat", "--num-rollouts", "4", "--batch-size", "4",
+             "--max-new-tokens", "8", "--eval-prompts", "0", "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(app, [*margs, "--steps", "1"]).exit_code == 0
+    record = json.loads((mini / "run_config.json").read_text())
+    del record["resolved"]["end_of_answer"]
+    (mini / "run_config.json").write_text(json.dumps(record))
+    res = CliRunner().invoke(app, [*margs, "--steps", "2", "--resume"])
+    assert res.exit_code == 2 and "trained to end answers with" in res.stderr, res.output

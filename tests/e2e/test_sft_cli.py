@@ -74,7 +74,8 @@ def test_sft_end_to_end(tmp_path, tiny_dir, dolly_like):
     assert rows[2]["valid_loss"] is not None and rows[5]["valid_loss"] is not None
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["command"] == "sft" and "torch" in cfg["versions"] and cfg["config"]["optim"]["lr"] == 1e-3
-    assert cfg["resolved"] == {"device": "cpu", "dtype": "float32", "autocast": "None"}  # what "auto" became
+    assert cfg["resolved"] == {"device": "cpu", "dtype": "float32", "autocast": "None",
+                               "end_of_answer": 0}  # what "auto" became; EOS ends answers
 
 
 def test_sft_lowers_validation_loss(tmp_path, tiny_dir, dolly_like):
@@ -523,3 +524,22 @@ def test_a_run_without_validation_data_resumes(tmp_path, tiny_dir, dolly_like):
     assert invoke(*args, "--steps", 1).exit_code == 0
     res = invoke(*args, "--steps", 2, "--resume")
     assert res.exit_code == 0, res.output
+
+
+def test_a_resume_keeps_the_lora_targets_its_run_detected(tmp_path, tiny_dir, dolly_like, monkeypatch):
+    """A release that detects other targets for the model (Phi-3's grew) must not change a resumed
+    run's: without --lora-targets it takes run_config.json's recorded ones, whose adapter and
+    optimizer state the checkpoint holds (a new detection failed to load the optimizer)."""
+    import minillm_cli.models as models
+
+    out = tmp_path / "run"
+    args = ["sft", "--model", tiny_dir / "student", "--data", dolly_like, "--out", out, "--batch-size", 4,
+            "--device", "cpu", "--quiet", "--lora-r", 2]
+    monkeypatch.setitem(models.LORA_TARGETS, "gpt2", ["c_attn"])  # (what an older release detected)
+    assert invoke(*args, "--steps", 1).exit_code == 0
+    monkeypatch.setitem(models.LORA_TARGETS, "gpt2", ["c_attn", "c_proj", "c_fc"])
+    res = invoke(*args, "--steps", 2, "--resume")
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["resolved"]["lora_targets"] == ["c_attn"] and saved["config"]["model_opts"]["lora_targets"] is None
+    assert invoke(*args, "--steps", 3, "--resume").exit_code == 0  # (and again: the record still says detected)
