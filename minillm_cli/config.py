@@ -502,9 +502,12 @@ class DistillConfig:
         require(self.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
         require(self.teacher_device is None or re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.teacher_device.lower()),
                 f"--teacher-device {self.teacher_device!r}: expected auto, cpu, cuda or cuda:N")
-        require(self.method != "minillm" or self.data.max_prompt_length + self.max_new_tokens <= self.data.max_length,
+        # (seqkd: a teacher answer past it would be cut from its SFT, with its EOS)
+        require(self.method not in ("minillm", "seqkd")
+                or self.data.max_prompt_length + self.max_new_tokens <= self.data.max_length,
                 f"--max-prompt-length {self.data.max_prompt_length} + --max-new-tokens {self.max_new_tokens} exceed "
-                f"--max-length {self.data.max_length} (the longest prompt + response a rollout may make; 512 by "
+                f"--max-length {self.data.max_length} (the longest prompt + response "
+                f"{'a rollout' if self.method == 'minillm' else 'the teacher'} may make; 512 by "
                 f"default): raise --max-length or lower one of the others")
         require(math.isfinite(self.teacher_mix_alpha) and 0.0 <= self.teacher_mix_alpha <= 1.0,
                 f"--teacher-mix-alpha must be in [0, 1], got {self.teacher_mix_alpha}")

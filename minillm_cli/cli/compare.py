@@ -1,7 +1,8 @@
 """Compare evaluate results and run folders side by side; gate CI on them.
 
 RESULT is an evaluate FILE.json or an sft/distill run folder (its eval.json or eval/*.json results
-plus its last training-log values as train.<key>). Prints metrics x runs as "mean ± std" with the
+plus the training-log values of the step whose weights it keeps as train.<key>, that step as
+train.kept_step). Prints metrics x runs as "mean ± std" with the
 best run per metric marked (higher or lower is better per metric).
 
 --fail-if 'rougeL < 20' exits 1 when ANY compared result meets the condition (and prints which).

@@ -284,7 +284,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         moved = [f for f, v, d in (("--temperature", cfg.temperature, 1.0), ("--top-k", cfg.top_k, 0),
                                    ("--top-p", cfg.top_p, 1.0)) if v != d]
         if moved:
-            progress.log(f"note: --greedy takes the most likely token; {', '.join(moved)} change nothing")
+            progress.log(f"note: --greedy takes the most likely token; {', '.join(moved)} "
+                         f"change{'s' if len(moved) == 1 else ''} nothing")
     if cfg.teacher is not None and not any(m in KL_METRICS for m in metrics):
         progress.log(f"note: --teacher {cfg.teacher} is unused by {', '.join(metrics)}")
     elif cfg.teacher is not None:

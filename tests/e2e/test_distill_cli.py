@@ -326,6 +326,8 @@ def test_ablation_switches_change_the_update(tmp_path, tiny_dir, dolly_like):
     (["--num-rollouts", 1], "--num-rollouts (1) must be at least --batch-size"),
     (["--max-length", 80, "--max-prompt-length", 60, "--max-new-tokens", 30],
      "--max-prompt-length 60 + --max-new-tokens 30 exceed --max-length 80"),
+    (["--max-length", 80, "--max-prompt-length", 60, "--max-new-tokens", 30, "--method", "seqkd"],
+     "--max-prompt-length 60 + --max-new-tokens 30 exceed --max-length 80 (the longest prompt + response the teacher"),
     (["--teacher-device", "gpu"], "--teacher-device 'gpu': expected auto"),
     (["--adam-betas", "0.9"], "--adam-betas 0.9: expected two numbers in [0, 1) as B1,B2"),
     (["--adam-betas", "0.9,1.5"], "--adam-betas 0.9,1.5: expected two numbers"),
