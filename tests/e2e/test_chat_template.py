@@ -8,7 +8,6 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
 from minillm_cli.cli.app import app
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
