@@ -102,9 +102,13 @@ def check_model_options(name: str, opts, flag: str) -> None:
                          f"adapter (--lora-r 0 --save-adapter) or save merged weights (no --save-adapter)")
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "tokenizer"):
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "tokenizer", pad: str | None = None):
     """AutoTokenizer with a pad token distinct from EOS (added as `<|pad|>` when the tokenizer has
-    none, or only EOS/UNK==EOS to offer), so that EOS is always a trained target."""
+    none, or only EOS/UNK==EOS to offer), so that EOS is always a trained target. pad: a teacher's
+    is its student's where the teacher has that token (or it is our `<|pad|>`): each would pick
+    its own from its EOS, and under --template chat an instruct teacher (EOS `<|im_end|>`, pad
+    `<|endoftext|>`) and its base student (EOS = pad = `<|endoftext|>`: given `<|pad|>`) would
+    differ by the pad token alone."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -119,7 +123,12 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "t
         raise _not_found(source, what, e) from None
     if tok.eos_token_id is None:
         raise InputError(f"{what} {name!r}: the tokenizer has no EOS token; responses need one to end")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+    if pad is not None and (pad in tok.get_vocab() or pad == PAD_TOKEN):
+        if pad in tok.get_vocab():
+            tok.pad_token = pad
+        else:
+            tok.add_special_tokens({"pad_token": pad})
+    elif tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
         else:
@@ -326,10 +335,22 @@ def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str = "teacher", 
                          "); MiniLLM needs a shared vocabulary")
     if template == "chat":
         from minillm_cli.data.examples import Example
-        from minillm_cli.data.template import end_of_answer_id, render_prompt
+        from minillm_cli.data.template import answer_stops, end_of_answer_id, render_prompt
 
         t_end, s_end = end_of_answer_id(teacher_tok, template), end_of_answer_id(student_tok, template)
-        if t_end != s_end:
+        if not getattr(teacher_tok, "chat_template", None):
+            # a teacher whose tokenizer has no chat template (a base model; --teacher-peft's base,
+            # whose adapter's tokenizer is not read) sees the student's prompts and ends at its EOS,
+            # where the samplers stop too (`answer_stops`): its EOS must be one of those stops
+            if teacher_tok.eos_token_id not in answer_stops(student_tok, template):
+                raise InputError(f"--template chat: the {teacher}'s tokenizer has no chat template and ends answers "
+                                 f"with its EOS {teacher_tok.eos_token!r} (id {teacher_tok.eos_token_id}), neither the "
+                                 f"{student}'s end of an answer nor its EOS; give the {teacher} the {student}'s chat "
+                                 f"template, or use --template dolly")
+            if note is not None:
+                note(f"note: the {teacher}'s tokenizer has no chat template: prompts are rendered with the "
+                     f"{student}'s")
+        elif t_end != s_end:
             raise InputError(f"--template chat: the {teacher}'s chat template ends an answer with "
                              f"{teacher_tok.convert_ids_to_tokens(t_end)!r} (id {t_end}), the {student}'s with "
                              f"{student_tok.convert_ids_to_tokens(s_end)!r} (id {s_end}); give both the same chat "

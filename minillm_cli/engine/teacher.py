@@ -41,7 +41,8 @@ def load_teacher(name: str, *, student_tokenizer, device: torch.device, teacher_
     compares how the two tokenizers end answers, not their EOS)."""
     from minillm_cli.models import check_context, check_same_tokenizer, load_model, load_tokenizer, pick_dtype
 
-    t_tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="teacher")
+    t_tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="teacher",
+                           pad=student_tokenizer.pad_token)
     vocab = check_same_tokenizer(t_tok, student_tokenizer, template=template, note=note)
     where = resolve_device(teacher_device, flag="--teacher-device") if teacher_device else device
     model = load_model(name, tokenizer=t_tok, device=where, dtype=pick_dtype(where, dtype),

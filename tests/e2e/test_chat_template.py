@@ -16,7 +16,8 @@ PLAIN_END = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n### en
              "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
-def chat_tokenizer(out, template: str = CHATML, eos: str = "<|endoftext|>"):
+def chat_tokenizer(out, template: str | None = CHATML, eos: str = "<|endoftext|>", pad: str = "<|pad|>"):
+    """pad other than <|pad|>: a vocabulary without <|pad|> (Qwen's: pad <|endoftext|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,11 +25,13 @@ def chat_tokenizer(out, template: str = CHATML, eos: str = "<|endoftext|>"):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    if pad != "<|pad|>":
+        special.remove("<|pad|>")
     tok.train_from_iterator(["Name item number 3 of the list. Item 3 is an apple. A pear. user assistant"] * 4,
                             trainers.BpeTrainer(vocab_size=320, special_tokens=special, show_progress=False,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", additional_special_tokens=special[2:])
+                                   pad_token=pad, additional_special_tokens=special[-2:])
     fast.chat_template = template
     fast.save_pretrained(str(out))
     return fast
@@ -153,3 +156,42 @@ def test_a_run_trained_to_end_with_eos_is_not_resumed_with_the_end_of_turn(tmp_p
     (mini / "run_config.json").write_text(json.dumps(record))
     res = CliRunner().invoke(app, [*margs, "--steps", "2", "--resume"])
     assert res.exit_code == 2 and "trained to end answers with" in res.stderr, res.output
+
+
+def test_a_base_teacher_without_a_chat_template_is_taken_under_chat(tmp_path):
+    """A teacher whose tokenizer has no chat template (a base model; --teacher-peft's base, whose
+    adapter's tokenizer is not read) ends at its EOS, where the samplers stop too: taken, with a
+    note, when that EOS is one of the student's stops; refused otherwise."""
+    from minillm_cli.errors import InputError
+    from minillm_cli.models import check_same_tokenizer
+
+    student = chat_tokenizer(tmp_path / "student")
+    notes = []
+    base = chat_tokenizer(tmp_path / "base", template=None)
+    assert check_same_tokenizer(base, student, template="chat", note=notes.append) == len(student)
+    assert len(notes) == 1 and "no chat template" in notes[0]
+    odd = chat_tokenizer(tmp_path / "odd", template=None, eos="<|im_start|>")
+    with pytest.raises(InputError, match="no chat template"):
+        check_same_tokenizer(odd, student, template="chat")
+
+
+def test_an_instruct_teacher_and_its_base_student_share_a_pad_token(tmp_path, dolly_like):
+    """Qwen's tokenizers: the base one's pad is its EOS <|endoftext|> (load_tokenizer adds <|pad|>),
+    the instruct one's EOS is <|im_end|> and its pad <|endoftext|> (kept): loaded for a teacher,
+    the instruct one takes its student's pad, else the two differ by <|pad|> alone and are refused."""
+    from minillm_cli.models import check_same_tokenizer, load_tokenizer
+    from minillm_cli.toy.tiny import make_gpt2
+
+    raw = {"base": chat_tokenizer(tmp_path / "base", pad="<|endoftext|>"),
+           "instruct": chat_tokenizer(tmp_path / "instruct", eos="<|im_end|>", pad="<|endoftext|>")}
+    student = load_tokenizer(str(tmp_path / "base"))
+    teacher = load_tokenizer(str(tmp_path / "instruct"), pad=student.pad_token)
+    assert student.pad_token == teacher.pad_token == "<|pad|>" and len(teacher) == len(student)
+    assert check_same_tokenizer(teacher, student, template="chat") == len(student)
+    for name, tok in raw.items():  # (the folders hold the tokenizers as published: no <|pad|>)
+        make_gpt2(tok, tmp_path / f"m-{name}", n_layer=1, n_embd=32, n_head=2, seed=0)
+    res = CliRunner().invoke(app, ["distill", "--method", "kd", "--teacher", str(tmp_path / "m-instruct"),
+                                   "--student", str(tmp_path / "m-base"), "--data", str(dolly_like),
+                                   "--out", str(tmp_path / "kd"), "--template", "chat", "--batch-size", "4",
+                                   "--steps", "1", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
