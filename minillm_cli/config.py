@@ -273,6 +273,17 @@ def saved_config(out: str | Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def saved_resolved(out: str | Path) -> dict | None:
+    """What the run in `out` recorded its "auto" settings became (run_config.json's `resolved`; {}
+    in a record without them), or None when there is no readable record."""
+    try:
+        saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    resolved = saved.get("resolved") if isinstance(saved, dict) else None
+    return resolved if isinstance(resolved, dict) else {}
+
+
 def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     """Refuse --resume when the settings differ from those the run in OUT was started with
     (its run_config.json), except the RESUMABLE ones: the checkpoint's optimizer, scheduler and
@@ -322,12 +333,7 @@ def resumed_lora(settings, out: str | Path, resume: bool):
     release may make differently (Phi-3's grew): the checkpoint's adapter and optimizer hold those."""
     if not resume or settings is None or settings.targets is not None:
         return settings
-    try:
-        saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
-    except (OSError, ValueError):
-        return settings
-    resolved = saved.get("resolved") if isinstance(saved, dict) else None
-    detected = resolved.get("lora_targets") if isinstance(resolved, dict) else None
+    detected = (saved_resolved(out) or {}).get("lora_targets")
     if isinstance(detected, list) and detected and all(isinstance(t, str) for t in detected):
         return dataclasses.replace(settings, targets=list(detected))
     return settings
@@ -339,12 +345,10 @@ def check_resumed_answer_end(out: str | Path, tokenizer, template: str) -> None:
     ended every answer with EOS, also under --template chat)."""
     from minillm_cli.data.template import end_of_answer_id
 
-    try:
-        saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
-    except (OSError, ValueError):
+    resolved = saved_resolved(out)
+    if resolved is None:
         return
-    resolved = saved.get("resolved") if isinstance(saved, dict) else None
-    was = (resolved if isinstance(resolved, dict) else {}).get("end_of_answer", tokenizer.eos_token_id)
+    was = resolved.get("end_of_answer", tokenizer.eos_token_id)
     now = end_of_answer_id(tokenizer, template)
     if was != now:
         name = tokenizer.convert_ids_to_tokens

@@ -123,11 +123,10 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "t
         raise _not_found(source, what, e) from None
     if tok.eos_token_id is None:
         raise InputError(f"{what} {name!r}: the tokenizer has no EOS token; responses need one to end")
-    if pad is not None and (pad in tok.get_vocab() or pad == PAD_TOKEN):
-        if pad in tok.get_vocab():
-            tok.pad_token = pad
-        else:
-            tok.add_special_tokens({"pad_token": pad})
+    if pad is not None and pad in tok.get_vocab():
+        tok.pad_token = pad
+    elif pad == PAD_TOKEN:
+        tok.add_special_tokens({"pad_token": pad})
     elif tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token

@@ -48,7 +48,6 @@ def end_of_answer_id(tokenizer, template: str = "dolly") -> int:
     return eos
 
 
-
 def answer_stops(tokenizer, template: str = "dolly") -> tuple[int, ...]:
     """The tokens a sampled answer ends at: the end of an answer (`end_of_answer_id`, what
     training appends) first, then EOS where that differs -- a model that ends its answers with

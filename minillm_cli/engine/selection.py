@@ -86,7 +86,10 @@ class Best:
         one whose weights are complete."""
         from minillm_cli.eval.results import atomic_write_text
 
-        atomic_write_text(Path(out) / self.MARKER, json.dumps({**self.state(), **({"pending": True} if pending else {})}))
+        state = self.state()
+        if pending:
+            state["pending"] = True
+        atomic_write_text(Path(out) / self.MARKER, json.dumps(state))
 
     def reconcile(self, out) -> str | None:
         """On --resume: OUT's weights are saved at each new best, the record reaches a checkpoint

@@ -316,13 +316,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if want_gen or want_kl:
         progress.start(len(prompts) * cfg.seeds)
         done, t_gen = 0, time.perf_counter()
+        stops = answer_stops(tok, cfg.template)  # (EOS, or the chat template's end of turn and EOS)
         for seed in cfg.seed_list():
             texts: list[str] = [""] * len(prompts)
             info: list[tuple[int, bool]] = [(0, False)] * len(prompts)
             rkl = fkl = 0.0
             ntok = 0
             for batch in generate_batches(model, prompts, params=cfg.sampling_params(), seed=seed, example_ids=kept,
-                                          eos_id=answer_stops(tok, cfg.template), pad_id=tok.pad_token_id, vocab_size=V,
+                                          eos_id=stops, pad_id=tok.pad_token_id, vocab_size=V,
                                           device=rt.device, batch_size=cfg.batch_size, max_length=cfg.max_length, engine=cfg.sampler):
                 toks = batch.token_lists()
                 for r, ids, ended in zip(batch.rows, toks, batch.ended()):
