@@ -2,7 +2,9 @@
 
 DATA is a local .jsonl/.json/.csv/.parquet file, a Hub dataset id, or an alias. Field layouts are
 detected from the first record of each file (Dolly, Alpaca/MiniLLM, Self-Instruct, Vicuna,
-prompt/response); a folder is read file by file, subfolders included. `--prompt-field`,
+prompt/response, and chat conversations: `messages` with role/content as OpenAI and Hugging Face
+chat data hold them, ShareGPT's `conversations` with from/value); a folder is read file by file,
+subfolders included. `--prompt-field`,
 `--response-field` and `--input-field` each replace one field of the detected layout.
 """
 from __future__ import annotations
@@ -34,12 +36,16 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 @dataclass
 class Example:
-    """One instruction. `references` is empty when the data has no gold answer (Vicuna)."""
+    """One instruction. `references` is empty when the data has no gold answer (Vicuna).
+    `history`: the messages a conversation had before `instruction`, its last user message (a
+    system message, earlier turns), as [{"role": ..., "content": ...}]; only `--template chat`
+    renders them."""
 
     instruction: str
     input: str = ""
     references: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def response(self) -> str:
@@ -77,7 +83,13 @@ def _text(value: Any, where: str, name: str) -> str:
 
 def _refs(value: Any, where: str, name: str) -> list[str]:
     """The reference answers in a field: one string, or a list of them (MiniLLM's several
-    outputs); empty ones are no reference."""
+    outputs), or messages whose last is the assistant's (TRL's conversational completion); empty
+    ones are no reference."""
+    if _is_messages(value):
+        own = _ask(_messages(value, where, name), where, name)[2]
+        if not own:
+            raise InputError(f"{where}: {name}: the last message is not the assistant's")
+        return _refs(own, where, name)
     if isinstance(value, (list, tuple)):
         texts = [_text(v, where, f"{name}[{i}]") for i, v in enumerate(value)]
         return [t for t in texts if t.strip() != ""]
@@ -114,7 +126,14 @@ def _flat(prompt: str, inp: str | None, responses: tuple[str, ...], *, strict_re
         else:
             key = next((k for k in responses if k in r), None)
             refs = _refs(r[key], where, key) if key else []
-        return [Example(_text(r[prompt], where, prompt), _text(r.get(inp), where, inp) if inp else "", refs)]
+        value, history = r[prompt], []
+        if _is_messages(value):  # (TRL's conversational prompt/completion: both fields hold messages)
+            value, history, own = _ask(_messages(value, where, prompt), where, prompt)
+            if own:
+                raise InputError(f"{where}: {prompt}: the prompt's messages end with the assistant's; "
+                                 f"expected the user's")
+        return [Example(_text(value, where, prompt), _text(r.get(inp), where, inp) if inp else "", refs,
+                        history=history)]
 
     return build
 
@@ -156,8 +175,91 @@ def _vicuna(prompt: str | None = None, inp: str | None = None, response: str | N
     return build
 
 
+# ---------------------------------------------------------------------------------------------
+# Conversations: chat data as OpenAI and Hugging Face datasets hold it (`messages`:
+# [{"role", "content"}]) and ShareGPT's (`conversations`: [{"from", "value"}]). One example per
+# conversation: its last assistant message is the answer, the user message before it the
+# instruction, and what came before that (a system message, earlier turns) the history the
+# instruction is asked in. A conversation that ends with a user message is a prompt without a
+# reference (evaluation sets).
+# ---------------------------------------------------------------------------------------------
+_ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
+          "bot": "assistant", "model": "assistant", "chatgpt": "assistant", "system": "system"}
+
+
+def _content(value: Any, where: str, name: str) -> str:
+    """A message's text: a string, or OpenAI's list of parts when every part is text."""
+    if isinstance(value, (list, tuple)):
+        parts = []
+        for k, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                kind = f"of type {part.get('type')!r}" if isinstance(part, dict) else _kind(part)
+                raise InputError(f"{where}: {name}[{k}] is a part {kind}; only text parts are supported")
+            parts.append(_text(part.get("text"), where, f"{name}[{k}].text"))
+        return "".join(parts)
+    return _text(value, where, name)
+
+
+def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
+    """A conversation as [{"role": user|assistant|system, "content": text}]."""
+    out = []
+    for k, m in enumerate(_list(value, where, name)):
+        if not isinstance(m, dict):
+            raise InputError(f"{where}: {name}[{k}] is {_kind(m)}, expected a message object")
+        role_key, text_key = ("role", "content") if "role" in m else ("from", "value")
+        if role_key not in m:
+            raise InputError(f"{where}: {name}[{k}] has no 'role' (or ShareGPT 'from'); found: "
+                             f"{', '.join(sorted(m)) or 'none'}")
+        raw = m[role_key]
+        role = _ROLES.get(raw.lower()) if isinstance(raw, str) else None
+        if role is None:
+            raise InputError(f"{where}: {name}[{k}] has role {raw!r}; expected user, assistant or system "
+                             f"(or ShareGPT's human, gpt, system)")
+        out.append({"role": role, "content": _content(m.get(text_key), where, f"{name}[{k}].{text_key}")})
+    return out
+
+
+def _is_messages(value: Any) -> bool:
+    """A list of message objects (role/content, or ShareGPT's from/value)."""
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in value))
+
+
+def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[dict[str, str]], list[str]]:
+    """(instruction, history, answer) of a conversation: its last user message, the messages
+    before it, and the assistant's answer after it ([]: it ends with the user's)."""
+    msgs = list(msgs)
+    own = [msgs.pop()["content"]] if msgs and msgs[-1]["role"] == "assistant" else []
+    if msgs and msgs[-1]["role"] != "user":
+        which = "the message before the last answer" if own else "the last message"
+        raise InputError(f"{where}: {name}: {which} is the {msgs[-1]['role']}'s, expected the user's "
+                         f"(one example per conversation: its last user message and answer)")
+    instruction = msgs.pop()["content"] if msgs else ""  # (none: dropped and counted)
+    return instruction, msgs, own
+
+
+def _conversation(field_name: str):
+    def factory(prompt: str | None = None, inp: str | None = None, response: str | None = None):
+        """A named answer field replaces the conversation's own last answer; a named prompt field
+        replaces the conversation (no history); a named input goes with the instruction."""
+
+        def build(r: dict, where: str) -> list[Example]:
+            named_input = _text(r.get(inp), where, inp) if inp else ""
+            if prompt:
+                instruction, history, own = _text(r[prompt], where, prompt), [], []
+            else:
+                instruction, history, own = _ask(_messages(r.get(field_name), where, field_name), where, field_name)
+            refs = _refs(r[response], where, response) if response else _refs(own, where, field_name)
+            return [Example(instruction, named_input, refs, history=history)]
+
+        return build
+
+    return factory
+
+
 # name, the fields that identify it (a tuple: one of them), and for flat layouts the fields of
-# the prompt, the input and the answer; tried in this order
+# the prompt, the input and the answer; tried in this order (conversations after the flat
+# layouts: a record that has both keeps the flat reading it had)
 LAYOUTS = [
     ("dolly", ("instruction", "context", "response"), ("instruction", "context", ("response",))),
     ("self-instruct", ("instruction", "instances"), None),
@@ -166,9 +268,13 @@ LAYOUTS = [
     ("prompt/output", ("prompt", "output"), ("prompt", None, ("output",))),
     ("prompt/response", ("prompt", ("response", "completion", "answer")),
      ("prompt", None, ("response", "completion", "answer"))),
+    ("messages", ("messages",), None),
+    ("sharegpt", ("conversations",), None),
+    ("conversation", ("conversation",), None),
     ("vicuna", ("turns",), None),
 ]
-_NESTED = {"self-instruct": _self_instruct, "vicuna": _vicuna}
+_NESTED = {"self-instruct": _self_instruct, "vicuna": _vicuna, "messages": _conversation("messages"),
+           "sharegpt": _conversation("conversations"), "conversation": _conversation("conversation")}
 
 
 def _detect(keys: set[str]):
@@ -180,7 +286,8 @@ def _detect(keys: set[str]):
 
 def _layout_hint() -> str:
     return ("known layouts: instruction/context/response (Dolly), instruction/input/output (Alpaca), "
-            "prompt/output, prompt/response, instruction/instances (Self-Instruct), turns (Vicuna); "
+            "prompt/output, prompt/response, instruction/instances (Self-Instruct), turns (Vicuna), "
+            "messages (role/content chat data), conversations (ShareGPT); "
             "or name them with --prompt-field/--response-field")
 
 

@@ -5,6 +5,7 @@ from typing import Callable
 
 from minillm_cli.data.examples import Example, load_examples
 from minillm_cli.data.splits import split_examples
+from minillm_cli.data.template import check_template_fits
 from minillm_cli.progress import Progress
 
 
@@ -16,11 +17,13 @@ def load_splits(opts, *, note: Callable[[str], None] | None = None,
     --quiet does not hide (default: stderr) -- validation data that is also training data."""
     fields = dict(prompt_field=opts.prompt_field, response_field=opts.response_field, input_field=opts.input_field)
     examples = load_examples(opts.data, limit=opts.limit, note=note, **fields)
+    check_template_fits(examples, opts.template)
     valid_data = getattr(opts, "valid_data", None)
     splits = split_examples(examples, valid_size=0 if valid_data else opts.valid_size, test_size=opts.test_size,
                             seed=opts.split_seed)
     if valid_data:
         splits["valid"] = load_examples(valid_data, note=note, **fields)
+        check_template_fits(splits["valid"], opts.template)
         # A validation example the model also trains on measures memorisation, not generalisation
         # (and sft keeps the checkpoint it ranks best): said, as it is easy to do by accident
         # (--valid-data naming DATA itself, or a held-out file that shares examples with it).
@@ -40,5 +43,5 @@ def overlap(train: list[Example], valid: list[Example]) -> int:
     return sum(_key(e) in seen for e in valid)
 
 
-def _key(e: Example) -> tuple[str, str, str]:
-    return e.instruction, e.input, e.response
+def _key(e: Example) -> tuple:
+    return e.instruction, e.input, e.response, tuple((m["role"], m["content"]) for m in e.history)

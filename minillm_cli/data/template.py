@@ -56,7 +56,23 @@ def answer_stops(tokenizer, template: str = "dolly") -> tuple[int, ...]:
     return (end,) if eos is None or eos == end else (end, eos)
 
 
+def check_template_fits(examples: list[Example], template: str) -> None:
+    """Refuse conversations with a system message or earlier turns (`Example.history`) under a
+    template other than chat -- before any model loads. The paper's template has one instruction:
+    what came before it would be dropped without a word, and the model asked something other
+    than the data asks."""
+    if template == "chat":
+        return
+    convs = [e for e in examples if e.history]
+    if convs:
+        count = f"{len(convs)} of {len(examples)} examples are conversations" if len(examples) > 1 else "a conversation"
+        raise InputError(f"{convs[0].meta.get('where', 'data')}: {count} with a system message or earlier turns "
+                         f"before the last user message: --template {template} renders one instruction; "
+                         f"use --template chat")
+
+
 def render_prompt(example: Example, template: str = "dolly", tokenizer=None) -> str:
+    check_template_fits([example], template)
     if template == "dolly":
         if example.input.strip():
             return DOLLY_WITH_INPUT.format(instruction=example.instruction, input=example.input)
@@ -67,6 +83,15 @@ def render_prompt(example: Example, template: str = "dolly", tokenizer=None) -> 
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InputError("--template chat: the tokenizer has no chat template; use --template dolly")
         content = example.instruction + (("\n\n" + example.input) if example.input.strip() else "")
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        messages = [*example.history, {"role": "user", "content": content}]
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:
+            from jinja2 import TemplateError  # (transformers' dependency)
+
+            if not isinstance(e, TemplateError) or not example.history:
+                raise
+            # a template that refuses the data's conversation (Gemma's: no system role)
+            where = example.meta.get("where", "an example")
+            raise InputError(f"{where}: the tokenizer's chat template refuses this conversation: {e}") from None
     raise InputError(f"--template {template!r}: expected one of {', '.join(TEMPLATES)}")

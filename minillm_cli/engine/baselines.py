@@ -56,7 +56,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
     from minillm_cli.data.tokenize import encode_prompts, left_pad
     from minillm_cli.engine.rollout_batch import SplitOnOOM, cache_length, rollout_batch_size, rows_that_fit
     from minillm_cli.engine.runtime import example_generator, free_memory_bytes
-    from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
+    from minillm_cli.engine.sampler import SamplingParams, cut_at_stop, release_engine, sample
     from minillm_cli.engine.train_utils import micro_batches
 
     if path.is_file():
@@ -109,10 +109,7 @@ def generate_seqkd_data(teacher, tokenizer, examples, *, cfg, rt, path: Path,
                       engine=engine, sync=rt.decode_sync)
         out = []
         for row, i in enumerate(piece):
-            toks = roll.response_ids[row][roll.response_mask[row]].tolist()
-            finished = bool(toks) and toks[-1] in stops
-            if finished:
-                toks = toks[:-1]
+            toks, finished = cut_at_stop(roll.response_ids[row][roll.response_mask[row]].tolist(), stops)
             out.append((i, (tokenizer.decode(toks, skip_special_tokens=True), finished)))
         return out
 
@@ -173,8 +170,14 @@ def _end_line(path: Path) -> None:
 
 def _row(examples, i: int, response: str, finished: bool) -> str:
     e = examples[i]
-    return json.dumps({"index": i, "instruction": e.instruction, "input": e.input, "response": response,
+    return json.dumps({"index": i, "instruction": e.instruction, "input": e.input,
+                       **({"history": e.history} if e.history else {}), "response": response,
                        "finished": finished}) + "\n"
+
+
+def _asked(e) -> tuple:
+    """What an example asks, as a partial row records it."""
+    return e.instruction, e.input, e.history
 
 
 def _partial_answers(path: Path, prompts: dict, examples) -> dict[int, tuple[str, bool]]:
@@ -191,7 +194,6 @@ def _partial_answers(path: Path, prompts: dict, examples) -> dict[int, tuple[str
             except ValueError:
                 continue
             if (isinstance(r, dict) and r.get("index") in prompts and isinstance(r.get("response"), str)
-                    and (r.get("instruction"), r.get("input")) == (examples[r["index"]].instruction,
-                                                                   examples[r["index"]].input)):
+                    and (r.get("instruction"), r.get("input"), r.get("history", [])) == _asked(examples[r["index"]])):
                 found[r["index"]] = (r["response"], bool(r.get("finished", True)))
     return found

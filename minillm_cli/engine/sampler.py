@@ -289,6 +289,13 @@ def stop_tuple(eos_id) -> tuple[int, ...]:
     return stops
 
 
+def cut_at_stop(toks: list[int], stops: tuple[int, ...]) -> tuple[list[int], bool]:
+    """A row's response tokens without the stop that ended it, and whether one did (False: the
+    row was cut by its length budget)."""
+    ended = bool(toks) and toks[-1] in stops
+    return (toks[:-1] if ended else toks), ended
+
+
 def is_stop(tok: torch.Tensor, stops: tuple[int, ...]) -> torch.Tensor:
     """tok == any of `stops` (elementwise; one comparison per stop, no host read)."""
     hit = tok == stops[0]

@@ -196,7 +196,7 @@ class ValidationRouge:
         from minillm_cli.data.tokenize import left_pad
         from minillm_cli.engine.rollout_batch import SplitOnOOM
         from minillm_cli.engine.runtime import autocast, example_generator
-        from minillm_cli.engine.sampler import SamplingParams, release_engine, sample
+        from minillm_cli.engine.sampler import SamplingParams, cut_at_stop, release_engine, sample
         from minillm_cli.engine.train_utils import micro_batches
         from minillm_cli.eval.generate import cut_to_budgets
         from minillm_cli.eval.metrics import rouge_l
@@ -219,9 +219,7 @@ class ValidationRouge:
             mask = cut_to_budgets(roll.response_mask, budgets)
             found = {}
             for row, j in enumerate(piece):
-                toks = roll.response_ids[row][mask[row]].tolist()
-                if toks and toks[-1] in self.stops:
-                    toks = toks[:-1]
+                toks = cut_at_stop(roll.response_ids[row][mask[row]].tolist(), self.stops)[0]
                 found[j] = rouge_l(tok.decode(toks, skip_special_tokens=True), self.references[j])
             return found
 

@@ -157,9 +157,11 @@ def load_eval_examples(cfg: EvaluateConfig, note=None) -> list[Example]:
     `note`: the progress log, for what the data layer read and dropped."""
     from minillm_cli.data.examples import load_examples
     from minillm_cli.data.splits import split_examples
+    from minillm_cli.data.template import check_template_fits
 
     examples = load_examples(cfg.data, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
                              input_field=cfg.input_field, limit=cfg.limit, note=note)
+    check_template_fits(examples, cfg.template)
     if cfg.split == "all":
         return examples
     part = split_examples(examples, valid_size=cfg.valid_size, test_size=cfg.test_size,
@@ -380,6 +382,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         for seed, texts, info in zip(cfg.seed_list(), per_seed_text, per_seed_info):
             for i, (e, text, (ntoks, ended)) in enumerate(zip(evald, texts, info)):
                 rows.append({"index": kept[i], "seed": seed, "instruction": e.instruction, "input": e.input,
+                             **({"history": e.history} if e.history else {}),
                              "prompt": render_prompt(e, cfg.template, tok), "prediction": text,
                              "references": list(e.references), "response_tokens": ntoks, "ended": ended})
         write_predictions(pred_path, rows)

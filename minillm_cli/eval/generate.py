@@ -19,7 +19,7 @@ import torch
 
 from minillm_cli.data.tokenize import left_pad
 from minillm_cli.engine.runtime import example_generator
-from minillm_cli.engine.sampler import SamplingParams, is_stop, release_engine, sample, stop_tuple
+from minillm_cli.engine.sampler import SamplingParams, cut_at_stop, is_stop, release_engine, sample, stop_tuple
 
 
 @dataclass
@@ -39,10 +39,7 @@ class GeneratedBatch:
         """Each row's response tokens, cut at EOS (EOS itself excluded)."""
         out, stops = [], stop_tuple(self.eos_id)
         for ids, m in zip(self.response_ids.tolist(), self.response_mask.tolist()):
-            toks = [t for t, keep in zip(ids, m) if keep]
-            if toks and toks[-1] in stops:
-                toks = toks[:-1]
-            out.append(toks)
+            out.append(cut_at_stop([t for t, keep in zip(ids, m) if keep], stops)[0])
         return out
 
     def ended(self) -> list[bool]:

@@ -142,11 +142,18 @@ def _seed(row: dict) -> float:
 
 
 def _question(row: dict) -> str:
-    """The instruction (and input) when the predictions file kept them; the rendered prompt else."""
+    """The instruction (and input) when the predictions file kept them, after the conversation
+    that came before it where there was one (`history`: "System: ...", "User: ...", "Assistant:
+    ..." lines); the rendered prompt else."""
     inst = row.get("instruction")
     if isinstance(inst, str) and inst.strip():
         extra = row.get("input")
-        return inst + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        question = inst + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        history = row.get("history")
+        if isinstance(history, list) and history and all(isinstance(m, dict) for m in history):
+            lines = [f"{str(m.get('role', '')).capitalize()}: {m.get('content', '')}" for m in history]
+            question = "\n\n".join([*lines, f"User: {question}"])
+        return question
     return row["prompt"]
 
 

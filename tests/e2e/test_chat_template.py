@@ -195,3 +195,50 @@ def test_an_instruct_teacher_and_its_base_student_share_a_pad_token(tmp_path, do
                                    "--out", str(tmp_path / "kd"), "--template", "chat", "--batch-size", "4",
                                    "--steps", "1", "--device", "cpu", "--quiet"])
     assert res.exit_code == 0, res.output
+
+
+def test_chat_data_with_history_trains_and_evaluates_under_chat(tmp_path):
+    """Chat data (`messages`, a system message and earlier turns): under --template chat every
+    prompt is the whole conversation rendered by the tokenizer's template, and evaluate's
+    predictions keep the history; under the paper's template the command refuses the data (exit 2,
+    one line naming the record) before loading a model; a template that refuses a system message
+    (Gemma's) is refused the same way."""
+    from minillm_cli.data.examples import load_examples
+    from minillm_cli.data.template import render_prompt
+    from minillm_cli.toy.tiny import make_gpt2
+
+    tok = chat_tokenizer(tmp_path / "tok")
+    make_gpt2(tok, tmp_path / "m", n_layer=1, n_embd=32, n_head=2, seed=0)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name item 3."},
+                          {"role": "assistant", "content": "Item 3 is an apple."},
+                          {"role": "user", "content": f"Name item {i}."}, {"role": "assistant", "content": "A pear."}]}
+            for i in range(8)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = load_examples(str(data))[0]
+    assert render_prompt(ex, "chat", tok) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName item 3.<|im_end|>\n"
+        "<|im_start|>assistant\nItem 3 is an apple.<|im_end|>\n<|im_start|>user\nName item 0.<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    args = ["--model", str(tmp_path / "m"), "--data", str(data), "--device", "cpu"]
+    run = CliRunner().invoke(app, ["sft", *args, "--out", str(tmp_path / "sft"), "--template", "chat", "--steps", "2",
+                                   "--batch-size", "4", "--valid-size", "2", "--quiet"])
+    assert run.exit_code == 0, run.output
+    res = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "sft"), "--data", str(data), "--seeds", "1",
+                                   "--max-new-tokens", "4", "--out", str(tmp_path / "e.json"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(open(tmp_path / "e.jsonl").readline())
+    assert row["history"] == rows[0]["messages"][:3] and row["instruction"] == "Name item 0."
+    assert row["prompt"] == render_prompt(ex, "chat", tok)
+    for cmd in (["sft", *args, "--out", str(tmp_path / "d")], ["evaluate", *args]):
+        bad = CliRunner().invoke(app, cmd)
+        assert bad.exit_code == 2, bad.output
+        assert bad.stderr.strip().splitlines() == [
+            f"error: {data}:1: 8 of 8 examples are conversations with a system message or earlier turns before the "
+            f"last user message: --template dolly renders one instruction; use --template chat"], bad.stderr
+    no_system = CHATML.replace("{% for m in messages %}", "{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}")
+    chat_tokenizer(tmp_path / "m", no_system)
+    bad = CliRunner().invoke(app, ["evaluate", *args, "--template", "chat"])
+    assert bad.exit_code == 2, bad.output
+    assert f"{data}:1: the tokenizer's chat template refuses this conversation: System role not supported" in bad.stderr

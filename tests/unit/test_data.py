@@ -29,6 +29,88 @@ def test_layouts(tmp_path, row, instruction, inp, refs):
     assert (ex[0].instruction, ex[0].input, ex[0].references) == (instruction, inp, refs)
 
 
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("row, instruction, refs, history", [
+    # OpenAI / Hugging Face chat data (ultrachat_200k's record: a `prompt` beside the messages)
+    ({"prompt": "Hi", "prompt_id": "x", "messages": [SYSTEM, {"role": "user", "content": "Hi"},
+                                                     {"role": "assistant", "content": "Hello."},
+                                                     {"role": "user", "content": "Name a fruit."},
+                                                     {"role": "assistant", "content": "A pear."}]},
+     "Name a fruit.", ["A pear."], [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+                   {"role": "assistant", "content": "4"}]}, "What is 2+2?", ["4"], []),  # OpenAI's content parts
+    ({"messages": [SYSTEM, {"role": "user", "content": "Q"}]}, "Q", [], [SYSTEM]),  # a prompt without a reference
+    # ShareGPT
+    ({"id": 1, "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Q1"},
+                                 {"from": "gpt", "value": "A1"}]}, "Q1", ["A1"], [SYSTEM]),
+    ({"conversation": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}, "Q", ["A"], []),
+    # TRL's conversational prompt/completion
+    ({"prompt": [SYSTEM, {"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]},
+     "Q", ["A"], [SYSTEM]),
+])
+def test_conversation_layouts(tmp_path, row, instruction, refs, history):
+    """One example per conversation: its last assistant message is the answer, the user message
+    before it the instruction, everything earlier the history it is asked in."""
+    (ex,) = load_examples(str(write_jsonl(tmp_path / "c.jsonl", [row])))
+    assert (ex.instruction, ex.input, ex.references, ex.history) == (instruction, "", refs, history)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "Q"}, {"role": "tool", "content": "x"}],
+     r"messages\[1\] has role 'tool'; expected user, assistant or system"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}],
+     "messages: the message before the last answer is the assistant's, expected the user's"),
+    ([SYSTEM], "messages: the last message is the system's, expected the user's"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     r"messages\[0\]\.content\[0\] is a part of type 'image_url'; only text parts are supported"),
+    ([{"speaker": "user", "text": "Q"}], r"messages\[0\] has no 'role' \(or ShareGPT 'from'\); found: speaker, text"),
+    (["Q"], r"messages\[0\] is a str, expected a message object"),
+    ([{"role": "user", "content": {"text": "Q"}}], r"field 'messages\[0\]\.content' is an object"),
+])
+def test_a_malformed_conversation_is_refused_naming_the_record(tmp_path, messages, message):
+    p = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(p))}:1: {message}"):
+        load_examples(str(p))
+
+
+def test_conversations_need_the_chat_template(tmp_path):
+    """The paper's template has one instruction: a system message or earlier turns would be
+    dropped without a word. Refused at load (before any model), counted, under dolly and raw;
+    a conversation of one user message and its answer is an ordinary instruction."""
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.examples import Example
+    from minillm_cli.data.prepare import load_splits
+    from minillm_cli.data.template import check_template_fits
+
+    one_turn = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    with_system = {"messages": [SYSTEM, *one_turn["messages"]]}
+    p = write_jsonl(tmp_path / "c.jsonl", [one_turn] * 8 + [with_system] * 2)
+    for template in ("dolly", "raw"):
+        with pytest.raises(InputError, match=rf"^{re.escape(str(p))}:9: 2 of 10 examples are conversations with a "
+                                             rf"system message .*--template {template} renders one instruction; "
+                                             rf"use --template chat"):
+            load_splits(DataOptions(data=str(p), template=template, valid_size=0))
+    assert len(load_splits(DataOptions(data=str(p), template="chat", valid_size=0))["train"]) == 10
+    plain = write_jsonl(tmp_path / "one.jsonl", [one_turn] * 4)
+    (ex, *_) = load_splits(DataOptions(data=str(plain), valid_size=0))["train"]
+    assert render_prompt(ex) == DOLLY_NO_INPUT.format(instruction="Q")
+    with pytest.raises(InputError, match="a conversation with a system message"):
+        render_prompt(Example("Q", history=[SYSTEM]), "dolly")  # (every renderer checks)
+    check_template_fits([Example("Q", history=[SYSTEM])], "chat")
+
+
+def test_conversations_differing_only_in_history_are_different_examples():
+    """Validation overlap compares the whole prompt: the same last question asked after other
+    turns is another example."""
+    from minillm_cli.data.examples import Example
+    from minillm_cli.data.prepare import overlap
+
+    a, b = Example("Q", references=["A"]), Example("Q", references=["A"], history=[SYSTEM])
+    assert overlap([a], [b]) == 0 and overlap([b], [Example("Q", references=["A"], history=[dict(SYSTEM)])]) == 1
+
+
 def test_self_instruct_one_example_per_instance(tmp_path):
     row = {"id": "t", "instruction": "I", "instances": [{"input": "a", "output": "A"}, {"input": "b", "output": "B"}]}
     ex = load_examples(str(write_jsonl(tmp_path / "s.jsonl", [row])))

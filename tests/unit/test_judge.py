@@ -135,6 +135,15 @@ def test_pair_predictions_uses_lowest_seed_and_shared_prompts():
         J.judge_pairs(J.pair_predictions(ref, cand[2:]), url="http://127.0.0.1:9", model="m")
 
 
+def test_the_judge_sees_the_conversation_a_question_was_asked_in():
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}]
+    ref = [{"prompt": "P", "prediction": "r", "seed": 1, "instruction": "Name a fruit.", "input": "", "history": history}]
+    cand = [{"prompt": "P", "prediction": "c", "seed": 1}]
+    assert J.pair_predictions(ref, cand) == [
+        ("System: Be brief.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Name a fruit.", "r", "c")]
+
+
 def test_compare_command_with_judge(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -329,3 +329,16 @@ def test_rows_decoding_past_their_budget_stay_within_a_learned_position_table(en
     together = run(prompts, [0, 1], 8)
     assert together[0] == run(prompts[:1], [0], 4)[0]
     assert together[1] == run(prompts[1:], [1], 8)[0]
+
+
+def test_stop_tokens():
+    """Several stops (`--template chat`: the end of turn, then EOS): any one ends a row; a row's
+    answer is its tokens without that stop, and a row cut by its budget has none to drop."""
+    from minillm_cli.engine.sampler import cut_at_stop, is_stop, stop_tuple
+
+    assert stop_tuple(7) == (7,) and stop_tuple([7, 0]) == (7, 0)
+    with pytest.raises(ValueError):
+        stop_tuple(())
+    assert is_stop(torch.tensor([7, 0, 3, 7]), (7, 0)).tolist() == [True, True, False, True]
+    assert cut_at_stop([4, 5, 0], (7, 0)) == ([4, 5], True) and cut_at_stop([4, 7], (7, 0)) == ([4], True)
+    assert cut_at_stop([4, 0, 5], (7, 0)) == ([4, 0, 5], False) and cut_at_stop([], (7,)) == ([], False)

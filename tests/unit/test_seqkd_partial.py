@@ -26,3 +26,15 @@ def test_rows_of_other_prompts_at_the_same_index_are_not_taken(tmp_path):
     path = tmp_path / "seqkd_data.jsonl"
     partial_paths(path, 0).write_text("".join(_row(old, i, f"a{i}", True) for i in range(3)))
     assert set(_partial_answers(path, {i: [1] for i in range(3)}, new)) == {1}
+
+
+def test_a_conversation_asked_after_other_turns_is_another_prompt(tmp_path):
+    """The same last question after another history (the data changed) is not the answered one."""
+    system = [{"role": "system", "content": "Be brief."}]
+    old = [Example("q", history=system), Example("q", history=system)]
+    new = [Example("q", history=system), Example("q", history=[{"role": "system", "content": "Be long."}])]
+    path = tmp_path / "seqkd_data.jsonl"
+    partial_paths(path, 0).write_text("".join(_row(old, i, f"a{i}", True) for i in range(2)))
+    assert _partial_answers(path, {0: [1], 1: [1]}, new) == {0: ("a0", True)}
+    partial_paths(path, 0).write_text(_row([Example("q")], 0, "a", True))  # (rows without history: plain prompts)
+    assert _partial_answers(path, {0: [1]}, [Example("q")]) == {0: ("a", True)}
