@@ -1,6 +1,7 @@
 """Instruction data from wherever users keep it, normalised to `Example`s.
 
-DATA is a local .jsonl/.json/.csv/.parquet file, a Hub dataset id, or an alias. Field layouts are
+DATA is a local .jsonl/.json/.csv/.parquet file, a Hub dataset id (a split other than train after a
+colon: org/name:split), or an alias. Field layouts are
 detected from the first record of each file (Dolly, Alpaca/MiniLLM, Self-Instruct, Vicuna,
 prompt/response, and chat conversations: `messages` with role/content as OpenAI and Hugging Face
 chat data hold them, ShareGPT's `conversations` with from/value); a folder is read file by file,
@@ -363,10 +364,12 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
+    """A Hub dataset's records: `split`, else its train split, else its only split."""
     import datasets
 
     from minillm_cli import hub
 
+    label = f"{name}:{split}" if split else name
     hub.check_reachable()  # (offline mode when not: the local cache, or one line at once)
     pieces = name.split("/")
     repo, folder = "/".join(pieces[:2]), "/".join(pieces[2:])
@@ -376,23 +379,24 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
             ds = datasets.load_dataset(repo, split=split or "train", **where)
         except ValueError as e:
             # an evaluation set published with one split only (MiniLLM's: "validation", from
-            # valid.jsonl): without a --split of ours to ask for, that one split is the data
+            # valid.jsonl): with no split named, that one split is the data
             if split or "Unknown split" not in str(e):
                 raise
             splits = datasets.load_dataset(repo, **where)
             if len(splits) != 1:
                 raise InputError(f"data {name!r}: no train split, and several others ({', '.join(splits)}): "
-                                 f"download the one you mean and pass it as a local file") from None
+                                 f"name one after a colon ({name}:{next(iter(splits))})") from None
             ds = next(iter(splits.values()))
     except InputError:
         raise
     except Exception as e:  # offline, unknown id, no such split: all one message for the user
-        offline = hub.offline("datasets")
+        # (a split the dataset lacks is that, also offline: the cached dataset answered)
+        offline = hub.offline("datasets") and "Unknown split" not in str(e)
         why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0]
-        raise InputError(f"data {name!r}: not a local file and could not be loaded from the Hub: {why}; "
+        raise InputError(f"data {label!r}: not a local file and could not be loaded from the Hub: {why}; "
                          f"pass a local .jsonl/.json/.csv/.parquet file") from None
     for i, rec in enumerate(ds):
-        yield f"{name}[{i}]", rec
+        yield f"{label}[{i}]", rec
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -426,10 +430,14 @@ def _sources(spec: str, split: str | None = None) -> Iterator[tuple[str, Iterato
         return
     if path.suffix.lower() in SUFFIXES or spec.startswith((".", "/", "~")):
         raise InputError(f"{spec}: no such file")
-    name = ALIASES.get(spec.lower(), spec)
+    # a Hub dataset's split after a colon (a Hub id has none): HuggingFaceH4/ultrachat_200k:train_sft
+    base, colon, named_split = spec.partition(":")
+    if colon and not (named_split and base):
+        raise InputError(f"data {spec!r}: expected a Hub id or alias with a split after the colon (org/name:split)")
+    name = ALIASES.get(base.lower(), base)
     if "/" not in name:
         raise InputError(f"data {spec!r}: no such file, and not a known alias ({', '.join(ALIASES)}) or Hub id (org/name)")
-    yield name, _read_hub(name, split)
+    yield name, _read_hub(name, named_split or split)
 
 
 def iter_records(spec: str, split: str | None = None) -> Iterator[tuple[str, dict]]:

@@ -488,5 +488,19 @@ def test_hub_sets_with_one_split_and_a_folder(tmp_path, monkeypatch):
     assert [e.instruction for e in load_examples("sni")] == ["long"]
     assert asked[0] == ("MiniLLM/sinst", {"split": "train", "data_dir": "11_"})
     assert sorted(e.instruction for e in load_examples("MiniLLM/sinst")) == ["long", "short"]
-    with pytest.raises(InputError, match=r"no train split, and several others \((validation, test|test, validation)\)"):
+    with pytest.raises(InputError, match=r"no train split, and several others \((validation, test|test, validation)\): "
+                                         r"name one after a colon \(org/two:(validation|test)\)"):
         load_examples("org/two")
+    # a split named after a colon (HuggingFaceH4/ultrachat_200k:train_sft)
+    assert [(e.instruction, e.meta["where"]) for e in load_examples("org/two:test")] == [("t", "org/two:test[0]")]
+    assert asked[-1] == ("org/two", {"split": "test"})
+    assert [e.instruction for e in load_examples("sni:validation")] == ["long"]
+    with pytest.raises(InputError, match=r"data 'org/two:nope': not a local file and could not be loaded from the "
+                                         r"Hub: Unknown split"):
+        load_examples("org/two:nope")
+    for bad in ("org/two:", ":test"):
+        with pytest.raises(InputError, match="with a split after the colon"):
+            load_examples(bad)
+    named = tmp_path / "a:b.jsonl"  # (a local file's colon is its name's)
+    write_jsonl(named, [{"prompt": "local", "output": "x"}])
+    assert [e.instruction for e in load_examples(str(named))] == ["local"]
