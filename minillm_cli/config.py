@@ -28,12 +28,14 @@ class DataOptions:
     split_seed: int = 1234
     limit: Optional[int] = None
     valid_data: Optional[str] = None  # a separate validation file (then DATA is not split for validation)
+    turns: str = "last"  # a conversation's examples: its last assistant turn, or "all" of them
     # (no flag) warn when --valid-data examples are training examples too; off for a task whose
     # finite prompt set repeats by design (quickstart's synthetic world)
     warn_overlap: bool = True
 
     def __post_init__(self):
         require(self.template in ("dolly", "chat", "raw"), f"--template {self.template!r}: expected dolly, chat or raw")
+        require(self.turns in ("last", "all"), f"--turns {self.turns!r}: expected last or all")
         require(self.max_prompt_length > 0, f"--max-prompt-length must be > 0, got {self.max_prompt_length}")
         require(self.max_length > 1, f"--max-length must be > 1, got {self.max_length}")
         require(self.max_prompt_length < self.max_length,

@@ -37,6 +37,7 @@ def command(
     max_prompt_length: o.MaxPrompt = 256,
     max_length: o.MaxLength = 512,
     template: Annotated[Optional[str], typer.Option("--template", help="Prompt template: dolly (the paper's), chat (tokenizer's chat template), raw. Default: the one MODEL was trained with (a run folder's run_config.json), else dolly.")] = None,
+    turns: o.Turns = "last",
     prompt_field: o.PromptField = None,
     response_field: o.ResponseField = None,
     input_field: o.InputField = None,
@@ -58,7 +59,7 @@ def command(
             model=model, data=data, metrics=metric, teacher=teacher, seeds=seeds, seed=seed,
             max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, max_length=max_length,
             temperature=temperature, top_k=top_k, top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
-            greedy=greedy, sampler=sampler, batch_size=batch_size, limit=limit, template=template, prompt_field=prompt_field,
+            greedy=greedy, sampler=sampler, batch_size=batch_size, limit=limit, template=template, turns=turns, prompt_field=prompt_field,
             response_field=response_field, input_field=input_field, split=split, valid_size=valid_size,
             test_size=test_size, split_seed=split_seed, out=out, predictions=predictions, by_length=by_length,
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, quiet=quiet)

@@ -11,6 +11,7 @@ Out = Annotated[str, typer.Option("--out", help="Output folder (a Hugging Face m
 PromptField = Annotated[Optional[str], typer.Option("--prompt-field", help="Field holding the instruction (overrides layout detection).")]
 ResponseField = Annotated[Optional[str], typer.Option("--response-field", help="Field holding the reference response(s).")]
 InputField = Annotated[Optional[str], typer.Option("--input-field", help="Field holding the optional input/context.")]
+Turns = Annotated[str, typer.Option("--turns", help="Chat data: last (one example per conversation, its last assistant turn) | all (one per assistant turn, each after the conversation before it).")]
 Template = Annotated[str, typer.Option("--template", help="Prompt template: dolly (the paper's), chat (tokenizer's chat template), raw.")]
 MaxPrompt = Annotated[int, typer.Option("--max-prompt-length", help="Drop examples whose prompt is longer (tokens).")]
 MaxLength = Annotated[int, typer.Option("--max-length", help="Maximum prompt + response tokens.")]
@@ -53,7 +54,7 @@ def configs(a: dict):
     data = DataOptions(data=a["data"], prompt_field=a["prompt_field"], response_field=a["response_field"],
                        input_field=a["input_field"], template=a["template"], max_prompt_length=a["max_prompt_length"],
                        max_length=a["max_length"], valid_size=a["valid_size"], test_size=a["test_size"],
-                       split_seed=a["split_seed"], limit=a["limit"], valid_data=a["valid_data"])
+                       split_seed=a["split_seed"], limit=a["limit"], valid_data=a["valid_data"], turns=a["turns"])
     select_by = a.get("select_by")
     if select_by is None and a["resume"]:  # the run's own, not this command's default
         from minillm_cli.config import saved_config

@@ -31,6 +31,7 @@ def command(
     response_field: o.ResponseField = None,
     input_field: o.InputField = None,
     template: o.Template = "dolly",
+    turns: o.Turns = "last",
     valid_size: o.ValidSize = 0.05,
     valid_data: o.ValidData = None,
     test_size: o.TestSize = 0.0,

@@ -226,6 +226,17 @@ def _is_messages(value: Any) -> bool:
             and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in value))
 
 
+def _turns(msgs: list[dict[str, str]], where: str, name: str) -> list[tuple[str, list[dict[str, str]], list[str]]]:
+    """(instruction, history, answer) of every assistant turn that answers a user message
+    (`--turns all`; an assistant's opening greeting answers nothing), and of the final user
+    message when the conversation ends with one: each asked after the messages before it. With
+    none of these, the conversation as `_ask` reads it (its error, or an empty instruction)."""
+    out = [_ask(msgs[:k + 1], where, name) for k, m in enumerate(msgs)
+           if (m["role"] == "assistant" and k and msgs[k - 1]["role"] == "user")
+           or (m["role"] == "user" and k == len(msgs) - 1)]
+    return out or [_ask(msgs, where, name)]
+
+
 def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[dict[str, str]], list[str]]:
     """(instruction, history, answer) of a conversation: its last user message, the messages
     before it, and the assistant's answer after it ([]: it ends with the user's)."""
@@ -240,16 +251,23 @@ def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[d
 
 
 def _conversation(field_name: str):
-    def factory(prompt: str | None = None, inp: str | None = None, response: str | None = None):
+    def factory(prompt: str | None = None, inp: str | None = None, response: str | None = None,
+                turns: str = "last"):
         """A named answer field replaces the conversation's own last answer; a named prompt field
-        replaces the conversation (no history); a named input goes with the instruction."""
+        replaces the conversation (no history); a named input goes with the instruction. turns:
+        "last", one example per conversation; "all", one per assistant turn (none is then
+        replaced by a named answer field, which answers the conversation as a whole)."""
 
         def build(r: dict, where: str) -> list[Example]:
             named_input = _text(r.get(inp), where, inp) if inp else ""
             if prompt:
-                instruction, history, own = _text(r[prompt], where, prompt), [], []
-            else:
-                instruction, history, own = _ask(_messages(r.get(field_name), where, field_name), where, field_name)
+                return [Example(_text(r[prompt], where, prompt), named_input,
+                                _refs(r[response], where, response) if response else [])]
+            msgs = _messages(r.get(field_name), where, field_name)
+            if turns == "all" and not response:
+                return [Example(i, named_input, _refs(own, where, field_name), history=h)
+                        for i, h, own in _turns(msgs, where, field_name)]
+            instruction, history, own = _ask(msgs, where, field_name)
             refs = _refs(r[response], where, response) if response else _refs(own, where, field_name)
             return [Example(instruction, named_input, refs, history=history)]
 
@@ -274,8 +292,10 @@ LAYOUTS = [
     ("conversation", ("conversation",), None),
     ("vicuna", ("turns",), None),
 ]
-_NESTED = {"self-instruct": _self_instruct, "vicuna": _vicuna, "messages": _conversation("messages"),
-           "sharegpt": _conversation("conversations"), "conversation": _conversation("conversation")}
+_CONVERSATIONS = {"messages": _conversation("messages"), "sharegpt": _conversation("conversations"),
+                  "conversation": _conversation("conversation")}
+_NESTED = {"self-instruct": _self_instruct, "vicuna": _vicuna, **_CONVERSATIONS}
+TURNS = ("last", "all")  # --turns: which assistant turns of a conversation are examples
 
 
 def _detect(keys: set[str]):
@@ -448,12 +468,15 @@ def iter_records(spec: str, split: str | None = None) -> Iterator[tuple[str, dic
 
 def load_examples(spec: str, *, prompt_field: str | None = None, response_field: str | None = None,
                   input_field: str | None = None, limit: int | None = None,
-                  split: str | None = None, note: Callable[[str], None] | None = None) -> list[Example]:
+                  split: str | None = None, note: Callable[[str], None] | None = None,
+                  turns: str = "last") -> list[Example]:
     """Read DATA into Examples. Raises InputError for missing files, malformed records, unknown
     layouts (naming the fields found), a field named by an override that the data lacks, a
     field that holds no text, and data with no usable example. Examples with an empty
     instruction are dropped; `note` (a progress log) hears how many, and how many files a
-    folder gave."""
+    folder gave. turns: a conversation's "last" assistant turn, or "all" of them, as examples."""
+    if turns not in TURNS:
+        raise InputError(f"--turns {turns!r}: expected {' or '.join(TURNS)}")
     examples: list[Example] = []
     layouts: dict[str, str] = {}  # source -> its layout (a source without records has none)
     sources = 0
@@ -463,7 +486,7 @@ def load_examples(spec: str, *, prompt_field: str | None = None, response_field:
         builder = None
         for where, rec in records:
             if builder is None:
-                layouts[source], builder = _choose_builder(where, rec, prompt_field, response_field, input_field)
+                layouts[source], builder = _choose_builder(where, rec, prompt_field, response_field, input_field, turns)
             if not input_seen:
                 input_seen = input_field in rec
                 fields_seen.update(rec)
@@ -501,7 +524,7 @@ def load_examples(spec: str, *, prompt_field: str | None = None, response_field:
     return examples
 
 
-def _choose_builder(where: str, rec: dict, prompt_field, response_field, input_field):
+def _choose_builder(where: str, rec: dict, prompt_field, response_field, input_field, turns: str = "last"):
     """(layout name, builder) for a source, from its first record and the overrides."""
     keys = set(rec)
     missing = [f for f in (prompt_field, response_field) if f and f not in keys]
@@ -525,6 +548,8 @@ def _choose_builder(where: str, rec: dict, prompt_field, response_field, input_f
     name, _, fields = layout
     label = f"{name}, {named}" if named else name
     if fields is None:
+        if name in _CONVERSATIONS:
+            return label, _NESTED[name](prompt_field, input_field, response_field, turns=turns)
         return label, _NESTED[name](prompt_field, input_field, response_field)
     prompt, inp, responses = fields
     return label, _flat(prompt_field or prompt, input_field or inp,

@@ -15,7 +15,8 @@ def load_splits(opts, *, note: Callable[[str], None] | None = None,
     applies to the data read, before splitting, so the split of a limited run is stable too.
     `note`: the progress log (what the data layer read and dropped); `warn`: a warning line that
     --quiet does not hide (default: stderr) -- validation data that is also training data."""
-    fields = dict(prompt_field=opts.prompt_field, response_field=opts.response_field, input_field=opts.input_field)
+    fields = dict(prompt_field=opts.prompt_field, response_field=opts.response_field, input_field=opts.input_field,
+                  turns=getattr(opts, "turns", "last"))
     examples = load_examples(opts.data, limit=opts.limit, note=note, **fields)
     check_template_fits(examples, opts.template)
     valid_data = getattr(opts, "valid_data", None)

@@ -62,6 +62,7 @@ class EvaluateConfig:
     batch_size: int = 32
     limit: Optional[int] = None
     template: Optional[str] = None  # None: the one MODEL was trained with (`trained_template`)
+    turns: str = "last"  # a conversation's examples: its last assistant turn, or "all" of them
     prompt_field: Optional[str] = None
     response_field: Optional[str] = None
     input_field: Optional[str] = None
@@ -101,6 +102,7 @@ class EvaluateConfig:
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
         require(self.template in ("dolly", "chat", "raw"), f"--template {self.template!r}: expected dolly, chat or raw")
+        require(self.turns in ("last", "all"), f"--turns {self.turns!r}: expected last or all")
         require(self.split in SPLITS, f"--split {self.split!r}: expected one of {', '.join(SPLITS)}")
         require(self.valid_size >= 0 and self.test_size >= 0, "--valid-size/--test-size must be >= 0")
         for flag, v in (("--valid-size", self.valid_size), ("--test-size", self.test_size)):
@@ -140,7 +142,7 @@ class EvaluateConfig:
 
     def protocol(self, n_read: int, n_dropped: int) -> dict:
         p = self.sampling_params()
-        return {"template": self.template, "split": self.split, "valid_size": self.valid_size,
+        return {"template": self.template, "turns": self.turns, "split": self.split, "valid_size": self.valid_size,
                 "test_size": self.test_size, "split_seed": self.split_seed, "limit": self.limit,
                 "examples_read": n_read, "max_prompt_length": self.max_prompt_length,
                 "prompts_dropped": n_dropped, "max_length": self.max_length,
@@ -160,7 +162,7 @@ def load_eval_examples(cfg: EvaluateConfig, note=None) -> list[Example]:
     from minillm_cli.data.template import check_template_fits
 
     examples = load_examples(cfg.data, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
-                             input_field=cfg.input_field, limit=cfg.limit, note=note)
+                             input_field=cfg.input_field, limit=cfg.limit, note=note, turns=cfg.turns)
     check_template_fits(examples, cfg.template)
     if cfg.split == "all":
         return examples

@@ -230,6 +230,12 @@ def test_chat_data_with_history_trains_and_evaluates_under_chat(tmp_path):
     row = json.loads(open(tmp_path / "e.jsonl").readline())
     assert row["history"] == rows[0]["messages"][:3] and row["instruction"] == "Name item 0."
     assert row["prompt"] == render_prompt(ex, "chat", tok)
+    # --turns all: both assistant turns of each conversation train (16 examples, 2 held out)
+    run = CliRunner().invoke(app, ["sft", *args, "--out", str(tmp_path / "all"), "--template", "chat", "--turns", "all",
+                                   "--steps", "1", "--batch-size", "4", "--valid-size", "2", "--json"])
+    assert run.exit_code == 0, run.output
+    assert (json.loads(run.stdout)["train_examples"], json.loads(run.stdout)["valid_examples"]) == (14, 2)
+    assert json.loads((tmp_path / "all" / "run_config.json").read_text())["config"]["data"]["turns"] == "all"
     for cmd in (["sft", *args, "--out", str(tmp_path / "d")], ["evaluate", *args]):
         bad = CliRunner().invoke(app, cmd)
         assert bad.exit_code == 2, bad.output

@@ -75,6 +75,33 @@ def test_a_malformed_conversation_is_refused_naming_the_record(tmp_path, message
         load_examples(str(p))
 
 
+def test_every_assistant_turn_an_example_with_turns_all(tmp_path):
+    """--turns all: one example per assistant turn that answers a user message, each asked after
+    the conversation before it (an opening greeting answers nothing); a final user message is a
+    prompt without reference, as under --turns last. Layouts other than conversations: as before."""
+    greet = {"role": "assistant", "content": "Hello, ask me."}
+    u = [{"role": "user", "content": f"Q{i}"} for i in range(3)]
+    a = [{"role": "assistant", "content": f"A{i}"} for i in range(3)]
+    rows = [{"messages": [SYSTEM, greet, u[0], a[0], u[1], a[1]]}, {"messages": [u[0], a[0], u[1]]},
+            {"instruction": "I", "input": "", "output": "R"}]
+    paths = [write_jsonl(tmp_path / f"{i}.jsonl", [r]) for i, r in enumerate(rows)]
+    got = [[(e.instruction, e.references, e.history) for e in load_examples(str(p), turns="all")] for p in paths]
+    assert got == [[("Q0", ["A0"], [SYSTEM, greet]), ("Q1", ["A1"], [SYSTEM, greet, u[0], a[0]])],
+                   [("Q0", ["A0"], []), ("Q1", [], [u[0], a[0]])],
+                   [("I", ["R"], [])]]
+    assert [(e.instruction, e.references) for e in load_examples(str(paths[0]))] == [("Q1", ["A1"])]
+    with pytest.raises(InputError, match="the last message is the system's"):  # (as under --turns last)
+        load_examples(str(write_jsonl(tmp_path / "s.jsonl", [{"messages": [SYSTEM]}])), turns="all")
+    with pytest.raises(InputError, match="--turns 'first': expected last or all"):
+        load_examples(str(paths[0]), turns="first")
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.prepare import load_splits
+
+    with pytest.raises(InputError, match="--turns"):
+        DataOptions(data="x", turns="first")
+    assert len(load_splits(DataOptions(data=str(paths[0]), template="chat", valid_size=0, turns="all"))["train"]) == 2
+
+
 def test_conversations_need_the_chat_template(tmp_path):
     """The paper's template has one instruction: a system message or earlier turns would be
     dropped without a word. Refused at load (before any model), counted, under dolly and raw;
