@@ -254,15 +254,20 @@ def _conversation(field_name: str):
     def factory(prompt: str | None = None, inp: str | None = None, response: str | None = None,
                 turns: str = "last"):
         """A named answer field replaces the conversation's own last answer; a named prompt field
-        replaces the conversation (no history); a named input goes with the instruction. turns:
-        "last", one example per conversation; "all", one per assistant turn (none is then
+        replaces the conversation (no history), and so needs a named answer field too: the
+        conversation's last answer replies to its last user message, which the named prompt need
+        not be (ultrachat's `prompt` is the first); a named input goes with the instruction.
+        turns: "last", one example per conversation; "all", one per assistant turn (none is then
         replaced by a named answer field, which answers the conversation as a whole)."""
 
         def build(r: dict, where: str) -> list[Example]:
+            if prompt and not response:
+                raise InputError(f"{where}: --prompt-field {prompt} replaces the whole conversation "
+                                 f"({field_name!r}), its answer too: name the answer with --response-field "
+                                 f"(--response-field {field_name}: the conversation's last assistant message)")
             named_input = _text(r.get(inp), where, inp) if inp else ""
             if prompt:
-                return [Example(_text(r[prompt], where, prompt), named_input,
-                                _refs(r[response], where, response) if response else [])]
+                return [Example(_text(r[prompt], where, prompt), named_input, _refs(r[response], where, response))]
             msgs = _messages(r.get(field_name), where, field_name)
             if turns == "all" and not response:
                 return [Example(i, named_input, _refs(own, where, field_name), history=h)

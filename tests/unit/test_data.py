@@ -531,3 +531,30 @@ def test_hub_sets_with_one_split_and_a_folder(tmp_path, monkeypatch):
     named = tmp_path / "a:b.jsonl"  # (a local file's colon is its name's)
     write_jsonl(named, [{"prompt": "local", "output": "x"}])
     assert [e.instruction for e in load_examples(str(named))] == ["local"]
+
+
+ULTRACHAT = {"prompt": "Q1", "prompt_id": "x", "messages": [
+    {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(response_field="prompt_id"), ("Q2", "", ["x"], ULTRACHAT["messages"][:2])),
+    (dict(input_field="prompt_id"), ("Q2", "x", ["A2"], ULTRACHAT["messages"][:2])),
+    (dict(response_field="messages"), ("Q2", "", ["A2"], ULTRACHAT["messages"][:2])),
+    (dict(prompt_field="prompt", response_field="messages"), ("Q1", "", ["A2"], [])),
+])
+def test_named_fields_on_conversation_data(tmp_path, fields, expected):
+    (ex,) = load_examples(str(write_jsonl(tmp_path / "c.jsonl", [ULTRACHAT])), **fields)
+    assert (ex.instruction, ex.input, ex.references, ex.history) == expected
+
+
+def test_a_named_prompt_on_conversation_data_needs_a_named_answer(tmp_path):
+    """--prompt-field replaces the conversation: its last answer (to its last user message, not
+    to the named prompt) is not silently dropped -- evaluate would switch to a reference-free
+    metric -- nor paired with another question: the answer is asked for."""
+    p = write_jsonl(tmp_path / "c.jsonl", [ULTRACHAT])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(p))}:1: --prompt-field prompt replaces the whole "
+                                         rf"conversation \('messages'\), its answer too: name the answer with "
+                                         rf"--response-field"):
+        load_examples(str(p), prompt_field="prompt")
