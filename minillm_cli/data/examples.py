@@ -216,7 +216,13 @@ def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
         if role is None:
             raise InputError(f"{where}: {name}[{k}] has role {raw!r}; expected user, assistant or system "
                              f"(or ShareGPT's human, gpt, system)")
-        out.append({"role": role, "content": _content(m.get(text_key), where, f"{name}[{k}].{text_key}")})
+        calls = next((c for c in ("tool_calls", "function_call") if m.get(c)), None)
+        if calls:  # (its content is null: read as text, the call would be an empty answer or turn)
+            raise InputError(f"{where}: {name}[{k}] is a tool call ({calls!r}); tool calls are not supported")
+        if text_key not in m:  # (null is empty text; a missing key is another layout, e.g. role/value)
+            raise InputError(f"{where}: {name}[{k}] has no {text_key!r} beside {role_key!r}; found: "
+                             f"{', '.join(sorted(m))}")
+        out.append({"role": role, "content": _content(m[text_key], where, f"{name}[{k}].{text_key}")})
     return out
 
 

@@ -68,6 +68,13 @@ def test_conversation_layouts(tmp_path, row, instruction, refs, history):
     ([{"speaker": "user", "text": "Q"}], r"messages\[0\] has no 'role' \(or ShareGPT 'from'\); found: speaker, text"),
     (["Q"], r"messages\[0\] is a str, expected a message object"),
     ([{"role": "user", "content": {"text": "Q"}}], r"field 'messages\[0\]\.content' is an object"),
+    # OpenAI's tool call: content null, the call beside it (not an empty answer without a reference)
+    ([{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]}],
+     r"messages\[1\] is a tool call \('tool_calls'\); tool calls are not supported"),
+    ([{"role": "user", "value": "Q"}, {"role": "assistant", "value": "A"}],
+     r"messages\[0\] has no 'content' beside 'role'; found: role, value"),
+    ([{"from": "human", "content": "Q"}], r"messages\[0\] has no 'value' beside 'from'; found: content, from"),
 ])
 def test_a_malformed_conversation_is_refused_naming_the_record(tmp_path, messages, message):
     p = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
