@@ -60,10 +60,10 @@ def check_template_fits(examples: list[Example], template: str) -> None:
     """Refuse conversations with a system message or earlier turns (`Example.history`) under a
     template other than chat -- before any model loads. The paper's template has one instruction:
     what came before it would be dropped without a word, and the model asked something other
-    than the data asks."""
+    than the data asks. A history with no text (SlimOrca's empty system message) loses nothing."""
     if template == "chat":
         return
-    convs = [e for e in examples if e.history]
+    convs = [e for e in examples if any(m["content"].strip() for m in e.history)]
     if convs:
         count = f"{len(convs)} of {len(examples)} examples are conversations" if len(examples) > 1 else "a conversation"
         raise InputError(f"{convs[0].meta.get('where', 'data')}: {count} with a system message or earlier turns "

@@ -133,6 +133,12 @@ def test_conversations_need_the_chat_template(tmp_path):
     with pytest.raises(InputError, match="a conversation with a system message"):
         render_prompt(Example("Q", history=[SYSTEM]), "dolly")  # (every renderer checks)
     check_template_fits([Example("Q", history=[SYSTEM])], "chat")
+    # an empty system message (Orca's "no system message", in SlimOrca): nothing to drop
+    blank = write_jsonl(tmp_path / "orca.jsonl", [{"conversations": [{"from": "system", "value": " "},
+                                                                     {"from": "human", "value": "Q"},
+                                                                     {"from": "gpt", "value": "A"}]}] * 4)
+    (ex, *_) = load_splits(DataOptions(data=str(blank), valid_size=0))["train"]
+    assert render_prompt(ex) == DOLLY_NO_INPUT.format(instruction="Q")
 
 
 def test_conversations_differing_only_in_history_are_different_examples():
