@@ -571,3 +571,29 @@ def test_a_named_prompt_on_conversation_data_needs_a_named_answer(tmp_path):
                                          rf"conversation \('messages'\), its answer too: name the answer with "
                                          rf"--response-field"):
         load_examples(str(p), prompt_field="prompt")
+
+
+def test_roles_in_any_case_and_trl_conversations_that_do_not_end_where_expected(tmp_path):
+    caps = {"messages": [{"role": "System", "content": "S"}, {"role": "USER", "content": "Q"},
+                         {"from": "GPT", "value": "A"}]}
+    (ex,) = load_examples(str(write_jsonl(tmp_path / "c.jsonl", [caps])))
+    assert (ex.instruction, ex.references, ex.history) == ("Q", ["A"], [{"role": "system", "content": "S"}])
+    user, answer = {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}
+    for row, message in (({"prompt": [user], "completion": [user]}, "completion: the last message is not the assistant's"),
+                         ({"prompt": [user, answer], "completion": [answer]},
+                          "prompt: the prompt's messages end with the assistant's; expected the user's")):
+        p = write_jsonl(tmp_path / "t.jsonl", [row])
+        with pytest.raises(InputError, match=rf"^{re.escape(str(p))}:1: {message}"):
+            load_examples(str(p))
+
+
+def test_valid_data_conversations_need_the_chat_template(tmp_path):
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.prepare import load_splits
+
+    plain = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"I{i}", "context": "", "response": "R"}
+                                                   for i in range(4)])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"messages": [SYSTEM, {"role": "user", "content": "Q"},
+                                                                 {"role": "assistant", "content": "A"}]}] * 2)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(valid))}:1: 2 of 2 examples are conversations"):
+        load_splits(DataOptions(data=str(plain), valid_data=str(valid)))
