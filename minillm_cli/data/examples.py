@@ -319,7 +319,7 @@ def _detect(keys: set[str]):
 def _layout_hint() -> str:
     return ("known layouts: instruction/context/response (Dolly), instruction/input/output (Alpaca), "
             "prompt/output, prompt/response, instruction/instances (Self-Instruct), turns (Vicuna), "
-            "messages (role/content chat data), conversations (ShareGPT); "
+            "messages or conversation (role/content chat data), conversations (ShareGPT); "
             "or name them with --prompt-field/--response-field")
 
 
