@@ -185,7 +185,8 @@ def _vicuna(prompt: str | None = None, inp: str | None = None, response: str | N
 # reference (evaluation sets).
 # ---------------------------------------------------------------------------------------------
 _ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
-          "bot": "assistant", "model": "assistant", "chatgpt": "assistant", "system": "system"}
+          "bot": "assistant", "model": "assistant", "chatgpt": "assistant", "system": "system",
+          "developer": "system"}  # (OpenAI's newer name for the system message)
 
 
 def _content(value: Any, where: str, name: str) -> str:
@@ -201,8 +202,9 @@ def _content(value: Any, where: str, name: str) -> str:
     return _text(value, where, name)
 
 
-def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
-    """A conversation as [{"role": user|assistant|system, "content": text}]."""
+def _messages(value: Any, where: str, name: str, untrained: set[int] | None = None) -> list[dict[str, str]]:
+    """A conversation as [{"role": user|assistant|system, "content": text}]. `untrained` gets the
+    indices of messages marked `"weight": 0` (OpenAI's fine-tuning data: not trained on)."""
     out = []
     for k, m in enumerate(_list(value, where, name)):
         if not isinstance(m, dict):
@@ -223,6 +225,8 @@ def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
             raise InputError(f"{where}: {name}[{k}] has no {text_key!r} beside {role_key!r}; found: "
                              f"{', '.join(sorted(m))}")
         out.append({"role": role, "content": _content(m[text_key], where, f"{name}[{k}].{text_key}")})
+        if untrained is not None and m.get("weight") == 0 and not isinstance(m.get("weight"), bool):
+            untrained.add(k)
     return out
 
 
@@ -232,21 +236,26 @@ def _is_messages(value: Any) -> bool:
             and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in value))
 
 
-def _turns(msgs: list[dict[str, str]], where: str, name: str) -> list[tuple[str, list[dict[str, str]], list[str]]]:
+def _turns(msgs: list[dict[str, str]], where: str, name: str,
+           untrained: set[int] = frozenset()) -> list[tuple[str, list[dict[str, str]], list[str]]]:
     """(instruction, history, answer) of every assistant turn that answers a user message
-    (`--turns all`; an assistant's opening greeting answers nothing), and of the final user
-    message when the conversation ends with one: each asked after the messages before it. With
-    none of these, the conversation as `_ask` reads it (its error, or an empty instruction)."""
+    (`--turns all`; an assistant's opening greeting answers nothing, a turn in `untrained` is
+    context only), and of the final user message when the conversation ends with one: each asked
+    after the messages before it. With none of these, the conversation as `_ask` reads it (its
+    error, or an empty instruction). A conversation `--turns last` refuses is refused here too."""
+    whole = _ask(msgs, where, name)
     out = [_ask(msgs[:k + 1], where, name) for k, m in enumerate(msgs)
-           if (m["role"] == "assistant" and k and msgs[k - 1]["role"] == "user")
+           if (m["role"] == "assistant" and k and msgs[k - 1]["role"] == "user" and k not in untrained)
            or (m["role"] == "user" and k == len(msgs) - 1)]
-    return out or [_ask(msgs, where, name)]
+    return out or [whole]
 
 
 def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[dict[str, str]], list[str]]:
     """(instruction, history, answer) of a conversation: its last user message, the messages
     before it, and the assistant's answer after it ([]: it ends with the user's)."""
     msgs = list(msgs)
+    if all(m["role"] == "system" for m in msgs):  # (no question: dropped and counted)
+        return "", msgs, []
     own = [msgs.pop()["content"]] if msgs and msgs[-1]["role"] == "assistant" else []
     if msgs and msgs[-1]["role"] != "user":
         which = "the message before the last answer" if own else "the last message"
@@ -274,10 +283,11 @@ def _conversation(field_name: str):
             named_input = _text(r.get(inp), where, inp) if inp else ""
             if prompt:
                 return [Example(_text(r[prompt], where, prompt), named_input, _refs(r[response], where, response))]
-            msgs = _messages(r.get(field_name), where, field_name)
+            untrained: set[int] = set()
+            msgs = _messages(r.get(field_name), where, field_name, untrained)
             if turns == "all" and not response:
                 return [Example(i, named_input, _refs(own, where, field_name), history=h)
-                        for i, h, own in _turns(msgs, where, field_name)]
+                        for i, h, own in _turns(msgs, where, field_name, untrained)]
             instruction, history, own = _ask(msgs, where, field_name)
             refs = _refs(r[response], where, response) if response else _refs(own, where, field_name)
             return [Example(instruction, named_input, refs, history=history)]

@@ -62,7 +62,8 @@ def test_conversation_layouts(tmp_path, row, instruction, refs, history):
      r"messages\[1\] has role 'tool'; expected user, assistant or system"),
     ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}],
      "messages: the message before the last answer is the assistant's, expected the user's"),
-    ([SYSTEM], "messages: the last message is the system's, expected the user's"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, SYSTEM],
+     "messages: the last message is the system's, expected the user's"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
      r"messages\[0\]\.content\[0\] is a part of type 'image_url'; only text parts are supported"),
     ([{"speaker": "user", "text": "Q"}], r"messages\[0\] has no 'role' \(or ShareGPT 'from'\); found: speaker, text"),
@@ -98,7 +99,19 @@ def test_every_assistant_turn_an_example_with_turns_all(tmp_path):
                    [("I", ["R"], [])]]
     assert [(e.instruction, e.references) for e in load_examples(str(paths[0]))] == [("Q1", ["A1"])]
     with pytest.raises(InputError, match="the last message is the system's"):  # (as under --turns last)
-        load_examples(str(write_jsonl(tmp_path / "s.jsonl", [{"messages": [SYSTEM]}])), turns="all")
+        load_examples(str(write_jsonl(tmp_path / "s.jsonl", [{"messages": [u[0], a[0], SYSTEM]}])), turns="all")
+    # OpenAI's fine-tuning data: an assistant message of weight 0 is context, not a target; its
+    # "developer" message is the system message
+    weighted = [{"role": "developer", "content": "Be brief."}, u[0], {**a[0], "weight": 0}, u[1], {**a[1], "weight": 1}]
+    (ex,) = load_examples(str(write_jsonl(tmp_path / "w.jsonl", [{"messages": weighted}])), turns="all")
+    assert (ex.instruction, ex.references, ex.history) == ("Q1", ["A1"], [SYSTEM, u[0], a[0]])
+    # a conversation without a question (only a system message, or none) is dropped and counted
+    notes = []
+    empty = write_jsonl(tmp_path / "e.jsonl", [{"messages": [SYSTEM]}, {"messages": []}, rows[1]])
+    for turns in ("last", "all"):
+        assert [e.instruction for e in load_examples(str(empty), turns=turns, note=notes.append)] == (
+            ["Q1"] if turns == "last" else ["Q0", "Q1"])
+    assert notes == [f"note: 2 examples with an empty instruction dropped (the first: {empty}:1)"] * 2
     with pytest.raises(InputError, match="--turns 'first': expected last or all"):
         load_examples(str(paths[0]), turns="first")
     from minillm_cli.config import DataOptions
