@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-Data = Annotated[str, typer.Option("--data", help="DATA: .jsonl/.json/.csv/.parquet file (or a folder of them), Hub dataset id (a split after a colon: org/name:split), or alias (dolly, self-inst, vicuna, sni, unni).")]
+Data = Annotated[str, typer.Option("--data", help="DATA: .jsonl/.json/.csv/.parquet file (or a folder of them), Hub dataset id (org/name[#config][:split]), or alias (dolly, self-inst, vicuna, sni, unni).")]
 Out = Annotated[str, typer.Option("--out", help="Output folder (a Hugging Face model folder plus run_config.json and metrics.jsonl).")]
 PromptField = Annotated[Optional[str], typer.Option("--prompt-field", help="Field holding the instruction (overrides layout detection).")]
 ResponseField = Annotated[Optional[str], typer.Option("--response-field", help="Field holding the reference response(s).")]

@@ -1,7 +1,7 @@
 """Instruction data from wherever users keep it, normalised to `Example`s.
 
-DATA is a local .jsonl/.json/.csv/.parquet file, a Hub dataset id (a split other than train after a
-colon: org/name:split), or an alias. Field layouts are
+DATA is a local .jsonl/.json/.csv/.parquet file, a Hub dataset id (org/name[/folder][#config][:split]),
+or an alias. Field layouts are
 detected from the first record of each file (Dolly, Alpaca/MiniLLM, Self-Instruct, Vicuna,
 prompt/response, and chat conversations: `messages` with role/content as OpenAI and Hugging Face
 chat data hold them, ShareGPT's `conversations` with from/value); a folder is read file by file,
@@ -405,16 +405,20 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
-    """A Hub dataset's records: `split`, else its train split, else its only split."""
+    """A Hub dataset's records (name: org/name[/folder][#config]): `split`, else its train split,
+    else its only split."""
     import datasets
 
     from minillm_cli import hub
 
     label = f"{name}:{split}" if split else name
     hub.check_reachable()  # (offline mode when not: the local cache, or one line at once)
-    pieces = name.split("/")
+    path, _, config = name.partition("#")
+    pieces = path.split("/")
     repo, folder = "/".join(pieces[:2]), "/".join(pieces[2:])
     where = {"data_dir": folder} if folder else {}  # org/name/folder: the files of that folder only
+    if config:
+        where["name"] = config
     try:
         try:
             ds = datasets.load_dataset(repo, split=split or "train", **where)
@@ -431,9 +435,11 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
     except InputError:
         raise
     except Exception as e:  # offline, unknown id, no such split: all one message for the user
-        # (a split the dataset lacks is that, also offline: the cached dataset answered)
-        offline = hub.offline("datasets") and "Unknown split" not in str(e)
+        # (a split or configuration the dataset lacks is that, also offline: the cached dataset answered)
+        offline = hub.offline("datasets") and not any(k in str(e) for k in ("Unknown split", "Config name is missing"))
         why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0]
+        if "Config name is missing" in str(e):  # (the configurations are on its second line)
+            why = " ".join(str(e).splitlines()[:2]) + f" -- name one after a '#' ({name}#CONFIG)"
         raise InputError(f"data {label!r}: not a local file and could not be loaded from the Hub: {why}; "
                          f"pass a local .jsonl/.json/.csv/.parquet file") from None
     for i, rec in enumerate(ds):
@@ -471,11 +477,16 @@ def _sources(spec: str, split: str | None = None) -> Iterator[tuple[str, Iterato
         return
     if path.suffix.lower() in SUFFIXES or spec.startswith((".", "/", "~")):
         raise InputError(f"{spec}: no such file")
-    # a Hub dataset's split after a colon (a Hub id has none): HuggingFaceH4/ultrachat_200k:train_sft
+    # a Hub dataset's split after a colon and its configuration after a '#' (a Hub id has
+    # neither; pretrain-mix's sources name a configuration so too): HuggingFaceTB/smoltalk#all:train
     base, colon, named_split = spec.partition(":")
     if colon and not (named_split and base):
         raise InputError(f"data {spec!r}: expected a Hub id or alias with a split after the colon (org/name:split)")
-    name = ALIASES.get(base.lower(), base)
+    base, hash_, config = base.partition("#")
+    if hash_ and not (config and base):
+        raise InputError(f"data {spec!r}: expected a Hub id or alias with a configuration after the '#' "
+                         f"(org/name#config)")
+    name = ALIASES.get(base.lower(), base) + (f"#{config}" if config else "")
     if "/" not in name:
         raise InputError(f"data {spec!r}: no such file, and not a known alias ({', '.join(ALIASES)}) or Hub id (org/name)")
     yield name, _read_hub(name, named_split or split)

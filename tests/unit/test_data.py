@@ -554,6 +554,21 @@ def test_hub_sets_with_one_split_and_a_folder(tmp_path, monkeypatch):
     for bad in ("org/two:", ":test"):
         with pytest.raises(InputError, match="with a split after the colon"):
             load_examples(bad)
+    # a configuration after a '#', as pretrain-mix's sources name one (HuggingFaceTB/smoltalk#all)
+    for config in ("a", "b"):
+        (tmp_path / "org/multi" / config).mkdir(parents=True)
+        write_jsonl(tmp_path / "org/multi" / config / "train.jsonl", [{"prompt": f"p{config}", "output": "x"}])
+    (tmp_path / "org/multi/README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/*.jsonl\n" for c in "ab") + "---\n")
+    assert [(e.instruction, e.meta["where"]) for e in load_examples("org/multi#b")] == [("pb", "org/multi#b[0]")]
+    assert asked[-1] == ("org/multi", {"split": "train", "name": "b"})
+    assert [e.instruction for e in load_examples("org/multi#a:train")] == ["pa"]
+    with pytest.raises(InputError, match=r"data 'org/multi': .*Config name is missing\. Please pick one among the "
+                                         r"available configs: \['a', 'b'\] -- name one after a '#' \(org/multi#CONFIG\)"):
+        load_examples("org/multi")
+    for bad in ("org/multi#", "#a"):
+        with pytest.raises(InputError, match="with a configuration after the '#'"):
+            load_examples(bad)
     named = tmp_path / "a:b.jsonl"  # (a local file's colon is its name's)
     write_jsonl(named, [{"prompt": "local", "output": "x"}])
     assert [e.instruction for e in load_examples(str(named))] == ["local"]
