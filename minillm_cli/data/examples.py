@@ -242,12 +242,13 @@ def _turns(msgs: list[dict[str, str]], where: str, name: str,
     (`--turns all`; an assistant's opening greeting answers nothing, a turn in `untrained` is
     context only), and of the final user message when the conversation ends with one: each asked
     after the messages before it. With none of these, the conversation as `_ask` reads it (its
-    error, or an empty instruction). A conversation `--turns last` refuses is refused here too."""
+    error, or an empty instruction), unless every answer is of weight 0: then none (`_ask` would
+    make its last answer a target). A conversation `--turns last` refuses is refused here too."""
     whole = _ask(msgs, where, name)
+    answers = [k for k, m in enumerate(msgs) if m["role"] == "assistant" and k and msgs[k - 1]["role"] == "user"]
     out = [_ask(msgs[:k + 1], where, name) for k, m in enumerate(msgs)
-           if (m["role"] == "assistant" and k and msgs[k - 1]["role"] == "user" and k not in untrained)
-           or (m["role"] == "user" and k == len(msgs) - 1)]
-    return out or [whole]
+           if (k in answers and k not in untrained) or (m["role"] == "user" and k == len(msgs) - 1)]
+    return out or ([] if answers else [whole])
 
 
 def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[dict[str, str]], list[str]]:

@@ -105,6 +105,10 @@ def test_every_assistant_turn_an_example_with_turns_all(tmp_path):
     weighted = [{"role": "developer", "content": "Be brief."}, u[0], {**a[0], "weight": 0}, u[1], {**a[1], "weight": 1}]
     (ex,) = load_examples(str(write_jsonl(tmp_path / "w.jsonl", [{"messages": weighted}])), turns="all")
     assert (ex.instruction, ex.references, ex.history) == ("Q1", ["A1"], [SYSTEM, u[0], a[0]])
+    # a conversation whose every answer is of weight 0 has nothing to train on (not its last answer)
+    context_only = [{"messages": [u[0], {**a[0], "weight": 0}]}, {"messages": [u[1], a[1]]}]
+    assert [(e.instruction, e.references) for e in load_examples(
+        str(write_jsonl(tmp_path / "w0.jsonl", context_only)), turns="all")] == [("Q1", ["A1"])]
     # a conversation without a question (only a system message, or none) is dropped and counted
     notes = []
     empty = write_jsonl(tmp_path / "e.jsonl", [{"messages": [SYSTEM]}, {"messages": []}, rows[1]])
