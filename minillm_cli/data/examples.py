@@ -287,7 +287,8 @@ def _conversation(field_name: str):
             untrained: set[int] = set()
             msgs = _messages(r.get(field_name), where, field_name, untrained)
             if turns == "all" and not response:
-                return [Example(i, named_input, _refs(own, where, field_name), history=h)
+                return [Example(i, named_input, _refs(own, where, field_name), history=h,
+                                meta={"conversation": where})  # (split together: see split_examples)
                         for i, h, own in _turns(msgs, where, field_name, untrained)]
             instruction, history, own = _ask(msgs, where, field_name)
             refs = _refs(r[response], where, response) if response else _refs(own, where, field_name)

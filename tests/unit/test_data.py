@@ -400,8 +400,37 @@ def test_splits_deterministic_disjoint_and_sized():
     assert (len(a["train"]), len(a["valid"]), len(a["test"])) == (85, 10, 5)
     assert set(a["train"]) | set(a["valid"]) | set(a["test"]) == set(items)
     assert not (set(a["train"]) & set(a["valid"])) and not (set(a["valid"]) & set(a["test"]))
+    import random  # (the split every earlier run made: a permutation of the examples)
+
+    order = list(range(100))
+    random.Random(3).shuffle(order)
+    assert (a["test"], a["valid"]) == (sorted(order[:5]), sorted(order[5:15]))
     with pytest.raises(InputError):
         split_examples(items[:3], valid_size=2, test_size=1)
+
+
+def test_turns_all_splits_whole_conversations(tmp_path):
+    """--turns all: a conversation's turns go to one part (a held-out turn's answer is in the
+    history of the conversation's later turns, and its history holds the earlier answers), in sft's
+    split and evaluate's alike; the sizes are reached in whole conversations."""
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.prepare import load_splits
+    from minillm_cli.eval.evaluate import EvaluateConfig, load_eval_examples
+
+    rows = [{"messages": [m for j in range(3) for m in ({"role": "user", "content": f"Q{i}.{j}"},
+                                                         {"role": "assistant", "content": f"A{i}.{j}"})]}
+            for i in range(10)]
+    p = write_jsonl(tmp_path / "c.jsonl", rows)
+    s = load_splits(DataOptions(data=str(p), template="chat", valid_size=4, test_size=0.1, turns="all"))
+    conv = {k: {e.instruction.split(".")[0] for e in s[k]} for k in ("train", "valid", "test")}
+    assert (len(s["train"]), len(s["valid"]), len(s["test"])) == (21, 6, 3)
+    assert not (conv["train"] & conv["valid"]) and not (conv["train"] & conv["test"]) and not (conv["valid"] & conv["test"])
+    held = load_eval_examples(EvaluateConfig(model="m", data=str(p), template="chat", turns="all", split="valid",
+                                             valid_size=4, test_size=0.1))
+    assert [e.instruction for e in held] == [e.instruction for e in s["valid"]]
+    with pytest.raises(InputError, match=r"in whole conversations, leave nothing to train on out of 6 \(2 conversations\)"):
+        load_splits(DataOptions(data=str(write_jsonl(tmp_path / "two.jsonl", rows[:2])), template="chat",
+                                valid_size=1, test_size=1, turns="all"))
 
 
 def test_loss_mask_exact(tiny_dir):
