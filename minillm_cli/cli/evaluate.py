@@ -37,7 +37,7 @@ def command(
     max_prompt_length: o.MaxPrompt = 256,
     max_length: o.MaxLength = 512,
     template: Annotated[Optional[str], typer.Option("--template", help="Prompt template: dolly (the paper's), chat (tokenizer's chat template), raw. Default: the one MODEL was trained with (a run folder's run_config.json), else dolly.")] = None,
-    turns: o.Turns = "last",
+    turns: Annotated[Optional[str], typer.Option("--turns", help="Chat data: last (one example per conversation, its last assistant turn) | all (one per assistant turn, each after the conversation before it). Default: the one MODEL was trained with (a run folder's run_config.json), else last.")] = None,
     prompt_field: o.PromptField = None,
     response_field: o.ResponseField = None,
     input_field: o.InputField = None,

@@ -43,6 +43,18 @@ def trained_template(model: str) -> tuple[str, str | None]:
     return (template, "its run_config.json") if template in ("dolly", "chat", "raw") else ("dolly", None)
 
 
+def trained_turns(model: str) -> tuple[str, str | None]:
+    """The --turns a run folder's model was trained with (its run_config.json), and where that was
+    read; ("last", None) for any other model. --split valid/test are the parts that run held out
+    only when the data is read into the same examples: under --turns last a run trained with
+    --turns all would be evaluated on conversations it trained on."""
+    from minillm_cli.config import saved_config
+
+    data = saved_config(model).get("data")
+    turns = data.get("turns") if isinstance(data, dict) else None
+    return (turns, "its run_config.json") if turns in ("last", "all") else ("last", None)
+
+
 @dataclass
 class EvaluateConfig:
     model: str
@@ -62,7 +74,7 @@ class EvaluateConfig:
     batch_size: int = 32
     limit: Optional[int] = None
     template: Optional[str] = None  # None: the one MODEL was trained with (`trained_template`)
-    turns: str = "last"  # a conversation's examples: its last assistant turn, or "all" of them
+    turns: Optional[str] = None  # a conversation's last assistant turn, or "all" of them; None: MODEL's (`trained_turns`)
     prompt_field: Optional[str] = None
     response_field: Optional[str] = None
     input_field: Optional[str] = None
@@ -81,10 +93,13 @@ class EvaluateConfig:
     # Oracle of the "validity" metric (the quickstart's synthetic task): (example, prediction) -> ok.
     validity: Optional[Callable[[Example, str], bool]] = field(default=None, repr=False)
     template_source: Optional[str] = field(default=None, init=False)  # where a template not given came from
+    turns_source: Optional[str] = field(default=None, init=False)  # where --turns not given came from
 
     def __post_init__(self):
         if self.template is None:
             self.template, self.template_source = trained_template(self.model)
+        if self.turns is None:
+            self.turns, self.turns_source = trained_turns(self.model)
         require(self.sampler in ("auto", "eager", "static", "graph", "compile"),
                 f"--sampler {self.sampler!r}: expected auto, eager, static, graph or compile")
         from minillm_cli.data.splits import SPLITS
@@ -270,6 +285,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.template_source is not None and cfg.template != "dolly":
         progress.log(f"note: --template {cfg.template}, the template {cfg.model} was trained with "
                      f"({cfg.template_source})")
+    if cfg.turns_source is not None and cfg.turns != "last":
+        progress.log(f"note: --turns {cfg.turns}, as {cfg.model} was trained ({cfg.turns_source})")
     examples = load_eval_examples(cfg, note=progress.log)
     n_read = len(examples)
     metrics = resolve_metrics(cfg, examples)

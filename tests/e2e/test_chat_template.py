@@ -236,6 +236,20 @@ def test_chat_data_with_history_trains_and_evaluates_under_chat(tmp_path):
     assert run.exit_code == 0, run.output
     assert (json.loads(run.stdout)["train_examples"], json.loads(run.stdout)["valid_examples"]) == (14, 2)
     assert json.loads((tmp_path / "all" / "run_config.json").read_text())["config"]["data"]["turns"] == "all"
+    # evaluate --split valid on that run: its held-out turns, read with the run's --turns (under
+    # --turns last the split is of other examples, some of them trained on); --turns overrides it
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.prepare import load_splits
+
+    held = load_splits(DataOptions(data=str(data), template="chat", valid_size=2, turns="all"))["valid"]
+    for turns, want in (([], "all"), (["--turns", "last"], "last")):
+        res = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "all"), "--data", str(data), "--split",
+                                       "valid", "--valid-size", "2", "--seeds", "1", "--max-new-tokens", "2", *turns,
+                                       "--out", str(tmp_path / f"v-{want}.json"), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        assert json.loads((tmp_path / f"v-{want}.json").read_text())["protocol"]["turns"] == want
+        asked = [(r["instruction"], r.get("history")) for r in map(json.loads, open(tmp_path / f"v-{want}.jsonl"))]
+        assert (asked == [(e.instruction, e.history or None) for e in held]) == (want == "all"), asked
     for cmd in (["sft", *args, "--out", str(tmp_path / "d")], ["evaluate", *args]):
         bad = CliRunner().invoke(app, cmd)
         assert bad.exit_code == 2, bad.output

@@ -374,3 +374,11 @@ def test_trained_template_reads_the_run_config_as_resume_does(tmp_path, monkeypa
         (run / "run_config.json").write_text(body)
         assert trained_template(str(run)) == ("dolly", None)
     assert trained_template(str(tmp_path / "none")) == ("dolly", None)
+    # --turns likewise (a record from before --turns: last, what that run did)
+    from minillm_cli.eval.evaluate import EvaluateConfig, trained_turns
+
+    (run / "run_config.json").write_text(json.dumps({"command": "sft", "config": {"data": {"turns": "all"}}}))
+    assert trained_turns("~/run") == ("all", "its run_config.json") and EvaluateConfig("~/run", "d").turns == "all"
+    assert EvaluateConfig("~/run", "d", turns="last").turns == "last"
+    (run / "run_config.json").write_text(json.dumps({"command": "sft", "config": {"data": {"template": "chat"}}}))
+    assert trained_turns(str(run)) == trained_turns(str(tmp_path / "none")) == ("last", None)
