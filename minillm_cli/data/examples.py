@@ -273,10 +273,16 @@ def _conversation(field_name: str):
         replaces the conversation (no history), and so needs a named answer field too: the
         conversation's last answer replies to its last user message, which the named prompt need
         not be (ultrachat's `prompt` is the first); a named input goes with the instruction.
-        turns: "last", one example per conversation; "all", one per assistant turn (none is then
-        replaced by a named answer field, which answers the conversation as a whole)."""
+        turns: "last", one example per conversation; "all", one per assistant turn, which a named
+        prompt or answer field would make one example of the conversation again: refused, not
+        trained on the last turn alone as if --turns all had not been asked for."""
 
         def build(r: dict, where: str) -> list[Example]:
+            if turns == "all" and (prompt or response):
+                flag = f"--prompt-field {prompt}" if prompt else f"--response-field {response}"
+                raise InputError(f"{where}: --turns all makes an example of every assistant turn of {field_name!r}; "
+                                 f"{flag} makes one example of the whole conversation: use --turns last, or "
+                                 f"leave the conversation's fields to its layout")
             if prompt and not response:
                 raise InputError(f"{where}: --prompt-field {prompt} replaces the whole conversation "
                                  f"({field_name!r}), its answer too: name the answer with --response-field "

@@ -621,6 +621,18 @@ def test_named_fields_on_conversation_data(tmp_path, fields, expected):
     assert (ex.instruction, ex.input, ex.references, ex.history) == expected
 
 
+@pytest.mark.parametrize("fields, flag", [(dict(response_field="prompt_id"), "--response-field prompt_id"),
+                                         (dict(response_field="messages"), "--response-field messages"),
+                                         (dict(prompt_field="prompt", response_field="messages"), "--prompt-field prompt")])
+def test_turns_all_refuses_a_named_field_that_makes_one_example_of_a_conversation(tmp_path, fields, flag):
+    """(it fell back to the last turn alone, as if --turns all had not been asked for)"""
+    p = write_jsonl(tmp_path / "c.jsonl", [ULTRACHAT])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(p))}:1: --turns all makes an example of every assistant "
+                                         rf"turn of 'messages'; {flag} makes one example of the whole conversation"):
+        load_examples(str(p), turns="all", **fields)
+    assert len(load_examples(str(p), turns="all", input_field="prompt_id")) == 2  # (an input goes with every turn)
+
+
 def test_a_named_prompt_on_conversation_data_needs_a_named_answer(tmp_path):
     """--prompt-field replaces the conversation: its last answer (to its last user message, not
     to the named prompt) is not silently dropped -- evaluate would switch to a reference-free
