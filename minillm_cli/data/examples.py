@@ -444,12 +444,17 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
         raise
     except Exception as e:  # offline, unknown id, no such split: all one message for the user
         # (a split or configuration the dataset lacks is that, also offline: the cached dataset answered)
-        offline = hub.offline("datasets") and not any(k in str(e) for k in ("Unknown split", "Config name is missing"))
-        why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0]
-        if "Config name is missing" in str(e):  # (the configurations are on its second line)
-            why = " ".join(str(e).splitlines()[:2]) + f" -- name one after a '#' ({name}#CONFIG)"
+        unknown, no_config = "Unknown split" in str(e), "Config name is missing" in str(e)
+        offline = hub.offline("datasets") and not (unknown or no_config)
+        why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0].rstrip(".")
+        fix = "pass a local .jsonl/.json/.csv/.parquet file"
+        if unknown:  # (not: download the data)
+            fix = f"name one of them after the colon ({name}:SPLIT)"
+        elif no_config:  # (the configurations are on its second line)
+            why = " ".join(str(e).splitlines()[:2])
+            fix = f"name one after a '#' ({name}#CONFIG)"
         raise InputError(f"data {label!r}: not a local file and could not be loaded from the Hub: {why}; "
-                         f"pass a local .jsonl/.json/.csv/.parquet file") from None
+                         f"{fix}") from None
     for i, rec in enumerate(ds):
         yield f"{label}[{i}]", rec
 
