@@ -255,9 +255,9 @@ def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[d
     """(instruction, history, answer) of a conversation: its last user message, the messages
     before it, and the assistant's answer after it ([]: it ends with the user's)."""
     msgs = list(msgs)
-    if all(m["role"] == "system" for m in msgs):  # (no question: dropped and counted)
-        return "", msgs, []
     own = [msgs.pop()["content"]] if msgs and msgs[-1]["role"] == "assistant" else []
+    if not any(m["role"] == "user" for m in msgs):  # (no question: a system message, a greeting, or
+        return "", msgs, own                        # nothing -- dropped and counted, not refused)
     if msgs and msgs[-1]["role"] != "user":
         which = "the message before the last answer" if own else "the last message"
         raise InputError(f"{where}: {name}: {which} is the {msgs[-1]['role']}'s, expected the user's "

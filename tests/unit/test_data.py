@@ -109,13 +109,15 @@ def test_every_assistant_turn_an_example_with_turns_all(tmp_path):
     context_only = [{"messages": [u[0], {**a[0], "weight": 0}]}, {"messages": [u[1], a[1]]}]
     assert [(e.instruction, e.references) for e in load_examples(
         str(write_jsonl(tmp_path / "w0.jsonl", context_only)), turns="all")] == [("Q1", ["A1"])]
-    # a conversation without a question (only a system message, or none) is dropped and counted
+    # a conversation without a question (only a system message, an assistant's greeting after it,
+    # or none) is dropped and counted
     notes = []
-    empty = write_jsonl(tmp_path / "e.jsonl", [{"messages": [SYSTEM]}, {"messages": []}, rows[1]])
+    empty = write_jsonl(tmp_path / "e.jsonl", [{"messages": [SYSTEM]}, {"messages": []}, {"messages": [SYSTEM, greet]},
+                                               rows[1]])
     for turns in ("last", "all"):
         assert [e.instruction for e in load_examples(str(empty), turns=turns, note=notes.append)] == (
             ["Q1"] if turns == "last" else ["Q0", "Q1"])
-    assert notes == [f"note: 2 examples with an empty instruction dropped (the first: {empty}:1)"] * 2
+    assert notes == [f"note: 3 examples with an empty instruction dropped (the first: {empty}:1)"] * 2
     with pytest.raises(InputError, match="--turns 'first': expected last or all"):
         load_examples(str(paths[0]), turns="first")
     from minillm_cli.config import DataOptions
