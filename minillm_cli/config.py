@@ -228,6 +228,9 @@ RESUMABLE = frozenset({
     "data.warn_overlap",
 })
 _PATHS = frozenset({"model", "teacher", "student", "data.data", "data.valid_data", "pt_data", "teacher_peft"})
+# Settings added after runs were first recorded, and what a record without them ran with: such a
+# run is resumed under that value only (--turns all would read its data into other examples).
+_ADDED = {"data.turns": "last"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -304,6 +307,7 @@ def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
         raise InputError(f"--resume: {out} holds a {saved.get('command')!r} run, this is {command!r} "
                          f"(--method differs?); start a new --out")
     old = _flat(saved.get("config") or {})
+    old.update({k: v for k, v in _ADDED.items() if k not in old})
     new = _flat(json.loads(json.dumps(to_dict(cfg), default=str)))
     allowed = set(RESUMABLE)
     if not new.get("whiten"):  # rollout micro-batches only change what runs together, unless whitened per batch

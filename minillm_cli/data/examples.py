@@ -116,10 +116,14 @@ INPUT_FIELDS = ("context", "input")
 RESPONSE_FIELDS = ("response", "output", "completion", "answer")
 
 
-def _flat(prompt: str, inp: str | None, responses: tuple[str, ...], *, strict_response: bool = False):
+def _flat(prompt: str, inp: str | None, responses: tuple[str, ...], *, strict_response: bool = False,
+          turns: str = "last"):
     """Records with the prompt, input and answer in top-level fields. `responses`: the answer's
     field, or candidates of which a record's first present one is used. A named (--response-field)
-    answer must be in every record; a layout's own may be missing from one (no reference)."""
+    answer must be in every record; a layout's own may be missing from one (no reference).
+    A prompt of messages (TRL's conversational prompt/completion) is asked after its earlier
+    turns; under --turns all, the assistant turns among those are examples too, as a
+    conversation's are."""
 
     def build(r: dict, where: str) -> list[Example]:
         if strict_response:
@@ -127,14 +131,20 @@ def _flat(prompt: str, inp: str | None, responses: tuple[str, ...], *, strict_re
         else:
             key = next((k for k in responses if k in r), None)
             refs = _refs(r[key], where, key) if key else []
-        value, history = r[prompt], []
+        value, history, earlier = r[prompt], [], []
         if _is_messages(value):  # (TRL's conversational prompt/completion: both fields hold messages)
-            value, history, own = _ask(_messages(value, where, prompt), where, prompt)
+            untrained: set[int] = set()
+            msgs = _messages(value, where, prompt, untrained)
+            value, history, own = _ask(msgs, where, prompt)
             if own:
                 raise InputError(f"{where}: {prompt}: the prompt's messages end with the assistant's; "
                                  f"expected the user's")
-        return [Example(_text(value, where, prompt), _text(r.get(inp), where, inp) if inp else "", refs,
-                        history=history)]
+            if turns == "all":  # (the prompt's answered turns; its last user message is asked below)
+                earlier = [t for t in _turns(msgs, where, prompt, untrained) if t[2]]
+        named_input = _text(r.get(inp), where, inp) if inp else ""
+        meta = {"conversation": where} if earlier else {}  # (split together: see split_examples)
+        return [*(Example(i, named_input, _refs(own, where, prompt), history=h, meta=dict(meta)) for i, h, own in earlier),
+                Example(_text(value, where, prompt), named_input, refs, history=history, meta=dict(meta))]
 
     return build
 
@@ -589,7 +599,7 @@ def _choose_builder(where: str, rec: dict, prompt_field, response_field, input_f
         inp = input_field or next((k for k in INPUT_FIELDS if k in keys), None)
         response = response_field or next((k for k in RESPONSE_FIELDS if k in keys), None)
         return (f"fields {prompt}/{inp or '-'}/{response or '-'}",
-                _flat(prompt, inp, (response,) if response else (), strict_response=bool(response_field)))
+                _flat(prompt, inp, (response,) if response else (), strict_response=bool(response_field), turns=turns))
     name, _, fields = layout
     label = f"{name}, {named}" if named else name
     if fields is None:
@@ -598,7 +608,8 @@ def _choose_builder(where: str, rec: dict, prompt_field, response_field, input_f
         return label, _NESTED[name](prompt_field, input_field, response_field)
     prompt, inp, responses = fields
     return label, _flat(prompt_field or prompt, input_field or inp,
-                        (response_field,) if response_field else responses, strict_response=bool(response_field))
+                        (response_field,) if response_field else responses, strict_response=bool(response_field),
+                        turns=turns)
 
 
 def has_references(examples: Iterable[Example]) -> bool:

@@ -128,6 +128,32 @@ def test_every_assistant_turn_an_example_with_turns_all(tmp_path):
     assert len(load_splits(DataOptions(data=str(paths[0]), template="chat", valid_size=0, turns="all"))["train"]) == 2
 
 
+def test_turns_all_on_trl_prompt_completion_and_weights_that_are_not_zero(tmp_path):
+    """TRL's conversational prompt/completion under --turns all: the prompt's answered turns are
+    examples too, before the completion's, and all of them go to one part of the split. Only a
+    weight of 0 leaves a turn untrained: false, null or 1 train it."""
+    from minillm_cli.data.splits import split_examples
+
+    u = [{"role": "user", "content": f"Q{i}"} for i in range(3)]
+    a = [{"role": "assistant", "content": f"A{i}"} for i in range(3)]
+    trl = [{"prompt": [SYSTEM, u[0], a[0], u[1], {**a[1], "weight": 0}, u[2]], "completion": [a[2]]},
+           {"prompt": [u[0]], "completion": [a[0]]}]
+    p = write_jsonl(tmp_path / "trl.jsonl", trl)
+    got = [(e.instruction, e.references, e.history, e.meta.get("conversation")) for e in load_examples(str(p), turns="all")]
+    assert got == [("Q0", ["A0"], [SYSTEM], f"{p}:1"), ("Q2", ["A2"], [SYSTEM, u[0], a[0], u[1], a[1]], f"{p}:1"),
+                   ("Q0", ["A0"], [], None)]
+    assert [e.instruction for e in load_examples(str(p))] == ["Q2", "Q0"]  # (--turns last: the completion's)
+    many = write_jsonl(tmp_path / "many.jsonl", [{"prompt": [u[0], a[0], u[1]], "completion": [a[1]]}] * 20)
+    parts = split_examples(load_examples(str(many), turns="all"), valid_size=0.25, seed=3)
+    for part in ("train", "valid"):
+        assert [e.instruction for e in parts[part]] == ["Q0", "Q1"] * (len(parts[part]) // 2)
+        assert len({e.meta["where"] for e in parts[part]}) == len(parts[part]) // 2
+    for weight, trained in ((False, True), (None, True), (1, True), (0.0, False), (0, False)):
+        row = {"messages": [u[0], {**a[0], "weight": weight}, u[1], a[1]]}
+        got = [e.instruction for e in load_examples(str(write_jsonl(tmp_path / "w.jsonl", [row])), turns="all")]
+        assert got == (["Q0", "Q1"] if trained else ["Q1"]), weight
+
+
 def test_conversations_need_the_chat_template(tmp_path):
     """The paper's template has one instruction: a system message or earlier turns would be
     dropped without a word. Refused at load (before any model), counted, under dolly and raw;
