@@ -85,7 +85,6 @@ class RunOptions:
     json: bool = False
     eval_every: int = 0  # 0: at the end only
     save_every: int = 0  # 0: at the end only
-    log_every: int = 1
     fsdp: bool = False  # shard student and teacher with FSDP2 (engine/fsdp.py)
     # which weights OUT keeps (engine/selection.py): last | loss | rougeL | reverse-kl; None: the
     # command's default, set by its config (sft: loss; distill: last)
@@ -223,7 +222,7 @@ def save_run_config(cfg: Any, out: Path, command: str, extra: dict | None = None
 # different run than the one run_config.json describes.
 RESUMABLE = frozenset({
     "steps", "epochs", "run.out", "run.resume", "run.overwrite", "run.quiet", "run.json", "run.eval_every",
-    "run.save_every", "run.log_every", "run.device", "run.fsdp", "eval_prompts", "sampler", "cache_teacher_logits",
+    "run.save_every", "run.device", "run.fsdp", "eval_prompts", "sampler", "cache_teacher_logits",
     "teacher_device", "model_opts.gradient_checkpointing", "grad_accum", "model_opts.save_adapter", "update_graphs",
     "data.warn_overlap",
 })

@@ -25,11 +25,9 @@ class Progress:
         self.description = description
         self._bar = None
         self._task = None
-        self._t0 = time.perf_counter()
         self._last_plain = 0.0
 
     def start(self, total: int) -> None:
-        self._t0 = time.perf_counter()
         if not self.interactive:
             return
         from rich.console import Console

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from minillm_cli.data.sources import data_files, sources
 from minillm_cli.errors import InputError
@@ -425,6 +425,3 @@ def _choose_builder(where: str, rec: dict, prompt_field, response_field, input_f
                         (response_field,) if response_field else responses, strict_response=bool(response_field),
                         turns=turns)
 
-
-def has_references(examples: Iterable[Example]) -> bool:
-    return any(e.references for e in examples)

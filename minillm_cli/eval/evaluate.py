@@ -28,7 +28,6 @@ from minillm_cli.data.examples import Example
 from minillm_cli.errors import InputError, RunError, require
 
 GENERATION_METRICS = ("rougeL", "exact-match", "dist4", "validity")
-PER_EXAMPLE_METRICS = ("rougeL", "exact-match", "validity")  # the ones --by-length can split
 KL_METRICS = ("reverse-kl", "forward-kl")
 MODEL_CHUNK_ROWS = 8  # rows per scoring forward: bounds the [rows, T, V] logits in memory
 

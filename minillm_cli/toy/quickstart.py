@@ -20,10 +20,6 @@ from typing import Optional
 from minillm_cli.errors import InputError, require
 
 METHODS = ("kd", "seqkd", "rkl", "minillm")
-# Rows of the comparison: the SFT student before distillation ("start"), and SFT continued for the
-# distillation budget ("sft": same steps, batch and learning rate as each method) so that every
-# student column had the same number of updates.
-ROWS = ("teacher", "start", "sft", *METHODS)
 # The paper's four optimisations, each switched off in turn by `--ablation`.
 ABLATIONS = {
     "no-single-step": {"single_step": False},
@@ -174,6 +170,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         stage("ablation")
 
     _say(cfg, "evaluate (validity, ROUGE-L, dist4, reverse KL to the teacher)")
+    # rows of the comparison: the SFT student before distillation ("start"), and SFT continued for
+    # the distillation budget ("sft": same steps, batch and learning rate as each method) so that
+    # every student column had the same number of updates
     results = {"teacher": [evaluate_model(cfg, out / "teacher", world, out / "eval" / "teacher.json", teacher=None)],
                "start": [evaluate_model(cfg, out / "sft", world, out / "eval" / "start.json", teacher=out / "teacher")]}
     for method, paths in runs.items():
