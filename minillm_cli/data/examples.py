@@ -257,7 +257,8 @@ def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[d
         raise InputError(f"{where}: {name}: {which} is the {msgs[-1]['role']}'s, expected the user's "
                          f"(one example per conversation: its last user message and answer)")
     instruction = msgs.pop()["content"] if msgs else ""  # (none: dropped and counted)
-    return instruction, msgs, own
+    # an empty system message is none (SlimOrca's, Orca's "no system message"): not rendered either
+    return instruction, [m for m in msgs if m["role"] != "system" or m["content"].strip()], own
 
 
 def _conversation(field_name: str):

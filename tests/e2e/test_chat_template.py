@@ -262,3 +262,25 @@ def test_chat_data_with_history_trains_and_evaluates_under_chat(tmp_path):
     bad = CliRunner().invoke(app, ["evaluate", *args, "--template", "chat"])
     assert bad.exit_code == 2, bad.output
     assert f"{data}:1: the tokenizer's chat template refuses this conversation: System role not supported" in bad.stderr
+
+
+def test_an_empty_system_message_is_no_system_message(tmp_path):
+    """SlimOrca's conversations open with an empty system message (Orca's "no system message"):
+    under --template chat it is not rendered either, as under the paper's template. It was: a
+    chat template without a system role (Gemma's) refused the data, and one with a default system
+    message (Qwen's) had it replaced by an empty one."""
+    from minillm_cli.data.examples import load_examples
+    from minillm_cli.data.template import render_prompt
+
+    no_system = CHATML.replace("{% for m in messages %}", "{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}")
+    tok = chat_tokenizer(tmp_path / "tok", no_system)
+    orca = {"conversations": [{"from": "system", "value": "", "weight": None},
+                              {"from": "human", "value": "Name item 3.", "weight": 0.0},
+                              {"from": "gpt", "value": "A pear.", "weight": 1.0}]}
+    data = tmp_path / "orca.jsonl"
+    data.write_text(json.dumps(orca) + "\n")
+    for turns in ("last", "all"):
+        (ex,) = load_examples(str(data), turns=turns)
+        assert ex.history == []
+        assert render_prompt(ex, "chat", tok) == "<|im_start|>user\nName item 3.<|im_end|>\n<|im_start|>assistant\n"
