@@ -127,7 +127,8 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
     except Exception as e:  # offline, unknown id, no such split: all one message for the user
         # (a split or configuration the dataset lacks is that, also offline: the cached dataset answered)
         unknown, no_config = "Unknown split" in str(e), "Config name is missing" in str(e)
-        offline = hub.offline("datasets") and not (unknown or no_config)
+        bad_config = str(e).startswith("BuilderConfig ") and "not found" in str(e)  # (org/name#typo)
+        offline = hub.offline("datasets") and not (unknown or no_config or bad_config)
         why = "the Hugging Face Hub is unreachable (offline)" if offline else str(e).splitlines()[0].rstrip(".")
         fix = "pass a local .jsonl/.json/.csv/.parquet file"
         if unknown:  # (not: download the data)
@@ -135,6 +136,8 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
         elif no_config:  # (the configurations are on its second line)
             why = " ".join(str(e).splitlines()[:2])
             fix = f"name one after a '#' ({name}#CONFIG)"
+        elif bad_config:  # (the configurations it has are on the same line)
+            fix = f"name one of them after the '#' ({path}#CONFIG)"
         raise InputError(f"data {label!r}: not a local file and could not be loaded from the Hub: {why}; "
                          f"{fix}") from None
     for i, rec in enumerate(ds):

@@ -625,6 +625,11 @@ def test_hub_sets_with_one_split_and_a_folder(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"data 'org/multi': .*Config name is missing\. Please pick one among the "
                                          r"available configs: \['a', 'b'\]; name one after a '#' \(org/multi#CONFIG\)$"):
         load_examples("org/multi")
+    # a configuration it lacks (a typo): its configurations named, also offline (the cached dataset
+    # answered; it was reported as the Hub being unreachable)
+    with pytest.raises(InputError, match=r"data 'org/multi#c:train': .*BuilderConfig 'c' not found\. Available: "
+                                         r"\['a', 'b'\]; name one of them after the '#' \(org/multi#CONFIG\)$"):
+        load_examples("org/multi#c:train")
     for bad, what in (("org/two:", "a split after the colon"), (":test", "a split after the colon"),
                       ("org/multi#", "a configuration after the '#'"), ("#a", "a configuration after the '#'")):
         with pytest.raises(InputError, match=f"with {what}"):
