@@ -319,6 +319,7 @@ LAYOUTS = [
 _CONVERSATIONS = {"messages": _conversation("messages"), "sharegpt": _conversation("conversations"),
                   "conversation": _conversation("conversation")}
 _NESTED = {"self-instruct": _self_instruct, "vicuna": _vicuna, **_CONVERSATIONS}
+CONVERSATION_LAYOUTS = tuple(_CONVERSATIONS)  # (the layout names an Example's meta["layout"] starts with)
 TURNS = ("last", "all")  # --turns: which assistant turns of a conversation are examples
 
 

@@ -72,6 +72,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     OUT holds the weights `cfg.run.select_by` picks (engine/selection.py): the best by validation
     loss (sft's default) or ROUGE-L, or the final ones (distill's default, where every method is
     compared at its last step)."""
+    from minillm_cli.data.examples import CONVERSATION_LAYOUTS
     from minillm_cli.data.prepare import load_splits
     from minillm_cli.data.template import end_of_answer_id
     from minillm_cli.models import (adapter_base, adapter_note, check_context, compute_dtype, end_generation_at,
@@ -113,11 +114,17 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         for what, exs in (("training", train_examples), ("validation", valid_examples or [])):
             missing = [e for e in exs if not e.references]
             if missing:
+                layout = missing[0].meta.get("layout", "?")
+                # (a conversation's answer is its own last message: --response-field, refused with
+                # --turns all, is no way to one)
+                own = layout.split(",")[0] in CONVERSATION_LAYOUTS and "--response-field" not in layout
+                fix = ("a conversation that ends with the user's message, or with an empty answer, has none: "
+                       "leave such conversations out" if own
+                       else "if the answers are in another field, name it with --response-field")
                 raise InputError(f"{cfg.data.data if what == 'training' else cfg.data.valid_data or cfg.data.data}: "
                                  f"{len(missing)} of {len(exs)} {what} examples have no reference response (the "
-                                 f"first: {missing[0].meta.get('where', '?')}; layout "
-                                 f"{missing[0].meta.get('layout', '?')}): each needs one; if the answers are in "
-                                 f"another field, name it with --response-field")
+                                 f"first: {missing[0].meta.get('where', '?')}; layout {layout}): each needs one; "
+                                 f"{fix}")
     else:  # seqkd: the teacher answers the training prompts; validation needs gold answers
         unanswered = sum(not e.references for e in valid_examples or [])
         if unanswered:
