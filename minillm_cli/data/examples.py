@@ -253,9 +253,9 @@ def _ask(msgs: list[dict[str, str]], where: str, name: str) -> tuple[str, list[d
     if not any(m["role"] == "user" for m in msgs):  # (no question: a system message, a greeting, or
         return "", msgs, own                        # nothing -- dropped and counted, not refused)
     if msgs and msgs[-1]["role"] != "user":
-        which = "the message before the last answer" if own else "the last message"
-        raise InputError(f"{where}: {name}: {which} is the {msgs[-1]['role']}'s, expected the user's "
-                         f"(one example per conversation: its last user message and answer)")
+        which, want = (("the message before the last answer", "the user's (an answer replies to a user message)")
+                       if own else ("the last message", "the user's or the assistant's"))
+        raise InputError(f"{where}: {name}: {which} is the {msgs[-1]['role']}'s, expected {want}")
     instruction = msgs.pop()["content"] if msgs else ""  # (none: dropped and counted)
     # an empty system message is none (SlimOrca's, Orca's "no system message"): not rendered either
     return instruction, [m for m in msgs if m["role"] != "system" or m["content"].strip()], own

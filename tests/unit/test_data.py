@@ -61,9 +61,10 @@ def test_conversation_layouts(tmp_path, row, instruction, refs, history):
     ([{"role": "user", "content": "Q"}, {"role": "tool", "content": "x"}],
      r"messages\[1\] has role 'tool'; expected user, assistant or system"),
     ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}],
-     "messages: the message before the last answer is the assistant's, expected the user's"),
+     r"messages: the message before the last answer is the assistant's, expected the user's \(an answer replies "
+     r"to a user message\)$"),
     ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, SYSTEM],
-     "messages: the last message is the system's, expected the user's"),
+     "messages: the last message is the system's, expected the user's or the assistant's$"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
      r"messages\[0\]\.content\[0\] is a part of type 'image_url'; only text parts are supported"),
     ([{"speaker": "user", "text": "Q"}], r"messages\[0\] has no 'role' \(or ShareGPT 'from'\); found: speaker, text"),
