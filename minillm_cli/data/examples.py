@@ -268,7 +268,8 @@ def _conversation(field_name: str):
         replaces the conversation (no history), and so needs a named answer field too: the
         conversation's last answer replies to its last user message, which the named prompt need
         not be (ultrachat's `prompt` is the first); a named input goes with the instruction.
-        turns: "last", one example per conversation; "all", one per assistant turn, which a named
+        turns: "last", one example per conversation (its last answer not of weight 0); "all", one
+        per assistant turn, which a named
         prompt or answer field would make one example of the conversation again: refused, not
         trained on the last turn alone as if --turns all had not been asked for."""
 
@@ -291,7 +292,13 @@ def _conversation(field_name: str):
                 return [Example(i, named_input, _refs(own, where, field_name), history=h,
                                 meta={"conversation": where})  # (split together: see split_examples)
                         for i, h, own in _turns(msgs, where, field_name, untrained)]
-            instruction, history, own = _ask(msgs, where, field_name)
+            if untrained and not response:  # (its last answer of weight 0: the last one trained is the
+                last = _turns(msgs, where, field_name, untrained)[-1:]  # target, the rest after it unread)
+                if not last:
+                    return []
+                instruction, history, own = last[0]
+            else:
+                instruction, history, own = _ask(msgs, where, field_name)
             refs = _refs(r[response], where, response) if response else _refs(own, where, field_name)
             return [Example(instruction, named_input, refs, history=history)]
 

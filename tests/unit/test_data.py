@@ -153,6 +153,13 @@ def test_turns_all_on_trl_prompt_completion_and_weights_that_are_not_zero(tmp_pa
         row = {"messages": [u[0], {**a[0], "weight": weight}, u[1], a[1]]}
         got = [e.instruction for e in load_examples(str(write_jsonl(tmp_path / "w.jsonl", [row])), turns="all")]
         assert got == (["Q0", "Q1"] if trained else ["Q1"]), weight
+        # --turns last: a last answer of weight 0 is not the target, the last trained one is
+        row = {"messages": [SYSTEM, u[0], a[0], u[1], {**a[1], "weight": weight}]}
+        got = [(e.instruction, e.references, e.history)
+               for e in load_examples(str(write_jsonl(tmp_path / "w.jsonl", [row])))]
+        assert got == ([("Q1", ["A1"], [SYSTEM, u[0], a[0]])] if trained else [("Q0", ["A0"], [SYSTEM])]), weight
+    untrained = [{"messages": [u[0], {**a[0], "weight": 0}]}, {"messages": [u[1], a[1]]}]
+    assert [e.instruction for e in load_examples(str(write_jsonl(tmp_path / "u.jsonl", untrained)))] == ["Q1"]
 
 
 def test_conversations_need_the_chat_template(tmp_path):
