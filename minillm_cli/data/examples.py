@@ -358,6 +358,7 @@ def load_examples(spec: str, *, prompt_field: str | None = None, response_field:
     examples: list[Example] = []
     layouts: dict[str, str] = {}  # source -> its layout (a source without records has none)
     n_sources = 0
+    untrained: list[str] = []  # records that gave no example
     input_seen, fields_seen = input_field is None, set()
     for source, records in sources(spec, split):
         n_sources += 1
@@ -373,6 +374,8 @@ def load_examples(spec: str, *, prompt_field: str | None = None, response_field:
             except KeyError as e:
                 raise InputError(f"{where}: missing field {e.args[0]!r} (layout {layouts[source]}; found: "
                                  f"{', '.join(sorted(rec)) or 'none'})") from None
+            if not built:  # (a conversation every answer of which is of weight 0)
+                untrained.append(where)
             for e in built:
                 e.meta["where"] = where  # file:line (or record n), for messages about this example
                 e.meta["layout"] = layouts[source]
@@ -394,11 +397,17 @@ def load_examples(spec: str, *, prompt_field: str | None = None, response_field:
              f"({', '.join(kinds)})" + ("" if n_sources == total else f"; --limit {limit} reached"))
     empty = [e for e in examples if not e.instruction.strip()]
     examples = [e for e in examples if e.instruction.strip()]
+    weight0 = (f"{len(untrained)} conversation{'s' * (len(untrained) != 1)} with every answer of weight 0 "
+               f"(the first: {untrained[0]})"
+               if untrained else "")
     if not examples:
-        raise InputError(f"{spec}: no examples (the file is empty or every record has an empty or null instruction)")
+        raise InputError(f"{spec}: no examples (the file is empty or every record has an empty or null instruction"
+                         + (f"; {weight0}" if weight0 else "") + ")")
     if empty and note is not None:
         note(f"note: {len(empty)} examples with an empty instruction dropped (the first: "
              f"{empty[0].meta['where']})")
+    if weight0 and note is not None:
+        note(f"note: {weight0} left out: nothing to train on")
     return examples
 
 

@@ -159,7 +159,14 @@ def test_turns_all_on_trl_prompt_completion_and_weights_that_are_not_zero(tmp_pa
                for e in load_examples(str(write_jsonl(tmp_path / "w.jsonl", [row])))]
         assert got == ([("Q1", ["A1"], [SYSTEM, u[0], a[0]])] if trained else [("Q0", ["A0"], [SYSTEM])]), weight
     untrained = [{"messages": [u[0], {**a[0], "weight": 0}]}, {"messages": [u[1], a[1]]}]
-    assert [e.instruction for e in load_examples(str(write_jsonl(tmp_path / "u.jsonl", untrained)))] == ["Q1"]
+    notes, path = [], write_jsonl(tmp_path / "u.jsonl", untrained)
+    for turns in ("last", "all"):
+        assert [e.instruction for e in load_examples(str(path), turns=turns, note=notes.append)] == ["Q1"]
+    assert notes == [f"note: 1 conversation with every answer of weight 0 (the first: {path}:1) left out: "
+                     f"nothing to train on"] * 2
+    with pytest.raises(InputError, match=r"no examples \(.*; 1 conversation with every answer of weight 0 \(the "
+                                         rf"first: {re.escape(str(path))}:1\)\)$"):
+        load_examples(str(write_jsonl(tmp_path / "u.jsonl", untrained[:1])))
 
 
 def test_conversations_need_the_chat_template(tmp_path):
