@@ -164,6 +164,11 @@ def test_turns_all_on_trl_prompt_completion_and_weights_that_are_not_zero(tmp_pa
         assert [e.instruction for e in load_examples(str(path), turns=turns, note=notes.append)] == ["Q1"]
     assert notes == [f"note: 1 conversation with every answer of weight 0 (the first: {path}:1) left out: "
                      f"nothing to train on"] * 2
+    # an opening greeting answers nothing, also where the conversation ends with the user's message
+    notes, opens = [], [{"messages": [{"role": "assistant", "content": "Hi!"}, u[0], a[0], u[1]]}]
+    assert [(e.instruction, e.references) for e in load_examples(
+        str(write_jsonl(tmp_path / "g.jsonl", opens)), turns="all", note=notes.append)] == [("Q0", ["A0"]), ("Q1", [])]
+    assert notes == []
     with pytest.raises(InputError, match=r"no examples \(.*; 1 conversation with every answer of weight 0 \(the "
                                          rf"first: {re.escape(str(path))}:1\)\)$"):
         load_examples(str(write_jsonl(tmp_path / "u.jsonl", untrained[:1])))
