@@ -93,7 +93,9 @@ class Decoder:
     # the step -----------------------------------------------------------------------------------
     def _ngram_banned(self) -> torch.Tensor:
         n, t, P = self.n, self.t, self.P
-        real = self.prompt_real | ((self.ar >= P) & (self.ar < P + t))
+        answer = (self.ar >= P) & (self.ar < P + t)
+        # (the prompt's n-grams too, or the answer's own only: SamplingParams.ngram_prompt)
+        real = self.prompt_real | answer if self.params.ngram_prompt else answer.expand_as(self.prompt_real)
         win = self.seq.unfold(1, n, 1)                      # [B, W, n]
         win_real = real.unfold(1, n, 1).all(-1)             # [B, W]
         last_idx = (P + t - (n - 1) + torch.arange(n - 1, device=self.device)).clamp(min=0)

@@ -25,12 +25,17 @@ from minillm_cli.errors import require
 @dataclass
 class SamplingParams:
     """Sampling settings, applied identically to student and teacher before mixing (HF order:
-    no-repeat-ngram ban, then temperature, top-k, top-p). top_k 0 and top_p 1 mean off."""
+    no-repeat-ngram ban, then temperature, top-k, top-p). top_k 0 and top_p 1 mean off.
+    ngram_prompt: the n-grams banned are those of the prompt and the answer (transformers'
+    no_repeat_ngram_size, the paper's protocol); False: the answer's own only -- under --template
+    chat, whose turn markers repeat in every turn, the prompt's ban the start and the end of every
+    answer an earlier turn of the conversation had."""
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     no_repeat_ngram_size: int = 0
+    ngram_prompt: bool = True
 
     def __post_init__(self):
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -356,7 +361,7 @@ def sample(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
     blocker = None
     if params.no_repeat_ngram_size > 0:
-        prompts = [prompt_ids[b][prompt_mask[b].bool()].tolist() for b in range(B)]
+        prompts = [prompt_ids[b][prompt_mask[b].bool()].tolist() if params.ngram_prompt else [] for b in range(B)]
         blocker = NGramBlocker(params.no_repeat_ngram_size, prompts)
 
     try:

@@ -160,7 +160,7 @@ class ValidationRouge:
         self.prompts = [prompts[j] for j in order]
         self.references = [with_refs[kept[j]].references for j in order]
         self.budgets = row_budgets([len(p) for p in self.prompts], max_new_tokens, max_length)
-        self.tok, self.seed = tokenizer, seed
+        self.tok, self.seed, self.template = tokenizer, seed, template
         self.stops = answer_stops(tokenizer, template)  # (EOS, or the chat template's end of turn and EOS)
         self.counts = {"scored": len(self.prompts), "no_reference": len(examples) - len(with_refs),
                        "too_long": dropped}
@@ -210,7 +210,8 @@ class ValidationRouge:
             # included) decodes for the longest budget of all; each row's kept tokens are the
             # same whatever the step count, its own budget cutting the rest below
             params = SamplingParams(max_new_tokens=max(self.budgets) if rt.fsdp else max(budgets),
-                                    temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6)
+                                    temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6,
+                                    ngram_prompt=self.template != "chat")  # (evaluate's: see SamplingParams)
             with torch.no_grad(), autocast(rt.device, autocast_dtype):
                 roll = sample(model, None, ids.to(rt.device), att.to(rt.device), params=params, alpha=0.0,
                               eos_id=self.stops, pad_id=tok.pad_token_id,

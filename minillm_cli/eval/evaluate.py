@@ -144,7 +144,8 @@ class EvaluateConfig:
 
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_k=1 if self.greedy else self.top_k, top_p=self.top_p,
-                              no_repeat_ngram_size=self.no_repeat_ngram_size)
+                              no_repeat_ngram_size=self.no_repeat_ngram_size,
+                              ngram_prompt=self.template != "chat")  # (see SamplingParams)
 
     def seed_list(self) -> list[int]:
         return [self.seed + s for s in range(self.seeds)]
@@ -162,7 +163,8 @@ class EvaluateConfig:
                 "prompts_dropped": n_dropped, "max_length": self.max_length,
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy" if self.greedy else "sampling",
                 "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-                "no_repeat_ngram_size": p.no_repeat_ngram_size, "cut_at_eos": True,
+                "no_repeat_ngram_size": p.no_repeat_ngram_size,
+                "no_repeat_ngram_over": "prompt and answer" if p.ngram_prompt else "answer", "cut_at_eos": True,
                 "seeds": self.seed_list(), "teacher": self.teacher, "dtype": self.dtype}
 
 

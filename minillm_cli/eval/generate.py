@@ -12,7 +12,7 @@ first k uniforms of its generator, and `torch.rand(T)` of a CPU generator is pre
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 import torch
@@ -92,9 +92,7 @@ def generate_batches(model, prompts: list[list[int]], *, params: SamplingParams,
             ids, mask = left_pad([prompts[i] for i in rows], pad_id)
             ids, mask = ids.to(device), mask.to(device)
             row_budget = [budgets[i] for i in rows]
-            batch_params = SamplingParams(
-                max_new_tokens=max(row_budget), temperature=params.temperature, top_k=params.top_k,
-                top_p=params.top_p, no_repeat_ngram_size=params.no_repeat_ngram_size)
+            batch_params = replace(params, max_new_tokens=max(row_budget))
             gens = [example_generator(seed, example_ids[i]) for i in rows]
             ro = sample(model, None, ids, mask, params=batch_params, alpha=0.0, eos_id=eos_id,
                         pad_id=pad_id, generators=gens, vocab_size=vocab_size, engine=engine)

@@ -284,3 +284,35 @@ def test_an_empty_system_message_is_no_system_message(tmp_path):
         (ex,) = load_examples(str(data), turns=turns)
         assert ex.history == []
         assert render_prompt(ex, "chat", tok) == "<|im_start|>user\nName item 3.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_later_turn_may_start_and_end_as_an_earlier_answer_did(tmp_path):
+    """evaluate's no-repeat-ngram ban (6, the paper's) under --template chat counts the answer's own
+    n-grams: over the prompt too, as transformers does, the turn markers before every answer
+    ("<|im_end|>\\n<|im_start|>assistant\\n") made an earlier answer's first token a banned start
+    for every later turn (and its last tokens a banned end): "Item 10 is an apple." came out as
+    " is an apple."."""
+    from minillm_cli.toy.tiny import make_gpt2
+
+    tok = chat_tokenizer(tmp_path / "tok")
+    make_gpt2(tok, tmp_path / "m", n_layer=1, n_embd=32, n_head=2, seed=2)
+    rows = [{"messages": [{"role": "user", "content": f"Name item {i}."},
+                          {"role": "assistant", "content": f"Item {i} is an apple."},
+                          {"role": "user", "content": f"Name item {i + 1}."},
+                          {"role": "assistant", "content": f"Item {i + 1} is an apple."}]} for i in range(40)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = CliRunner().invoke(app, ["sft", "--model", str(tmp_path / "m"), "--data", str(data), "--out",
+                                   str(tmp_path / "sft"), "--template", "chat", "--turns", "all", "--steps", "80",
+                                   "--batch-size", "8", "--lr", "1e-2", "--schedule", "constant", "--eval-every", "0",
+                                   "--device", "cpu", "--quiet"])
+    assert run.exit_code == 0, run.output
+    res = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "sft"), "--data", str(data), "--split",
+                                   "valid", "--seeds", "1", "--greedy", "--max-new-tokens", "20", "--out",
+                                   str(tmp_path / "e.json"), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in open(tmp_path / "e.jsonl")]
+    later = [r for r in rows if r.get("history")]
+    assert later and all(r["prediction"].startswith("Item ") and r["ended"] for r in later), rows
+    protocol = json.loads((tmp_path / "e.json").read_text())["protocol"]
+    assert (protocol["no_repeat_ngram_size"], protocol["no_repeat_ngram_over"]) == (6, "answer")

@@ -91,6 +91,7 @@ def test_same_tokens_as_reference_with_padding_and_eos(models, mode):
     dict(no_repeat_ngram_size=2),
     dict(no_repeat_ngram_size=1, max_new_tokens=8),
     dict(no_repeat_ngram_size=3, top_k=6, top_p=0.9, max_new_tokens=25),
+    dict(no_repeat_ngram_size=2, ngram_prompt=False),  # (evaluate's under --template chat)
 ])
 def test_same_tokens_with_filters_and_ngram_ban(models, kw):
     student, teacher = models

@@ -237,6 +237,26 @@ def test_no_repeat_ngram_in_rollouts(models):
     assert not torch.equal(plain.response_ids, r.response_ids)  # the ban did something here
 
 
+def test_no_repeat_ngram_over_the_answer_alone(models):
+    """ngram_prompt=False (evaluate under --template chat): the answer repeats none of its own
+    n-grams, and may repeat the prompt's (a chat prompt repeats its turn markers before every
+    answer, so the prompt's n-grams ban the start an earlier answer had)."""
+    student, teacher = models
+    n, prompts = 2, [PROMPTS[i % 4] * 3 for i in range(16)]  # (full of bigrams the answers could repeat)
+    own = _run(student, teacher, prompts, range(16), max_new_tokens=15, no_repeat_ngram_size=n, ngram_prompt=False)
+    both = _run(student, teacher, prompts, range(16), max_new_tokens=15, no_repeat_ngram_size=n)
+    reused = 0
+    for b, p in enumerate(prompts):
+        seq = own.response_ids[b][own.response_mask[b]].tolist()
+        grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+        assert len(grams) == len(set(grams))
+        whole = p + seq  # (the bigrams across the prompt's end and in the answer, against the prompt's)
+        prompt_grams = {tuple(p[i : i + n]) for i in range(len(p) - n + 1)}
+        reused += sum(tuple(whole[i : i + n]) in prompt_grams for i in range(len(p) - n + 1, len(whole) - n + 1))
+    assert reused > 0  # (the prompt's bigrams were not banned)
+    assert not torch.equal(own.response_ids, both.response_ids)
+
+
 def test_generator_count_must_match_rows(models):
     student, teacher = models
     ids, mask = _left_pad(PROMPTS)
