@@ -17,6 +17,7 @@ from minillm_cli.data.template import end_of_answer_id, render_prompt
 class Encoded:
     input_ids: list[int]
     prompt_len: int  # tokens [0, prompt_len) are the prompt; the rest is response (+ EOS)
+    cut: bool = False  # the response lost its end (and EOS) to max_length
 
     @property
     def response_len(self) -> int:
@@ -66,7 +67,7 @@ def encode_sft(tokenizer, examples: list[Example], template: str = "dolly", max_
         if len(ids) <= len(p):  # nothing of the response fits
             dropped += 1
             continue
-        out.append(Encoded(ids, len(p)))
+        out.append(Encoded(ids, len(p), cut=len(p) + len(r) > max_length))
     return out, dropped
 
 

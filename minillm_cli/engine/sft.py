@@ -140,6 +140,10 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
                          f"--max-prompt-length {cfg.data.max_prompt_length}")
     progress.log(f"data: {len(train)} train, {len(valid)} valid examples; dropped {dropped + vdropped} "
                  f"over --max-prompt-length {cfg.data.max_prompt_length}")
+    cut = sum(e.cut for e in train)
+    if cut:  # (a long conversation's prompt fits, its answer not: said, as the dropped prompts are)
+        progress.log(f"note: {cut} of {len(train)} training answers are cut at --max-length {cfg.data.max_length} "
+                     f"(prompt + answer): trained without their end, so never taught to stop there")
     rouge = None
     if cfg.run.select_by == "rougeL":
         rouge = ValidationRouge(tok, valid_examples or [], template=cfg.data.template,

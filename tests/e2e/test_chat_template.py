@@ -316,3 +316,34 @@ def test_a_later_turn_may_start_and_end_as_an_earlier_answer_did(tmp_path):
     assert later and all(r["prediction"].startswith("Item ") and r["ended"] for r in later), rows
     protocol = json.loads((tmp_path / "e.json").read_text())["protocol"]
     assert (protocol["no_repeat_ngram_size"], protocol["no_repeat_ngram_over"]) == (6, "answer")
+
+
+def test_answers_a_long_history_leaves_no_room_for_are_counted(tmp_path):
+    """A later turn's prompt (the conversation before it) may fit --max-prompt-length while its
+    answer does not fit --max-length: the answer is cut and trained without its end of turn,
+    which the run now says (it said only how many prompts were dropped)."""
+    from minillm_cli.data.examples import Example
+    from minillm_cli.data.tokenize import encode_sft
+    from minillm_cli.toy.tiny import make_gpt2
+
+    tok = chat_tokenizer(tmp_path / "tok")
+    long, short = Example("Name item 3.", references=["Item 3 is an apple. " * 4]), Example("Hi.", references=["A pear."])
+    (a, b), _ = encode_sft(tok, [long, short], "chat", max_prompt_length=16, max_length=24)
+    assert (a.cut, b.cut) == (True, False) and b.input_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    make_gpt2(tok, tmp_path / "m", n_layer=1, n_embd=32, n_head=2, seed=0)
+    rows = [{"messages": [{"role": "user", "content": f"Name item {i}."},
+                          {"role": "assistant", "content": f"Item {i} is an apple."},
+                          {"role": "user", "content": "And the list?"},
+                          {"role": "assistant", "content": "The list is apple, pear, plum, apple, pear, plum."}]}
+            for i in range(8)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = [len(tok(tok.apply_chat_template(r["messages"][:3], tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]) for r in rows]
+    run = CliRunner().invoke(app, ["sft", "--model", str(tmp_path / "m"), "--data", str(data), "--out",
+                                   str(tmp_path / "sft"), "--template", "chat", "--turns", "all", "--steps", "1",
+                                   "--batch-size", "4", "--valid-size", "2", "--max-prompt-length", str(max(prompts)),
+                                   "--max-length", str(max(prompts) + 4), "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    assert "data: 14 train, 2 valid examples; dropped 0 over --max-prompt-length" in run.stderr, run.stderr
+    assert f"note: 7 of 14 training answers are cut at --max-length {max(prompts) + 4}" in run.stderr, run.stderr
