@@ -54,6 +54,27 @@ def trained_turns(model: str) -> tuple[str, str | None]:
     return (turns, "its run_config.json") if turns in ("last", "all") else ("last", None)
 
 
+SPLIT_DEFAULTS = {"valid_size": 0.05, "test_size": 0.0, "split_seed": 1234}  # as sft's and distill's
+
+
+def trained_split(model: str, data: str) -> dict | None:
+    """How a run folder's model split DATA (its run_config.json's valid_size, test_size,
+    split_seed, limit and valid_data), when that run was trained on this DATA; None otherwise.
+    --split valid/test are the parts that run held out only when cut the same way."""
+    import json
+
+    from minillm_cli.config import _same_path
+
+    try:
+        saved = json.loads((Path(model).expanduser() / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    opts = (saved.get("config") or {}).get("data") if isinstance(saved, dict) else None
+    if not isinstance(opts, dict) or not _same_path(opts.get("data"), data, saved.get("cwd")):
+        return None
+    return {k: opts.get(k) for k in (*SPLIT_DEFAULTS, "limit", "valid_data")}
+
+
 @dataclass
 class EvaluateConfig:
     model: str
@@ -78,9 +99,10 @@ class EvaluateConfig:
     response_field: Optional[str] = None
     input_field: Optional[str] = None
     split: str = "all"
-    valid_size: float = 0.05
-    test_size: float = 0.0
-    split_seed: int = 1234
+    # None: as MODEL's run split DATA under --split valid/test (`trained_split`), else SPLIT_DEFAULTS
+    valid_size: Optional[float] = None
+    test_size: Optional[float] = None
+    split_seed: Optional[int] = None
     out: Optional[str] = None
     predictions: Optional[str] = None  # default: next to `out`, with .jsonl
     by_length: bool = False
@@ -93,6 +115,7 @@ class EvaluateConfig:
     validity: Optional[Callable[[Example, str], bool]] = field(default=None, repr=False)
     template_source: Optional[str] = field(default=None, init=False)  # where a template not given came from
     turns_source: Optional[str] = field(default=None, init=False)  # where --turns not given came from
+    split_source: Optional[str] = field(default=None, init=False)  # the split settings a run folder gave
 
     def __post_init__(self):
         if self.template is None:
@@ -118,6 +141,7 @@ class EvaluateConfig:
         require(self.template in ("dolly", "chat", "raw"), f"--template {self.template!r}: expected dolly, chat or raw")
         require(self.turns in ("last", "all"), f"--turns {self.turns!r}: expected last or all")
         require(self.split in SPLITS, f"--split {self.split!r}: expected one of {', '.join(SPLITS)}")
+        self._resolve_split()
         require(self.valid_size >= 0 and self.test_size >= 0, "--valid-size/--test-size must be >= 0")
         for flag, v in (("--valid-size", self.valid_size), ("--test-size", self.test_size)):
             require(v < 1 or float(v).is_integer(),
@@ -146,6 +170,31 @@ class EvaluateConfig:
                               top_k=1 if self.greedy else self.top_k, top_p=self.top_p,
                               no_repeat_ngram_size=self.no_repeat_ngram_size,
                               ngram_prompt=self.template != "chat")  # (see SamplingParams)
+
+    def _resolve_split(self) -> None:
+        """--valid-size/--test-size/--split-seed (and --limit) not given: under --split
+        valid/test, those MODEL's run split this DATA with (the part it held out), else the
+        training commands' defaults."""
+        run = trained_split(self.model, self.data) if self.split != "all" else None
+        taken = []
+        for k, default in SPLIT_DEFAULTS.items():
+            if getattr(self, k) is None:
+                value = run.get(k) if run else None
+                if k == "valid_size" and run and run.get("valid_data"):
+                    value = 0  # (the run validated on another file: DATA was not split for validation)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    taken.append(f"--{k.replace('_', '-')} {value}")
+                else:
+                    value = default
+                setattr(self, k, value)
+        if self.limit is None and run and isinstance(run.get("limit"), int):
+            self.limit = run["limit"]
+            taken.append(f"--limit {self.limit}")
+        if taken:
+            self.split_source = " ".join(taken)
+        if run and run.get("valid_data") and self.split == "valid":
+            raise InputError(f"--split valid: {self.model} was validated on --valid-data {run['valid_data']}, not on "
+                             f"a part of {self.data}: evaluate --data {run['valid_data']} (--split all)")
 
     def seed_list(self) -> list[int]:
         return [self.seed + s for s in range(self.seeds)]
@@ -288,6 +337,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                      f"({cfg.template_source})")
     if cfg.turns_source is not None and cfg.turns != "last":
         progress.log(f"note: --turns {cfg.turns}, as {cfg.model} was trained ({cfg.turns_source})")
+    if cfg.split_source is not None:
+        progress.log(f"note: --split {cfg.split} as {cfg.model}'s run split {cfg.data}: {cfg.split_source} (its "
+                     f"run_config.json)")
     examples = load_eval_examples(cfg, note=progress.log)
     n_read = len(examples)
     metrics = resolve_metrics(cfg, examples)

@@ -382,3 +382,43 @@ def test_trained_template_reads_the_run_config_as_resume_does(tmp_path, monkeypa
     assert EvaluateConfig("~/run", "d", turns="last").turns == "last"
     (run / "run_config.json").write_text(json.dumps({"command": "sft", "config": {"data": {"template": "chat"}}}))
     assert trained_turns(str(run)) == trained_turns(str(tmp_path / "none")) == ("last", None)
+
+
+def test_split_settings_not_given_are_the_runs_on_its_data(tmp_path, dolly_like, monkeypatch):
+    """evaluate --split valid/test on the DATA a run folder's model was trained on cuts it as that
+    run did (its --valid-size, --test-size, --split-seed, --limit), so that the part is the one it
+    held out; given flags win; other data, another model or --split all: the defaults."""
+    import json
+
+    from minillm_cli.eval.evaluate import EvaluateConfig, load_eval_examples
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {"data": dolly_like.name, "valid_size": 6, "test_size": 0.25, "split_seed": 7, "limit": 40,
+            "valid_data": None}
+    (run / "run_config.json").write_text(json.dumps({"command": "sft", "config": {"data": data},
+                                                     "cwd": str(dolly_like.parent)}))  # (a relative --data)
+    split = lambda c: (c.valid_size, c.test_size, c.split_seed, c.limit)  # noqa: E731
+    cfg = EvaluateConfig(str(run), str(dolly_like), split="valid")
+    assert split(cfg) == (6, 0.25, 7, 40)
+    assert cfg.split_source == "--valid-size 6 --test-size 0.25 --split-seed 7 --limit 40"
+    from minillm_cli.config import DataOptions
+    from minillm_cli.data.prepare import load_splits
+
+    held = load_splits(DataOptions(data=str(dolly_like), valid_size=6, test_size=0.25, split_seed=7, limit=40))
+    for part in ("valid", "test"):
+        got = load_eval_examples(EvaluateConfig(str(run), str(dolly_like), split=part))
+        assert [e.meta["where"] for e in got] == [e.meta["where"] for e in held[part]] and got
+    assert split(EvaluateConfig(str(run), str(dolly_like), split="test", test_size=3, split_seed=1)) == (6, 3, 1, 40)
+    other = tmp_path / "other.jsonl"
+    other.write_text(dolly_like.read_text())
+    for model, d, part in ((str(run), str(other), "valid"), (str(tmp_path / "none"), str(dolly_like), "valid"),
+                           (str(run), str(dolly_like), "all")):
+        cfg = EvaluateConfig(model, d, split=part)
+        assert split(cfg) == (0.05, 0.0, 1234, None) and cfg.split_source is None
+    # a run validated on another file: its valid part is that file, not a part of DATA
+    (run / "run_config.json").write_text(json.dumps({"command": "sft", "config": {"data": {**data, "valid_data": "v.jsonl"}},
+                                                     "cwd": str(dolly_like.parent)}))
+    with pytest.raises(InputError, match=r"--split valid: .* was validated on --valid-data v\.jsonl, not on a part of "):
+        EvaluateConfig(str(run), str(dolly_like), split="valid")
+    assert split(EvaluateConfig(str(run), str(dolly_like), split="test")) == (0, 0.25, 7, 40)
