@@ -95,7 +95,9 @@ def _run_seqkd(cfg: DistillConfig) -> dict:
 
     # (before the runtime exists: rank 0 by the launcher's RANK, as for the notes above)
     messages = Progress("distill", quiet=cfg.run.quiet, is_main=os.environ.get("RANK", "0") == "0")
-    splits = load_splits(cfg.data, note=messages.log, warn=messages.warn)
+    # (the runtime train_sft joins: every process must hear of a data error any one of them meets)
+    splits = init_runtime(cfg.run.device, fsdp=cfg.run.fsdp).together(
+        lambda: load_splits(cfg.data, note=messages.log, warn=messages.warn))
 
     def setup(rt, tok):
         # The teacher answers every training prompt once; then it is freed and the student is SFT'd
@@ -181,7 +183,7 @@ class MiniLLMRun:
             self.pt.check_tokenizer(tok)
             if cfg.pt_coef > 0 and cfg.pt_kd_ratio > 0:  # (the teacher sees PT chunks only for their KD term)
                 check_context(self.teacher, self.pt.seq_len, "--pt-data's sequence length", "teacher", note)
-        splits = load_splits(cfg.data, note=note, warn=warn)
+        splits = rt.together(lambda: load_splits(cfg.data, note=note, warn=warn))
         self.prompts, _, dropped = encode_prompts(tok, splits["train"], cfg.data.template, cfg.data.max_prompt_length)
         self.stops = answer_stops(tok, cfg.data.template)  # where rollouts end: EOS, or the chat turn's end and EOS
         # the first --eval-prompts validation prompts that fit (not the first ones, less those that do not)

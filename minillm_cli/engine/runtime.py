@@ -124,6 +124,26 @@ class Runtime:
             raise error[0](error[1], everywhere=True)
         return result
 
+    def together(self, fn):
+        """`fn()` on every process (reading the data, say); a MiniLLMError any of them raises stops
+        every process with the lowest such rank's error, said once by rank 0. An error raised on one
+        process alone (its own copy of a file, on another node) was otherwise said by no one: an
+        InputError is taken to be raised alike everywhere, so ranks other than 0 keep quiet, while
+        rank 0 went on and was killed by the launcher."""
+        if not self.distributed:
+            return fn()
+        result = error = None
+        try:
+            result = fn()
+        except MiniLLMError as e:
+            error = (type(e), str(e))
+        errors = [None] * self.world_size
+        torch.distributed.all_gather_object(errors, error)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first[0](first[1], everywhere=True)
+        return result
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
@@ -281,7 +301,7 @@ def scaling_warnings(world_size: int, micro_batches_per_step: int, fsdp: bool = 
             advice = f"make --batch-size ({batch_size}) a multiple of {world_size} and --grad-accum too"
         out.append(f"warning: {micro_batches_per_step} micro-batch(es) per step for {world_size} processes: "
                    f"{idle} process(es) {what} in the last round of every update; {advice} (the result "
-                   f"does not change, only who computes it)")
+                   f"of another --grad-accum differs by float rounding, and by a dropout model's masks)")
     return out
 
 

@@ -107,7 +107,7 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
         ends = prepared.get("ends")
     objective = objective or response_ce_sum
     if train_examples is None:
-        splits = load_splits(cfg.data, note=progress.log, warn=progress.warn)
+        splits = rt.together(lambda: load_splits(cfg.data, note=progress.log, warn=progress.warn))
         train_examples, valid_examples = splits["train"], splits["valid"]
     # refuse before tokenising anything
     if responses is None:  # every example trains (and validates) on its reference response

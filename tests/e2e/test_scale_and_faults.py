@@ -227,6 +227,43 @@ def test_a_refusal_on_rank_zero_stops_every_rank(tmp_path, dropout_model, dolly_
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def _together_worker(rank: int, init: str, outcome: str) -> None:
+    """One of two gloo processes: a data error rank 1 alone meets reaches both ranks."""
+    import torch.distributed as dist
+
+    from minillm_cli.engine.runtime import Runtime
+    from minillm_cli.errors import InputError
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    rt = Runtime(torch.device("cpu"), rank=rank, world_size=2)
+
+    def read():
+        if rank == 1:  # (its own copy of the data, on another node)
+            raise InputError("data.jsonl:7: not JSON")
+        return "examples"
+
+    got = []
+    try:
+        got.append(rt.together(read))
+    except InputError as e:
+        got.append(f"InputError: {e} (everywhere: {e.everywhere})")
+    got.append(rt.together(lambda: rank))  # no error: each keeps its own result
+    Path(f"{outcome}.{rank}").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+def test_a_data_error_on_one_rank_stops_every_rank_with_its_line(tmp_path):
+    """Every process reads the data; an error only one of them meets was said by none (an
+    InputError is taken to be everyone's, so rank 1 kept quiet, and rank 0 was killed by the
+    launcher): no line at all. Now every rank raises it and rank 0 says it (exit 2)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_together_worker, args=(str(tmp_path / "init"), str(tmp_path / "outcome")), nprocs=2)
+    rank0, rank1 = (json.loads((tmp_path / f"outcome.{r}").read_text()) for r in (0, 1))
+    assert rank0[0] == rank1[0] == "InputError: data.jsonl:7: not JSON (everywhere: True)"
+    assert (rank0[1], rank1[1]) == (0, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Signals
 # ---------------------------------------------------------------------------------------------
