@@ -303,12 +303,27 @@ def apply_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(model, lora.targets)
+    if lora.targets:
+        # peft refuses targets only when none of them matches: one misspelt name beside a right one
+        # would leave its modules untrained without a word
+        import torch
+
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})  # (GPT-2's)
+            raise InputError(f"LoRA targets {targets}: {missing} name no module of the model (its linear layers: "
+                             f"{', '.join(linear)})")
     try:
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                          task_type="CAUSAL_LM", fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
         return get_peft_model(model, cfg)
     except ValueError as e:
-        raise InputError(f"LoRA targets {targets}: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0]
+        if first.startswith("Target module ") and first.endswith("("):  # (peft prints the whole module)
+            first = f"{first[:-1]} is not supported: name linear layers (or embeddings)"
+        raise InputError(f"LoRA targets {targets}: {first}") from None
 
 
 def check_same_tokenizer(teacher_tok, student_tok, *, teacher: str = "teacher", student: str = "student",

@@ -154,3 +154,23 @@ def test_lora_targets_cover_every_projection_of_the_blocks(family):
     assert model.config.model_type == family
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(lora_targets(model, None)) == linear - {"lm_head"}
+
+
+def test_lora_targets_named_must_each_name_a_module():
+    """peft refuses --lora-targets only when none matches: a misspelt name beside a right one
+    (`q_proj,v_porj`) left those modules untrained without a word. Each is refused, naming the
+    model's linear layers; a container module is refused in one readable line."""
+    from conftest import gpt2_numbers, llama_numbers
+    from minillm_cli.models import LoraSettings, apply_lora
+
+    with pytest.raises(InputError, match=r"\['v_porj'\] name no module of the model .*down_proj.*q_proj"):
+        apply_lora(llama_numbers(0), LoraSettings(r=2, targets=["q_proj", "v_porj"]))
+    with pytest.raises(InputError, match=r"\['c_projj'\] name no module .*c_attn, c_fc, c_proj"):  # (Conv1D)
+        apply_lora(gpt2_numbers(0), LoraSettings(r=2, targets=["c_attn", "c_projj"]))
+    with pytest.raises(InputError) as e:
+        apply_lora(llama_numbers(0), LoraSettings(r=2, targets=["model"]))
+    assert str(e.value) == "LoRA targets ['model']: Target module LlamaModel is not supported: name linear layers " \
+                           "(or embeddings)"
+    model = apply_lora(llama_numbers(0), LoraSettings(r=2, targets=["self_attn.q_proj", "v_proj"]))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}
