@@ -113,6 +113,13 @@ class ModelOptions:
 
     def __post_init__(self):
         require(self.lora_r >= 0, f"--lora-r must be >= 0, got {self.lora_r}")
+        if self.lora_r == 0:  # (full fine-tuning, or an adapter folder training its own adapter, with its own settings)
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = [f"--{k.replace('_', '-')}" for k in ("lora_targets", "lora_alpha", "lora_dropout")
+                     if getattr(self, k) != defaults[k]]
+            require(not given, f"{', '.join(given)} without --lora-r: no new LoRA adapter to apply "
+                               f"{'it' if len(given) == 1 else 'them'} to (--lora-r 0 trains every weight, or an "
+                               f"adapter folder's own adapter with its own settings)")
         self.lora()  # (its settings are checked before anything loads)
         # (--save-adapter's needs depend on the model: models.check_model_options)
 

@@ -118,6 +118,10 @@ def _bad(tmp_path, tiny_dir, dolly_like):
         (["--model", m, "--data", dolly_like, "--batch-size", 0], "--batch-size must be > 0"),
         (["--model", m, "--data", dolly_like, "--dtype", "float16"], "AdamW cannot update float16 weights"),
         (["--model", m, "--data", dolly_like, "--lora-r", 2, "--lora-alpha", 0], "--lora-alpha must be a finite"),
+        # (LoRA settings without --lora-r: a full fine-tuning, not the LoRA run they describe)
+        (["--model", m, "--data", dolly_like, "--lora-targets", "c_attn"], "--lora-targets without --lora-r"),
+        (["--model", m, "--data", dolly_like, "--lora-alpha", 32, "--lora-dropout", 0],
+         "--lora-alpha, --lora-dropout without --lora-r"),
         (["--model", m, "--data", dolly_like, "--select-by", "reverse-kl"], "sft selects by last, loss or rougeL"),
         (["--model", m, "--data", dolly_like, "--select-by", "rougeL", "--valid-size", 0],
          "--select-by rougeL needs validation data"),
