@@ -49,7 +49,17 @@ class LoraSettings:
             raise InputError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
 
 
-def _not_found(name: str, what: str, err: Exception) -> InputError:
+def _not_found(name: str, what: str, err: Exception, adapter: str | None = None) -> InputError:
+    """adapter: the LoRA adapter folder whose base model `name` is (its adapter_config.json's
+    base_model_name_or_path): a base that has moved is named as such, not as a model the user gave."""
+    if adapter is not None and not Path(name).expanduser().exists():
+        if hub.offline("models") or Path(name).is_absolute() or name.startswith((".", "~")) or \
+                "connect" in str(err).lower() or "offline" in str(err).lower():
+            gone = "a folder that does not exist" if Path(name).is_absolute() or name.startswith((".", "~")) else \
+                "not a local folder, and the Hugging Face Hub is unreachable (offline)"
+            return InputError(f"{what} {adapter!r} is a LoRA adapter whose base model {name!r} is {gone}; if the base "
+                              f"model has moved, set base_model_name_or_path in "
+                              f"{Path(adapter) / 'adapter_config.json'} to its folder")
     if Path(name).expanduser().exists():
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return InputError(f"{what} {name!r}: cannot load this folder ({first})")
@@ -120,7 +130,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "t
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _not_found(source, what, e) from None
+        raise _not_found(source, what, e, adapter=name if source != name else None) from None
     if tok.eos_token_id is None:
         raise InputError(f"{what} {name!r}: the tokenizer has no EOS token; responses need one to end")
     if pad is not None and pad in tok.get_vocab():
@@ -181,7 +191,7 @@ def load_model(name: str, *, tokenizer, device, dtype=None, lora: LoraSettings |
         model = AutoModelForCausalLM.from_pretrained(base or name, dtype=dtype or torch.float32,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _not_found(base or name, what, e) from None
+        raise _not_found(base or name, what, e, adapter=name if base else None) from None
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         # New rows (our pad token) start at the mean embedding, so their logits look like an
         # average token's instead of taking mass from a trained model's strongly negative logits.

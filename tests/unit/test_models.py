@@ -174,3 +174,35 @@ def test_lora_targets_named_must_each_name_a_module():
     model = apply_lora(llama_numbers(0), LoraSettings(r=2, targets=["self_attn.q_proj", "v_proj"]))
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}
+
+
+def test_an_adapter_whose_base_model_moved_says_so(tmp_path, tiny_dir):
+    """An adapter folder whose base model folder has moved: the error named only the base's path,
+    as a model the user had not given ("teacher '/old/base': not a local folder, and the Hugging
+    Face Hub is unreachable"); it names the adapter, its base and where to set the base."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from minillm_cli.models import load_model, load_tokenizer
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_dir / "student")),
+                   LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(str(adapter))
+    tok = load_tokenizer(str(tiny_dir / "student"))
+    tok.save_pretrained(str(adapter))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    for base in (str(tmp_path / "moved" / "student"), "old/student"):
+        cfg["base_model_name_or_path"] = base
+        (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+        gone = "a folder that does not exist" if base.startswith("/") else "not a local folder, and the Hugging Face Hub"
+        with pytest.raises(InputError) as e:
+            load_model(str(adapter), tokenizer=tok, device=torch.device("cpu"), what="teacher")
+        assert str(e.value).startswith(f"teacher '{adapter}' is a LoRA adapter whose base model '{base}' is {gone}")
+        assert str(e.value).endswith(f"set base_model_name_or_path in {adapter / 'adapter_config.json'} to its folder")
+    for f in adapter.glob("tok*"):  # (no tokenizer of its own: its base's, which is gone too)
+        f.unlink()
+    with pytest.raises(InputError, match=f"model '{adapter}' is a LoRA adapter whose base model 'old/student'"):
+        load_tokenizer(str(adapter), what="model")
