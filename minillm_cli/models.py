@@ -325,6 +325,17 @@ def apply_lora(model, lora: LoraSettings):
                              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})  # (GPT-2's)
             raise InputError(f"LoRA targets {targets}: {missing} name no module of the model (its linear layers: "
                              f"{', '.join(linear)})")
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is not None and out is not None and getattr(inp, "weight", None) is getattr(out, "weight", False):
+        # an adapter on one of two tied matrices is merged into the one tensor both share: the saved
+        # model's other end changes too, and it is not the model trained (nor what an adapter folder
+        # loads as: every minillm command merges it)
+        tied = {n for n, m in model.named_modules() if m is inp or m is out}
+        named = [t for t in targets if any(n == t or n.endswith("." + t) for n in tied)]
+        if named:
+            raise InputError(f"LoRA targets {targets}: {named} adapt an embedding matrix that the model ties to "
+                             f"its other end ({', '.join(sorted(tied))}); merged, the adapter would change both; "
+                             f"leave {'it' if len(named) == 1 else 'them'} out of --lora-targets")
     try:
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                          task_type="CAUSAL_LM", fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")

@@ -206,3 +206,27 @@ def test_an_adapter_whose_base_model_moved_says_so(tmp_path, tiny_dir):
         f.unlink()
     with pytest.raises(InputError, match=f"model '{adapter}' is a LoRA adapter whose base model 'old/student'"):
         load_tokenizer(str(adapter), what="model")
+
+
+def test_lora_on_a_tied_embedding_matrix_is_refused():
+    """GPT-2 (and Llama-3.2-1B, Qwen2.5-0.5B, Gemma) tie the LM head to the input embeddings: an
+    adapter on either was merged into the one tensor both share, so the saved model's other end
+    changed too (logits 40 apart from the trained adapter's on a tiny GPT-2), and every command
+    merges an adapter folder it loads. Refused; an untied head (this Llama's) is adapted."""
+    import torch
+
+    from conftest import gpt2_numbers, llama_numbers
+    from minillm_cli.models import LoraSettings, apply_lora
+
+    gpt2 = gpt2_numbers(0)
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    for targets in (["c_attn", "lm_head"], ["wte"]):
+        with pytest.raises(InputError, match=r"adapt an embedding matrix that the model ties to its other end "
+                                             r"\(lm_head, transformer.wte\)"):
+            apply_lora(gpt2_numbers(0), LoraSettings(r=2, targets=targets))
+    model = apply_lora(llama_numbers(0), LoraSettings(r=2, dropout=0.0, targets=["q_proj", "lm_head"]))
+    torch.nn.init.normal_(model.base_model.model.lm_head.lora_B["default"].weight)
+    x = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        trained = model(x).logits
+        assert torch.allclose(model.merge_and_unload()(x).logits, trained, atol=1e-5)
