@@ -271,6 +271,14 @@ def check_context(model, length: int, flags: str, who: str, note=None) -> None:
 
 
 def lora_targets(model, requested: Sequence[str] | None) -> list[str]:
+    """The module names LoRA adapts: those requested (`all-linear`, as peft names it: every linear
+    layer but the output head), else the architecture's usual ones."""
+    if requested and [t.lower() for t in requested] == ["all-linear"]:
+        import torch
+
+        head = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+        return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n not in head
+                       and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")})  # (GPT-2's)
     if requested:
         return list(requested)
     mtype = getattr(model.config, "model_type", "")

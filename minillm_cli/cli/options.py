@@ -33,7 +33,7 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --ou
 LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank (0: full fine-tuning; an adapter folder as the model keeps training its adapter).")]
 LoraAlpha = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.")]
 LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")]
-LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names (detected per architecture by default).")]
+LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names, or all-linear (every linear layer but the output head); detected per architecture by default.")]
 SaveAdapter = Annotated[bool, typer.Option("--save-adapter", help="Save the LoRA adapter instead of merged weights.")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the Hub (off by default).")]
 Fsdp = Annotated[bool, typer.Option("--fsdp", help="Shard the trained model (and distill's teacher) with FSDP2 over the processes (also on when accelerate's FSDP config is used).")]

@@ -174,6 +174,11 @@ def test_lora_targets_named_must_each_name_a_module():
     model = apply_lora(llama_numbers(0), LoraSettings(r=2, targets=["self_attn.q_proj", "v_proj"]))
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}
+    # all-linear, as peft spells it: every linear layer but the output head (GPT-2's are Conv1D)
+    for build, want in ((llama_numbers, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+                        (gpt2_numbers, {"c_attn", "c_proj", "c_fc"})):
+        model = apply_lora(build(0), LoraSettings(r=2, targets=["all-linear"]))
+        assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n} == want
 
 
 def test_an_adapter_whose_base_model_moved_says_so(tmp_path, tiny_dir):
