@@ -53,12 +53,20 @@ def check_reachable(timeout: float = 3.0) -> bool:
     return _REACHABLE[endpoint]
 
 
-def before_lookup(name: str) -> None:
-    """Call before `name` (a model, adapter or dataset) is loaded: one that is no local path is
-    looked up on the Hub, so find out first whether the Hub can be reached."""
+def looks_like_path(name: str) -> bool:
+    """A name no Hub id can be (/abs, ./rel, ../rel, ~/home): a local path, there or not."""
     from pathlib import Path
 
-    if not Path(name).expanduser().exists():
+    return Path(name).is_absolute() or name.startswith((".", "~"))
+
+
+def before_lookup(name: str) -> None:
+    """Call before `name` (a model, adapter or dataset) is loaded: one that is no local path is
+    looked up on the Hub, so find out first whether the Hub can be reached (a missing path is no
+    Hub id: it costs no probe)."""
+    from pathlib import Path
+
+    if not Path(name).expanduser().exists() and not looks_like_path(name):
         check_reachable()
 
 

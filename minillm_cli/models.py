@@ -53,9 +53,9 @@ def _not_found(name: str, what: str, err: Exception, adapter: str | None = None)
     """adapter: the LoRA adapter folder whose base model `name` is (its adapter_config.json's
     base_model_name_or_path): a base that has moved is named as such, not as a model the user gave."""
     if adapter is not None and not Path(name).expanduser().exists():
-        if hub.offline("models") or Path(name).is_absolute() or name.startswith((".", "~")) or \
+        if hub.offline("models") or hub.looks_like_path(name) or \
                 "connect" in str(err).lower() or "offline" in str(err).lower():
-            gone = "a folder that does not exist" if Path(name).is_absolute() or name.startswith((".", "~")) else \
+            gone = "a folder that does not exist" if hub.looks_like_path(name) else \
                 "not a local folder, and the Hugging Face Hub is unreachable (offline)"
             return InputError(f"{what} {adapter!r} is a LoRA adapter whose base model {name!r} is {gone}; if the base "
                               f"model has moved, set base_model_name_or_path in "
@@ -63,6 +63,8 @@ def _not_found(name: str, what: str, err: Exception, adapter: str | None = None)
     if Path(name).expanduser().exists():
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return InputError(f"{what} {name!r}: cannot load this folder ({first})")
+    if hub.looks_like_path(name):  # (no Hub id: a folder mistyped or moved)
+        return InputError(f"{what} {name!r}: no such folder")
     if hub.offline("models") or "connect" in str(err).lower() or "offline" in str(err).lower():
         return InputError(f"{what} {name!r}: not a local folder, and the Hugging Face Hub is unreachable "
                           f"(offline); pass a local model folder")

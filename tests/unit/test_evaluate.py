@@ -325,7 +325,7 @@ def test_comma_separated_metrics_and_aliases(tiny_dir, dolly_like):
     assert _cfg(tiny_dir, dolly_like, metrics=["rouge-l,dist-4", "em"]).metrics == ["rougeL", "dist4", "exact-match"]
 
 
-def test_teacher_with_another_tokenizer_and_missing_model(tiny_dir, dolly_like, tmp_path):
+def test_teacher_with_another_tokenizer_and_missing_model(tiny_dir, dolly_like, tmp_path, monkeypatch):
     from minillm_cli.toy.tiny import make_gpt2, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["completely different words here"] * 3, tmp_path / "tok", vocab_size=280)
@@ -334,6 +334,15 @@ def test_teacher_with_another_tokenizer_and_missing_model(tiny_dir, dolly_like, 
         run_evaluate(_cfg(tiny_dir, dolly_like, teacher=str(tmp_path / "other"), metrics=["reverse-kl"]))
     with pytest.raises(InputError, match="not a local folder"):
         run_evaluate(_cfg(tiny_dir, dolly_like, model="nobody/no-such-model"))
+    # a path that is there no more is no Hub id: said so, with no probe of the Hub
+    from minillm_cli import hub
+
+    probes = []
+    monkeypatch.setattr(hub, "check_reachable", lambda: probes.append(1))
+    for missing in (str(tmp_path / "gone"), "./gone", "~/gone-model"):
+        with pytest.raises(InputError, match=rf"^model {re.escape(repr(missing))}: no such folder$"):
+            run_evaluate(_cfg(tiny_dir, dolly_like, model=missing))
+    assert probes == []
 
 
 def test_lm_loss_alone_samples_nothing(tiny_dir, dolly_like, tmp_path):
