@@ -51,8 +51,8 @@ def command(
     def body() -> None:
         from minillm_cli.errors import InputError
         from minillm_cli.eval.compare import (check_gate, comparison, load_entries, parse_gate,
-                                              render_csv, render_json, render_markdown, resolve_gate,
-                                              rich_table)
+                                              protocol_differences, render_csv, render_json,
+                                              render_markdown, resolve_gate, rich_table)
 
         fmt = format.lower()
         if fmt not in FORMATS:
@@ -70,6 +70,9 @@ def command(
         if len(datas) > 1 and not quiet:  # a "best" across data sets means nothing
             print(f"note: these results are on {len(datas)} different data sets ({', '.join(datas)})",
                   file=sys.stderr)
+        differ = protocol_differences(entries)
+        if differ and not quiet:  # nor across evaluation settings: another split, length, decoding...
+            print(f"note: these results were not evaluated alike: {'; '.join(differ)}", file=sys.stderr)
         if judge_url or judge_model or judge_reference:
             _run_judge(entries, quiet=quiet)
         if gate is not None:

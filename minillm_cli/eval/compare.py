@@ -30,6 +30,7 @@ class Entry:
     curve: list[dict] = field(default_factory=list)
     predictions: Optional[Path] = None
     given: list[Path] = field(default_factory=list)  # the paths that name it (--baseline PATH)
+    protocol: Optional[dict] = None  # an evaluate result's "protocol" (how it was evaluated)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -38,9 +39,11 @@ def _from_result(name: str, path: Path, result: dict, extra: Optional[dict] = No
 
     metrics = {k: dict(v) for k, v in result["metrics"].items()}
     metrics.update(extra or {})
+    protocol = result.get("protocol")
     return Entry(name=name, source=path, kind="result", metrics=metrics, model=result.get("model"),
                  data=result.get("data"), n=result.get("n"),
-                 predictions=predictions_path(path, result))
+                 predictions=predictions_path(path, result),
+                 protocol=protocol if isinstance(protocol, dict) else None)
 
 
 def load_entries(paths: Sequence[Path], names: Optional[Sequence[str]] = None) -> list[Entry]:
@@ -121,6 +124,44 @@ def find_entry(entries: Sequence[Entry], key: str, flag: str = "--baseline") -> 
         if any(p.resolve() == kp for p in (e.source, *e.given)):
             return e
     raise InputError(f"{flag} {key!r} is none of the compared results ({', '.join(e.name for e in entries)})")
+
+
+# Settings of an evaluate result's "protocol" that change its numbers (which examples, how they are
+# prompted and decoded), in the order a note names them. Not the seeds (another draw of the same
+# protocol), nor the teacher or dtype (named as given, not as resolved).
+PROTOCOL_KEYS = ("split", "valid_size", "test_size", "split_seed", "limit", "template", "turns",
+                 "max_prompt_length", "max_length", "max_new_tokens", "decoding", "temperature", "top_k",
+                 "top_p", "no_repeat_ngram_size", "no_repeat_ngram_over", "cut_at_eos")
+_SPLIT_KEYS = ("valid_size", "test_size", "split_seed")  # (meaningless under split "all")
+
+
+def protocol_differences(entries: Sequence[Entry]) -> list[str]:
+    """The protocol settings in which the compared evaluate results differ, one text per setting
+    ("max_new_tokens 256 (sft, minillm) vs 64 (kd)"); results that record no protocol (or not that
+    setting) are left out of it. Empty when they were all evaluated alike."""
+    out = []
+    for key in PROTOCOL_KEYS:
+        groups: dict[str, list[str]] = {}
+        for e in entries:
+            p = e.protocol
+            if not p or key not in p:
+                continue
+            value = p[key]
+            if key in _SPLIT_KEYS and p.get("split", "all") == "all":
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)  # (4 and 4.0 are one setting)
+            groups.setdefault(json.dumps(value), []).append(e.name)
+        if len(groups) > 1:
+            out.append(f"{key} " + " vs ".join(
+                f"{_setting_text(json.loads(v))} ({', '.join(names)})" for v, names in groups.items()))
+    return out
+
+
+def _setting_text(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 # ---------------------------------------------------------------------------- the table

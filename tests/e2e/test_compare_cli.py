@@ -79,6 +79,27 @@ def test_results_on_different_data_are_noted(files, tmp_path):
     assert "note:" not in invoke(files["sft"], files["minillm"]).stderr
 
 
+def test_results_evaluated_under_other_settings_are_noted(tmp_path):
+    """A "best" between results of another split, answer length or decoding compares nothing:
+    compare says so (the seeds drawn are not a setting: other seeds are the same protocol)."""
+    def result(name, seeds, **settings):
+        protocol = {"split": "test", "test_size": 100, "max_new_tokens": 256, "decoding": "sampling",
+                    "seeds": seeds, **settings}
+        write_result(tmp_path / f"{name}.json", make_result(model=name, data="dolly", n=8, protocol=protocol,
+                                                            metrics={"rougeL": aggregate([20.0])}))
+        return tmp_path / f"{name}.json"
+
+    sft, kd = result("sft", [0, 1]), result("kd", [5, 6, 7])
+    res = invoke(sft, kd, "--fail-if", "rougeL < 0")
+    assert res.exit_code == 0 and res.stderr == ""
+    short = result("short", [0, 1], max_new_tokens=64, split="all")
+    res = invoke(sft, kd, short, "-f", "json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["runs"]
+    assert ("note: these results were not evaluated alike: split test (sft, kd) vs all (short); "
+            "max_new_tokens 256 (sft, kd) vs 64 (short)") in res.stderr
+    assert "note:" not in invoke(sft, short, "-q").stderr
+
+
 def test_baseline_by_name_or_path(files):
     by_name = json.loads(invoke(files["sft"], files["minillm"], "--baseline", "sft", "-f", "json").stdout)
     by_path = json.loads(invoke(files["sft"], files["minillm"], "--baseline", files["sft"], "-f", "json").stdout)
