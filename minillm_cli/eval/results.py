@@ -126,6 +126,12 @@ def check_result(result: Any, where: str) -> dict:
     kind = result.get("kind", RESULT_KIND)
     if kind != RESULT_KIND:
         raise InputError(f"{where} is a {kind!r} file, not a minillm evaluate result")
+    version = result.get("version", RESULT_VERSION)  # (CLI.md's minimal form has none: read as this one)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{where}: 'version' {version!r} is not a result format version (a whole number >= 1)")
+    if version > RESULT_VERSION:  # its fields may mean what this version cannot know
+        raise InputError(f"{where}: written by a newer minillm (result format version {version}; this one "
+                         f"reads up to {RESULT_VERSION}): upgrade minillm-cli to read it")
     for name, m in result["metrics"].items():
         if not isinstance(m, dict) or not _is_number_or_none(m.get("mean")):
             raise InputError(f"{where}: metric {name!r} has no numeric 'mean'")

@@ -204,6 +204,8 @@ def test_names_baselines_and_gates_mean_one_thing(files, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change, needle", [
     (lambda r: r["metrics"]["rougeL"].update(per_seed="abc"), "'per_seed' that is not a list of numbers"),
+    (lambda r: r.update(version=2), "written by a newer minillm (result format version 2; this one reads up to 1)"),
+    (lambda r: r.update(version="1"), "'version' '1' is not a result format version"),
 ])
 def test_hand_made_results_are_checked(files, tmp_path, change, needle):
     result = json.loads(files["sft"].read_text())
