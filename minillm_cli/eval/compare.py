@@ -425,10 +425,6 @@ def parse_gate(expr: str):
     return tree
 
 
-def _leaves(tree) -> list[Cmp]:
-    return [tree] if isinstance(tree, Cmp) else [c for part in tree[1] for c in _leaves(part)]
-
-
 def resolve_gate(tree, entries: Sequence[Entry]):
     """Map each metric of the gate to the name the results use (aliases allowed); InputError when
     no compared result has it. A result lacking a metric that others have never meets it."""
@@ -464,6 +460,16 @@ def _holds(node, e: Entry) -> bool:
     return any(results) if node[0] == "or" else all(results)
 
 
+def _met(node, e: Entry) -> list[Cmp]:
+    """The comparisons that make `node` hold for `e`: not one of an 'and' that failed as a whole
+    ('rougeL < 20 or (dist4 < 90 and lm-loss > 3)' met by rougeL alone names rougeL alone)."""
+    if isinstance(node, Cmp):
+        return [node] if _holds(node, e) else []
+    if not _holds(node, e):
+        return []
+    return [c for part in node[1] for c in _met(part, e)]
+
+
 def _gate_num(v: float, c: Cmp) -> str:
     """v with as few digits as keep the printed comparison true (not '5.96 > 5.96')."""
     for digits in range(4, 18):
@@ -479,6 +485,6 @@ def check_gate(tree, entries: Sequence[Entry]) -> list[str]:
     for e in entries:
         if _holds(tree, e):
             why = [f"{c.text().split(' ', 1)[0]} = {_gate_num(float(e.metrics[c.metric][c.field]), c)}"
-                   f" {c.op} {c.value:g}" for c in _leaves(tree) if _holds(c, e)]
+                   f" {c.op} {c.value:g}" for c in _met(tree, e)]
             tripped.append(f"{e.name}: " + ", ".join(dict.fromkeys(why)))
     return tripped

@@ -132,6 +132,15 @@ def test_fail_if_exits_exactly_when_condition_holds(files, expr, code, who):
     assert [t.split(":")[0] for t in json.loads(res.stdout)["fail_if"]["tripped"]] == who
 
 
+def test_a_tripped_gate_names_only_what_met_it(files):
+    # sft: rougeL 23.2 < 24 meets it; its reverse-kl 0.9 > 0.6 is true too, but its 'and' is not met
+    res = invoke(files["sft"], files["minillm"], "--fail-if", "rougeL < 24 or reverse-kl > 0.6 and rougeL > 30")
+    assert res.exit_code == 1
+    assert res.stderr.splitlines()[1:] == ["  sft: rougeL = 23.2 < 24"]
+    res = invoke(files["sft"], files["minillm"], "--fail-if", "(rougeL < 24 or rougeL > 99) and reverse-kl > 0.6")
+    assert res.stderr.splitlines()[1:] == ["  sft: rougeL = 23.2 < 24, reverse-kl = 0.9 > 0.6"]
+
+
 @pytest.mark.parametrize("args, needles", [
     (["{other}"], ["config.json", "is not a minillm evaluate result", "no 'metrics' object"]),
     (["{sft}", "{missing}"], ["missing.json", "no such file"]),
