@@ -212,7 +212,7 @@ def build_mixture(cfg: PretrainMixConfig, *, progress=None) -> dict:
 
 def _build_into(tmp: Path, cfg, tokenizer, sources, dtype, progress) -> dict:
     from minillm_cli.data.pretrain_read import fingerprint
-    from minillm_cli.data.pretrain_work import encode_job, init_worker, tokenizer_payload
+    from minillm_cli.data.pretrain_work import encode_job, init_pool_worker, init_worker, tokenizer_payload
 
     L = cfg.seq_len
     max_chunks = None if cfg.max_tokens is None else cfg.max_tokens // L
@@ -228,7 +228,7 @@ def _build_into(tmp: Path, cfg, tokenizer, sources, dtype, progress) -> dict:
         import multiprocessing as mp
 
         # spawn: the parent may hold Rust/torch thread pools that a fork would copy mid-flight
-        pool = mp.get_context("spawn").Pool(cfg.workers, initializer=init_worker, initargs=init_args)
+        pool = mp.get_context("spawn").Pool(cfg.workers, initializer=init_pool_worker, initargs=init_args)
         submit = lambda job: pool.apply_async(encode_job, (job,))
     else:
         init_worker(*init_args)
@@ -274,8 +274,7 @@ def _build_into(tmp: Path, cfg, tokenizer, sources, dtype, progress) -> dict:
                     _show(progress, n * L, sum(s.bytes_read for s in streams), now - t0)
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            stop_pool(pool)
     seconds = time.perf_counter() - t0
     # (every source that ran out gave a chunk, or we stopped above: so n > 0 here)
     for s in streams:
@@ -333,6 +332,19 @@ def share_warning(meta: dict) -> Optional[str]:
     asked = ", ".join(f"{r['name']} {100 * t:.1f}% (weight {r['weight']:g})" for r, t in zip(rows, target))
     got = ", ".join(f"{100 * r['share']:.1f}%" for r in rows)
     return f"the weights ask for {asked}; the mixture holds {got}: {why}"
+
+
+def stop_pool(pool, wait: float = 5.0) -> None:
+    """`pool.terminate()` that cannot hang the command. A worker killed while it sends a result
+    (jobs are still in flight when --max-tokens is reached, on Ctrl-C, or when another job fails)
+    leaves the pool's result thread waiting for the rest of that message, and terminate() joins
+    that thread for ever. The workers are killed before that join, so after `wait` seconds it is
+    left to itself (a daemon thread: it does not keep the process alive)."""
+    import threading
+
+    stopper = threading.Thread(target=pool.terminate, name="pretrain-mix pool stop", daemon=True)
+    stopper.start()
+    stopper.join(wait)
 
 
 class _Done:

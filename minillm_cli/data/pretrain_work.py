@@ -48,6 +48,16 @@ def init_worker(payload: tuple[str, Any], eos_id: int, dtype: str) -> None:
     _STATE["dtype"] = np.dtype(dtype)
 
 
+def init_pool_worker(payload: tuple[str, Any], eos_id: int, dtype: str) -> None:
+    """Pool initializer of a worker process: `init_worker`, with Ctrl-C left to the main process.
+    A terminal's Ctrl-C reaches the whole process group: a worker that took it would print its
+    own KeyboardInterrupt traceback, while the main process stops the pool anyway."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(payload, eos_id, dtype)
+
+
 def job_texts(job: tuple) -> list[str]:
     """The documents of one job; JSON records are parsed here, with file:line on any error."""
     if job[0] == "texts":

@@ -170,3 +170,46 @@ def test_txt_newlines_read_as_text_mode_read_them(tmp_path, tok):
     build_mixture(cfg(tmp_path, [str(tmp_path / "w.txt")], tok, split_blank_lines=True))
     ids = stream_of(tmp_path / "pt", 0)
     assert np.array_equal(ids, ids_of(tok, [p.replace(" ", "\n", 1) for p in paras])[: len(ids)])
+
+
+# -- 7: stopping the worker pool ------------------------------------------------------------------
+def _send_half_a_result(marker: str) -> None:
+    """A pool task that starts sending a result and stops halfway, as a worker that terminate()
+    kills mid-send does: the length header of a 1 MB message, then 10 bytes of it."""
+    import os
+    import struct
+    import sys
+    import time
+
+    outqueue = sys._getframe(1).f_locals["outqueue"]  # (multiprocessing.pool.worker's)
+    os.write(outqueue._writer.fileno(), struct.pack("!i", 1 << 20) + b"0123456789")
+    open(marker, "w").close()
+    time.sleep(120)
+
+
+def test_stopping_the_pool_does_not_wait_for_a_half_sent_result(tmp_path):
+    """A worker killed while it sends a result (on Ctrl-C, an error, or --max-tokens reached with
+    jobs in flight) left Pool.terminate() joining the pool's result thread for ever: the command
+    hung. And workers ignore SIGINT (a terminal's Ctrl-C reaches them too): the main process
+    stops them, without a KeyboardInterrupt traceback from each."""
+    import multiprocessing as mp
+    import threading
+    import time
+
+    from minillm_cli.data.pretrain_build import stop_pool
+    from minillm_cli.data.pretrain_work import init_pool_worker
+
+    pool = mp.get_context("spawn").Pool(1, initializer=init_pool_worker, initargs=(("slow", None), 0, "uint16"))
+    import signal
+
+    assert pool.apply_async(signal.getsignal, (signal.SIGINT,)).get(60) == signal.SIG_IGN
+    marker = tmp_path / "sent"
+    pool.apply_async(_send_half_a_result, (str(marker),))
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists()
+    stopper = threading.Thread(target=stop_pool, args=(pool, 1.0), daemon=True)
+    stopper.start()
+    stopper.join(15)
+    assert not stopper.is_alive(), "stopping the pool hung on the half-sent result"
