@@ -78,6 +78,11 @@ def job_texts(job: tuple) -> list[str]:
             raise InputError(f"{path}:{n}: no field {field!r} (fields: {fields}); pass --text-field")
         value = row[field]
         if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): JSON reads it, UTF-8 has no such text
+                raise InputError(f"{path}:{n}: field {field!r} holds {value[e.start]!r} at character {e.start + 1}, "
+                                 "half of a UTF-16 surrogate pair, which is no text") from None
             texts.append(value)
         elif value is not None:
             raise InputError(f"{path}:{n}: field {field!r} is {type(value).__name__}, not text")

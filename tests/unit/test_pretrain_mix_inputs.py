@@ -213,3 +213,16 @@ def test_stopping_the_pool_does_not_wait_for_a_half_sent_result(tmp_path):
     stopper.start()
     stopper.join(15)
     assert not stopper.is_alive(), "stopping the pool hung on the half-sent result"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_lone_surrogate_escape_is_a_located_input_error(tmp_path, tok, workers):
+    """JSON lets a record hold "\\ud800" (half a UTF-16 pair, a truncated emoji); no UTF-8 text
+    has it. It stopped the build with `UnicodeEncodeError` (exit 1, no file or line)."""
+    path = write_jsonl(tmp_path / "s.jsonl", docs(20, 12, "S"))
+    with open(path, "a") as f:
+        f.write('{"text": "cut emoji \\ud83d here"}\n')
+    with pytest.raises(InputError, match=r"s\.jsonl:21: field 'text' holds '\\ud83d' at character 11, half of a "
+                                         r"UTF-16 surrogate pair") as e:
+        build_mixture(cfg(tmp_path, [path], tok, workers=workers))
+    assert "\n" not in str(e.value) and not (tmp_path / "pt").exists()
