@@ -347,3 +347,27 @@ def test_answers_a_long_history_leaves_no_room_for_are_counted(tmp_path):
     assert run.exit_code == 0, run.output
     assert "data: 14 train, 2 valid examples; dropped 0 over --max-prompt-length" in run.stderr, run.stderr
     assert f"note: 7 of 14 training answers are cut at --max-length {max(prompts) + 4}" in run.stderr, run.stderr
+
+
+def test_turns_all_leaves_out_a_closing_user_message_when_training(tmp_path):
+    """sft --turns all: a conversation's closing user message is a turn with nothing to train on
+    beside the turns that have an answer (lmsys-chat-1m's conversations may end so): left out and
+    counted, in training and validation alike, not the whole data refused (under --turns last the
+    conversation's one example has no answer: refused, as before)."""
+    from minillm_cli.toy.tiny import make_gpt2
+
+    tok = chat_tokenizer(tmp_path / "tok")
+    make_gpt2(tok, tmp_path / "m", n_layer=1, n_embd=32, n_head=2, seed=2)
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"},
+                          {"role": "user", "content": "And?"}]} for i in range(30)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["sft", "--model", str(tmp_path / "m"), "--data", str(data), "--template", "chat", "--steps", "1",
+            "--valid-size", "4", "--device", "cpu"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "all"), "--turns", "all"])
+    assert res.exit_code == 0, res.output
+    assert (f"note: 28 training turns of conversations have no answer to train on (a closing user message or an "
+            f"empty answer; the first: {data}:1): left out") in res.output
+    assert "note: 2 validation turns of conversations" in res.output and "data: 28 train, 2 valid examples" in res.output
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "last")])
+    assert res.exit_code == 2 and "examples have no reference response" in res.output, res.output
