@@ -249,7 +249,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _same_path(old, new, old_cwd: str | None) -> bool:
+def same_path(old, new, old_cwd: str | None) -> bool:
     """Whether two spellings of --data/--model... name the same local file or folder (the old one
     relative to the directory the run started in, when the record says)."""
     if not (isinstance(old, str) and isinstance(new, str)):
@@ -274,24 +274,29 @@ def _same_targets(old, new, saved: dict) -> bool:
     return isinstance(detected, list) and sorted(new) == sorted(detected)
 
 
-def saved_config(out: str | Path) -> dict:
-    """The configuration the run in `out` recorded (run_config.json), or {} when there is none."""
+def saved_record(out: str | Path) -> dict | None:
+    """The run in `out`'s whole record (run_config.json: command, config, resolved, cwd...), or
+    None when there is no readable one."""
     try:
         saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
     except (OSError, ValueError):
-        return {}
-    config = saved.get("config") if isinstance(saved, dict) else None
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def saved_config(out: str | Path) -> dict:
+    """The configuration the run in `out` recorded (run_config.json), or {} when there is none."""
+    config = (saved_record(out) or {}).get("config")
     return config if isinstance(config, dict) else {}
 
 
 def saved_resolved(out: str | Path) -> dict | None:
     """What the run in `out` recorded its "auto" settings became (run_config.json's `resolved`; {}
     in a record without them), or None when there is no readable record."""
-    try:
-        saved = json.loads((Path(out).expanduser() / "run_config.json").read_text())
-    except (OSError, ValueError):
+    saved = saved_record(out)
+    if saved is None:
         return None
-    resolved = saved.get("resolved") if isinstance(saved, dict) else None
+    resolved = saved.get("resolved")
     return resolved if isinstance(resolved, dict) else {}
 
 
@@ -322,7 +327,7 @@ def check_resume(cfg: Any, out: Path, command: str) -> list[str]:
     for k in sorted(new):
         if k not in old or k in allowed:
             continue
-        same = (_same_path(old[k], new[k], saved.get("cwd")) if k in _PATHS
+        same = (same_path(old[k], new[k], saved.get("cwd")) if k in _PATHS
                 else _same_targets(old[k], new[k], saved) if k == "model_opts.lora_targets" else old[k] == new[k])
         if not same:
             changed.append(k)
@@ -562,7 +567,7 @@ class DistillConfig:
 
         check_model_options(self.student, self.model_opts, "--student")
         require(not (self.teacher_peft and adapter_base(self.teacher)
-                     and _same_path(self.teacher, self.teacher_peft, None)),
+                     and same_path(self.teacher, self.teacher_peft, None)),
                 f"--teacher-peft {self.teacher_peft} is the --teacher folder itself, whose adapter is applied "
                 f"already: drop --teacher-peft (or name the base model as --teacher)")
 

@@ -52,23 +52,21 @@ class LoraSettings:
 def _not_found(name: str, what: str, err: Exception, adapter: str | None = None) -> InputError:
     """adapter: the LoRA adapter folder whose base model `name` is (its adapter_config.json's
     base_model_name_or_path): a base that has moved is named as such, not as a model the user gave."""
-    if adapter is not None and not Path(name).expanduser().exists():
-        if hub.offline("models") or hub.looks_like_path(name) or \
-                "connect" in str(err).lower() or "offline" in str(err).lower():
-            gone = "a folder that does not exist" if hub.looks_like_path(name) else \
-                "not a local folder, and the Hugging Face Hub is unreachable (offline)"
-            return InputError(f"{what} {adapter!r} is a LoRA adapter whose base model {name!r} is {gone}; if the base "
-                              f"model has moved, set base_model_name_or_path in "
-                              f"{Path(adapter) / 'adapter_config.json'} to its folder")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if Path(name).expanduser().exists():
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return InputError(f"{what} {name!r}: cannot load this folder ({first})")
+    unreachable = hub.offline("models") or "connect" in str(err).lower() or "offline" in str(err).lower()
+    if adapter is not None and (hub.looks_like_path(name) or unreachable):
+        gone = ("a folder that does not exist" if hub.looks_like_path(name)
+                else "not a local folder, and the Hugging Face Hub is unreachable (offline)")
+        return InputError(f"{what} {adapter!r} is a LoRA adapter whose base model {name!r} is {gone}; if the base "
+                          f"model has moved, set base_model_name_or_path in "
+                          f"{Path(adapter) / 'adapter_config.json'} to its folder")
     if hub.looks_like_path(name):  # (no Hub id: a folder mistyped or moved)
         return InputError(f"{what} {name!r}: no such folder")
-    if hub.offline("models") or "connect" in str(err).lower() or "offline" in str(err).lower():
+    if unreachable:
         return InputError(f"{what} {name!r}: not a local folder, and the Hugging Face Hub is unreachable "
                           f"(offline); pass a local model folder")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return InputError(f"{what} {name!r}: not a local folder nor a Hub model ({first})")
 
 
@@ -272,15 +270,26 @@ def check_context(model, length: int, flags: str, who: str, note=None) -> None:
         note(f"note: {what}; past it a model without learned positions works but may degrade")
 
 
+def _linear_names(model, *, head: bool = True) -> list[str]:
+    """The last names of the model's linear layers (GPT-2's Conv1D too), sorted; without the
+    output head unless `head`."""
+    import torch
+
+    out = model.get_output_embeddings()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and (head or m is not out)})
+
+
+def _names(target: str, module_names) -> bool:
+    """Whether a LoRA target names one of `module_names`, as peft matches a list of targets."""
+    return any(n == target or n.endswith("." + target) for n in module_names)
+
+
 def lora_targets(model, requested: Sequence[str] | None) -> list[str]:
     """The module names LoRA adapts: those requested (`all-linear`, as peft names it: every linear
     layer but the output head), else the architecture's usual ones."""
     if requested and [t.lower() for t in requested] == ["all-linear"]:
-        import torch
-
-        head = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
-        return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n not in head
-                       and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")})  # (GPT-2's)
+        return _linear_names(model, head=False)
     if requested:
         return list(requested)
     mtype = getattr(model.config, "model_type", "")
@@ -326,22 +335,18 @@ def apply_lora(model, lora: LoraSettings):
     if lora.targets:
         # peft refuses targets only when none of them matches: one misspelt name beside a right one
         # would leave its modules untrained without a word
-        import torch
-
         names = [n for n, _ in model.named_modules()]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        missing = [t for t in targets if not _names(t, names)]
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})  # (GPT-2's)
             raise InputError(f"LoRA targets {targets}: {missing} name no module of the model (its linear layers: "
-                             f"{', '.join(linear)})")
+                             f"{', '.join(_linear_names(model))})")
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     if inp is not None and out is not None and getattr(inp, "weight", None) is getattr(out, "weight", False):
         # an adapter on one of two tied matrices is merged into the one tensor both share: the saved
         # model's other end changes too, and it is not the model trained (nor what an adapter folder
         # loads as: every minillm command merges it)
         tied = {n for n, m in model.named_modules() if m is inp or m is out}
-        named = [t for t in targets if any(n == t or n.endswith("." + t) for n in tied)]
+        named = [t for t in targets if _names(t, tied)]
         if named:
             raise InputError(f"LoRA targets {targets}: {named} adapt an embedding matrix that the model ties to "
                              f"its other end ({', '.join(sorted(tied))}); merged, the adapter would change both; "

@@ -113,14 +113,15 @@ def train_sft(cfg: SFTConfig, *, responses: list[str] | None = None, train_examp
     if responses is None:  # every example trains (and validates) on its reference response
         # --turns all: a conversation's closing user message (or an empty answer) is a turn with
         # nothing to train on beside those that have an answer: left out, not the whole data refused
-        for what in ("training", "validation"):
-            exs = train_examples if what == "training" else valid_examples or []
+        def answered(exs, what):
             bare = [e for e in exs if not e.references and "conversation" in e.meta]
             if bare:
                 progress.log(f"note: {len(bare)} {what} turns of conversations have no answer to train on (a closing "
                              f"user message or an empty answer; the first: {bare[0].meta.get('where', '?')}): left out")
-                kept = [e for e in exs if e.references or "conversation" not in e.meta]
-                train_examples, valid_examples = (kept, valid_examples) if what == "training" else (train_examples, kept)
+            return [e for e in exs if e.references or "conversation" not in e.meta] if bare else exs
+
+        train_examples = answered(train_examples, "training")
+        valid_examples = answered(valid_examples, "validation") if valid_examples else valid_examples
         for what, exs in (("training", train_examples), ("validation", valid_examples or [])):
             missing = [e for e in exs if not e.references]
             if missing:

@@ -61,16 +61,11 @@ def trained_split(model: str, data: str) -> dict | None:
     """How a run folder's model split DATA (its run_config.json's valid_size, test_size,
     split_seed, limit and valid_data), when that run was trained on this DATA; None otherwise.
     --split valid/test are the parts that run held out only when cut the same way."""
-    import json
+    from minillm_cli.config import same_path, saved_record
 
-    from minillm_cli.config import _same_path
-
-    try:
-        saved = json.loads((Path(model).expanduser() / "run_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    opts = (saved.get("config") or {}).get("data") if isinstance(saved, dict) else None
-    if not isinstance(opts, dict) or not _same_path(opts.get("data"), data, saved.get("cwd")):
+    saved = saved_record(model) or {}
+    opts = (saved.get("config") or {}).get("data")
+    if not isinstance(opts, dict) or not same_path(opts.get("data"), data, saved.get("cwd")):
         return None
     return {k: opts.get(k) for k in (*SPLIT_DEFAULTS, "limit", "valid_data")}
 
